@@ -1,0 +1,29 @@
+"""Import optional backends on first use, with an install hint instead of an ImportError."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from pipeline.errors import MissingDependencyError
+
+# module -> (pip package, extra that provides it)
+_SOURCES = {
+    "onnx": ("onnx", None),
+    "onnxruntime": ("onnxruntime", None),
+    "onnxscript": ("onnxscript", None),
+    "tensorrt": ("tensorrt", "tensorrt"),
+    "polygraphy": ("polygraphy", None),
+}
+
+
+def require(module: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        package, extra = _SOURCES.get(module.split(".")[0], (module, None))
+        raise MissingDependencyError(package, extra, exc) from None
+
+
+def is_installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None

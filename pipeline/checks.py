@@ -1,0 +1,79 @@
+"""Numeric gates as data: every check records what was measured, against what, and the verdict.
+
+The gate values of design §2 live in :data:`TOLERANCES`, the one place thresholds are defined; stages
+read them from here and the manifests record them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Op = Literal["<=", ">=", "=="]
+
+TOLERANCES: dict[str, float] = {
+    # fuse / verify, fp32 on CPU (TF32 off on GPU)
+    "fuse.logits_max_abs": 1e-4,
+    "fuse.logits_rel_fro": 1e-5,
+    "fuse.top1_agreement": 1.0,
+    "fuse.block_max_abs": 1e-5,
+    "fuse.top1_delta_pt": 0.01,
+    # ONNX fp32 vs PyTorch on ORT CPU
+    "onnx.fp32_max_abs": 1e-4,
+    "onnx.fp32_rtol": 1e-3,
+    "onnx.top1_agreement": 1.0,
+    "onnx.batch_max_abs": 1e-5,
+    # reduced precision
+    "onnx.fp16_min_cosine": 0.999,
+    "onnx.fp16_top1_agreement": 0.99,
+    "onnx.int8_top1_drop_pt": 1.0,
+    # TensorRT vs golden outputs
+    "trt.fp32_max_abs": 1e-3,
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One gate: ``value op threshold``. Truthy when it passed."""
+
+    name: str
+    metric: str
+    value: float
+    threshold: float
+    op: Op = "<="
+    passed: bool = False
+    detail: str = ""
+
+    @classmethod
+    def of(cls, name: str, metric: str, value: float, threshold: float, op: Op = "<=", detail: str = "") -> Check:
+        value = float(value)
+        if math.isnan(value):
+            passed = False
+        elif op == "<=":
+            passed = value <= threshold
+        elif op == ">=":
+            passed = value >= threshold
+        else:
+            passed = value == threshold
+        return cls(name, metric, value, float(threshold), op, passed, detail)
+
+    @classmethod
+    def gate(cls, name: str, metric: str, value: float, key: str, op: Op = "<=", detail: str = "") -> Check:
+        """A check whose threshold is the named entry of :data:`TOLERANCES`."""
+        return cls.of(name, metric, value, TOLERANCES[key], op, detail)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def describe(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        text = f"{verdict} | {self.name}: {self.metric} = {self.value:.6g} (gate {self.op} {self.threshold:.6g})"
+        return f"{text} {self.detail}".rstrip()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Check:
+        return cls(**data)

@@ -1,0 +1,189 @@
+"""``python -m pipeline``: a thin click layer that validates, then calls one library function.
+
+User mistakes raise :class:`PipelineError`; :func:`main` prints them as one line and exits with the
+error's status (2 for bad input, 1 for a failed gate), never with a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.errors import ConfigError, PipelineError
+
+STAGE_CHOICES = ("all", "teacher", "train", "fuse", "verify", "export")
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="kdiffusion-pipeline", message="%(version)s")
+def cli() -> None:
+    """Distill a student with KDiffusion, fuse it, verify it, and export it for deployment."""
+
+
+@cli.command()
+@click.argument("stage", metavar="STAGE", type=click.Choice(STAGE_CHOICES), default="all")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder [default: runs/<preset>].")
+@click.option("--preset", default=None, metavar="NAME", help="Experiment preset (see `presets`) [default: default].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config value, e.g. student.optim.epochs=2.",
+)
+@click.option("--method", default=None, help="Distillation method for the student (see `methods`).")
+@click.option("--seed", type=int, default=None, help="Random seed.")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
+@click.option("--data-root", default=None, metavar="DIR", help="Folder holding the dataset.")
+@click.option("--teacher-checkpoint", default=None, metavar="FILE", help="Import this teacher instead of training one.")
+@click.option("--checkpoint", default=None, metavar="FILE", help="Export this student checkpoint (with `run export`).")
+@click.option("--force", is_flag=True, help="Rerun stages even when they are up to date.")
+def run(
+    stage, out, preset, config_file, overrides, method, seed, device, data_root, teacher_checkpoint, checkpoint, force
+):
+    """Run STAGE (all, teacher, train, fuse, verify or export; default all), reusing up-to-date artifacts."""
+    from pipeline.config import load_config
+    from pipeline.runner import run_stages
+    from stages import ORDER
+
+    sets = list(overrides)
+    for key, value in (
+        ("student.method", method),
+        ("seed", seed),
+        ("device", device),
+        ("data.root", data_root),
+        ("teacher.checkpoint", teacher_checkpoint),
+        ("export.checkpoint", checkpoint),
+    ):
+        if value is not None:
+            sets.append(f"{key}={json.dumps(value)}")
+    if checkpoint and stage not in ("export",):
+        raise ConfigError("--checkpoint is for `run export` (to export a student made elsewhere)")
+    cfg = load_config(preset or ("default" if config_file is None else None), config_file, sets)
+    out = out or Path("runs") / (preset or cfg.name)
+    names = ORDER if stage == "all" else (stage,)
+    outcomes = []
+    try:
+        run_stages(cfg, out, names, force=force, log=_echo_err, on_outcome=outcomes.append)
+    finally:
+        if outcomes:
+            click.echo(summary_table(outcomes, Path(out)))
+
+
+def summary_table(outcomes, out: Path) -> str:
+    rows = [("stage", "status", "action", "key figures", "artifacts")]
+    for o in outcomes:
+        figures = ", ".join(f"{k}={_fmt(v)}" for k, v in o.manifest.metrics.items() if isinstance(v, int | float))
+        failed = [c.name for c in o.manifest.checks if not c]
+        status = o.manifest.status + (f" ({', '.join(failed)})" if failed else "")
+        if o.manifest.status == "skipped":
+            status += f": {o.manifest.reason}"
+        rows.append((o.stage, status, o.action, figures, str(out / o.stage)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@cli.command()
+@click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON.")
+def inspect(run_dir, as_json):
+    """Show every stage's status, checks and artifact hashes in RUN."""
+    from pipeline.store import RunStore
+
+    store = RunStore(run_dir)
+    names = store.stages()
+    if not names:
+        raise ConfigError(f"{run_dir} holds no stage manifests; is it a run folder?")
+    manifests = {name: store.manifest(name) for name in names}
+    if as_json:
+        click.echo(json.dumps({n: m.to_dict() for n, m in manifests.items()}, indent=2, sort_keys=True))
+        return
+    for name, m in manifests.items():
+        intact = store.outputs_intact(name, m)
+        click.echo(f"{name}: {m.status}{' (' + m.reason + ')' if m.reason else ''}  fingerprint {m.fingerprint[:12]}")
+        if intact:
+            click.echo(f"  WARNING: {intact} since the stage wrote it")
+        for c in m.checks:
+            click.echo(f"  {c.describe()}")
+        for a in m.outputs:
+            click.echo(f"  out {a.path}  sha256 {a.sha256[:16]}  {a.bytes} B")
+
+
+@cli.command()
+def presets():
+    """List experiment presets."""
+    from pipeline.config import list_presets, load_config
+
+    for name in list_presets():
+        cfg = load_config(name)
+        click.echo(f"{name:32s} {cfg.teacher.arch} -> {cfg.student.arch} ({cfg.student.method}, {cfg.data.dataset})")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def models(as_json):
+    """List every model with its parameter count (for 100 classes)."""
+    from pipeline.models import build_model, count_parameters, list_models, model_info
+
+    rows = []
+    for name in list_models():
+        info = model_info(name)
+        rows.append(
+            {
+                "name": name,
+                "family": info.family,
+                "input_size": info.input_size,
+                "parameters": count_parameters(build_model(name, 100)),
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            click.echo(f"{r['name']:24s} {r['family']:9s} {r['input_size']:4d}px {r['parameters']:>12,d}")
+
+
+@cli.command()
+def methods():
+    """List distillation methods."""
+    from pipeline.distill import METHODS, method_names
+
+    for name in method_names():
+        doc = (METHODS.get(name).__doc__ or "").strip().splitlines()
+        click.echo(f"{name:16s} {doc[0] if doc else ''}")
+
+
+def run_cli(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit status (user errors print one line, never a traceback)."""
+    try:
+        cli.main(args=argv, prog_name="python -m pipeline", standalone_mode=False)
+    except PipelineError as exc:
+        _echo_err(f"error: {exc}")
+        return exc.exit_code
+    except click.exceptions.Abort:
+        _echo_err("aborted")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _echo_err("interrupted; finished stages are kept, the running one left no artifact")
+        return 130
+    return 0
+
+
+def main() -> None:
+    sys.exit(run_cli())

@@ -1,0 +1,212 @@
+"""The experiment: typed defaults, YAML presets and files, and ``key=value`` overrides.
+
+A config is resolved in this order: the dataclass defaults, the preset, the ``--config`` file, then
+command-line overrides. Unknown keys and wrong types are errors naming the key, so a typo never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import ConfigError
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in dataset, generated in memory from ``seed`` (see :mod:`pipeline.data.synthetic`)."""
+
+    train_size: int = 2560
+    test_size: int = 512
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    root: str | None = None
+    num_classes: int | None = None  # None: the dataset's own class count
+    image_size: int | None = None  # None: the dataset's native size
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    workers: int = 0
+    val_fraction: float = 0.1  # held-out part of the training split, for tuning; never the test set
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 240
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    lr_decay: float = 0.1
+    schedule: str = "step"  # step | cosine
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "resnet32x4"
+    checkpoint: str | None = None  # import instead of training
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "resnet8x4"
+    method: str = "kd"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class VerifyConfig:
+    samples: int = 512  # size of the fixed verification set (taken from the test split)
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str | None = None  # export this student instead of the run's fused one
+    opset: int = 18
+    dynamo: bool = True
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    golden_samples: int = 8
+    parity_samples: int = 64
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    expected: dict[str, Any] = field(default_factory=dict)  # reference results (e.g. the paper's table)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def list_presets() -> list[str]:
+    folder = resources.files("pipeline") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def preset_data(name: str) -> dict:
+    path = resources.files("pipeline") / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
+    return _read_yaml(path.read_text(), f"preset {name}") or {}
+
+
+def load_config(preset: str | None = "default", file: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    data: dict = {}
+    if preset:
+        data = _merge(data, preset_data(preset))
+    if file is not None:
+        path = Path(file)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        content = _read_yaml(text, str(path)) or {}
+        if not isinstance(content, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of options")
+        data = _merge(data, content)
+    for item in overrides:
+        data = _merge(data, parse_override(item))
+    return from_dict(Config, data)
+
+
+def parse_override(item: str) -> dict:
+    """``a.b.c=value`` -> ``{"a": {"b": {"c": value}}}``, the value parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    value = _read_yaml(raw, f"override {item!r}") if raw.strip() else None
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {where + unknown[0]!r}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {name: _coerce(hints[name], value, f"{where}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and value:
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(text: str, where: str) -> Any:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+    return data

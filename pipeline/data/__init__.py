@@ -1,0 +1,97 @@
+"""Datasets by name, split into train / held-out val / test, with each recipe's transforms.
+
+A dataset builder returns raw sources (images without transforms) and their facts; this module
+adds the seeded held-out split and the transforms, so every dataset gets the same protocol:
+tune on ``val`` (a slice of the training split), report on ``test``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from pipeline.config import DataConfig
+from pipeline.data.transforms import build_transform
+from pipeline.errors import ConfigError
+from pipeline.registry import Registry
+
+Split = Literal["train", "val", "test"]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model trained on the data must remember (it is saved in checkpoint metadata)."""
+
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    recipe: Literal["cifar", "imagenet"]
+
+
+@dataclass(frozen=True)
+class RawData:
+    """Sources yield ``(image, label)`` with no transform; images are CHW uint8 tensors or PIL images."""
+
+    train: Dataset
+    test: Dataset
+    info: DataInfo
+
+
+DATASETS: Registry[Callable[[DataConfig], RawData]] = Registry("dataset")
+
+
+class Transformed(Dataset):
+    def __init__(self, source: Dataset, transform: Callable):
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        image, label = self.source[index]
+        return self.transform(image), label
+
+
+class DataBundle:
+    """The three splits of one dataset; ``dataset(split, augment)`` gives a ready torch Dataset."""
+
+    def __init__(self, raw: RawData, val_fraction: float, seed: int):
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.raw = raw
+        self.info = raw.info
+        order = torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_val = int(round(len(order) * val_fraction))
+        self._indices = {"val": sorted(order[:n_val]), "train": sorted(order[n_val:])}
+
+    def source(self, split: Split) -> Dataset:
+        if split == "test":
+            return self.raw.test
+        return Subset(self.raw.train, self._indices[split])
+
+    def dataset(self, split: Split, augment: bool = False) -> Dataset:
+        return Transformed(self.source(split), build_transform(self.info, train=augment))
+
+
+def _load_builtin() -> None:
+    from pipeline.data import synthetic  # noqa: F401
+
+
+def dataset_names() -> list[str]:
+    _load_builtin()
+    return DATASETS.names()
+
+
+def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
+    """Build the named dataset; the held-out split depends only on ``seed`` and the dataset size."""
+    _load_builtin()
+    raw = DATASETS.get(cfg.dataset)(cfg)
+    return DataBundle(raw, cfg.val_fraction, seed)

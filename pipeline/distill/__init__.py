@@ -1,0 +1,54 @@
+"""Distillation methods behind one contract (mdistiller-style), chosen by registry name.
+
+A method is a :class:`Distiller`: it owns the student, a frozen teacher kept in eval mode, and any
+training-only modules (bridges, regressors, memory banks). ``forward(images, targets)`` returns the
+student's logits and a dict of named, already weighted losses whose sum is the training objective.
+Features come from forward hooks, so the student's own ``forward`` stays plain.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from pipeline.distill.base import Distiller
+from pipeline.errors import ConfigError
+from pipeline.registry import Registry
+
+__all__ = ["METHODS", "Distiller", "build_distiller", "register_method"]
+
+METHODS: Registry[type[Distiller]] = Registry("method")
+register_method = METHODS.register
+
+
+def _load_methods() -> None:
+    from pipeline.distill import kd  # noqa: F401
+
+
+def method_names() -> list[str]:
+    _load_methods()
+    return METHODS.names()
+
+
+def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None, args: dict | None = None) -> Distiller:
+    """Instantiate method ``name`` with ``args`` (from ``student.method_args``), checking the names first."""
+    _load_methods()
+    cls = METHODS.get(name)
+    args = dict(args or {})
+    accepted = {
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in ("self", "student", "teacher")
+    }
+    unknown = sorted(set(args) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"method {name!r} has no option {unknown[0]!r}; its options: {', '.join(sorted(accepted)) or 'none'}"
+        )
+    if cls.requires_teacher and teacher is None:
+        raise ConfigError(f"method {name!r} needs a teacher")
+    try:
+        return cls(student, teacher, **args)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"method {name!r}: {exc}") from None

@@ -1,0 +1,54 @@
+"""The distiller contract shared by every method."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Distiller(nn.Module):
+    """Student + frozen teacher + training-only modules.
+
+    Subclasses put their own trainable modules on ``self`` (they then live in the distiller's
+    state_dict, never in the student's) and implement :meth:`losses`.
+    """
+
+    requires_teacher = True
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None):
+        super().__init__()
+        self.student = student
+        # Not registered as a submodule: the teacher is neither trained nor saved with the method.
+        object.__setattr__(self, "teacher", teacher)
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        self.progress = 0.0  # training progress in epochs (fractional), for warm-ups
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def to(self, *args, **kwargs) -> Distiller:
+        if self.teacher is not None:
+            self.teacher.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    def set_progress(self, epochs: float) -> None:
+        self.progress = epochs
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The student's and the method's own parameters (the teacher is frozen)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def reparam_settings(self) -> dict:
+        """How the method changed the student's structure (saved in checkpoint metadata); ``{}`` if not."""
+        return {}
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.losses(images, targets)
+
+    def losses(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError

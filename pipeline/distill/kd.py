@@ -1,0 +1,57 @@
+"""Cross-entropy training and classic logit distillation.
+
+KD: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", 2015.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.distill import register_method
+from pipeline.distill.base import Distiller
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T² · KL(softmax(z_T/T) ‖ softmax(z_S/T))``, batch-mean; T² keeps gradients comparable across T."""
+    log_p = F.log_softmax(student_logits / temperature, dim=1)
+    log_q = F.log_softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * temperature**2
+
+
+@register_method(name="vanilla")
+class Vanilla(Distiller):
+    """The student alone, trained with cross-entropy (also how the teacher stage trains a teacher)."""
+
+    requires_teacher = False
+
+    def __init__(self, student, teacher=None, ce_weight: float = 1.0):
+        super().__init__(student, None)
+        self.ce_weight = ce_weight
+
+    def losses(self, images, targets):
+        logits = self.student(images)
+        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets)}
+
+
+@register_method(name="kd")
+class KD(Distiller):
+    """CE plus Hinton KD. Defaults follow the CIFAR-100 benchmark recipe (RepDistiller: T=4, and
+    mdistiller's KD config: CE weight 0.1, KD weight 0.9)."""
+
+    def __init__(self, student, teacher, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9):
+        super().__init__(student, teacher)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = temperature
+        self.ce_weight = ce_weight
+        self.kd_weight = kd_weight
+
+    def losses(self, images, targets):
+        logits = self.student(images)
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        return logits, {
+            "ce": self.ce_weight * F.cross_entropy(logits, targets),
+            "kd": self.kd_weight * kd_loss(logits, teacher_logits, self.temperature),
+        }

@@ -1,0 +1,46 @@
+"""Errors a user can cause, each with the exit status the CLI gives it.
+
+Library code raises these; only the CLI turns them into a one-line message and an exit status, so a
+user mistake never ends in a traceback.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class: a problem with what the user asked for, stated with its fix."""
+
+    exit_code = 2
+
+
+class ConfigError(PipelineError):
+    """An unknown or invalid option, preset, model, method or stage."""
+
+
+class ArtifactError(PipelineError):
+    """A stage input that is missing, modified, or produced by a failed stage."""
+
+
+class CheckpointError(PipelineError):
+    """A checkpoint that is missing, unreadable, or does not match the architecture."""
+
+
+class DatasetError(PipelineError):
+    """A dataset that is missing, incomplete, or does not match its recorded checksum."""
+
+
+class MissingDependencyError(PipelineError):
+    """An optional package is not installed; the message names the pip extra that provides it."""
+
+    def __init__(self, package: str, extra: str | None = None, cause: BaseException | None = None):
+        hint = f"pip install 'kdiffusion-pipeline[{extra}]'" if extra else f"pip install {package}"
+        detail = f" ({cause})" if cause else ""
+        super().__init__(f"{package} is required for this step but is not importable{detail}; install it with: {hint}")
+        self.package = package
+        self.extra = extra
+
+
+class CheckFailedError(PipelineError):
+    """A stage ran but one of its numeric gates did not pass."""
+
+    exit_code = 1

@@ -1,0 +1,56 @@
+"""What the pipeline needs to know about an architecture, declared once next to its builder.
+
+Distillation reads features through forward hooks at the places named here, so model ``forward``
+methods stay plain (logits only) and exportable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Tap:
+    """A feature read by a forward hook on ``path`` (a ``get_submodule`` path).
+
+    ``io="input"`` reads the module's first positional input: hooking an activation module's input
+    gives the pre-activation feature. Activation modules used as taps must not be in-place.
+    """
+
+    path: str
+    io: Literal["input", "output"] = "output"
+
+
+@dataclass(frozen=True)
+class ReparamSite:
+    """A conv+BN pair that KDiffusion may replace with an m-branch block (spec §2.1).
+
+    ``tap`` reads the block's downstream pre-activation feature (after the residual add or concat
+    that follows the BN). ``embed`` says how a branch output enters that feature: ``identity`` (it is
+    added, or it is the feature) or ``concat_tail`` (it is the last channels of a concatenation).
+    """
+
+    conv: str
+    bn: str
+    tap: Tap
+    embed: Literal["identity", "concat_tail"] = "identity"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Static facts about one registered architecture.
+
+    ``stages`` are the distillation taps, shallow to deep, pre-activation where the spec asks; the
+    last one is the feature ``forward_features`` returns, so ``forward_head`` is the head that
+    follows it. ``reparam_sites`` pairs each of the deepest stages with the conv+BN to re-parameterize,
+    in the same order; the last site is the Single-Layer site.
+    """
+
+    name: str
+    family: Literal["cifar", "imagenet"]
+    input_size: int
+    stages: tuple[Tap, ...] = ()
+    reparam_sites: tuple[ReparamSite, ...] = ()
+    description: str = ""
+    extra: dict = field(default_factory=dict, compare=False, hash=False)

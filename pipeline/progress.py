@@ -1,0 +1,17 @@
+"""Progress bars for long work, on stderr, silent when stderr is not a terminal.
+
+``PIPELINE_PROGRESS=1`` forces bars on (e.g. under a pager), ``PIPELINE_PROGRESS=0`` turns them off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+from tqdm.auto import tqdm
+
+
+def progress_bar(iterable: Iterable, desc: str = "", total: int | None = None, leave: bool = True) -> tqdm:
+    setting = os.environ.get("PIPELINE_PROGRESS")
+    disable = None if setting is None else setting == "0"
+    return tqdm(iterable, desc=desc, total=total, leave=leave, disable=disable, dynamic_ncols=True)

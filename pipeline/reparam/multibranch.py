@@ -1,0 +1,1 @@
+"""KDiffusion's m-branch blocks (filled in by the KDiffusion work)."""

@@ -1,0 +1,147 @@
+"""Orders stages, verifies their inputs, skips what is up to date, and commits manifests.
+
+This is the only code that hashes artifacts and writes ``manifest.json``; stages only compute.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.config import Config
+from pipeline.errors import ArtifactError, CheckFailedError
+from pipeline.hashing import code_version
+from pipeline.manifest import Manifest, environment, fingerprint
+from pipeline.store import RunStore, describe_file, external_input
+from stages import ORDER, StageContext, get_stage
+
+
+@dataclass
+class Outcome:
+    stage: str
+    action: str  # "ran" | "up to date"
+    reason: str  # why it ran: missing, params_changed, inputs_changed, code_changed, outputs_modified, forced, ...
+    manifest: Manifest
+    seconds: float = 0.0
+
+
+def stale_reason(existing: Manifest | None, params: dict, inputs_fp: str, code: str, intact: str, fp: str) -> str:
+    """Why a stage must run again, cheapest test first (as DVC does); empty when up to date."""
+    if existing is None:
+        return "missing"
+    if existing.status != "ok":
+        return f"previous run {existing.status}"
+    if existing.fingerprint == fp and not intact:
+        return ""
+    if existing.params != params:
+        return "params_changed"
+    if existing.code_version != code:
+        return "code_changed"
+    if existing.inputs_hash != inputs_fp:
+        return "inputs_changed"
+    return f"outputs_modified ({intact})" if intact else "fingerprint_changed"
+
+
+def validate(cfg: Config) -> None:
+    """Fail on unknown names before any stage spends time (a typo should not cost a teacher run)."""
+    from pipeline.data import dataset_names
+    from pipeline.distill import method_names
+    from pipeline.errors import ConfigError
+    from pipeline.models import list_models
+
+    for what, value, valid in (
+        ("model", cfg.teacher.arch, list_models()),
+        ("model", cfg.student.arch, list_models()),
+        ("method", cfg.student.method, method_names()),
+        ("dataset", cfg.data.dataset, dataset_names()),
+    ):
+        if value not in valid:
+            raise ConfigError(f"unknown {what} {value!r}; choose one of: {', '.join(valid)}")
+
+
+def run_stages(
+    cfg: Config,
+    out: str | Path,
+    names: list[str] | tuple[str, ...] = ORDER,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Run ``names`` in order; a failed gate stops the run after its manifest is written."""
+    validate(cfg)
+    store = RunStore(out)
+    store.ensure_writable()
+    code = code_version()
+    outcomes = []
+    for name in names:
+        outcome = run_stage(store, cfg, name, code, force, log)
+        outcomes.append(outcome)
+        if on_outcome:
+            on_outcome(outcome)
+        if outcome.manifest.status == "failed":
+            failed = [c.describe() for c in outcome.manifest.checks if not c]
+            raise CheckFailedError(
+                f"stage {name!r} failed its checks: " + "; ".join(failed or [outcome.manifest.reason])
+            )
+    return outcomes
+
+
+def run_stage(store: RunStore, cfg: Config, name: str, code: str, force: bool, log: Callable[[str], None]) -> Outcome:
+    stage = get_stage(name)
+    external = {role: external_input(path) for role, path in stage.externals(cfg).items()}
+    upstream = {req: store.load(req) for req in stage.requires(cfg)}
+    inputs = [art.as_input(o.path, store.root) for art in upstream.values() for o in art.manifest.outputs]
+    inputs += list(external.values())
+    params = stage.params(cfg)
+    fp = fingerprint(name, params, inputs, code)
+    try:
+        existing = store.manifest(name)
+    except ArtifactError:
+        existing = None
+    intact = store.outputs_intact(name, existing) if existing else ""
+    probe = Manifest(name, "ok", params, inputs, [], [], code)
+    reason = "forced" if force else stale_reason(existing, params, probe.inputs_hash, code, intact, fp)
+    if not reason:
+        log(f"[{name}] up to date ({store.folder(name)})")
+        return Outcome(name, "up to date", "", existing)
+
+    log(f"[{name}] running ({reason})")
+    staged = store.staging(name)
+    ctx = StageContext(cfg, store, staged, store.scratch(name, fp), upstream, external, log)
+    started = datetime.now(timezone.utc)
+    tic = time.perf_counter()
+    try:
+        result = stage.run(ctx)
+    except BaseException:
+        store.discard(staged)
+        raise
+    seconds = time.perf_counter() - tic
+    outputs = [describe_file(staged, str(p.relative_to(staged))) for p in sorted(staged.rglob("*")) if p.is_file()]
+    status = "failed" if not all(result.checks) else result.status
+    manifest = Manifest(
+        stage=name,
+        status=status,
+        params=params,
+        inputs=inputs,
+        outputs=outputs,
+        checks=result.checks,
+        code_version=code,
+        reason=result.reason,
+        metrics=result.metrics,
+        environment=environment(),
+        meta={
+            "started": started.isoformat(timespec="seconds"),
+            "duration_s": round(seconds, 3),
+            "host": socket.gethostname(),
+            "run_reason": reason,
+        },
+    )
+    store.commit(staged, manifest)
+    if status == "ok":
+        store.drop_scratch(name)
+    log(f"[{name}] {status} in {seconds:.1f}s")
+    return Outcome(name, "ran", reason, manifest, seconds)

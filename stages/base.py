@@ -1,0 +1,74 @@
+"""The stage contract."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pipeline.checks import Check
+from pipeline.config import Config
+from pipeline.manifest import Artifact
+from pipeline.registry import Registry
+from pipeline.store import RunStore, StageArtifacts
+
+
+@dataclass
+class StageResult:
+    """What a stage reports back; the runner turns it into the manifest."""
+
+    checks: list[Check] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    status: Literal["ok", "skipped"] = "ok"
+    reason: str = ""
+
+
+@dataclass
+class StageContext:
+    cfg: Config
+    store: RunStore
+    out: Path  # staging folder: the only place the stage writes
+    scratch: Path  # survives a crash; for resume state
+    inputs: dict[str, StageArtifacts]  # verified upstream stages
+    external: dict[str, Artifact]  # verified user-supplied files
+    log: Callable[[str], None] = print
+
+    def external_path(self, name: str) -> Path:
+        return Path(self.external[name].path)
+
+    @functools.cached_property
+    def device(self):
+        from pipeline.training import resolve_device
+
+        return resolve_device(self.cfg.device)
+
+
+class Stage:
+    """Subclasses set ``name`` and implement :meth:`params` and :meth:`run`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    def requires(self, cfg: Config) -> tuple[str, ...]:
+        """Upstream stages whose outputs this stage reads (they are verified before it runs)."""
+        return ()
+
+    def externals(self, cfg: Config) -> dict[str, str]:
+        """User-supplied files this stage reads, by role (hashed into the fingerprint)."""
+        return {}
+
+    def params(self, cfg: Config) -> dict:
+        """The result-affecting configuration; anything not here must not change the outputs."""
+        raise NotImplementedError
+
+    def run(self, ctx: StageContext) -> StageResult:
+        raise NotImplementedError
+
+
+STAGES: Registry[type[Stage]] = Registry("stage")
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    return STAGES.register(cls, name=cls.name)

@@ -1,0 +1,42 @@
+"""Helpers several stages share: the dataset (built once per process) and result files."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+from pipeline.config import Config, DataConfig
+from pipeline.data import DataBundle, load_data
+from pipeline.hashing import canonical_json
+
+
+def data_params(cfg: Config) -> dict:
+    """The data settings that change what a model sees (loader workers and the like excluded)."""
+    data = dataclasses.asdict(cfg.data)
+    for key in ("workers", "eval_batch_size"):
+        data.pop(key)
+    if cfg.data.dataset != "synthetic":
+        data.pop("synthetic")
+    return data
+
+
+def bundle(cfg: Config) -> DataBundle:
+    return _bundle(canonical_json(dataclasses.asdict(cfg.data)), cfg.seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _bundle(data_json: str, seed: int) -> DataBundle:
+    return load_data(DataConfig(**_revive(json.loads(data_json))), seed)
+
+
+def _revive(data: dict) -> dict:
+    from pipeline.config import SyntheticConfig
+
+    data["synthetic"] = SyntheticConfig(**data["synthetic"])
+    return data
+
+
+def write_json(path: Path, data: object) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,72 @@
+"""``fuse``: fold the student's training-time branches and BatchNorms into its plain convs.
+
+The fused student must be exactly the deploy form of the vanilla architecture: same state_dict keys
+and shapes as a freshly built vanilla student with its BatchNorms folded, same parameter count, same
+FLOPs. Numerical equivalence is the ``verify`` stage's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from pipeline.checkpoint import ModelMeta, save_checkpoint
+from pipeline.checks import Check
+from pipeline.config import Config
+from pipeline.loading import build_for_meta, load_model
+from pipeline.models import count_parameters
+from pipeline.reparam import fuse_model
+from stages.base import Stage, StageContext, StageResult, register_stage
+from stages.train import CHECKPOINT as STUDENT_CHECKPOINT
+
+CHECKPOINT = "student_fused.safetensors"
+
+
+def count_flops(model: torch.nn.Module, input_size: int) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, input_size, input_size))
+    return counter.get_total_flops()
+
+
+def fuse_checks(fused: torch.nn.Module, meta: ModelMeta) -> tuple[list[Check], dict]:
+    """Compare a fused student with the deploy form of a freshly built vanilla student."""
+    reference = build_for_meta(meta)
+    ref_state, state = reference.state_dict(), fused.state_dict()
+    same_keys = set(ref_state) == set(state) and all(ref_state[k].shape == state[k].shape for k in state)
+    loads = True
+    try:
+        reference.load_state_dict(state, strict=True)
+    except RuntimeError:
+        loads = False
+    params, ref_params = count_parameters(fused), count_parameters(reference)
+    flops, ref_flops = count_flops(fused, meta.input_size), count_flops(reference, meta.input_size)
+    checks = [
+        Check.of("strict_load_into_vanilla_deploy_form", "loads", float(loads and same_keys), 1.0, "=="),
+        Check.of("parameter_count", "fused - vanilla", params - ref_params, 0, "=="),
+        Check.of("flops", "fused - vanilla", flops - ref_flops, 0, "=="),
+    ]
+    return checks, {"parameters": params, "flops": flops}
+
+
+@register_stage
+class FuseStage(Stage):
+    name = "fuse"
+    description = "fold branches and BatchNorms into the plain student"
+
+    def requires(self, cfg: Config) -> tuple[str, ...]:
+        return ("train",)
+
+    def params(self, cfg: Config) -> dict:
+        return {}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        student, meta = load_model(ctx.inputs["train"].path(STUDENT_CHECKPOINT))
+        fused = fuse_model(student)
+        fused_meta = dataclasses.replace(meta, form="fused")
+        checks, metrics = fuse_checks(fused, fused_meta)
+        metrics["unfused_parameters"] = count_parameters(student)
+        save_checkpoint(ctx.out / CHECKPOINT, fused.state_dict(), fused_meta)
+        return StageResult(checks=checks, metrics=metrics)

@@ -1,0 +1,76 @@
+"""``train``: distill the student from the teacher with the configured method."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from pipeline.checkpoint import ModelMeta, save_checkpoint
+from pipeline.config import Config
+from pipeline.distill import build_distiller
+from pipeline.errors import CheckpointError
+from pipeline.loading import load_model
+from pipeline.models import build_model, count_parameters
+from pipeline.training import evaluate, fit, make_loader
+from stages.base import Stage, StageContext, StageResult, register_stage
+from stages.common import bundle, data_params, write_json
+from stages.teacher import CHECKPOINT as TEACHER_CHECKPOINT
+
+CHECKPOINT = "student.safetensors"
+
+
+@register_stage
+class TrainStage(Stage):
+    name = "train"
+    description = "distill the student (--method)"
+
+    def requires(self, cfg: Config) -> tuple[str, ...]:
+        return ("teacher",)
+
+    def params(self, cfg: Config) -> dict:
+        return {
+            "arch": cfg.student.arch,
+            "method": cfg.student.method,
+            "method_args": cfg.student.method_args,
+            "optim": dataclasses.asdict(cfg.student.optim),
+            "data": data_params(cfg),
+            "seed": cfg.seed,
+        }
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg, data, device = ctx.cfg, bundle(ctx.cfg), ctx.device
+        teacher, teacher_meta = load_model(ctx.inputs["teacher"].path(TEACHER_CHECKPOINT))
+        if teacher_meta.num_classes != data.info.num_classes:
+            raise CheckpointError(
+                f"the teacher has {teacher_meta.num_classes} classes but the dataset has {data.info.num_classes}"
+            )
+        torch.manual_seed(cfg.seed)
+        student = build_model(cfg.student.arch, data.info.num_classes)
+        vanilla_params = count_parameters(student)
+        distiller = build_distiller(cfg.student.method, student, teacher, cfg.student.method_args)
+        history = fit(
+            distiller,
+            make_loader(data.dataset("train", augment=True), cfg.data, train=True, seed=cfg.seed, device=device),
+            make_loader(data.dataset("val"), cfg.data, train=False, device=device) if len(data.source("val")) else None,
+            cfg.student.optim,
+            device,
+            scratch=ctx.scratch,
+            log=ctx.log,
+            desc=f"student ({cfg.student.method})",
+            seed=cfg.seed,
+        )
+        test_loader = make_loader(data.dataset("test"), cfg.data, train=False, device=device)
+        student = distiller.student
+        meta = ModelMeta.from_data(data.info, cfg.student.arch, reparam=distiller.reparam_settings())
+        save_checkpoint(ctx.out / CHECKPOINT, student.state_dict(), meta)
+        write_json(ctx.out / "history.json", history.epochs)
+        return StageResult(
+            metrics={
+                "test_top1": evaluate(student, test_loader, device, desc="student test")["top1"],
+                "teacher_test_top1": ctx.inputs["teacher"].manifest.metrics.get("test_top1"),
+                "val_top1": history.last.get("val_top1"),
+                "train_parameters": count_parameters(student),
+                "vanilla_parameters": vanilla_params,
+            }
+        )

@@ -1,0 +1,89 @@
+"""``verify``: the fused student is numerically the same model as the trained one (design §2).
+
+Both run in fp32 in eval mode on a fixed verification set (the first ``verify.samples`` images of
+the test split), with TF32 off on GPUs, since TF32 alone moves logits by about 1e-3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from pipeline.checks import Check
+from pipeline.compare import diff_stats, top1_accuracy
+from pipeline.config import Config
+from pipeline.loading import load_model
+from stages.base import Stage, StageContext, StageResult, register_stage
+from stages.common import bundle, write_json
+from stages.fuse import CHECKPOINT as FUSED_CHECKPOINT
+from stages.train import CHECKPOINT as STUDENT_CHECKPOINT
+
+
+@contextlib.contextmanager
+def tf32_disabled():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def verification_batch(cfg: Config, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``samples`` test images, evaluation transform, in a fixed order."""
+    test = bundle(cfg).dataset("test")
+    n = min(samples, len(test))
+    items = [test[i] for i in range(n)]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+
+
+@torch.no_grad()
+def batched_logits(
+    model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 256
+) -> torch.Tensor:
+    model.to(device).eval()
+    return torch.cat([model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)])
+
+
+@register_stage
+class VerifyStage(Stage):
+    name = "verify"
+    description = "check the fused student against the trained one"
+
+    def requires(self, cfg: Config) -> tuple[str, ...]:
+        return ("train", "fuse")
+
+    def params(self, cfg: Config) -> dict:
+        return {"samples": cfg.verify.samples, "data": cfg.data.dataset, "seed": cfg.seed}
+
+    def run(self, ctx: StageContext) -> StageResult:
+        trained, _ = load_model(ctx.inputs["train"].path(STUDENT_CHECKPOINT))
+        fused, _ = load_model(ctx.inputs["fuse"].path(FUSED_CHECKPOINT))
+        images, labels = verification_batch(ctx.cfg, ctx.cfg.verify.samples)
+        with tf32_disabled():
+            reference = batched_logits(trained, images, ctx.device)
+            candidate = batched_logits(fused, images, ctx.device)
+        stats = diff_stats(reference, candidate)
+        top1_ref, top1_fused = top1_accuracy(reference, labels), top1_accuracy(candidate, labels)
+        checks = [
+            Check.gate("logits_max_abs", "max |fused - trained|", stats["max_abs"], "fuse.logits_max_abs"),
+            Check.gate("logits_rel_fro", "‖fused - trained‖F / ‖trained‖F", stats["rel_fro"], "fuse.logits_rel_fro"),
+            Check.gate(
+                "top1_agreement", "fraction of equal argmax", stats["top1_agreement"], "fuse.top1_agreement", ">="
+            ),
+            Check.gate(
+                "top1_delta", "|top1 fused - top1 trained| (pt)", abs(top1_fused - top1_ref), "fuse.top1_delta_pt"
+            ),
+        ]
+        report = {
+            "samples": len(labels),
+            "device": str(ctx.device),
+            "stats": stats,
+            "top1_trained": top1_ref,
+            "top1_fused": top1_fused,
+        }
+        write_json(ctx.out / "report.json", report)
+        return StageResult(
+            checks=checks, metrics={"max_abs": stats["max_abs"], "top1_fused": top1_fused, "samples": len(labels)}
+        )

@@ -1,0 +1,63 @@
+import pytest
+import torch
+from torch import nn
+
+from pipeline.checkpoint import (
+    ModelMeta,
+    load_checkpoint,
+    load_state_dict_file,
+    load_strict,
+    read_meta,
+    save_checkpoint,
+)
+from pipeline.errors import CheckpointError
+
+
+def _meta() -> ModelMeta:
+    return ModelMeta(
+        arch="resnet20", num_classes=4, input_size=32, mean=[0.5] * 3, std=[0.2] * 3, class_names=list("abcd")
+    )
+
+
+def test_round_trip(tmp_path):
+    state = {"w": torch.arange(6.0).view(2, 3)}
+    save_checkpoint(tmp_path / "m.safetensors", state, _meta())
+    loaded, meta = load_checkpoint(tmp_path / "m.safetensors")
+    assert torch.equal(loaded["w"], state["w"])
+    assert meta == _meta()
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_meta(tmp_path / "nope.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, {"w": torch.randn(64, 64)}, _meta())
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+
+
+def test_foreign_state_dict_wrappers(tmp_path):
+    sd = {"module.fc.weight": torch.ones(2, 2)}
+    torch.save({"model": sd, "epoch": 240}, tmp_path / "ckpt.pth")
+    assert list(load_state_dict_file(tmp_path / "ckpt.pth")) == ["fc.weight"]
+
+
+def test_pickled_objects_are_never_loaded(tmp_path):
+    torch.save({"model": nn.Linear(2, 2)}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_state_dict_file(tmp_path / "evil.pth")
+
+
+def test_strict_load_explains_mismatch():
+    model = nn.Linear(3, 2)
+    with pytest.raises(CheckpointError, match=r"1 missing keys.*1 unexpected keys"):
+        load_strict(model, {"weight": torch.zeros(2, 3), "other": torch.zeros(1)}, "x.pth")
+    with pytest.raises(CheckpointError, match=r"shape mismatches \(e.g. weight: \(2, 4\) vs \(2, 3\)\)"):
+        load_strict(model, {"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}, "x.pth")

@@ -1,0 +1,54 @@
+"""The CLI surface: help on every command, and one-line errors with exit status 2 for user mistakes."""
+
+import pytest
+
+from pipeline.cli import cli, run_cli
+
+
+@pytest.mark.parametrize("command", [[], *[[name] for name in cli.commands]])
+def test_help(command, capsys):
+    assert run_cli([*command, "--help"]) == 0
+    assert "Usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "nostage"], "Invalid value for 'STAGE'"),
+        (["run", "--preset", "nope"], "unknown preset 'nope'"),
+        (["run", "--set", "student.arch=nonet"], "unknown model 'nonet'"),
+        (["run", "--set", "student.optim.epochz=1"], "unknown config key 'student.optim.epochz'"),
+        (["run", "train", "--checkpoint", "x.safetensors"], "--checkpoint is for `run export`"),
+        (["run", "teacher", "--teacher-checkpoint", "/no/such.pth"], "does not exist"),
+        (["run", "export", "--checkpoint", "/no/such.safetensors"], "does not exist"),
+        (["run", "fuse"], "stage 'train' has no artifacts"),
+        (["run", "--method", "nomethod", "train"], "unknown method 'nomethod'"),
+        (["run", "train"], "stage 'teacher' has no artifacts"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path):
+    code = run_cli([*argv, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err
+    assert "Traceback" not in err
+    assert not any((tmp_path / "run").glob("*/manifest.json"))
+
+
+def test_unwritable_out(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert run_cli(["run", "teacher", "--out", str(blocker / "run")]) == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_inspect_needs_a_run_folder(tmp_path, capsys):
+    assert run_cli(["inspect", str(tmp_path)]) == 2
+    assert "holds no stage manifests" in capsys.readouterr().err
+
+
+def test_listings(capsys):
+    assert run_cli(["presets"]) == 0
+    assert "default" in capsys.readouterr().out
+    assert run_cli(["methods"]) == 0
+    assert "kd" in capsys.readouterr().out

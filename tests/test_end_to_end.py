@@ -1,0 +1,85 @@
+"""The whole pipeline on a reduced default: every stage ok, reruns skip, tampering is refused."""
+
+import json
+
+import pytest
+
+from pipeline.cli import run_cli
+from pipeline.store import RunStore
+from stages import ORDER
+
+pytestmark = pytest.mark.xdist_group("e2e")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from tests.conftest import TINY
+
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    args = [a for item in TINY for a in ("--set", item)]
+    assert run_cli(["run", "all", "--out", str(out), *args]) == 0
+    return out, args
+
+
+def test_every_stage_ok_with_passing_checks(run_dir):
+    out, _ = run_dir
+    store = RunStore(out)
+    for stage in ORDER:
+        manifest = store.manifest(stage)
+        assert manifest is not None, stage
+        assert manifest.status == "ok", (stage, manifest.reason)
+        assert all(manifest.checks), [c.describe() for c in manifest.checks if not c]
+        assert manifest.outputs and all(len(a.sha256) == 64 for a in manifest.outputs)
+        assert manifest.environment["torch"]
+    verify = store.manifest("verify")
+    assert {c.name for c in verify.checks} >= {"logits_max_abs", "logits_rel_fro", "top1_agreement"}
+    train_inputs = {a.source for a in store.manifest("train").inputs}
+    assert train_inputs == {"teacher"}
+
+
+def test_second_run_skips_every_stage(run_dir, capsys):
+    out, args = run_dir
+    before = {s: (out / s / "manifest.json").read_text() for s in ORDER}
+    assert run_cli(["run", "all", "--out", str(out), *args]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("up to date") == len(ORDER)
+    assert {s: (out / s / "manifest.json").read_text() for s in ORDER} == before
+
+
+def test_inspect_json(run_dir, capsys):
+    out, _ = run_dir
+    assert run_cli(["inspect", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == set(ORDER)
+    assert data["verify"]["status"] == "ok"
+
+
+def test_tampered_student_checkpoint_is_refused(run_dir, capsys):
+    out, args = run_dir
+    path = out / "train" / "student.safetensors"
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    fuse_manifest = (out / "fuse" / "manifest.json").read_text()
+    try:
+        code = run_cli(["run", "fuse", "--out", str(out), *args])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert "student.safetensors is modified since stage 'train' wrote it" in err
+        assert "Traceback" not in err
+        assert (out / "fuse" / "manifest.json").read_text() == fuse_manifest
+    finally:
+        path.write_bytes(original)
+
+
+def test_export_only_path_on_an_outside_checkpoint(run_dir, tmp_path):
+    out, args = run_dir
+    outside = tmp_path / "mine.safetensors"
+    outside.write_bytes((out / "train" / "student.safetensors").read_bytes())
+    export_out = tmp_path / "export_only"
+    assert run_cli(["run", "export", "--checkpoint", str(outside), "--out", str(export_out), *args]) == 0
+    manifest = RunStore(export_out).manifest("export")
+    assert manifest.status == "ok" and all(manifest.checks)
+    assert [a.source for a in manifest.inputs] == ["external"]
+    assert (export_out / "export" / "model.onnx").is_file()

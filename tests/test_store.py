@@ -1,0 +1,118 @@
+"""Manifests, hashing, atomic commits and the refusal rules of the single artifact loader."""
+
+import json
+
+import pytest
+
+from pipeline.checks import Check
+from pipeline.errors import ArtifactError, ConfigError
+from pipeline.manifest import Artifact, Manifest
+from pipeline.runner import stale_reason
+from pipeline.store import RunStore, describe_file, external_input
+
+
+def _commit(store: RunStore, stage: str, content: bytes = b"weights", status="ok", checks=()) -> Manifest:
+    staged = store.staging(stage)
+    (staged / "out.bin").write_bytes(content)
+    manifest = Manifest(stage, status, {"p": 1}, [], [describe_file(staged, "out.bin")], list(checks), "v1")
+    store.commit(staged, manifest)
+    return manifest
+
+
+def test_manifest_round_trip_is_deterministic(tmp_path):
+    store = RunStore(tmp_path)
+    written = _commit(store, "a", checks=[Check.of("c", "x", 0.5, 1.0)])
+    read = Manifest.read(tmp_path / "a")
+    assert read.fingerprint == written.fingerprint
+    assert read.checks[0].passed and read.checks[0].threshold == 1.0
+    text = (tmp_path / "a" / "manifest.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+
+
+def test_load_refuses_missing_stage(tmp_path):
+    with pytest.raises(ArtifactError, match="stage 'train' has no artifacts.*run train"):
+        RunStore(tmp_path).load("train")
+
+
+def test_load_refuses_modified_output(tmp_path):
+    store = RunStore(tmp_path)
+    _commit(store, "a")
+    assert store.load("a").path("out.bin").read_bytes() == b"weights"
+    data = bytearray((tmp_path / "a" / "out.bin").read_bytes())
+    data[0] ^= 1
+    (tmp_path / "a" / "out.bin").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="modified since stage 'a' wrote it.*--force"):
+        store.load("a")
+
+
+def test_load_refuses_deleted_output(tmp_path):
+    store = RunStore(tmp_path)
+    _commit(store, "a")
+    (tmp_path / "a" / "out.bin").unlink()
+    with pytest.raises(ArtifactError, match="missing since"):
+        store.load("a")
+
+
+def test_load_refuses_failed_stage(tmp_path):
+    store = RunStore(tmp_path)
+    _commit(store, "a", status="failed", checks=[Check.of("gate", "x", 2.0, 1.0)])
+    with pytest.raises(ArtifactError, match="stage 'a' .* is failed"):
+        store.load("a")
+
+
+def test_hand_edited_manifest_is_refused(tmp_path):
+    store = RunStore(tmp_path)
+    _commit(store, "a")
+    path = tmp_path / "a" / "manifest.json"
+    data = json.loads(path.read_text())
+    data["params"]["p"] = 2
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="edited by hand"):
+        store.load("a")
+
+
+def test_commit_replaces_previous_folder_atomically(tmp_path):
+    store = RunStore(tmp_path)
+    _commit(store, "a", b"one")
+    _commit(store, "a", b"two")
+    assert (tmp_path / "a" / "out.bin").read_bytes() == b"two"
+    assert not list((tmp_path / ".staging").glob("a-*"))
+
+
+def test_uncommitted_staging_never_looks_complete(tmp_path):
+    store = RunStore(tmp_path)
+    staged = store.staging("a")
+    (staged / "out.bin").write_bytes(b"half")
+    assert store.manifest("a") is None
+    assert store.stages() == []
+
+
+def test_external_input_hashes_the_file(tmp_path):
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"abc")
+    art = external_input(path)
+    assert art.source == "external" and art.bytes == 3
+    assert art.sha256 == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    with pytest.raises(ArtifactError, match="does not exist"):
+        external_input(tmp_path / "nope.bin")
+
+
+def test_unwritable_run_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match="not writable.*--out"):
+        RunStore(blocker / "run").ensure_writable()
+
+
+def test_stale_reasons():
+    inputs = [Artifact("x", "h")]
+    m = Manifest("s", "ok", {"a": 1}, inputs, [], [], "v1")
+    fp = m.fingerprint
+    assert stale_reason(None, {}, "", "v1", "", fp) == "missing"
+    assert stale_reason(m, {"a": 1}, m.inputs_hash, "v1", "", fp) == ""
+    assert stale_reason(m, {"a": 2}, m.inputs_hash, "v1", "", "other") == "params_changed"
+    assert stale_reason(m, {"a": 1}, m.inputs_hash, "v2", "", "other") == "code_changed"
+    assert stale_reason(m, {"a": 1}, "changed", "v1", "", "other") == "inputs_changed"
+    assert stale_reason(m, {"a": 1}, m.inputs_hash, "v1", "out.bin modified", fp).startswith("outputs_modified")
+    failed = Manifest("s", "failed", {"a": 1}, inputs, [], [], "v1")
+    assert stale_reason(failed, {"a": 1}, m.inputs_hash, "v1", "", failed.fingerprint) == "previous run failed"

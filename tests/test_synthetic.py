@@ -1,0 +1,26 @@
+import torch
+
+from pipeline.config import DataConfig, SyntheticConfig
+from pipeline.data import load_data
+from pipeline.data.synthetic import make_synthetic
+
+
+def test_deterministic_and_balanced():
+    a, _ = make_synthetic(5, 100, 20, seed=3)
+    b, _ = make_synthetic(5, 100, 20, seed=3)
+    c, _ = make_synthetic(5, 100, 20, seed=4)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, c.images)
+    assert a.images.dtype == torch.uint8 and a.images.shape == (100, 3, 32, 32)
+    assert torch.bincount(a.labels).tolist() == [20] * 5
+
+
+def test_bundle_splits_are_disjoint_and_seeded():
+    cfg = DataConfig(num_classes=4, synthetic=SyntheticConfig(train_size=100, test_size=20))
+    bundle = load_data(cfg, seed=0)
+    train, val = bundle.source("train").indices, bundle.source("val").indices
+    assert len(val) == 10 and len(train) == 90 and not set(train) & set(val)
+    assert load_data(cfg, seed=0).source("val").indices == val
+    assert load_data(cfg, seed=1).source("val").indices != val
+    image, label = bundle.dataset("train", augment=True)[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= label < 4
