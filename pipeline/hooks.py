@@ -1,0 +1,90 @@
+"""Feature taps: read named intermediate tensors through forward hooks.
+
+Distillation needs features from inside the teacher and the student, but a model's ``forward`` must stay
+``x -> logits`` so that it exports cleanly (design §4). As in torchdistill's ``ForwardHookManager``, the
+features are captured by hooks on modules named by ``get_submodule`` paths, and the hooks live only as
+long as a ``with`` block, so no model is left carrying stale hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from pipeline.errors import ConfigError
+from pipeline.models.spec import Tap
+
+__all__ = ["FeatureTaps"]
+
+
+class FeatureTaps:
+    """Context manager that captures the tensors at ``taps`` on every forward pass of ``model``.
+
+    All paths are resolved on entry, before any hook is registered, so a typo fails at once with a
+    :class:`ConfigError` naming the path and the model, and leaves the model untouched. Captured tensors
+    are kept as they are (not detached or copied) because distillation losses back-propagate through
+    them; each forward pass overwrites the previous capture. A module that runs several times in one
+    pass reports its last call.
+
+    Example:
+        >>> with FeatureTaps(model, {"s3": Tap("layer3.4.act", io="input")}) as taps:
+        ...     logits = model(images)
+        >>> taps.features["s3"].shape
+        torch.Size([64, 64, 8, 8])
+
+    Args:
+        model: The module to tap.
+        taps: Feature name -> where to read it.
+    """
+
+    def __init__(self, model: nn.Module, taps: Mapping[str, Tap]):
+        self.model = model
+        self.taps = dict(taps)
+        self.features: dict[str, Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> FeatureTaps:
+        modules = {name: self._resolve(name, tap) for name, tap in self.taps.items()}
+        try:
+            for name, module in modules.items():
+                self._handles.append(module.register_forward_hook(self._capture(name, self.taps[name].io)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Detach every hook; the features captured so far stay readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _resolve(self, name: str, tap: Tap) -> nn.Module:
+        if tap.io not in ("input", "output"):
+            raise ConfigError(f"tap {name!r} has io={tap.io!r}; use 'input' or 'output'")
+        try:
+            return self.model.get_submodule(tap.path)
+        except AttributeError as err:
+            raise ConfigError(
+                f"tap {name!r}: model {_model_name(self.model)} has no submodule {tap.path!r} ({err})"
+            ) from None
+
+    def _capture(self, name: str, io: str):
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            self.features[name] = inputs[0] if io == "input" else output
+
+        return hook
+
+
+def _model_name(model: nn.Module) -> str:
+    info = getattr(model, "info", None)
+    return repr(getattr(info, "name", type(model).__name__))
