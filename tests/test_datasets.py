@@ -235,3 +235,47 @@ def test_loader_workers_default_by_dataset():
     assert DataConfig().workers == 0  # the in-memory synthetic set
     assert DataConfig(dataset="cifar100").workers >= 1
     assert DataConfig(dataset="cifar100", workers=3).workers == 3
+
+
+# --- the CIFAR recipe's fast path --------------------------------------------------------------------
+
+
+def _cifar_info():
+    from pipeline.data import DataInfo
+
+    return DataInfo("x", 100, (), 32, cifar.MEAN, cifar.STD, "cifar")
+
+
+def test_cifar_eval_transform_matches_torchvision_v2():
+    from pipeline.data.transforms import CifarTransform
+
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    fast = CifarTransform(_cifar_info(), train=False)
+    for image in images:
+        torch.testing.assert_close(fast(image), fast.fallback(image), rtol=0, atol=1e-6)
+
+
+def test_cifar_train_transform_is_a_padded_crop_with_flip():
+    """Every output is one of the 9 x 9 x 2 crops/flips of the zero-padded, normalized image, and over
+    many draws both flips and the extreme offsets occur."""
+    from pipeline.data.transforms import CifarTransform
+
+    info = _cifar_info()
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    fast = CifarTransform(info, train=True)
+    padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
+    candidates = {}
+    for top in range(9):
+        for left in range(9):
+            crop = padded[:, top : top + 32, left : left + 32]
+            for flip in (False, True):
+                candidates[(top, left, flip)] = CifarTransform(info, train=False)(crop.flip(-1) if flip else crop)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(400):
+        out = fast(image)
+        matches = [key for key, value in candidates.items() if torch.equal(out, value)]
+        assert matches, "output is not a padded crop of the input"
+        seen.update(matches)
+    assert {flip for _, _, flip in seen} == {False, True}
+    assert {top for top, _, _ in seen} >= {0, 8} and {left for _, left, _ in seen} >= {0, 8}
