@@ -12,7 +12,7 @@ from pipeline.data import DataBundle
 from pipeline.distill import build_distiller
 from pipeline.errors import ConfigError
 from pipeline.loading import check_class_count, fill_legacy_batchnorm
-from pipeline.models import build_model, model_info
+from pipeline.models import build_model, list_models, model_info
 from pipeline.training import evaluate, fit, make_loader
 from stages.base import Stage, StageContext, StageResult, register_stage
 from stages.common import bundle, data_params, write_json
@@ -89,8 +89,6 @@ def check_teacher_source(cfg: Config) -> None:
 
 
 def _zoo_names() -> set[str]:
-    from pipeline.models import list_models
-
     return {name for name in list_models() if model_info(name).family == "cifar"}
 
 
