@@ -279,3 +279,12 @@ def test_cifar_train_transform_is_a_padded_crop_with_flip():
         seen.update(matches)
     assert {flip for _, _, flip in seen} == {False, True}
     assert {top for top, _, _ in seen} >= {0, 8} and {left for _, left, _ in seen} >= {0, 8}
+
+
+def test_loader_settings_stay_out_of_fingerprints():
+    from pipeline.config import load_config
+    from stages.common import data_params
+
+    base = data_params(load_config("default"))
+    tuned = data_params(load_config("default", None, ["data.workers=3", "data.prefetch_factor=8"]))
+    assert base == tuned and "prefetch_factor" not in base
