@@ -123,13 +123,38 @@ def inspect(run_dir, as_json):
 
 
 @cli.command()
-def presets():
-    """List experiment presets."""
+@click.option("--json", "as_json", is_flag=True, help="Print each preset's pair, dataset and expected figures as JSON.")
+def presets(as_json):
+    """List experiment presets: teacher -> student, dataset, method and the expected top-1 figures."""
     from pipeline.config import list_presets, load_config
 
-    for name in list_presets():
-        cfg = load_config(name)
-        click.echo(f"{name:32s} {cfg.teacher.arch} -> {cfg.student.arch} ({cfg.student.method}, {cfg.data.dataset})")
+    configs = {name: load_config(name) for name in list_presets()}
+    if as_json:
+        rows = [
+            {
+                "name": name,
+                "teacher": cfg.teacher.arch,
+                "student": cfg.student.arch,
+                "dataset": cfg.data.dataset,
+                "method": cfg.student.method,
+                "teacher_source": cfg.teacher.source,
+                "expected": cfg.expected,
+            }
+            for name, cfg in configs.items()
+        ]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = [("preset", "teacher -> student", "dataset", "method", "expected top-1: teacher / student / method")]
+    for name, cfg in configs.items():
+        figures = [cfg.expected_top1("teacher"), cfg.expected_top1("student"), cfg.expected_top1()]
+        expected = " / ".join("-" if f is None else f"{f:.2f}" for f in figures) if cfg.expected else ""
+        if cfg.expected.get("method"):
+            expected += f" ({cfg.expected['method']})"
+        pair = f"{cfg.teacher.arch} -> {cfg.student.arch}"
+        table.append((name, pair, cfg.data.dataset, cfg.student.method, expected))
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    for r in table:
+        click.echo(("  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4]).rstrip())
 
 
 @cli.command()

@@ -8,6 +8,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,9 +38,25 @@ class DataConfig:
     image_size: int | None = None  # None: the dataset's native size
     batch_size: int = 64
     eval_batch_size: int = 256
-    workers: int = 0
+    workers: int | None = None  # loader processes; None: 0 for the in-memory synthetic set, else auto_workers()
+    prefetch_factor: int = 4  # batches each worker keeps ready (with workers > 0)
     val_fraction: float = 0.1  # held-out part of the training split, for tuning; never the test set
+    verify_checksums: bool = True  # refuse dataset files whose md5 differs from the official release
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self):
+        if self.workers is None:
+            self.workers = 0 if self.dataset == "synthetic" else auto_workers()
+
+
+def auto_workers() -> int:
+    """Decoding and augmenting on every usable core but one (at most 8) keeps a GPU fed without
+    starving the main process; DDP launchers should divide this by the processes per machine."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores - 1))
 
 
 @dataclass
@@ -58,6 +75,7 @@ class OptimConfig:
 class TeacherConfig:
     arch: str = "resnet32x4"
     checkpoint: str | None = None  # import instead of training
+    source: str = "auto"  # auto: import `checkpoint` if given, else train | import: a checkpoint is required | train
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -98,6 +116,14 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def expected_top1(self, row: str | None = None) -> float | None:
+        """A reference figure from ``expected.top1`` (a table row -> top-1 %): ``row``, or by default the
+        row named by ``expected.method``, the one this config's student method should reproduce."""
+        table = self.expected.get("top1")
+        row = row or self.expected.get("method")
+        value = table.get(row) if isinstance(table, dict) and row else None
+        return float(value) if isinstance(value, int | float) else None
 
 
 def list_presets() -> list[str]:

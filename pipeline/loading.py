@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from pipeline.checkpoint import ModelMeta, load_checkpoint, load_strict
+from pipeline.errors import CheckpointError
 from pipeline.models import build_model
 from pipeline.reparam import apply_reparam, fuse_model
 
@@ -25,3 +27,50 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelMeta]:
     model = build_for_meta(meta)
     load_strict(model, state, str(path))
     return model.eval(), meta
+
+
+def fill_legacy_batchnorm(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Add the ``num_batches_tracked`` counters that checkpoints saved before PyTorch 0.4.1 lack.
+
+    BatchNorm reads the counter only with ``momentum=None``; it fills it in the same way when it loads
+    such a checkpoint itself. Returns the keys that were added.
+    """
+    added = []
+    for key, value in model.state_dict().items():
+        if key.endswith(".num_batches_tracked") and key not in state:
+            prefix = key[: -len("num_batches_tracked")]
+            if f"{prefix}running_mean" in state:
+                state[key] = torch.zeros_like(value)
+                added.append(key)
+    return added
+
+
+def check_class_count(
+    model: nn.Module, state: dict[str, torch.Tensor], num_classes: int, source: str, dataset: str = "the dataset"
+) -> None:
+    """Name a class-count mismatch plainly, before :func:`load_strict` would call it a shape mismatch.
+
+    The keys whose shape depends on the class count are found by building the architecture for one
+    more class, so this works for any head (linear or convolutional) without naming its keys.
+    """
+    expected = model.state_dict()
+    differing = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if not differing:
+        return
+    arch = model.info.name
+    other = build_model(arch, num_classes + 1).state_dict()
+    counts = {}
+    for key in differing:
+        want, have = list(expected[key].shape), list(state[key].shape)
+        axes = [i for i, (a, b) in enumerate(zip(want, other[key].shape)) if a != b]
+        if len(axes) != 1 or len(have) != len(want):
+            return  # not a class-count difference: load_strict describes it
+        counts[key] = have.pop(axes[0])
+        if have != want[: axes[0]] + want[axes[0] + 1 :]:
+            return
+    if len(set(counts.values())) == 1:
+        key = max(sorted(counts), key=lambda k: state[k].dim())  # the weight rather than the bias
+        raise CheckpointError(
+            f"{source} has {counts[key]} outputs ({key}: {tuple(state[key].shape)}) but {dataset} has "
+            f"{num_classes} classes; import a {arch} trained on this dataset's classes"
+        )

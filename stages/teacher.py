@@ -8,13 +8,17 @@ import torch
 
 from pipeline.checkpoint import ModelMeta, load_state_dict_file, load_strict, save_checkpoint
 from pipeline.config import Config
+from pipeline.data import DataBundle
 from pipeline.distill import build_distiller
-from pipeline.models import build_model
+from pipeline.errors import ConfigError
+from pipeline.loading import check_class_count, fill_legacy_batchnorm
+from pipeline.models import build_model, list_models, model_info
 from pipeline.training import evaluate, fit, make_loader
 from stages.base import Stage, StageContext, StageResult, register_stage
 from stages.common import bundle, data_params, write_json
 
 CHECKPOINT = "teacher.safetensors"
+SOURCES = ("auto", "import", "train")
 
 
 @register_stage
@@ -23,6 +27,7 @@ class TeacherStage(Stage):
     description = "train the teacher, or import --teacher-checkpoint"
 
     def externals(self, cfg: Config) -> dict[str, str]:
+        check_teacher_source(cfg)
         return {"checkpoint": cfg.teacher.checkpoint} if cfg.teacher.checkpoint else {}
 
     def params(self, cfg: Config) -> dict:
@@ -39,10 +44,7 @@ class TeacherStage(Stage):
         test_loader = make_loader(data.dataset("test"), cfg.data, train=False, device=device)
         metrics: dict = {}
         if "checkpoint" in ctx.external:
-            path = ctx.external_path("checkpoint")
-            load_strict(model, load_state_dict_file(path), str(path))
-            model.to(device)
-            metrics["imported_from"] = str(path)
+            metrics.update(import_teacher(ctx, model, data))
         else:
             distiller = build_distiller("vanilla", model, None)
             history = fit(
@@ -61,6 +63,59 @@ class TeacherStage(Stage):
             write_json(ctx.out / "history.json", history.epochs)
             metrics["val_top1"] = history.last.get("val_top1")
         metrics["test_top1"] = evaluate(model, test_loader, device, desc="teacher test")["top1"]
+        if "checkpoint" in ctx.external:
+            report_import(ctx, metrics["test_top1"], data.info.num_classes)
         meta = ModelMeta.from_data(data.info, cfg.teacher.arch)
         save_checkpoint(ctx.out / CHECKPOINT, model.state_dict(), meta)
         return StageResult(metrics=metrics)
+
+
+def check_teacher_source(cfg: Config) -> None:
+    """``teacher.source=import`` (the paper presets) needs a checkpoint: training a teacher by mistake
+    costs hours and gives a different teacher from the one the expected figures were measured with."""
+    source, arch = cfg.teacher.source, cfg.teacher.arch
+    if source not in SOURCES:
+        raise ConfigError(f"teacher.source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "import" and not cfg.teacher.checkpoint:
+        example = ""
+        if arch in _zoo_names():
+            example = f", e.g. {arch}_vanilla/ckpt_epoch_240.pth from the RepDistiller / mdistiller teacher zoo"
+        raise ConfigError(
+            f"{cfg.name!r} imports its {arch} teacher: pass --teacher-checkpoint FILE (safetensors or a state dict"
+            f"{example}), or train one here with --set teacher.source=train ({cfg.teacher.optim.epochs} epochs)"
+        )
+    if source == "train" and cfg.teacher.checkpoint:
+        raise ConfigError("teacher.source=train conflicts with --teacher-checkpoint; drop one of them")
+
+
+def _zoo_names() -> set[str]:
+    return {name for name in list_models() if model_info(name).family == "cifar"}
+
+
+def import_teacher(ctx: StageContext, model: torch.nn.Module, data: DataBundle) -> dict:
+    """Load ``--teacher-checkpoint`` strictly into ``model`` (class count checked first) and score it on
+    the held-out split; the caller scores it on the test split like a trained teacher."""
+    path = ctx.external_path("checkpoint")
+    state = load_state_dict_file(path)
+    added = fill_legacy_batchnorm(model, state)
+    if added:
+        ctx.log(f"teacher: {path} predates PyTorch 0.4.1; added {len(added)} BatchNorm num_batches_tracked counters")
+    check_class_count(model, state, data.info.num_classes, str(path), f"dataset {data.info.name!r}")
+    load_strict(model, state, str(path))
+    model.to(ctx.device)
+    metrics = {"imported_from": str(path)}
+    if len(data.source("val")):
+        val_loader = make_loader(data.dataset("val"), ctx.cfg.data, train=False, device=ctx.device)
+        metrics["val_top1"] = evaluate(model, val_loader, ctx.device, desc="teacher val")["top1"]
+    return metrics
+
+
+def report_import(ctx: StageContext, test_top1: float, num_classes: int) -> None:
+    expected = ctx.cfg.expected_top1("teacher")
+    ctx.log(f"teacher: imported, test top-1 {test_top1:.2f}%" + (f" (expected {expected})" if expected else ""))
+    chance = 100.0 / num_classes
+    if test_top1 < 2 * chance:
+        ctx.log(
+            f"WARNING: the imported teacher scores {test_top1:.2f}%, near chance ({chance:.2f}%): check that it was "
+            "trained on this dataset with the same class order and normalization"
+        )

@@ -1,0 +1,158 @@
+"""Image datasets stored as one folder per class: any ImageFolder tree, and ImageNet-100.
+
+Layout (``data.root``)::
+
+    root/train/<class>/<image>      training images; the held-out ``val`` split is cut from these
+    root/val/<class>/<image>        evaluation images (``root/test/`` is used instead when it exists)
+
+Class names are the sorted subfolder names of ``train/``, and the evaluation folder is labelled
+with that same mapping, so a class missing from ``val/`` never shifts the labels of the others.
+ImageNet's ``val/`` must already be sorted into synset folders (as torchvision's ``ImageNet`` and
+the common ``valprep.sh`` leave it). Images are decoded with PIL in the loader's worker processes.
+
+ImageNet-100 is the ImageNet subset of the CMC paper: the 100 synsets in ``imagenet100.txt``
+(shipped beside this file, pinned by :data:`IMAGENET100_SHA256`), about 1300 training and 50
+validation images each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from pathlib import Path
+
+from PIL import Image
+from torchvision.datasets import DatasetFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from pipeline.config import DataConfig
+from pipeline.data import DATASETS, DataInfo, RawData
+from pipeline.errors import ConfigError, DatasetError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SIZE = 224
+
+# The CMC 100-class list, byte for byte as published in HobbitLong/CMC (file imagenet100.txt,
+# commit bc687a26de7ae350d98f671d25d164b65336b8c2): one synset per line, 100 lines.
+IMAGENET100_FILE = "imagenet100.txt"
+IMAGENET100_SHA256 = "79f3f1552ccc478ce24bd934b4573625db584ddc1f4643ae23c994a94cb11397"
+
+
+def _load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        return image.convert("RGB")
+
+
+class ClassFolder(DatasetFolder):
+    """A DatasetFolder labelled with a given class list instead of the folder's own subfolders."""
+
+    def __init__(self, root: Path, classes: list[str], allow_empty: bool):
+        self._classes = list(classes)
+        super().__init__(str(root), loader=_load_rgb, extensions=IMG_EXTENSIONS, allow_empty=allow_empty)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return self._classes, {name: i for i, name in enumerate(self._classes)}
+
+
+def imagenet100_classes() -> list[str]:
+    """The CMC list, refused if the shipped file was altered."""
+    data = (resources.files("pipeline.data") / IMAGENET100_FILE).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != IMAGENET100_SHA256:
+        raise DatasetError(
+            f"pipeline/data/{IMAGENET100_FILE} has sha256 {digest}, expected {IMAGENET100_SHA256}; "
+            "restore the file from the repository"
+        )
+    return data.decode().split()
+
+
+_LAYOUT = {
+    "imagefolder": "train/<class>/<image> and val/<class>/<image> (or test/<class>/<image>)",
+    "imagenet100": "an ImageNet (ILSVRC-2012) folder with train/<synset>/*.JPEG and val/<synset>/*.JPEG "
+    "(val sorted into synset folders, e.g. by valprep.sh)",
+}
+
+
+def _root(cfg: DataConfig, what: str) -> Path:
+    if not cfg.root:
+        raise DatasetError(f"{what} needs --data-root DIR (or data.root) holding {_LAYOUT[what]}")
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{what}: {root} is not a folder; expected {_LAYOUT[what]}")
+    return root
+
+
+def _eval_folder(root: Path, what: str) -> Path:
+    for name in ("test", "val"):
+        if (root / name).is_dir():
+            return root / name
+    raise DatasetError(f"{what}: {root} has no val/ (or test/) folder; expected {_LAYOUT[what]}")
+
+
+def _subfolders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def _folder(root: Path, classes: list[str], allow_empty: bool, what: str) -> ClassFolder:
+    try:
+        dataset = ClassFolder(root, classes, allow_empty=allow_empty)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{what}: {exc}") from None
+    if not len(dataset):
+        raise DatasetError(f"{what}: no images in {root}/<class>/ (extensions: {', '.join(IMG_EXTENSIONS)})")
+    return dataset
+
+
+def _info(name: str, classes: list[str], cfg: DataConfig) -> DataInfo:
+    if cfg.num_classes not in (None, len(classes)):
+        raise ConfigError(f"{name} has {len(classes)} classes; data.num_classes={cfg.num_classes} cannot apply")
+    return DataInfo(
+        name=name,
+        num_classes=len(classes),
+        class_names=tuple(classes),
+        input_size=cfg.image_size or DEFAULT_SIZE,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        recipe="imagenet",
+    )
+
+
+@DATASETS.register(name="imagefolder")
+def imagefolder(cfg: DataConfig) -> RawData:
+    what = "imagefolder"
+    root = _root(cfg, what)
+    if not (root / "train").is_dir():
+        raise DatasetError(f"{what}: {root} has no train/ folder; expected {_LAYOUT[what]}")
+    classes = _subfolders(root / "train")
+    if not classes:
+        raise DatasetError(f"{what}: {root / 'train'} has no class subfolders (expected train/<class>/<image>)")
+    evaluation = _eval_folder(root, what)
+    extra = sorted(set(_subfolders(evaluation)) - set(classes))
+    if extra:
+        raise DatasetError(
+            f"{what}: {evaluation} has classes that train/ lacks ({', '.join(extra[:5])}); "
+            "every evaluation class needs training images"
+        )
+    train = _folder(root / "train", classes, allow_empty=False, what=what)
+    test = _folder(evaluation, classes, allow_empty=True, what=what)
+    return RawData(train, test, _info("imagefolder", classes, cfg))
+
+
+@DATASETS.register(name="imagenet100")
+def imagenet100(cfg: DataConfig) -> RawData:
+    what = "imagenet100"
+    classes = sorted(imagenet100_classes())  # ImageFolder order, as CMC's loader saw the subset
+    root = _root(cfg, what)
+    splits = {}
+    for split in ("train", "val"):
+        folder = root / split
+        missing = [c for c in classes if not (folder / c).is_dir()]
+        if missing:
+            raise DatasetError(
+                f"{what}: {folder} lacks {len(missing)} of the 100 CMC synset folders (e.g. {', '.join(missing[:3])}); "
+                f"expected {_LAYOUT[what]}"
+            )
+        splits[split] = _folder(folder, classes, allow_empty=False, what=what)
+    return RawData(splits["train"], splits["val"], _info("imagenet100", classes, cfg))
