@@ -8,7 +8,7 @@ long as a ``with`` block, so no model is left carrying stale hooks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -31,10 +31,11 @@ class FeatureTaps:
     pass reports its last call.
 
     Example:
-        >>> with FeatureTaps(model, {"s3": Tap("layer3.4.act", io="input")}) as taps:
-        ...     logits = model(images)
-        >>> taps.features["s3"].shape
-        torch.Size([64, 64, 8, 8])
+        >>> model = build_model("resnet32x4", num_classes=100)
+        >>> with FeatureTaps(model, {"s2": Tap("layer2.4.act", io="input")}) as taps:
+        ...     logits = model(torch.randn(64, 3, 32, 32))
+        >>> taps.features["s2"].shape  # layer2's last block, after the residual sum and before its ReLU
+        torch.Size([64, 128, 16, 16])
 
     Args:
         model: The module to tap.
@@ -78,7 +79,7 @@ class FeatureTaps:
                 f"tap {name!r}: model {_model_name(self.model)} has no submodule {tap.path!r} ({err})"
             ) from None
 
-    def _capture(self, name: str, io: str):
+    def _capture(self, name: str, io: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             self.features[name] = inputs[0] if io == "input" else output
 

@@ -14,7 +14,17 @@ from pipeline.errors import ConfigError
 from pipeline.models.spec import ModelInfo, ReparamSite, Tap
 from pipeline.registry import Registry
 
-__all__ = ["MODELS", "ModelInfo", "ReparamSite", "Tap", "build_model", "count_parameters", "list_models", "model_info", "register_model"]
+__all__ = [
+    "MODELS",
+    "ModelInfo",
+    "ReparamSite",
+    "Tap",
+    "build_model",
+    "count_parameters",
+    "list_models",
+    "model_info",
+    "register_model",
+]
 
 
 @dataclass(frozen=True)

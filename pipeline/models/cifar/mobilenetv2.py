@@ -24,7 +24,7 @@ _SETTING = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 
 
 
 class InvertedResidual(nn.Module):
-    """1x1 expand-BN-ReLU, 3x3 depthwise-BN-ReLU, 1x1 project-BN (``conv.0`` ... ``conv.7``), residual if shapes match."""
+    """1x1 expand-BN-ReLU, 3x3 depthwise-BN-ReLU, 1x1 project-BN (``conv.0``-``conv.7``); residual if shapes match."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, expand_ratio: int):
         super().__init__()

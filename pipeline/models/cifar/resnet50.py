@@ -35,7 +35,9 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_chs != out_chs:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs)
+            )
         self.act: nn.Module = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -83,7 +85,7 @@ class ResNetBottleneck(nn.Module):
 def _info(name: str, num_blocks: tuple[int, int, int, int]) -> ModelInfo:
     """Stage taps: each stage's last block before its ReLU; re-param sites in the deepest three stages."""
     last = [n - 1 for n in num_blocks]
-    stages = tuple(Tap(f"layer{i}.{last[i - 1]}.act", "input") for i in (1, 2, 3)) + (Tap("act", "input"),)
+    stages = (*(Tap(f"layer{i}.{last[i - 1]}.act", "input") for i in (1, 2, 3)), Tap("act", "input"))
     sites = tuple(
         ReparamSite(f"layer{i}.{last[i - 1]}.conv3", f"layer{i}.{last[i - 1]}.bn3", stages[i - 1]) for i in (2, 3, 4)
     )

@@ -91,7 +91,8 @@ class ShuffleNetV2(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         in_chs = _STEM_CHS
         for i, (out_chs, n) in enumerate(zip(stage_chs[:3], stage_repeats), start=1):
-            self.add_module(f"layer{i}", nn.Sequential(DownUnit(in_chs, out_chs), *(BasicUnit(out_chs) for _ in range(n))))
+            units = [DownUnit(in_chs, out_chs)] + [BasicUnit(out_chs) for _ in range(n)]
+            self.add_module(f"layer{i}", nn.Sequential(*units))
             in_chs = out_chs
         self.conv2 = nn.Conv2d(in_chs, stage_chs[3], 1, bias=False)
         self.bn2 = nn.BatchNorm2d(stage_chs[3])

@@ -96,8 +96,8 @@ def _info(name: str, depth: int, widen_factor: int) -> ModelInfo:
     last = (depth - 4) // 6 - 1
     stages = (Tap("block2.layer.0.relu1", "input"), Tap("block3.layer.0.relu1", "input"), Tap("act", "input"))
     sites = tuple(
-        ReparamSite(f"block{i}.layer.{last}.conv1", f"block{i}.layer.{last}.bn2", Tap(f"block{i}.layer.{last}.relu2", "input"))
-        for i in (1, 2, 3)
+        ReparamSite(f"{block}.conv1", f"{block}.bn2", Tap(f"{block}.relu2", "input"))
+        for block in (f"block{i}.layer.{last}" for i in (1, 2, 3))
     )
     return ModelInfo(
         name=name,
