@@ -12,7 +12,7 @@ from pipeline.distill import build_distiller
 from pipeline.models import build_model
 from pipeline.training import evaluate, fit, make_loader
 from stages.base import Stage, StageContext, StageResult, register_stage
-from stages.common import bundle, data_params, write_json
+from stages.common import bundle, data_params, training_params, write_json
 
 CHECKPOINT = "teacher.safetensors"
 
@@ -21,6 +21,7 @@ CHECKPOINT = "teacher.safetensors"
 class TeacherStage(Stage):
     name = "teacher"
     description = "train the teacher, or import --teacher-checkpoint"
+    distributed = True
 
     def externals(self, cfg: Config) -> dict[str, str]:
         return {"checkpoint": cfg.teacher.checkpoint} if cfg.teacher.checkpoint else {}
@@ -29,6 +30,7 @@ class TeacherStage(Stage):
         params = {"arch": cfg.teacher.arch, "data": data_params(cfg), "seed": cfg.seed}
         if not cfg.teacher.checkpoint:
             params["optim"] = dataclasses.asdict(cfg.teacher.optim)
+            params["training"] = training_params(cfg)
         return params
 
     def run(self, ctx: StageContext) -> StageResult:
@@ -57,6 +59,8 @@ class TeacherStage(Stage):
                 log=ctx.log,
                 desc="teacher",
                 seed=cfg.seed,
+                training=cfg.training,
+                logdir=ctx.logdir,
             )
             write_json(ctx.out / "history.json", history.epochs)
             metrics["val_top1"] = history.last.get("val_top1")
