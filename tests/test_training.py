@@ -111,6 +111,18 @@ def test_tensorboard_events_hold_every_named_scalar(data, tmp_path):
     assert all(math.isfinite(e.value) and e.value > 0 for e in events.Scalars("train/images_per_s"))
 
 
+def test_tensorboard_curves_continue_after_a_resume_without_the_killed_runs_points(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    training = TrainingConfig(log_every=1, checkpoint_every=2)
+    with pytest.raises(KeyboardInterrupt):  # killed in step 6; steps 1-5 logged, checkpoint after step 4
+        _train(data, scratch=tmp_path / "scratch", fail_at=6, logdir=tmp_path / "tb", training=training)
+    _train(data, scratch=tmp_path / "scratch", logdir=tmp_path / "tb", training=training)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss/ce")] == list(range(1, 7))
+
+
 def test_extra_batch_items_reach_the_distiller(data):
     class WithIndex(torch.utils.data.Dataset):
         def __init__(self, dataset):

@@ -66,6 +66,11 @@ def lr_at(epoch: int, cfg: OptimConfig) -> float:
     return cfg.lr * lr_factor(epoch, cfg)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
+
 def _out_of_memory(where: str, batch: int) -> TrainingOutOfMemoryError:
     current = world()
     per_rank = batch // current.size
@@ -89,7 +94,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
             sums[0] += F.cross_entropy(logits.float(), targets, reduction="sum")
             sums[1] += (logits.argmax(1) == targets).sum()
             sums[2] += targets.numel()
-    except torch.OutOfMemoryError:
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
         raise TrainingOutOfMemoryError(
             f"out of memory in {desc} with batches of {loader.batch_size}; lower data.eval_batch_size"
         ) from None
@@ -175,8 +182,9 @@ class _Trainer:
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=training.find_unused_parameters,
             )
+        # Points up to the checkpoint's step were logged before it was saved; later ones are a killed run's.
         self.monitor = Monitor(
-            logdir if training.tensorboard and self.world.is_main else None, training.log_every, self.global_step
+            logdir if training.tensorboard and self.world.is_main else None, training.log_every, self.global_step + 1
         )
 
     # -- resume state -------------------------------------------------------------------------------
@@ -246,7 +254,9 @@ class _Trainer:
                 eta = (time.perf_counter() - started) / (self.epoch - first) * (self.optim.epochs - self.epoch)
                 self.log(epoch_line(self.desc, self.epoch, self.optim.epochs, record, eta))
                 self.monitor.epoch(self.global_step, record)
-        except torch.OutOfMemoryError:
+        except RuntimeError as exc:  # torch.OutOfMemoryError, or a cuDNN/cuBLAS allocation failure
+            if not is_out_of_memory(exc):
+                raise
             where = f"in {self.desc} at epoch {self.epoch + 1}, step {self.step + 1}"
             raise _out_of_memory(where, self.sampler.batch_size) from None
         finally:

@@ -17,7 +17,7 @@ LOSS_TAG = "train/loss/{}"
 class Monitor:
     """TensorBoard writer for rank 0 (a no-op without a folder); step-level losses averaged over ``every`` steps."""
 
-    def __init__(self, logdir: Path | None, every: int, purge_step: int | None):
+    def __init__(self, logdir: Path | None, every: int, purge_step: int):
         self.writer = None
         self.every = every
         self._sums: dict[str, float] = defaultdict(float)

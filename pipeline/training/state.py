@@ -54,6 +54,7 @@ def seed_rng(seed: int) -> None:
 
 def save_state(path: Path, state: dict) -> None:
     """Write atomically: temporary file, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
