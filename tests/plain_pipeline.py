@@ -1,4 +1,4 @@
-"""``python -m tests.plain_pipeline OUT KEY=VALUE...``: the teacher and train stages with a BatchNorm-free model.
+"""``python -m tests.plain_pipeline OUT KEY=VALUE...``: teacher, train, fuse and verify with a BatchNorm-free model.
 
 Without SyncBatchNorm (CUDA only), BatchNorm normalizes each rank's half of a global batch with that half's
 statistics, so DDP on 2 CPU processes is not the same function as one process on the whole batch. With no
@@ -44,7 +44,8 @@ def main(argv: list[str]) -> None:
 
     out, overrides = argv[0], argv[1:]
     cfg = load_config("default", None, overrides)
-    run_stages(cfg, out, ("teacher", "train"), log=lambda message: print(message, file=sys.stderr))
+    stages = ("teacher", "train", "fuse", "verify")
+    run_stages(cfg, out, stages, log=lambda message: print(message, file=sys.stderr))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""Two gloo processes under torchrun against one process on the same global batch, through the runner."""
+"""Two gloo processes under torchrun against one process on the same global batch, through the runner.
+
+A stage that is not distributed-aware (fuse, verify) runs on rank 0 alone in the same command.
+"""
 
 from __future__ import annotations
 
@@ -68,6 +71,9 @@ def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path)
         assert val_two == pytest.approx(val_one, abs=1e-6)
         # Rank 0 alone wrote: one event file per stage, nothing left behind by rank 1.
         assert len(list((two / "tensorboard" / stage).glob("events.out.tfevents.*"))) == 1
+    for stage in ("fuse", "verify"):  # not distributed-aware: rank 0 ran them as a single process
+        manifest = store_two.manifest(stage)
+        assert manifest.status == "ok" and all(manifest.checks) and manifest.meta["world_size"] == 1
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert not list((two / ".staging").iterdir())
     assert result.stderr.count("[teacher] running") == 1  # rank 1's log is quiet

@@ -135,7 +135,14 @@ def fit(
     if not isinstance(train_loader.sampler, EpochSampler):
         raise TypeError("fit() needs a training loader built by pipeline.training.make_loader(train=True)")
     with speed.backend_flags(training, device):
-        trainer = _Trainer(distiller, train_loader, val_loader, cfg, training, device, scratch, log, desc, seed, logdir)
+        try:
+            trainer = _Trainer(
+                distiller, train_loader, val_loader, cfg, training, device, scratch, log, desc, seed, logdir
+            )
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise _out_of_memory(f"setting up {desc} on {device}", train_loader.sampler.batch_size) from None
         return trainer.run()
 
 
