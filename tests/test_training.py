@@ -20,7 +20,7 @@ from pipeline.training import (
     make_loader,
 )
 from pipeline.training.data import EpochSampler, SeededSamples, ShardSampler
-from pipeline.training.speed import check_training, convert_sync_batchnorm, restore_batchnorm
+from pipeline.training.speed import backend_flags, check_training, convert_sync_batchnorm, restore_batchnorm
 from pipeline.training.state import load_state
 from tests.trainkit import DATA, OPTIM, Scripted, TinyNet, tiny_data
 
@@ -169,6 +169,15 @@ def test_channels_last_on_cpu(data):
 def test_impossible_training_options_are_config_errors(options, message):
     with pytest.raises(ConfigError, match=message):
         check_training(TrainingConfig(**options), CPU)
+
+
+def test_deterministic_mode_lasts_only_while_training():
+    assert not torch.are_deterministic_algorithms_enabled()
+    with backend_flags(TrainingConfig(deterministic=True), CPU):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()
 
 
 def test_cli_reports_a_bad_training_option_in_one_line(tiny_overrides, tmp_path, capsys):

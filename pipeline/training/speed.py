@@ -50,19 +50,20 @@ def check_training(cfg: TrainingConfig, device: torch.device) -> None:
 def backend_flags(cfg: TrainingConfig, device: torch.device) -> Iterator[None]:
     """cuDNN autotuning and deterministic kernels for the duration of training (restored afterwards)."""
     cudnn = torch.backends.cudnn
-    saved = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+    saved = (cudnn.benchmark, cudnn.deterministic)
+    algorithms = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     if device.type == "cuda":
         cudnn.benchmark = (not cfg.deterministic) if cfg.cudnn_benchmark is None else cfg.cudnn_benchmark
         cudnn.deterministic = cfg.deterministic
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+    if cfg.deterministic:  # an op without a deterministic kernel warns, naming itself, instead of failing the run
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
-        cudnn.benchmark, cudnn.deterministic = saved[:2]
-        torch.use_deterministic_algorithms(saved[2])
+        cudnn.benchmark, cudnn.deterministic = saved
+        torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])
 
 
 def autocast(cfg: TrainingConfig, device: torch.device) -> AbstractContextManager:
