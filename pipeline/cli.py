@@ -7,6 +7,7 @@ error's status (2 for bad input, 1 for a failed gate), never with a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -196,7 +197,8 @@ def run_cli(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="python -m pipeline", standalone_mode=False)
     except PipelineError as exc:
-        _echo_err(f"error: {exc}")
+        rank = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""  # torchrun
+        _echo_err(f"error: {rank}{exc}")
         return exc.exit_code
     except click.exceptions.Abort:
         _echo_err("aborted")

@@ -88,6 +88,26 @@ class StudentConfig:
 
 
 @dataclass
+class TrainingConfig:
+    """How the training stages run: scale-out, speed, resume and logging (see README "Training at scale").
+
+    Only ``amp`` and ``sync_bn`` change the trained weights beyond float noise, so only they enter the
+    stage fingerprints; the rest (like the device and the number of processes) are execution details.
+    """
+
+    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler; both need a GPU to pay off)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the student and the teacher
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only)
+    cudnn_benchmark: bool | None = None  # None: on unless ``deterministic``
+    deterministic: bool = False  # deterministic GPU kernels (slower); CPU training is deterministic anyway
+    checkpoint_every: int = 1000  # also save resume state every N steps (0: only at the end of each epoch)
+    find_unused_parameters: bool = False  # DDP: for methods whose modules skip some steps
+    tensorboard: bool = True  # event files in <run>/tensorboard/<stage>/
+    log_every: int = 20  # steps between TensorBoard loss points
+
+
+@dataclass
 class VerifyConfig:
     samples: int = 512  # size of the fixed verification set (taken from the test split)
 
@@ -110,6 +130,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     expected: dict[str, Any] = field(default_factory=dict)  # reference results (e.g. the paper's table)

@@ -1,11 +1,14 @@
 """Orders stages, verifies their inputs, skips what is up to date, and commits manifests.
 
-This is the only code that hashes artifacts and writes ``manifest.json``; stages only compute.
+This is the only code that hashes artifacts and writes ``manifest.json``; stages only compute. Under
+torchrun it is also where the ranks meet: rank 0 decides what runs and commits, the other ranks
+compute the distributed stages with it and write nothing.
 """
 
 from __future__ import annotations
 
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from pipeline.errors import ArtifactError, CheckFailedError
 from pipeline.hashing import code_version
 from pipeline.manifest import Manifest, environment, fingerprint
 from pipeline.store import RunStore, describe_file, external_input
+from pipeline.training.distributed import barrier, broadcast_object, check_shared_folder, launch, solo, world
 from stages import ORDER, StageContext, get_stage
 
 
@@ -71,27 +75,52 @@ def run_stages(
     log: Callable[[str], None] = print,
     on_outcome: Callable[[Outcome], None] | None = None,
 ) -> list[Outcome]:
-    """Run ``names`` in order; a failed gate stops the run after its manifest is written."""
+    """Run ``names`` in order; a failed gate stops the run after its manifest is written.
+
+    Under torchrun, stages marked ``distributed`` run on every rank and the others on rank 0 alone;
+    rank 0 alone logs, writes and commits (README, "Training at scale").
+    """
     validate(cfg)
     store = RunStore(out)
-    store.ensure_writable()
-    code = code_version()
-    outcomes = []
-    for name in names:
-        outcome = run_stage(store, cfg, name, code, force, log)
-        outcomes.append(outcome)
-        if on_outcome:
-            on_outcome(outcome)
-        if outcome.manifest.status == "failed":
-            failed = [c.describe() for c in outcome.manifest.checks if not c]
-            raise CheckFailedError(
-                f"stage {name!r} failed its checks: " + "; ".join(failed or [outcome.manifest.reason])
-            )
+    with launch(cfg.device) as current:
+        if current.is_main:
+            store.ensure_writable()
+        else:
+            log = _quiet
+        check_shared_folder(store.root)
+        code = code_version()
+        outcomes = []
+        for name in names:
+            outcome = run_stage(store, cfg, name, code, force, log)
+            if outcome is None:  # a stage rank 0 runs alone
+                continue
+            outcomes.append(outcome)
+            if on_outcome and current.is_main:
+                on_outcome(outcome)
+            if outcome.manifest.status == "failed":
+                failed = [c.describe() for c in outcome.manifest.checks if not c]
+                raise CheckFailedError(
+                    f"stage {name!r} failed its checks: " + "; ".join(failed or [outcome.manifest.reason])
+                )
     return outcomes
 
 
-def run_stage(store: RunStore, cfg: Config, name: str, code: str, force: bool, log: Callable[[str], None]) -> Outcome:
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0: one copy of every line is enough."""
+
+
+def run_stage(
+    store: RunStore, cfg: Config, name: str, code: str, force: bool, log: Callable[[str], None]
+) -> Outcome | None:
+    """Run one stage if it is stale. Under torchrun rank 0 decides and commits; ``None`` on ranks that sit it out."""
     stage = get_stage(name)
+    current = world()
+    if current.is_distributed and not stage.distributed:
+        if not current.is_main:
+            return None
+        with solo():
+            return run_stage(store, cfg, name, code, force, log)
+    barrier()  # rank 0 has committed every upstream stage before any rank reads it
     external = {role: external_input(path) for role, path in stage.externals(cfg).items()}
     upstream = {req: store.load(req) for req in stage.requires(cfg)}
     inputs = [art.as_input(o.path, store.root) for art in upstream.values() for o in art.manifest.outputs]
@@ -102,16 +131,21 @@ def run_stage(store: RunStore, cfg: Config, name: str, code: str, force: bool, l
         existing = store.manifest(name)
     except ArtifactError:
         existing = None
-    intact = store.outputs_intact(name, existing) if existing else ""
-    probe = Manifest(name, "ok", params, inputs, [], [], code)
-    reason = "forced" if force else stale_reason(existing, params, probe.inputs_hash, code, intact, fp)
+    reason = ""
+    if current.is_main:
+        intact = store.outputs_intact(name, existing) if existing else ""
+        probe = Manifest(name, "ok", params, inputs, [], [], code)
+        reason = "forced" if force else stale_reason(existing, params, probe.inputs_hash, code, intact, fp)
+    reason = broadcast_object(reason)
     if not reason:
         log(f"[{name}] up to date ({store.folder(name)})")
         return Outcome(name, "up to date", "", existing)
 
     log(f"[{name}] running ({reason})")
-    staged = store.staging(name)
-    ctx = StageContext(cfg, store, staged, store.scratch(name, fp), upstream, external, log)
+    # Ranks other than 0 compute in a private folder that is thrown away: only rank 0 writes the run.
+    staged = store.staging(name) if current.is_main else Path(tempfile.mkdtemp(prefix=f"{name}-rank{current.rank}-"))
+    logdir = store.logs(name) if current.is_main else None
+    ctx = StageContext(cfg, store, staged, store.scratch(name, fp), upstream, external, log, logdir)
     started = datetime.now(timezone.utc)
     tic = time.perf_counter()
     try:
@@ -120,6 +154,10 @@ def run_stage(store: RunStore, cfg: Config, name: str, code: str, force: bool, l
         store.discard(staged)
         raise
     seconds = time.perf_counter() - tic
+    if not current.is_main:
+        store.discard(staged)
+        broadcast_object(None)  # wait until rank 0 has committed
+        return Outcome(name, "ran", reason, store.manifest(name), seconds)
     outputs = [describe_file(staged, str(p.relative_to(staged))) for p in sorted(staged.rglob("*")) if p.is_file()]
     status = "failed" if not all(result.checks) else result.status
     manifest = Manifest(
@@ -138,10 +176,12 @@ def run_stage(store: RunStore, cfg: Config, name: str, code: str, force: bool, l
             "duration_s": round(seconds, 3),
             "host": socket.gethostname(),
             "run_reason": reason,
+            "world_size": current.size,
         },
     )
     store.commit(staged, manifest)
     if status == "ok":
         store.drop_scratch(name)
+    broadcast_object(status)
     log(f"[{name}] {status} in {seconds:.1f}s")
     return Outcome(name, "ran", reason, manifest, seconds)

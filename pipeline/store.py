@@ -20,6 +20,7 @@ from pipeline.manifest import MANIFEST, Artifact, Manifest
 
 _STAGING = ".staging"
 _SCRATCH = ".scratch"
+_LOGS = "tensorboard"
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,10 @@ class RunStore:
         path = self.root / _SCRATCH / f"{stage}-{key[:16]}"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def logs(self, stage: str) -> Path:
+        """Where a stage's TensorBoard events go: outside its hashed folder, and kept across crashes and reruns."""
+        return self.root / _LOGS / stage
 
     def drop_scratch(self, stage: str) -> None:
         for path in (self.root / _SCRATCH).glob(f"{stage}-*"):

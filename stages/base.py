@@ -34,6 +34,7 @@ class StageContext:
     inputs: dict[str, StageArtifacts]  # verified upstream stages
     external: dict[str, Artifact]  # verified user-supplied files
     log: Callable[[str], None] = print
+    logdir: Path | None = None  # for logs that are not artifacts (TensorBoard); None on non-zero ranks
 
     def external_path(self, name: str) -> Path:
         return Path(self.external[name].path)
@@ -50,6 +51,9 @@ class Stage:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # Under torchrun: True runs the stage on every rank (it trains with DDP; rank 0 alone commits its
+    # folder), False runs it on rank 0 alone as a single process.
+    distributed: ClassVar[bool] = False
 
     def requires(self, cfg: Config) -> tuple[str, ...]:
         """Upstream stages whose outputs this stage reads (they are verified before it runs)."""

@@ -22,6 +22,11 @@ def data_params(cfg: Config) -> dict:
     return data
 
 
+def training_params(cfg: Config) -> dict:
+    """The training settings that change the weights beyond float noise (speed and logging options excluded)."""
+    return {"amp": cfg.training.amp, "sync_bn": cfg.training.sync_bn}
+
+
 def bundle(cfg: Config) -> DataBundle:
     return _bundle(canonical_json(dataclasses.asdict(cfg.data)), cfg.seed)
 

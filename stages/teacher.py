@@ -15,7 +15,7 @@ from pipeline.loading import check_class_count, fill_legacy_batchnorm
 from pipeline.models import build_model, list_models, model_info
 from pipeline.training import evaluate, fit, make_loader
 from stages.base import Stage, StageContext, StageResult, register_stage
-from stages.common import bundle, data_params, write_json
+from stages.common import bundle, data_params, training_params, write_json
 
 CHECKPOINT = "teacher.safetensors"
 SOURCES = ("auto", "import", "train")
@@ -25,6 +25,7 @@ SOURCES = ("auto", "import", "train")
 class TeacherStage(Stage):
     name = "teacher"
     description = "train the teacher, or import --teacher-checkpoint"
+    distributed = True
 
     def externals(self, cfg: Config) -> dict[str, str]:
         check_teacher_source(cfg)
@@ -34,6 +35,7 @@ class TeacherStage(Stage):
         params = {"arch": cfg.teacher.arch, "data": data_params(cfg), "seed": cfg.seed}
         if not cfg.teacher.checkpoint:
             params["optim"] = dataclasses.asdict(cfg.teacher.optim)
+            params["training"] = training_params(cfg)
         return params
 
     def run(self, ctx: StageContext) -> StageResult:
@@ -59,6 +61,8 @@ class TeacherStage(Stage):
                 log=ctx.log,
                 desc="teacher",
                 seed=cfg.seed,
+                training=cfg.training,
+                logdir=ctx.logdir,
             )
             write_json(ctx.out / "history.json", history.epochs)
             metrics["val_top1"] = history.last.get("val_top1")

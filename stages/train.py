@@ -14,7 +14,7 @@ from pipeline.loading import load_model
 from pipeline.models import build_model, count_parameters
 from pipeline.training import evaluate, fit, make_loader
 from stages.base import Stage, StageContext, StageResult, register_stage
-from stages.common import bundle, data_params, write_json
+from stages.common import bundle, data_params, training_params, write_json
 from stages.teacher import CHECKPOINT as TEACHER_CHECKPOINT
 
 CHECKPOINT = "student.safetensors"
@@ -24,6 +24,7 @@ CHECKPOINT = "student.safetensors"
 class TrainStage(Stage):
     name = "train"
     description = "distill the student (--method)"
+    distributed = True
 
     def requires(self, cfg: Config) -> tuple[str, ...]:
         return ("teacher",)
@@ -34,6 +35,7 @@ class TrainStage(Stage):
             "method": cfg.student.method,
             "method_args": cfg.student.method_args,
             "optim": dataclasses.asdict(cfg.student.optim),
+            "training": training_params(cfg),
             "data": data_params(cfg),
             "seed": cfg.seed,
         }
@@ -59,6 +61,8 @@ class TrainStage(Stage):
             log=ctx.log,
             desc=f"student ({cfg.student.method})",
             seed=cfg.seed,
+            training=cfg.training,
+            logdir=ctx.logdir,
         )
         test_loader = make_loader(data.dataset("test"), cfg.data, train=False, device=device)
         student = distiller.student

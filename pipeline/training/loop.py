@@ -1,0 +1,349 @@
+"""The training loop every training stage uses (teacher and student alike).
+
+It trains a :class:`Distiller` for a fixed recipe on one process or many (torchrun + DDP), evaluates
+on the held-out split each epoch, and keeps full resume state in the stage's scratch folder, so a
+killed run continues where its last checkpoint left off. The final model is the last epoch's (never
+selected on the test set).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from pipeline.config import OptimConfig, TrainingConfig
+from pipeline.distill import Distiller
+from pipeline.errors import PipelineError
+from pipeline.progress import progress_bar
+from pipeline.training import speed
+from pipeline.training.data import EpochSampler, ShardSampler, mix_seed
+from pipeline.training.distributed import all_gather_object, all_reduce_sum, broadcast_buffers, world
+from pipeline.training.monitor import Monitor, epoch_line
+from pipeline.training.state import FORMAT, RESUME_FILE, capture_rng, load_state, restore_rng, save_state, seed_rng
+
+
+class NonFiniteLossError(PipelineError):
+    exit_code = 1
+
+
+class TrainingOutOfMemoryError(PipelineError):
+    """The device ran out of memory; the message suggests a smaller batch."""
+
+
+@dataclass
+class History:
+    epochs: list[dict] = field(default_factory=list)
+
+    @property
+    def last(self) -> dict:
+        return self.epochs[-1] if self.epochs else {}
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+    )
+
+
+def lr_factor(epoch: int, cfg: OptimConfig) -> float:
+    """The learning rate of a (0-based) epoch over the base rate: step decay at milestones, or cosine to zero."""
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / max(cfg.epochs, 1)))
+    return cfg.lr_decay ** sum(epoch >= m for m in cfg.milestones)
+
+
+def lr_at(epoch: int, cfg: OptimConfig) -> float:
+    return cfg.lr * lr_factor(epoch, cfg)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
+
+def _out_of_memory(where: str, batch: int) -> TrainingOutOfMemoryError:
+    current = world()
+    per_rank = batch // current.size
+    return TrainingOutOfMemoryError(
+        f"out of memory {where} with {per_rank} images per process (data.batch_size={batch} over {current.size} "
+        f"process(es)); use a smaller batch, e.g. --set data.batch_size={max(batch // 2, current.size)}, "
+        "or training.amp=bf16 to halve activation memory"
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: str = "eval") -> dict[str, float]:
+    """Top-1 (%) and mean cross-entropy; with a sharded loader (under torchrun) summed over the ranks."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+    try:
+        for batch in _bar(loader, desc, leave=False):
+            images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            logits = model(images)
+            sums[0] += F.cross_entropy(logits.float(), targets, reduction="sum")
+            sums[1] += (logits.argmax(1) == targets).sum()
+            sums[2] += targets.numel()
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise TrainingOutOfMemoryError(
+            f"out of memory in {desc} with batches of {loader.batch_size}; lower data.eval_batch_size"
+        ) from None
+    if isinstance(loader.sampler, ShardSampler):
+        all_reduce_sum(sums)
+    model.train(was_training)
+    loss, correct, total = sums.tolist()
+    return {"top1": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1)}
+
+
+def _bar(loader: Iterable, desc: str, total: int | None = None, leave: bool = True) -> Iterable:
+    return progress_bar(loader, desc=desc, total=total, leave=leave) if world().is_main else loader
+
+
+def fit(
+    distiller: Distiller,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None,
+    cfg: OptimConfig,
+    device: torch.device,
+    scratch: Path | None = None,
+    log: Callable[[str], None] = print,
+    desc: str = "train",
+    seed: int = 0,
+    training: TrainingConfig | None = None,
+    logdir: Path | None = None,
+) -> History:
+    """Train for ``cfg.epochs`` epochs, resuming from the state in ``scratch`` if there is one.
+
+    ``train_loader`` must come from :func:`~pipeline.training.make_loader` (its sampler makes the data
+    order resumable). Under torchrun every rank calls this; rank 0 alone writes the resume state and
+    the TensorBoard events (``logdir``).
+    """
+    training = training or TrainingConfig()
+    speed.check_training(training, device)
+    if not isinstance(train_loader.sampler, EpochSampler):
+        raise TypeError("fit() needs a training loader built by pipeline.training.make_loader(train=True)")
+    with speed.backend_flags(training, device):
+        try:
+            trainer = _Trainer(
+                distiller, train_loader, val_loader, cfg, training, device, scratch, log, desc, seed, logdir
+            )
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise _out_of_memory(f"setting up {desc} on {device}", train_loader.sampler.batch_size) from None
+        return trainer.run()
+
+
+class _Trainer:
+    def __init__(
+        self,
+        distiller: Distiller,
+        train_loader: DataLoader,
+        val_loader: DataLoader | None,
+        optim: OptimConfig,
+        training: TrainingConfig,
+        device: torch.device,
+        scratch: Path | None,
+        log: Callable[[str], None],
+        desc: str,
+        seed: int,
+        logdir: Path | None,
+    ):
+        self.world = world()
+        self.distiller, self.train_loader, self.val_loader = distiller, train_loader, val_loader
+        self.sampler: EpochSampler = train_loader.sampler
+        self.optim, self.training, self.device = optim, training, device
+        self.log, self.desc, self.seed = log, desc, seed
+        self.resume_path = scratch / RESUME_FILE if scratch is not None else None
+        self.memory_format = speed.memory_format(training)
+
+        distiller.to(device, memory_format=self.memory_format)
+        use_sync_bn = training.sync_bn and self.world.is_distributed
+        self.batchnorms = speed.convert_sync_batchnorm(distiller) if use_sync_bn else {}
+        if training.compile:
+            speed.compile_models(distiller.student, distiller.teacher)
+        self.optimizer = build_optimizer(distiller.trainable_parameters(), optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda epoch: lr_factor(epoch, optim))
+        self.scaler = speed.grad_scaler(training, device)
+
+        self.history = History()
+        self.epoch = self.step = self.global_step = 0
+        self.partial: dict = {}
+        self._resume()
+        self.model: nn.Module = distiller
+        if self.world.is_distributed:
+            self.model = DistributedDataParallel(
+                distiller,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=training.find_unused_parameters,
+            )
+        # Points up to the checkpoint's step were logged before it was saved; later ones are a killed run's.
+        self.monitor = Monitor(
+            logdir if training.tensorboard and self.world.is_main else None, training.log_every, self.global_step + 1
+        )
+
+    # -- resume state -------------------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        state = load_state(self.resume_path) if self.resume_path is not None else None
+        if state is None:
+            seed_rng(mix_seed(self.seed, self.world.rank))
+            return
+        self.distiller.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.history.epochs = state["history"]
+        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        self.partial = state["partial"]
+        where = f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"the end of epoch {self.epoch}"
+        rngs = state["rng"]
+        if len(rngs) == self.world.size:
+            restore_rng(rngs[self.world.rank], self.device)
+            self.log(f"{self.desc}: resumed at {where} from {self.resume_path}")
+        else:
+            seed_rng(mix_seed(self.seed, self.world.rank, self.epoch, self.step))
+            self.log(
+                f"{self.desc}: resumed at {where} from {self.resume_path}, saved by {len(rngs)} process(es) and "
+                f"continued by {self.world.size}: same data order, but not bit-exact"
+            )
+
+    def _save(self) -> None:
+        """Every rank contributes its RNG state; rank 0 writes the file."""
+        if self.resume_path is None:
+            return
+        rngs = all_gather_object(capture_rng(self.device))
+        if self.world.is_main:
+            state = {
+                "format": FORMAT,
+                "epoch": self.epoch,
+                "step": self.step,
+                "global_step": self.global_step,
+                "model": self.distiller.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rngs,
+                "world_size": self.world.size,
+                "history": self.history.epochs,
+                "partial": self.partial,
+            }
+            save_state(self.resume_path, state)
+        self.monitor.flush()
+
+    # -- training -----------------------------------------------------------------------------------
+
+    def run(self) -> History:
+        started, first = time.perf_counter(), self.epoch
+        try:
+            while self.epoch < self.optim.epochs:
+                record = self._train_epoch()
+                if self.val_loader is not None:
+                    broadcast_buffers(self.distiller)  # every rank evaluates rank 0's model
+                    val = evaluate(self.distiller.student, self.val_loader, self.device, f"{self.desc} val")
+                    record.update({f"val_{k}": v for k, v in val.items()})
+                self.history.epochs.append(record)
+                self.scheduler.step()
+                self.epoch, self.step, self.partial = self.epoch + 1, 0, {}
+                self._save()
+                eta = (time.perf_counter() - started) / (self.epoch - first) * (self.optim.epochs - self.epoch)
+                self.log(epoch_line(self.desc, self.epoch, self.optim.epochs, record, eta))
+                self.monitor.epoch(self.global_step, record)
+        except RuntimeError as exc:  # torch.OutOfMemoryError, or a cuDNN/cuBLAS allocation failure
+            if not is_out_of_memory(exc):
+                raise
+            where = f"in {self.desc} at epoch {self.epoch + 1}, step {self.step + 1}"
+            raise _out_of_memory(where, self.sampler.batch_size) from None
+        finally:
+            self.monitor.close()
+            speed.restore_batchnorm(self.distiller, self.batchnorms)
+        broadcast_buffers(self.distiller)
+        return self.history
+
+    def _train_epoch(self) -> dict:
+        steps = self.sampler.steps_per_epoch
+        self.sampler.set_epoch(self.epoch, self.step)
+        self.model.train()
+        sums: dict[str, float] = defaultdict(float, self.partial.get("sums", {}))
+        seen, correct = self.partial.get("seen", 0.0), self.partial.get("correct", 0.0)
+        seconds, tic = self.partial.get("seconds", 0.0), time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        bar = _bar(self.train_loader, f"{self.desc} {self.epoch + 1}/{self.optim.epochs}", total=len(self.train_loader))
+        for batch in bar:
+            losses, batch_correct, batch_seen = self._train_step(batch, steps)
+            self.step += 1
+            self.global_step += 1
+            seen += batch_seen
+            correct += batch_correct
+            for key, value in losses.items():
+                sums[key] += value * batch_seen
+            self.monitor.step(self.global_step, losses, lr)
+            if bar is not self.train_loader:
+                bar.set_postfix(loss=f"{sum(losses.values()):.3f}", refresh=False)
+            every = self.training.checkpoint_every
+            if every and self.global_step % every == 0 and self.step < steps:
+                elapsed = seconds + time.perf_counter() - tic
+                self.partial = {"sums": dict(sums), "seen": seen, "correct": correct, "seconds": elapsed}
+                self._save()
+        seconds += time.perf_counter() - tic
+        return {
+            "epoch": self.epoch + 1,
+            "lr": lr,
+            "train_top1": 100.0 * correct / max(seen, 1),
+            "images_per_s": seen / max(seconds, 1e-9),
+            **{f"loss/{k}": v / max(seen, 1) for k, v in sums.items()},
+        }
+
+    def _train_step(self, batch: tuple | list, steps: int) -> tuple[dict[str, float], float, float]:
+        """One optimizer step; returns the batch's losses, correct count and size, summed over the ranks."""
+        images, targets, *extra = batch
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        targets = targets.to(self.device, non_blocking=True)
+        extra = [x.to(self.device, non_blocking=True) if isinstance(x, torch.Tensor) else x for x in extra]
+        self.distiller.set_progress(self.epoch + self.step / steps)
+        with speed.autocast(self.training, self.device):
+            logits, losses = self.model(images, targets, *extra)
+        # One collective per step: the per-term loss sums, correct count and batch size over all ranks,
+        # so every rank sees a non-finite loss on any rank and stops at the same step.
+        n = float(targets.shape[0])
+        stats = torch.stack(
+            [
+                *(value.detach().float() * n for value in losses.values()),
+                (logits.detach().argmax(1) == targets).sum().float(),
+                torch.tensor(n, device=self.device),
+            ]
+        )
+        *loss_sums, correct, seen = all_reduce_sum(stats).tolist()
+        values = {key: total / seen for key, total in zip(losses, loss_sums)}
+        bad = [key for key, value in values.items() if not math.isfinite(value)]
+        if bad:
+            where = self.last_good()
+            raise NonFiniteLossError(
+                f"{self.desc}: non-finite loss term {', '.join(repr(k) for k in bad)} at epoch {self.epoch + 1}, "
+                f"step {self.step + 1} (global step {self.global_step + 1}): "
+                + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                + f"; training stopped, {where}; lower the learning rate or that loss's weight"
+            )
+        loss = sum(value.float() for value in losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return values, correct, seen
+
+    def last_good(self) -> str:
+        if self.resume_path is None or not self.resume_path.is_file():
+            return "no checkpoint was saved yet"
+        return f"the last good checkpoint is kept in {self.resume_path}"

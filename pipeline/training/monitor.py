@@ -1,0 +1,79 @@
+"""What a running training reports: TensorBoard scalars, the epoch log line, and the overall ETA.
+
+Only rank 0 reports. Event files go to ``<run>/tensorboard/<stage>/``, outside the hashed stage
+folder: they are logs, not artifacts, and they must survive a crash. After a resume, TensorBoard is
+told to drop the killed run's points past the checkpoint (``purge_step``), so the curves continue
+without a doubled stretch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+LOSS_TAG = "train/loss/{}"
+
+
+class Monitor:
+    """TensorBoard writer for rank 0 (a no-op without a folder); step-level losses averaged over ``every`` steps."""
+
+    def __init__(self, logdir: Path | None, every: int, purge_step: int):
+        self.writer = None
+        self.every = every
+        self._sums: dict[str, float] = defaultdict(float)
+        self._count = 0
+        if logdir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            logdir.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(str(logdir), purge_step=purge_step)
+
+    def step(self, global_step: int, losses: dict[str, float], lr: float) -> None:
+        if self.writer is None:
+            return
+        for key, value in losses.items():
+            self._sums[key] += value
+        self._count += 1
+        if global_step % self.every == 0:
+            for key, total in self._sums.items():
+                self.writer.add_scalar(LOSS_TAG.format(key), total / self._count, global_step)
+            self.writer.add_scalar("train/loss", sum(self._sums.values()) / self._count, global_step)
+            self.writer.add_scalar("train/lr", lr, global_step)
+            self._sums.clear()
+            self._count = 0
+
+    def epoch(self, global_step: int, record: dict) -> None:
+        if self.writer is None:
+            return
+        scalars = {
+            "train/top1": record.get("train_top1"),
+            "train/images_per_s": record.get("images_per_s"),
+            "train/lr": record.get("lr"),
+            "val/top1": record.get("val_top1"),
+            "val/loss": record.get("val_loss"),
+            **{f"epoch/loss/{k[len('loss/') :]}": v for k, v in record.items() if k.startswith("loss/")},
+        }
+        for tag, value in scalars.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, global_step)
+        self.flush()
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def epoch_line(desc: str, epoch: int, epochs: int, record: dict, eta_s: float) -> str:
+    figures = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch" and isinstance(v, int | float))
+    return f"{desc} epoch {epoch}/{epochs}: {figures} eta={format_duration(eta_s)}"

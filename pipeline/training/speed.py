@@ -1,0 +1,111 @@
+"""GPU speed settings for training: mixed precision, memory format, compilation, cuDNN, determinism.
+
+Each option is checked against the device before any time is spent, so an impossible combination
+(fp16 on a CPU, SyncBatchNorm without CUDA) is a one-line :class:`ConfigError` rather than a crash
+an hour in. Mixed precision autocasts the distiller's forward pass only; a loss that needs fp32
+(the KDiffusion chain) opens ``torch.autocast(device_type, enabled=False)`` around itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from pipeline.config import TrainingConfig
+from pipeline.errors import ConfigError
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_training(cfg: TrainingConfig, device: torch.device) -> None:
+    if cfg.amp not in AMP_DTYPES:
+        raise ConfigError(f"training.amp must be one of {', '.join(AMP_DTYPES)}, got {cfg.amp!r}")
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "training.amp=fp16 needs a CUDA device (fp16 training needs a GradScaler and GPU kernels); "
+            "on a CPU use training.amp=bf16 or none"
+        )
+    if cfg.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bf16 support; use training.amp=fp16")
+    if cfg.sync_bn and device.type != "cuda":
+        raise ConfigError(
+            "training.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
+            "set training.sync_bn=false on CPU"
+        )
+    if cfg.deterministic and cfg.cudnn_benchmark:
+        raise ConfigError("training.deterministic=true conflicts with training.cudnn_benchmark=true; drop one")
+    if cfg.checkpoint_every < 0:
+        raise ConfigError(
+            f"training.checkpoint_every must be >= 0 (0: at the end of each epoch only), got {cfg.checkpoint_every}"
+        )
+    if cfg.log_every < 1:
+        raise ConfigError(f"training.log_every must be >= 1, got {cfg.log_every}")
+
+
+@contextmanager
+def backend_flags(cfg: TrainingConfig, device: torch.device) -> Iterator[None]:
+    """cuDNN autotuning and deterministic kernels for the duration of training (restored afterwards)."""
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.deterministic)
+    algorithms = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if device.type == "cuda":
+        cudnn.benchmark = (not cfg.deterministic) if cfg.cudnn_benchmark is None else cfg.cudnn_benchmark
+        cudnn.deterministic = cfg.deterministic
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    if cfg.deterministic:  # an op without a deterministic kernel warns, naming itself, instead of failing the run
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved
+        torch.use_deterministic_algorithms(algorithms[0], warn_only=algorithms[1])
+
+
+def autocast(cfg: TrainingConfig, device: torch.device) -> AbstractContextManager:
+    dtype = AMP_DTYPES[cfg.amp]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(cfg: TrainingConfig, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (a disabled scaler, which passes calls through, otherwise)."""
+    return torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+
+
+def memory_format(cfg: TrainingConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def convert_sync_batchnorm(module: nn.Module) -> dict[str, nn.Module]:
+    """Swap every BatchNorm in ``module`` for SyncBatchNorm in place; returns the originals by path.
+
+    The replacements share the originals' parameters and buffers, and :func:`restore_batchnorm` puts
+    the originals back, so the trained model keeps its architecture (fusion looks for BatchNorm2d).
+    """
+    originals = {
+        name: child
+        for name, child in module.named_modules()
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm)
+    }
+    for name, child in originals.items():
+        module.set_submodule(name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    return originals
+
+
+def restore_batchnorm(module: nn.Module, originals: dict[str, nn.Module]) -> None:
+    for name, original in originals.items():
+        synced = module.get_submodule(name)
+        original.load_state_dict(synced.state_dict())
+        original.train(synced.training)
+        module.set_submodule(name, original)
+
+
+def compile_models(*models: nn.Module | None) -> None:
+    """``torch.compile`` in place: state_dict keys stay the same, so checkpoints and resume are unaffected."""
+    for model in models:
+        if model is not None:
+            model.compile()
