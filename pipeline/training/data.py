@@ -10,6 +10,7 @@ step, and (as global batches) with any number of processes.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 from collections.abc import Iterator
 
@@ -111,10 +112,13 @@ def make_loader(
     distiller as they are.
     """
     current = world()
+    # data.workers is per machine; the processes on one node share it.
+    workers = cfg.workers // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if cfg.workers else 0
     common = {
-        "num_workers": cfg.workers,
+        "num_workers": workers,
         "pin_memory": device is not None and device.type == "cuda",
-        "persistent_workers": cfg.workers > 0,
+        "persistent_workers": workers > 0,
+        "prefetch_factor": cfg.prefetch_factor if workers else None,
         # Worker seeds come from this generator, not the global RNG, which belongs to the training step.
         "generator": torch.Generator().manual_seed(seed),
     }
