@@ -131,10 +131,12 @@ def fit(
         seen = correct = 0
         tic = time.perf_counter()
         bar = progress_bar(train_loader, desc=f"{desc} {epoch + 1}/{cfg.epochs}", total=steps)
-        for step, (images, targets) in enumerate(bar):
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        for step, batch in enumerate(bar):
+            images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+            # Methods with per-sample state (CRD) also get each sample's dataset index (pipeline.data.WithIndices).
+            extra = {"indices": batch[2].to(device, non_blocking=True)} if distiller.needs_indices else {}
             distiller.set_progress(epoch + step / steps)
-            logits, losses = distiller(images, targets)
+            logits, losses = distiller(images, targets, **extra)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 bad = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
