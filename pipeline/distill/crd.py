@@ -136,8 +136,9 @@ class CRD(Distiller):
         return picks
 
     def _scores(self, v: Tensor, memory: Tensor, sample: Tensor, side: int) -> Tensor:
-        """``exp(v . memory[sample] / T) / Z`` for each row's sampled indices."""
-        scores = torch.exp((v @ memory.t()).gather(1, sample) / self.nce_t)
+        """``exp(v . memory[sample] / T) / Z`` for each row's sampled indices (in fp32 even under autocast)."""
+        with torch.autocast(v.device.type, enabled=False):
+            scores = torch.exp((v.float() @ memory.t()).gather(1, sample) / self.nce_t)
         if self.z[side] < 0:
             self.z[side] = scores.detach().mean() * self.num_samples
         return scores / self.z[side].clone()
