@@ -83,7 +83,7 @@ class DataBundle:
         self.raw = raw
         self.info = raw.info
         order = torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(seed)).tolist()
-        n_val = int(round(len(order) * val_fraction))
+        n_val = round(len(order) * val_fraction)
         self._indices = {"val": sorted(order[:n_val]), "train": sorted(order[n_val:])}
 
     def source(self, split: Split) -> Dataset:
