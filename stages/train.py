@@ -8,6 +8,7 @@ import torch
 
 from pipeline.checkpoint import ModelMeta, save_checkpoint
 from pipeline.config import Config
+from pipeline.data import WithIndices
 from pipeline.distill import build_distiller
 from pipeline.errors import CheckpointError
 from pipeline.loading import load_model
@@ -50,10 +51,17 @@ class TrainStage(Stage):
         torch.manual_seed(cfg.seed)
         student = build_model(cfg.student.arch, data.info.num_classes)
         vanilla_params = count_parameters(student)
-        distiller = build_distiller(cfg.student.method, student, teacher, cfg.student.method_args)
+        train_set = data.dataset("train", augment=True)
+        distiller = build_distiller(
+            cfg.student.method, student, teacher, cfg.student.method_args, num_samples=len(train_set)
+        )
+        if distiller.needs_indices:
+            train_set = WithIndices(train_set)
+        for note in distiller.notes():
+            ctx.log(f"[train] {note}")
         history = fit(
             distiller,
-            make_loader(data.dataset("train", augment=True), cfg.data, train=True, seed=cfg.seed, device=device),
+            make_loader(train_set, cfg.data, train=True, seed=cfg.seed, device=device),
             make_loader(data.dataset("val"), cfg.data, train=False, device=device) if len(data.source("val")) else None,
             cfg.student.optim,
             device,

@@ -60,6 +60,20 @@ class Transformed(Dataset):
         return self.transform(image), label
 
 
+class WithIndices(Dataset):
+    """Yields ``(image, label, index)``: methods with per-sample state (CRD's memory bank) need the index."""
+
+    def __init__(self, source: Dataset):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        image, label = self.source[index]
+        return image, label, index
+
+
 class DataBundle:
     """The three splits of one dataset; ``dataset(split, augment)`` gives a ready torch Dataset."""
 

@@ -23,7 +23,7 @@ register_method = METHODS.register
 
 
 def _load_methods() -> None:
-    from pipeline.distill import kd  # noqa: F401
+    from pipeline.distill import at, crd, dkd, fitnet, kd, ofd, reviewkd, vid  # noqa: F401
 
 
 def method_names() -> list[str]:
@@ -31,15 +31,21 @@ def method_names() -> list[str]:
     return METHODS.names()
 
 
-def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None, args: dict | None = None) -> Distiller:
-    """Instantiate method ``name`` with ``args`` (from ``student.method_args``), checking the names first."""
+def build_distiller(
+    name: str, student: nn.Module, teacher: nn.Module | None, args: dict | None = None, num_samples: int | None = None
+) -> Distiller:
+    """Instantiate method ``name`` with ``args`` (from ``student.method_args``), checking the names first.
+
+    ``num_samples`` (the training set's size) goes to methods with ``needs_indices`` (memory banks).
+    """
     _load_methods()
     cls = METHODS.get(name)
     args = dict(args or {})
+    injected = ("self", "student", "teacher", "num_samples")
     accepted = {
         p.name
         for p in inspect.signature(cls.__init__).parameters.values()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in ("self", "student", "teacher")
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in injected
     }
     unknown = sorted(set(args) - accepted)
     if unknown:
@@ -48,6 +54,10 @@ def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None, ar
         )
     if cls.requires_teacher and teacher is None:
         raise ConfigError(f"method {name!r} needs a teacher")
+    if cls.needs_indices:
+        if num_samples is None or num_samples < 1:
+            raise ConfigError(f"method {name!r} keeps per-sample state and needs the training set's size")
+        args["num_samples"] = num_samples
     try:
         return cls(student, teacher, **args)
     except (TypeError, ValueError) as exc:

@@ -14,6 +14,9 @@ class Distiller(nn.Module):
     """
 
     requires_teacher = True
+    # Methods with per-sample state (CRD's memory bank) set this: they are built with ``num_samples``
+    # (the training set's size) and the training loop passes each sample's dataset index as ``indices=``.
+    needs_indices = False
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None):
         super().__init__()
@@ -47,8 +50,15 @@ class Distiller(nn.Module):
         """How the method changed the student's structure (saved in checkpoint metadata); ``{}`` if not."""
         return {}
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return self.losses(images, targets)
+    def notes(self) -> list[str]:
+        """Departures from the method's usual behaviour that the run log should show (e.g. a train-mode teacher)."""
+        return []
+
+    def forward(
+        self, images: torch.Tensor, targets: torch.Tensor, *extra: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``extra`` holds the batch items after ``(images, targets)``, e.g. sample indices for CRD."""
+        return self.losses(images, targets, *extra)
 
     def losses(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
