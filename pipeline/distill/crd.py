@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -109,14 +110,16 @@ class CRD(Distiller):
             t_logits, (t_feat,) = tapped_forward(self.teacher, [self.teacher_tap], images)
         v_s, v_t = self.embed_s(s_feat), self.embed_t(t_feat)
         with torch.no_grad():
-            if self.training:
-                self.labels[indices] = targets
             sample = torch.cat([indices[:, None], self._negatives(targets)], dim=1)
         scores_s = self._scores(v_s, self.memory_t, sample, 0)
         scores_t = self._scores(v_t, self.memory_s, sample, 1)
-        if self.training:  # out of place: the scores above saved the old banks for the backward pass
-            self.memory_s = self._updated(self.memory_s, v_s, indices)
-            self.memory_t = self._updated(self.memory_t, v_t, indices)
+        if self.training:
+            # Every rank applies the whole global batch, so the banks stay identical under DDP.
+            all_indices, all_targets, all_s, all_t = (_gather(t.detach()) for t in (indices, targets, v_s, v_t))
+            self.labels[all_indices] = all_targets
+            # Out of place: the scores above saved the old banks for the backward pass.
+            self.memory_s = self._updated(self.memory_s, all_s, all_indices)
+            self.memory_t = self._updated(self.memory_t, all_t, all_indices)
         losses = {
             "ce": self.ce_weight * F.cross_entropy(logits, targets),
             "crd": self.crd_weight * (nce_loss(scores_s, self.num_samples) + nce_loss(scores_t, self.num_samples)),
@@ -148,3 +151,12 @@ class CRD(Distiller):
         """The bank with rows ``indices`` moved towards ``v`` by momentum and renormalised."""
         mixed = memory[indices] * self.nce_m + v.detach() * (1 - self.nce_m)
         return memory.index_copy(0, indices, F.normalize(mixed, dim=1))
+
+
+def _gather(tensor: Tensor) -> Tensor:
+    """Concatenate ``tensor`` over the ranks of a running process group (itself when there is none)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
