@@ -46,7 +46,7 @@ def stale_reason(existing: Manifest | None, params: dict, inputs_fp: str, code: 
     return f"outputs_modified ({intact})" if intact else "fingerprint_changed"
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     """Fail on unknown names before any stage spends time (a typo should not cost a teacher run)."""
     from pipeline.data import dataset_names
     from pipeline.distill import method_names
@@ -61,6 +61,8 @@ def validate(cfg: Config) -> None:
     ):
         if value not in valid:
             raise ConfigError(f"unknown {what} {value!r}; choose one of: {', '.join(valid)}")
+    for name in names:
+        get_stage(name).validate(cfg)
 
 
 def run_stages(
@@ -72,7 +74,7 @@ def run_stages(
     on_outcome: Callable[[Outcome], None] | None = None,
 ) -> list[Outcome]:
     """Run ``names`` in order; a failed gate stops the run after its manifest is written."""
-    validate(cfg)
+    validate(cfg, names)
     store = RunStore(out)
     store.ensure_writable()
     code = code_version()

@@ -47,6 +47,15 @@ class EngineStage(Stage):
     def requires(self, cfg: Config) -> tuple[str, ...]:
         return ("export",)
 
+    def validate(self, cfg: Config) -> None:
+        if cfg.engine.precision not in PRECISIONS:
+            raise ConfigError(
+                f"unknown engine.precision {cfg.engine.precision!r}; choose one of: {', '.join(PRECISIONS)}"
+            )
+        engine_profile(cfg, 1)
+        if cfg.engine.workspace_mib < 1:
+            raise ConfigError("engine.workspace_mib must be at least 1")
+
     def params(self, cfg: Config) -> dict:
         params = dataclasses.asdict(cfg.engine)
         params.pop("timing_cache")  # a build speed-up, not part of the result
@@ -116,8 +125,6 @@ class EngineStage(Stage):
 
     @staticmethod
     def _onnx_for(precision: str, export, cfg: Config) -> Path:
-        if precision not in PRECISIONS:
-            raise ConfigError(f"unknown engine.precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
         exported = {a.path for a in export.manifest.outputs}
         if ONNX_FILES[precision] not in exported:
             raise ConfigError(

@@ -31,7 +31,7 @@ from exports.ort import ort_run, ort_session
 from exports.trt_commands import GOLDEN_INPUTS, GOLDEN_OUTPUTS, EngineTarget, build_script, golden_outputs_name
 from exports.trt_engine import BatchProfile
 from pipeline.checkpoint import ModelMeta
-from pipeline.checks import Check
+from pipeline.checks import TOLERANCES, Check
 from pipeline.compare import allclose_fraction, diff_stats, top1_accuracy
 from pipeline.config import Config
 from pipeline.data import Transformed
@@ -154,6 +154,10 @@ class ExportStage(Stage):
     def externals(self, cfg: Config) -> dict[str, str]:
         return {"checkpoint": cfg.export.checkpoint} if cfg.export.checkpoint else {}
 
+    def validate(self, cfg: Config) -> None:
+        validate_export(cfg)
+        engine_profile(cfg, 1)
+
     def params(self, cfg: Config) -> dict:
         params = dataclasses.asdict(cfg.export)
         for key in ("checkpoint", "calibration_cache"):  # where things live, not what they are
@@ -168,7 +172,6 @@ class ExportStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.cfg
-        validate_export(cfg)
         source = (
             ctx.external_path("checkpoint")
             if "checkpoint" in ctx.external
@@ -239,7 +242,9 @@ def fp32_checks(model: torch.nn.Module, path: Path, cfg: Config, meta: DeployMet
         Check.of(
             "onnx_fp32_allclose",
             "fraction beyond atol and rtol",
-            allclose_fraction(reference, candidate, atol=1e-4, rtol=1e-3),
+            allclose_fraction(
+                reference, candidate, atol=TOLERANCES["onnx.fp32_max_abs"], rtol=TOLERANCES["onnx.fp32_rtol"]
+            ),
             0.0,
         ),
         Check.gate(
