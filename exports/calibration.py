@@ -16,7 +16,7 @@ import numpy as np
 from exports.deps import require
 from exports.metadata import INPUT_NAME
 
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_METHODS = ("percentile", "minmax", "entropy")
 
 
 def calibration_method(name: str):

@@ -20,7 +20,9 @@ both shapes and the quantization settings, so a stale cache can never be picked 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import json
 import os
 import tempfile
@@ -133,7 +135,7 @@ def quantize_int8(
     images: np.ndarray,
     cache: CalibrationCache,
     meta: DeployMeta,
-    method: str = "minmax",
+    method: str = "percentile",
     target: str = "tensorrt",
     input_name: str = INPUT_NAME,
 ) -> Int8Result:
@@ -151,17 +153,18 @@ def quantize_int8(
         prepared = Path(tmp) / "prepared.onnx"
         preprocess.quant_pre_process(str(src), str(prepared))
         options = _target_options(quantization, target, prepared)
-        quantization.quantize_static(
-            str(prepared),
-            str(dst),
-            None if cached else array_reader(images, input_name),
-            quant_format=quantization.QuantFormat.QDQ,
-            per_channel=True,
-            reduce_range=False,
-            calibrate_method=calibrate,
-            calibration_cache_path=str(cache.ranges_path(key)),
-            **options,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+            quantization.quantize_static(
+                str(prepared),
+                str(dst),
+                None if cached else array_reader(images, input_name),
+                quant_format=quantization.QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=False,
+                calibrate_method=calibrate,
+                calibration_cache_path=str(cache.ranges_path(key)),
+                **options,
+            )
     if not cached:
         cache.record(key)
     write_metadata(dst, meta)

@@ -79,12 +79,12 @@ class ExportConfig:
     checkpoint: str | None = None  # export this student instead of the run's fused one
     opset: int = 18
     dynamo: bool = True
-    precisions: list[str] = field(default_factory=lambda: ["fp32"])  # fp32 (always made), fp16, int8
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])  # fp32 is always made
     golden_samples: int = 8
     parity_samples: int = 64
     eval_samples: int | None = None  # images of the test split for the fp16/int8 gates; None: all of it
     calibration_samples: int = 512  # training-split images for INT8 calibration and the fp16 guard
-    calibration_method: str = "minmax"  # minmax | entropy | percentile (ONNX Runtime calibrators)
+    calibration_method: str = "percentile"  # percentile | minmax | entropy (ONNX Runtime calibrators)
     calibration_cache: str | None = None  # folder of keyed calibration caches; None: <run>/.cache/calibration
     int8_target: str = "tensorrt"  # tensorrt: symmetric Q/DQ TensorRT builds; cpu: ONNX Runtime CPU (U8S8)
     fp16_guard: bool = True  # keep nodes whose activations leave the fp16-safe range in fp32

@@ -16,7 +16,8 @@ def run_dir(tmp_path_factory):
     from tests.conftest import TINY
 
     out = tmp_path_factory.mktemp("e2e") / "run"
-    args = [a for item in TINY for a in ("--set", item)]
+    # INT8's accuracy gate on 64 test images of a one-epoch model is a coin toss: it is tested elsewhere.
+    args = [a for item in (*TINY, "export.precisions=[fp32,fp16]") for a in ("--set", item)]
     assert run_cli(["run", "all", "--out", str(out), *args]) == 0
     return out, args
 
