@@ -57,10 +57,17 @@ def convert_fp16(
     kept = []
     if calibration is not None:
         kept = overflow_nodes(src, activation_ranges(src, calibration, input_name), safe_max)
+    model = onnx.load(str(src))
+    # The dynamo exporter annotates initializers with value_info; onnxconverter-common then takes them for
+    # fp16 activations and converts the weights of guarded nodes too. Initializers carry their own type.
+    weights = {t.name for t in model.graph.initializer}
+    kept_info = [v for v in model.graph.value_info if v.name not in weights]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept_info)
     with warnings.catch_warnings():  # one warning per tiny weight rounded to fp16's smallest normal value
         warnings.simplefilter("ignore", UserWarning)
         model = float16.convert_float_to_float16(
-            onnx.load(str(src)), keep_io_types=True, node_block_list=kept, max_finite_val=FP16_MAX
+            model, keep_io_types=True, node_block_list=kept, max_finite_val=FP16_MAX
         )
     onnx.save(model, str(dst))
     write_metadata(dst, meta)

@@ -43,6 +43,7 @@ def export_onnx(
     if dynamo:
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
         kwargs["verbose"] = False
+        kwargs["external_data"] = False  # one self-contained file (students are far below protobuf's 2 GB)
     else:
         kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -118,6 +118,7 @@ def test_hand_built_model_is_exact(onnx_models, data):
 def test_dynamo_export_has_fixed_names_dynamic_batch_and_metadata(tmp_path, data):
     _, test, _ = data
     path = export_onnx(channel_reader(), tmp_path / "m.onnx", SIZE, 18, True, META)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # self-contained: no external weight file
     proto = onnx.load(str(path))
     assert [i.name for i in proto.graph.input] == ["input"]
     assert [o.name for o in proto.graph.output] == ["logits"]
@@ -163,6 +164,19 @@ def test_fp16_guard_keeps_overflowing_nodes_in_fp32(onnx_models, data, tmp_path)
     checks, stats = fp16_gate(reference, ort_run(ort_session(tmp_path / "unguarded.onnx"), test))
     assert not checks[0], "without the guard the activation overflows fp16 and the cosine gate must fail"
     assert stats["min_cosine"] < 0.999
+
+
+def test_fp16_guard_keeps_guarded_weights_fp32_in_dynamo_graphs(data, tmp_path):
+    """The dynamo exporter annotates weights with value_info, which must not make them fp16."""
+    calibration, test, _ = data
+    src = export_onnx(broken(channel_reader(), 1e6), tmp_path / "m.onnx", SIZE, 18, True, META)
+    kept = convert_fp16(src, tmp_path / "m16.onnx", calibration, 16384.0, META)
+    assert len(kept) == 3
+    types = {t.name: t.data_type for t in onnx.load(str(tmp_path / "m16.onnx")).graph.initializer}
+    assert types["conv1.weight"] == types["conv2.weight"] == onnx.TensorProto.FLOAT
+    assert types["fc.weight"] == onnx.TensorProto.FLOAT16
+    checks, _ = fp16_gate(ort_run(ort_session(src), test), ort_run(ort_session(tmp_path / "m16.onnx"), test))
+    assert all(checks), [c.describe() for c in checks]
 
 
 def test_fp16_of_a_normal_model_converts_everything(onnx_models, data, tmp_path):
