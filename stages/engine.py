@@ -115,7 +115,7 @@ class EngineStage(Stage):
             }
             note = ""
             if precision == "int8":
-                int8_checks, int8_metrics, note = self._int8_accuracy(ctx, runner, meta, export.folder)
+                int8_checks, int8_metrics, note = self._int8_accuracy(ctx, runner, meta, export.path(REPORT))
                 checks += int8_checks
                 metrics.update(int8_metrics)
                 report["int8"] = int8_metrics
@@ -139,10 +139,10 @@ class EngineStage(Stage):
         return export.path(ONNX_FILES[precision])
 
     @staticmethod
-    def _int8_accuracy(ctx: StageContext, runner: TrtRunner, meta: DeployMeta, export_folder: Path):
+    def _int8_accuracy(ctx: StageContext, runner: TrtRunner, meta: DeployMeta, export_report: Path):
         """The INT8 gate proper: top-1 drop against the fp32 accuracy the export stage measured."""
         cfg = ctx.cfg
-        fp32_top1 = read_report(export_folder).get("gates", {}).get("int8", {}).get("fp32_top1")
+        fp32_top1 = read_report(export_report).get("gates", {}).get("int8", {}).get("fp32_top1")
         mismatch = label_mismatch(cfg, meta)
         if mismatch or fp32_top1 is None:
             why = mismatch or "the export stage has no fp32 accuracy for this data"

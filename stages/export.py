@@ -99,7 +99,7 @@ def label_mismatch(cfg: Config, meta: DeployMeta) -> str:
     return ""
 
 
-def test_images(cfg: Config, meta: DeployMeta, n: int) -> np.ndarray:
+def first_test_images(cfg: Config, meta: DeployMeta, n: int) -> np.ndarray:
     """The first ``n`` test images, preprocessed as the model expects."""
     source = bundle(cfg).source("test")
     transform = deploy_transform(meta)
@@ -122,7 +122,7 @@ def calibration_images(cfg: Config, meta: DeployMeta) -> np.ndarray:
     n = min(cfg.export.calibration_samples, len(source))
     order = torch.randperm(len(source), generator=torch.Generator().manual_seed(cfg.seed))[:n].sort().values
     transform = deploy_transform(meta)
-    return torch.stack([transform(source[int(i)][0]) for i in order]).numpy()
+    return torch.stack([transform(source[int(i)][0]) for i in progress_bar(order, "calibration images")]).numpy()
 
 
 def validate_export(cfg: Config) -> None:
@@ -188,7 +188,7 @@ class ExportStage(Stage):
         ctx.log(f"[export] wrote {fp32.name} (opset {cfg.export.opset}, dynamo={cfg.export.dynamo})")
 
         checks, metrics, report = fp32_checks(model, fp32, cfg, base)
-        golden = test_images(cfg, base, cfg.export.golden_samples)
+        golden = first_test_images(cfg, base, cfg.export.golden_samples)
         reference = batched_logits(model, torch.from_numpy(golden), torch.device("cpu")).numpy()
         save_inputs(golden, ctx.out / GOLDEN_INPUTS)
         save_outputs(reference, ctx.out / GOLDEN_OUTPUTS, runner="pytorch-fp32")
@@ -230,7 +230,7 @@ class ExportStage(Stage):
 
 def fp32_checks(model: torch.nn.Module, path: Path, cfg: Config, meta: DeployMeta) -> tuple[list[Check], dict, dict]:
     """ORT CPU against the fused PyTorch model, and a sample alone against the same sample in a batch."""
-    images = test_images(cfg, meta, cfg.export.parity_samples)
+    images = first_test_images(cfg, meta, cfg.export.parity_samples)
     reference = batched_logits(model, torch.from_numpy(images), torch.device("cpu")).numpy()
     session = ort_session(path)
     candidate = ort_run(session, images)
@@ -381,5 +381,5 @@ def reduced_precision_gates(cfg: Config, meta: DeployMeta, files: dict[str, Path
     return checks, metrics, report, note
 
 
-def read_report(folder: Path) -> dict:
-    return json.loads((folder / REPORT).read_text())
+def read_report(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -11,6 +11,7 @@ import stat
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from exports.golden import load_inputs, load_outputs
 from exports.metadata import DeployMeta
@@ -205,3 +206,26 @@ def test_engine_stage_needs_the_precision_exported_and_skips_without_tensorrt(ex
     assert f"skipped: {reason}" in capsys.readouterr().out  # the summary table says why
     assert run_cli(["run", "engine", "--out", str(out), *_args("engine.precision=fp16", "device=cpu")]) == 0
     assert "device=cpu" in RunStore(out).manifest("engine").reason
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_engine_stage_builds_and_checks_each_precision(exported, precision, tmp_path):
+    from exports.runtime import Classifier
+    from exports.trt_engine import EngineSidecar, sidecar_path, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    _, out, _ = exported
+    assert run_cli(["run", "engine", "--out", str(out), *_args(f"engine.precision={precision}")]) == 0
+    manifest = RunStore(out).manifest("engine")
+    assert manifest.status == "ok" and manifest.checks and all(manifest.checks)
+    engine = out / "engine" / f"model.{precision}.engine"
+    sidecar = EngineSidecar.load(sidecar_path(engine))
+    assert sidecar.precision == precision and sidecar.profile.max_batch == 8
+    assert list((out / ".cache" / "tensorrt").glob("*.timing.cache"))
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (200, 20, 20)).save(image)
+    predictions = Classifier.load(engine).predict([image], top_k=2)[0]
+    assert len(predictions) == 2 and predictions[0].label.startswith("c")
