@@ -29,6 +29,11 @@ from stages.base import Stage, StageContext, StageResult, register_stage
 from stages.common import data_params, write_json
 from stages.export import ONNX_FILES, REPORT, engine_profile, eval_batches, label_mismatch, read_report
 
+INT8_CPU_ONLY = (
+    "the INT8 model for the ONNX Runtime CPU (export.int8_target=cpu) has uint8 activations, which TensorRT "
+    "does not accept; export with export.int8_target=tensorrt for an INT8 engine"
+)
+
 
 def cuda_index(device: str) -> int | None:
     """The CUDA device an engine is built on, or ``None`` when the run asked for the CPU."""
@@ -55,6 +60,8 @@ class EngineStage(Stage):
         engine_profile(cfg, 1)
         if cfg.engine.workspace_mib < 1:
             raise ConfigError("engine.workspace_mib must be at least 1")
+        if cfg.engine.precision == "int8" and cfg.export.int8_target != "tensorrt":
+            raise ConfigError(INT8_CPU_ONLY)
 
     def params(self, cfg: Config) -> dict:
         params = dataclasses.asdict(cfg.engine)
@@ -132,10 +139,7 @@ class EngineStage(Stage):
                 f"add it with --set 'export.precisions=[fp32,{precision}]' and rerun export"
             )
         if precision == "int8" and export.manifest.params.get("int8_target") != "tensorrt":
-            raise ConfigError(
-                "the exported INT8 model targets the ONNX Runtime CPU (export.int8_target=cpu), which TensorRT "
-                "does not accept; export with export.int8_target=tensorrt"
-            )
+            raise ConfigError(INT8_CPU_ONLY)
         return export.path(ONNX_FILES[precision])
 
     @staticmethod

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from exports.fp16 import convert_fp16
+from exports.calibration import CALIBRATION_METHODS
+from exports.fp16 import FP16_MAX, convert_fp16
 from exports.golden import save_inputs, save_outputs
 from exports.int8 import INT8_TARGETS, CalibrationCache, copy_ranges, quantize_int8, tensorrt_qdq_problems
 from exports.metadata import PRECISIONS, DeployMeta
@@ -133,8 +134,16 @@ def validate_export(cfg: Config) -> None:
         raise ConfigError(
             f"unknown export.int8_target {cfg.export.int8_target!r}; choose one of: {', '.join(INT8_TARGETS)}"
         )
-    for key in ("golden_samples", "parity_samples", "calibration_samples"):
-        if getattr(cfg.export, key) < 1:
+    if cfg.export.calibration_method not in CALIBRATION_METHODS:
+        raise ConfigError(
+            f"unknown calibration method {cfg.export.calibration_method!r}; "
+            f"choose one of: {', '.join(CALIBRATION_METHODS)}"
+        )
+    if not 0 < cfg.export.fp16_safe_max <= FP16_MAX:
+        raise ConfigError(f"export.fp16_safe_max must be in (0, {FP16_MAX:g}], got {cfg.export.fp16_safe_max:g}")
+    for key in ("golden_samples", "parity_samples", "calibration_samples", "eval_samples"):
+        value = getattr(cfg.export, key)
+        if value is not None and value < 1:
             raise ConfigError(f"export.{key} must be at least 1")
 
 

@@ -170,6 +170,8 @@ def test_fp16_gate_fails_a_model_that_overflows_without_the_guard(exported, caps
         ("export.int8_target=gpu", "unknown export.int8_target 'gpu'"),
         ("export.calibration_method=histogram", "unknown calibration method 'histogram'"),
         ("engine.max_batch=0", "1 <= min_batch <= opt_batch <= max_batch"),
+        ("export.fp16_safe_max=70000", "export.fp16_safe_max must be in (0, 65504]"),
+        ("export.eval_samples=0", "export.eval_samples must be at least 1"),
     ],
 )
 def test_bad_export_settings_exit_2(exported, override, message, capsys):
@@ -196,6 +198,9 @@ def test_engine_stage_needs_the_precision_exported_and_skips_without_tensorrt(ex
     _, out, _ = exported
     assert run_cli(["run", "engine", "--out", str(out), *_args("engine.precision=bf16")]) == 2
     assert "unknown engine.precision 'bf16'" in capsys.readouterr().err
+    cpu_int8 = _args("engine.precision=int8", "export.int8_target=cpu")
+    assert run_cli(["run", "engine", "--out", str(out), *cpu_int8]) == 2
+    assert "uint8 activations, which TensorRT does not accept" in capsys.readouterr().err
     reason = unavailable_reason()
     if not reason:
         pytest.skip("TensorRT and a GPU are present: the engine is built instead (covered by the tensorrt tests)")
