@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from types import ModuleType
 
 from pipeline.errors import MissingDependencyError
@@ -14,6 +15,9 @@ _SOURCES = {
     "onnxscript": ("onnxscript", None),
     "tensorrt": ("tensorrt", "tensorrt"),
     "polygraphy": ("polygraphy", None),
+    "onnxconverter_common": ("onnxconverter-common", None),
+    "PIL": ("pillow", None),
+    "torch": ("torch", None),
 }
 
 

@@ -4,28 +4,31 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import warnings
 from pathlib import Path
 
 import torch
 
 from exports.deps import require
+from exports.metadata import INPUT_NAME, OUTPUT_NAME, DeployMeta
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
+__all__ = ["INPUT_NAME", "OUTPUT_NAME", "check_onnx", "export_onnx", "exporter_name", "read_metadata", "write_metadata"]
+
+MAX_BATCH = 4096  # upper bound of the dynamic batch dimension for the dynamo exporter
+
+
+def exporter_name(dynamo: bool) -> str:
+    return f"torch.onnx.export(dynamo={dynamo}) torch {torch.__version__}"
 
 
 def export_onnx(
-    model: torch.nn.Module,
-    path: str | Path,
-    input_size: int,
-    opset: int,
-    dynamo: bool,
-    metadata: dict[str, object] | None = None,
+    model: torch.nn.Module, path: str | Path, input_size: int, opset: int, dynamo: bool, meta: DeployMeta | None = None
 ) -> Path:
-    """Export ``model`` (eval mode, fp32) to ``path`` and run the full ONNX checker on the result."""
-    onnx = require("onnx")
+    """Export ``model`` (eval mode, fp32) to ``path`` and run the full ONNX checker on the result.
+
+    ``dynamo`` and ``opset`` are passed explicitly: the default exporter changed in torch 2.9, and
+    both decide what graph TensorRT later parses.
+    """
     if dynamo:
         require("onnxscript")
     path = Path(path)
@@ -38,20 +41,35 @@ def export_onnx(
         "dynamo": dynamo,
     }
     if dynamo:
-        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
         kwargs["verbose"] = False
+        kwargs["external_data"] = False  # one self-contained file (students are far below protobuf's 2 GB)
     else:
         kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, example, str(path), **kwargs)
-    proto = onnx.load(str(path))
-    for key, value in sorted((metadata or {}).items()):
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    onnx.save(proto, str(path))
-    onnx.checker.check_model(str(path), full_check=True)
+    if meta is not None:
+        write_metadata(path, meta)
+    check_onnx(path)
     return path
+
+
+def write_metadata(path: str | Path, meta: DeployMeta) -> None:
+    """Replace the file's ``metadata_props`` with ``meta`` (other tools' keys are dropped)."""
+    onnx = require("onnx")
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in meta.to_props().items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(path))
+
+
+def check_onnx(path: str | Path) -> None:
+    """``onnx.checker`` with ``full_check`` (shape inference included), on the file so large models work."""
+    onnx = require("onnx")
+    onnx.checker.check_model(str(path), full_check=True)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -15,7 +15,7 @@ import click
 
 from pipeline.errors import ConfigError, PipelineError
 
-STAGE_CHOICES = ("all", "teacher", "train", "fuse", "verify", "export")
+STAGE_CHOICES = ("all", "teacher", "train", "fuse", "verify", "export", "engine")
 
 
 def _echo_err(message: str) -> None:
@@ -50,7 +50,7 @@ def cli() -> None:
 def run(
     stage, out, preset, config_file, overrides, method, seed, device, data_root, teacher_checkpoint, checkpoint, force
 ):
-    """Run STAGE (all, teacher, train, fuse, verify or export; default all), reusing up-to-date artifacts."""
+    """Run STAGE (all, teacher, train, fuse, verify, export or engine; default all), reusing up-to-date artifacts."""
     from pipeline.config import load_config
     from pipeline.runner import run_stages
     from stages import ORDER
@@ -190,6 +190,26 @@ def methods():
     for name in method_names():
         doc = (METHODS.get(name).__doc__ or "").strip().splitlines()
         click.echo(f"{name:16s} {doc[0] if doc else ''}")
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", required=True, type=click.Path(dir_okay=False, path_type=Path), help=".onnx or .engine file.")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to show per image.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="For .onnx.")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
+def predict(images, model, top_k, provider, as_json):
+    """Classify IMAGE... with an exported model (the edge runtime, exports.runtime)."""
+    from exports.runtime import Classifier
+
+    classifier = Classifier.load(model, provider=provider)
+    results = classifier.predict(list(images), top_k=top_k)
+    if as_json:
+        rows = [{"image": str(i), "top": [vars(p) for p in preds]} for i, preds in zip(images, results)]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for image, preds in zip(images, results):
+        click.echo(f"{image}: " + ", ".join(f"{p.label} {p.probability:.3f}" for p in preds))
 
 
 def run_cli(argv: list[str] | None = None) -> int:

@@ -117,9 +117,26 @@ class ExportConfig:
     checkpoint: str | None = None  # export this student instead of the run's fused one
     opset: int = 18
     dynamo: bool = True
-    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])  # fp32 is always made
     golden_samples: int = 8
     parity_samples: int = 64
+    eval_samples: int | None = None  # images of the test split for the fp16/int8 gates; None: all of it
+    calibration_samples: int = 512  # training-split images for INT8 calibration and the fp16 guard
+    calibration_method: str = "percentile"  # percentile | minmax | entropy (ONNX Runtime calibrators)
+    calibration_cache: str | None = None  # folder of keyed calibration caches; None: <run>/.cache/calibration
+    int8_target: str = "tensorrt"  # tensorrt: symmetric Q/DQ TensorRT builds; cpu: ONNX Runtime CPU (U8S8)
+    fp16_guard: bool = True  # keep nodes whose activations leave the fp16-safe range in fp32
+    fp16_safe_max: float = 16384.0  # |activation| above this on calibration data keeps the node in fp32
+
+
+@dataclass
+class EngineConfig:
+    precision: str = "fp32"  # which exported ONNX to build: fp32 | fp16 | int8
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 32
+    workspace_mib: int = 1024
+    timing_cache: str | None = None  # None: <run>/.cache/tensorrt/timing.cache
 
 
 @dataclass
@@ -133,6 +150,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     expected: dict[str, Any] = field(default_factory=dict)  # reference results (e.g. the paper's table)
 
     def to_dict(self) -> dict:

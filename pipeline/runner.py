@@ -50,7 +50,7 @@ def stale_reason(existing: Manifest | None, params: dict, inputs_fp: str, code: 
     return f"outputs_modified ({intact})" if intact else "fingerprint_changed"
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     """Fail on unknown names before any stage spends time (a typo should not cost a teacher run)."""
     from pipeline.data import dataset_names
     from pipeline.distill import method_names
@@ -65,6 +65,8 @@ def validate(cfg: Config) -> None:
     ):
         if value not in valid:
             raise ConfigError(f"unknown {what} {value!r}; choose one of: {', '.join(valid)}")
+    for name in names:
+        get_stage(name).validate(cfg)
 
 
 def run_stages(
@@ -80,7 +82,7 @@ def run_stages(
     Under torchrun, stages marked ``distributed`` run on every rank and the others on rank 0 alone;
     rank 0 alone logs, writes and commits (README, "Training at scale").
     """
-    validate(cfg)
+    validate(cfg, names)
     store = RunStore(out)
     with launch(cfg.device) as current:
         if current.is_main:

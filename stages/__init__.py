@@ -11,11 +11,11 @@ from stages.base import STAGES, Stage, StageContext, StageResult
 
 __all__ = ["ORDER", "STAGES", "Stage", "StageContext", "StageResult", "get_stage"]
 
-ORDER = ("teacher", "train", "fuse", "verify", "export")
+ORDER = ("teacher", "train", "fuse", "verify", "export", "engine")
 
 
 def _load_stages() -> None:
-    from stages import export, fuse, teacher, train, verify  # noqa: F401
+    from stages import engine, export, fuse, teacher, train, verify  # noqa: F401
 
 
 def get_stage(name: str) -> Stage:

@@ -63,6 +63,9 @@ class Stage:
         """User-supplied files this stage reads, by role (hashed into the fingerprint)."""
         return {}
 
+    def validate(self, cfg: Config) -> None:
+        """Raise a ConfigError for settings this stage cannot use; runs before any stage of the run starts."""
+
     def params(self, cfg: Config) -> dict:
         """The result-affecting configuration; anything not here must not change the outputs."""
         raise NotImplementedError

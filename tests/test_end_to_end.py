@@ -16,15 +16,26 @@ def run_dir(tmp_path_factory):
     from tests.conftest import TINY
 
     out = tmp_path_factory.mktemp("e2e") / "run"
-    args = [a for item in TINY for a in ("--set", item)]
+    # INT8's accuracy gate on 64 test images of a one-epoch model is a coin toss: it is tested elsewhere.
+    args = [a for item in (*TINY, "export.precisions=[fp32,fp16]") for a in ("--set", item)]
     assert run_cli(["run", "all", "--out", str(out), *args]) == 0
     return out, args
+
+
+def _completed(out) -> list[str]:
+    """Every stage but an engine stage skipped because TensorRT or a GPU is missing here."""
+    return [s for s in ORDER if not (s == "engine" and RunStore(out).manifest(s).status == "skipped")]
 
 
 def test_every_stage_ok_with_passing_checks(run_dir):
     out, _ = run_dir
     store = RunStore(out)
-    for stage in ORDER:
+    engine = store.manifest("engine")
+    if engine.status == "skipped":
+        from exports.trt_engine import unavailable_reason
+
+        assert engine.reason and engine.reason == unavailable_reason()
+    for stage in _completed(out):
         manifest = store.manifest(stage)
         assert manifest is not None, stage
         assert manifest.status == "ok", (stage, manifest.reason)
@@ -39,11 +50,12 @@ def test_every_stage_ok_with_passing_checks(run_dir):
 
 def test_second_run_skips_every_stage(run_dir, capsys):
     out, args = run_dir
-    before = {s: (out / s / "manifest.json").read_text() for s in ORDER}
+    done = _completed(out)
+    before = {s: (out / s / "manifest.json").read_text() for s in done}
     assert run_cli(["run", "all", "--out", str(out), *args]) == 0
     captured = capsys.readouterr()
-    assert captured.err.count("up to date") == len(ORDER)
-    assert {s: (out / s / "manifest.json").read_text() for s in ORDER} == before
+    assert captured.err.count("up to date") == len(done)
+    assert {s: (out / s / "manifest.json").read_text() for s in done} == before
 
 
 def test_inspect_json(run_dir, capsys):

@@ -1,0 +1,75 @@
+"""Calibration data for ONNX Runtime's calibrators, and per-tensor activation ranges.
+
+Both reduced precisions look at activations on real training images: INT8 to choose scales, fp16 to
+find the nodes whose outputs would overflow. ONNX Runtime's calibrators already run a model with
+every intermediate tensor exposed, so the ranges come from them rather than from hand-made graph
+surgery.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from exports.deps import require
+from exports.metadata import INPUT_NAME
+
+CALIBRATION_METHODS = ("percentile", "minmax", "entropy")
+
+
+def calibration_method(name: str):
+    """The ONNX Runtime ``CalibrationMethod`` for a config name."""
+    from pipeline.errors import ConfigError
+
+    calibrate = require("onnxruntime.quantization.calibrate")
+    table = {
+        "minmax": calibrate.CalibrationMethod.MinMax,
+        "entropy": calibrate.CalibrationMethod.Entropy,
+        "percentile": calibrate.CalibrationMethod.Percentile,
+    }
+    if name not in table:
+        raise ConfigError(f"unknown calibration method {name!r}; choose one of: {', '.join(CALIBRATION_METHODS)}")
+    return table[name]
+
+
+def array_reader(images: np.ndarray, input_name: str = INPUT_NAME, batch: int = 32):
+    """A ``CalibrationDataReader`` that feeds ``images`` in batches, in order."""
+    calibrate = require("onnxruntime.quantization.calibrate")
+
+    class ArrayReader(calibrate.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.start = 0
+
+        def get_next(self) -> dict | None:
+            if self.start >= len(images):
+                return None
+            feed = {input_name: np.ascontiguousarray(images[self.start : self.start + batch], dtype=np.float32)}
+            self.start += batch
+            return feed
+
+        def __len__(self) -> int:
+            return -(-len(images) // batch)
+
+    return ArrayReader()
+
+
+def activation_ranges(onnx_path: str | Path, images: np.ndarray, input_name: str = INPUT_NAME) -> dict[str, float]:
+    """Largest ``|value|`` of every float tensor in the graph over ``images`` (min-max calibration)."""
+    calibrate = require("onnxruntime.quantization.calibrate")
+    with tempfile.TemporaryDirectory(prefix="ranges-") as tmp:
+        calibrator = calibrate.create_calibrator(
+            Path(onnx_path),
+            None,
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=calibrate.CalibrationMethod.MinMax,
+        )
+        calibrator.collect_data(array_reader(images, input_name))
+        ranges = calibrator.compute_data()
+        del calibrator
+    out = {}
+    for name, data in ranges.data.items():
+        low, high = (np.asarray(v, dtype=np.float64) for v in data.range_value)
+        out[name] = float(np.max(np.abs(np.concatenate([low.ravel(), high.ravel()]))))
+    return out

@@ -1,0 +1,298 @@
+"""INT8 ONNX with explicit Q/DQ nodes, through ONNX Runtime's static quantization.
+
+TensorRT 11 removed implicit INT8 calibration; an INT8 engine comes from an ONNX that already holds
+QuantizeLinear/DequantizeLinear pairs. What TensorRT accepts (its "explicit quantization" rules)
+decides the settings of the ``tensorrt`` target, which match the ONNX Runtime options NVIDIA's
+ModelOpt passes for its own INT8 ONNX path:
+
+* signed INT8, symmetric: every zero point is 0 (TensorRT has no asymmetric INT8);
+* activations per tensor; weights per output channel (axis 0 of a Conv or transposed-B Gemm weight),
+  kept in fp32 behind a Q/DQ pair so TensorRT quantizes them itself;
+* Q/DQ on the inputs of Conv, Gemm, MatMul and Add (the residual input included), never on their
+  outputs, and no INT32 bias quantization: TensorRT fuses the pattern into INT8 kernels.
+
+The ``cpu`` target instead follows ONNX Runtime's x86 advice (asymmetric uint8 activations, every
+supported op quantized), which ONNX Runtime's CPU kernels fuse; TensorRT does not accept it.
+
+Calibration ranges are cached on disk under a key of the model's hash, the calibration set's hash,
+both shapes and the quantization settings, so a stale cache can never be picked up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from exports.calibration import array_reader, calibration_method
+from exports.deps import require
+from exports.metadata import INPUT_NAME, DeployMeta
+from exports.onnx_export import check_onnx, write_metadata
+from pipeline.errors import ConfigError, MissingDependencyError
+from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
+
+INT8_TARGETS = ("tensorrt", "cpu")
+TENSORRT_OPS = ("Conv", "Gemm", "MatMul", "Add")
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+@dataclass(frozen=True)
+class CalibrationKey:
+    """Everything the calibration ranges depend on."""
+
+    model_sha256: str
+    data_sha256: str
+    data_shape: tuple[int, ...]
+    input_shape: tuple  # the model's declared input shape (symbolic dims as names)
+    method: str
+    target: str
+    onnxruntime: str
+
+    @property
+    def digest(self) -> str:
+        return sha256_json(asdict(self))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "digest": self.digest}
+
+
+def calibration_key(model: str | Path, images: np.ndarray, method: str, target: str) -> CalibrationKey:
+    onnx = require("onnx")
+    ort = require("onnxruntime")
+    graph = onnx.load(str(model), load_external_data=False).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    return CalibrationKey(
+        model_sha256=sha256_file(model),
+        data_sha256=sha256_bytes(images.tobytes()),
+        data_shape=tuple(images.shape),
+        input_shape=tuple(d.dim_param or d.dim_value for d in dims),
+        method=method,
+        target=target,
+        onnxruntime=ort.__version__,
+    )
+
+
+class CalibrationCache:
+    """A folder of ``<digest>.json`` range files (ONNX Runtime's format), each with a ``.key.json``
+    that records the full key and the range file's hash; an entry that fails either is discarded."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def ranges_path(self, key: CalibrationKey) -> Path:
+        return self.folder / f"{key.digest}.json"
+
+    def _key_path(self, key: CalibrationKey) -> Path:
+        return self.folder / f"{key.digest}.key.json"
+
+    def lookup(self, key: CalibrationKey) -> Path | None:
+        """The verified range file for ``key``, or ``None`` (stale or damaged entries are removed)."""
+        ranges, record = self.ranges_path(key), self._key_path(key)
+        if not ranges.is_file():
+            return None
+        try:
+            stored = json.loads(record.read_text())
+            valid = stored.get("key") == _jsonable(key.to_dict()) and stored.get("sha256") == sha256_file(ranges)
+        except (OSError, ValueError):
+            valid = False
+        if not valid:
+            ranges.unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
+            return None
+        return ranges
+
+    def record(self, key: CalibrationKey) -> None:
+        """Seal a range file ONNX Runtime has just written for ``key``."""
+        payload = {"key": _jsonable(key.to_dict()), "sha256": sha256_file(self.ranges_path(key))}
+        _atomic_write(self._key_path(key), json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass(frozen=True)
+class Int8Result:
+    key: CalibrationKey
+    cache_hit: bool
+    ranges: Path  # the cached range file that was used
+
+
+def require_calibration_cache() -> None:
+    quantization = require("onnxruntime.quantization")
+    if "calibration_cache_path" not in inspect.signature(quantization.quantize_static).parameters:
+        cause = RuntimeError("its quantize_static has no calibration cache")
+        raise MissingDependencyError("onnxruntime>=1.27", None, cause)
+
+
+def quantize_int8(
+    src: str | Path,
+    dst: str | Path,
+    images: np.ndarray,
+    cache: CalibrationCache,
+    meta: DeployMeta,
+    method: str = "percentile",
+    target: str = "tensorrt",
+    input_name: str = INPUT_NAME,
+) -> Int8Result:
+    """Write the Q/DQ INT8 version of the fp32 ONNX ``src`` to ``dst``, calibrated on ``images``."""
+    if target not in INT8_TARGETS:
+        raise ConfigError(f"unknown export.int8_target {target!r}; choose one of: {', '.join(INT8_TARGETS)}")
+    quantization = require("onnxruntime.quantization")
+    preprocess = require("onnxruntime.quantization.shape_inference")
+    require_calibration_cache()
+    calibrate = calibration_method(method)
+    key = calibration_key(src, images, method, target)
+    cached = cache.lookup(key)
+    cache.folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="int8-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        preprocess.quant_pre_process(str(src), str(prepared))
+        options = _target_options(quantization, target, prepared)
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
+            quantization.quantize_static(
+                str(prepared),
+                str(dst),
+                None if cached else array_reader(images, input_name),
+                quant_format=quantization.QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=False,
+                calibrate_method=calibrate,
+                calibration_cache_path=str(cache.ranges_path(key)),
+                **options,
+            )
+    if not cached:
+        cache.record(key)
+    write_metadata(dst, meta)
+    check_onnx(dst)
+    return Int8Result(key, cached is not None, cache.ranges_path(key))
+
+
+def _target_options(quantization, target: str, model: Path) -> dict:
+    if target == "cpu":
+        return {
+            "activation_type": quantization.QuantType.QUInt8,
+            "weight_type": quantization.QuantType.QInt8,
+            "extra_options": {"WeightSymmetric": True},
+        }
+    onnx = require("onnx")
+    op_types = sorted({n.op_type for n in onnx.load(str(model), load_external_data=False).graph.node})
+    return {
+        "activation_type": quantization.QuantType.QInt8,
+        "weight_type": quantization.QuantType.QInt8,
+        "op_types_to_quantize": list(TENSORRT_OPS),
+        "extra_options": {
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            "QuantizeBias": False,
+            "AddQDQPairToWeight": True,
+            "DedicatedQDQPair": False,
+            "ForceQuantizeNoInputCheck": True,
+            "OpTypesToExcludeOutputQuantization": op_types,
+            "QDQOpTypePerChannelSupportToAxis": {"Conv": 0},
+            "QDQDisableWeightAdjustForInt32Bias": True,
+        },
+    }
+
+
+def tensorrt_qdq_problems(path: str | Path) -> list[str]:
+    """Why TensorRT's explicit quantization would reject the Q/DQ nodes of ``path`` (empty if none).
+
+    Each Q/DQ node needs a positive finite scale and an INT8 zero point of 0; a per-channel scale is
+    allowed only on a weight, along the output-channel axis of the op that consumes it.
+    """
+    onnx = require("onnx")
+    numpy_helper = require("onnx.numpy_helper")
+    graph = onnx.load(str(path)).graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        value = next((a for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "Constant" and value is not None:
+            consts[node.output[0]] = numpy_helper.to_array(value.t)
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, index))
+    qdq = [node for node in graph.node if node.op_type in _QDQ]
+    if not qdq:
+        return ["the model has no QuantizeLinear/DequantizeLinear nodes"]
+    problems = []
+    for node in qdq:
+        where = f"{node.op_type} {node.name or node.output[0]}"
+        scale = consts.get(node.input[1]) if len(node.input) > 1 else None
+        zero = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale is None or not np.all(np.isfinite(scale)) or not np.all(scale > 0):
+            problems.append(f"{where}: scale must be a positive finite constant")
+            continue
+        if zero is None:
+            problems.append(f"{where}: zero point missing (it would default to uint8)")
+        elif zero.dtype != np.int8:
+            problems.append(f"{where}: zero point is {zero.dtype}; TensorRT needs int8")
+        elif np.any(zero != 0):
+            problems.append(f"{where}: zero point is not 0; TensorRT quantization is symmetric")
+        if scale.size > 1:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            problem = _channel_axis_problem(node, axis, consts, producers, consumers)
+            if problem:
+                problems.append(f"{where}: {problem}")
+    return problems
+
+
+def _channel_axis_problem(node, axis: int, consts: dict, producers: dict, consumers: dict) -> str:
+    weight = node.input[0]
+    if weight not in consts and weight in producers and producers[weight].op_type == "QuantizeLinear":
+        weight = producers[weight].input[0]  # DQ of a Q/DQ pair on an fp32 weight
+    if weight not in consts:
+        return "per-channel scale on an activation; TensorRT needs per-tensor activation scales"
+    rank = consts[weight].ndim
+    dequantized = [node.output[0]]
+    if node.op_type == "QuantizeLinear":
+        dequantized = [dq.output[0] for dq, _ in consumers.get(node.output[0], []) if dq.op_type == "DequantizeLinear"]
+    for name in dequantized:
+        for user, index in consumers.get(name, []):
+            expected = _output_channel_axis(user, rank)
+            if expected is None or index != 1:
+                return f"per-channel scale feeding input {index} of {user.op_type}; allowed only on a weight"
+            if axis % rank != expected:
+                return f"channel axis {axis}, but {user.op_type} needs axis {expected} (its output channels)"
+    return ""
+
+
+def _output_channel_axis(user, rank: int) -> int | None:
+    if user.op_type == "Conv":
+        return 0
+    if user.op_type == "ConvTranspose":
+        return 1
+    if user.op_type == "Gemm":
+        return 0 if next((a.i for a in user.attribute if a.name == "transB"), 0) else 1
+    if user.op_type == "MatMul":
+        return rank - 1
+    return None
+
+
+def _jsonable(data: dict) -> dict:
+    return json.loads(json.dumps(data))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def copy_ranges(result: Int8Result, dst: str | Path) -> None:
+    """Keep the ranges used (with their key) beside the INT8 model as a checked artifact."""
+    payload = {"key": _jsonable(result.key.to_dict()), "cache_hit": result.cache_hit}
+    payload["ranges"] = json.loads(Path(result.ranges).read_text())
+    Path(dst).write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")

@@ -1,0 +1,77 @@
+"""What a deployed model carries about itself: I/O names, preprocessing, classes, provenance.
+
+The same record travels inside every ONNX file (``metadata_props``) and in the JSON sidecar of
+every TensorRT engine, so an app can classify an image with nothing but the model file. This module
+needs only the standard library: the edge runtime imports it without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+PRECISIONS = ("fp32", "fp16", "int8")
+_REQUIRED = ("arch", "num_classes", "input_size", "mean", "std", "resize", "crop")
+
+
+class MetadataError(ValueError):
+    """A model file that does not carry (valid) pipeline metadata."""
+
+
+@dataclass(frozen=True)
+class DeployMeta:
+    """Everything needed to feed the model and name its outputs.
+
+    Preprocessing follows the evaluation transform: resize the shorter side to ``resize``, center
+    crop ``crop`` x ``crop``, scale to [0, 1], subtract ``mean`` and divide by ``std`` per channel.
+    """
+
+    arch: str
+    num_classes: int
+    input_size: int
+    mean: list[float]
+    std: list[float]
+    resize: int
+    crop: int
+    class_names: list[str] = field(default_factory=list)
+    recipe: str = ""
+    precision: str = "fp32"
+    quantization: str = ""  # how reduced precision was made (and for which backend)
+    source_sha256: str = ""
+    exporter: str = ""
+    opset: int = 0
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+
+    def to_props(self) -> dict[str, str]:
+        """String key/value pairs for ONNX ``metadata_props`` (non-strings as JSON)."""
+        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in sorted(asdict(self).items())}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], where: str = "model") -> DeployMeta:
+        kinds = {f.name: f.type for f in fields(cls)}
+        missing = [name for name in _REQUIRED if name not in props]
+        if missing:
+            raise MetadataError(
+                f"{where} has no pipeline metadata ({', '.join(missing)} missing); "
+                "export it with `python -m pipeline run export`"
+            )
+        values: dict = {}
+        for name, raw in props.items():
+            if name not in kinds:
+                continue  # keys from newer versions or other tools
+            try:
+                values[name] = raw if kinds[name] == "str" else json.loads(raw)
+            except ValueError:
+                raise MetadataError(f"{where} has malformed metadata {name}={raw!r}") from None
+        meta = cls(**values)
+        if len(meta.mean) != 3 or len(meta.std) != 3 or min(meta.std) <= 0:
+            raise MetadataError(f"{where} has malformed normalization (mean={meta.mean}, std={meta.std})")
+        if meta.class_names and len(meta.class_names) != meta.num_classes:
+            raise MetadataError(f"{where} names {len(meta.class_names)} classes but has {meta.num_classes} outputs")
+        return meta
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if index < len(self.class_names) else str(index)

@@ -1,0 +1,204 @@
+"""``engine``: build the TensorRT engine from the exported ONNX of the chosen precision and check it.
+
+The build uses the TensorRT Python API (strongly typed network, the configured optimization
+profile, a timing cache kept per TensorRT release and GPU under ``<run>/.cache/tensorrt``) and writes
+the plain serialized plan with a JSON sidecar (TensorRT version, GPU, compute capability, profile,
+model metadata). The engine is then run, after the sidecar preflight, on the golden inputs and held
+to its precision's gate (design §2); an INT8 engine is also scored on the evaluation set when the
+run's labels fit the model. Without TensorRT or a CUDA GPU the stage records ``skipped`` and why; it
+never writes a placeholder engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from exports.golden import load_inputs, load_outputs
+from exports.metadata import PRECISIONS, DeployMeta
+from exports.onnx_export import read_metadata
+from exports.trt_commands import GOLDEN_INPUTS, engine_name, golden_outputs_name
+from exports.trt_engine import TrtRunner, build_engine, current_platform, sidecar_path, unavailable_reason, write_engine
+from pipeline.checks import Check
+from pipeline.compare import diff_stats, top1_accuracy
+from pipeline.config import Config
+from pipeline.errors import ConfigError
+from stages.base import Stage, StageContext, StageResult, register_stage
+from stages.common import data_params, write_json
+from stages.export import ONNX_FILES, REPORT, engine_profile, eval_batches, label_mismatch, read_report
+
+INT8_CPU_ONLY = (
+    "the INT8 model for the ONNX Runtime CPU (export.int8_target=cpu) has uint8 activations, which TensorRT "
+    "does not accept; export with export.int8_target=tensorrt for an INT8 engine"
+)
+
+
+def cuda_index(device: str) -> int | None:
+    """The CUDA device an engine is built on, or ``None`` when the run asked for the CPU."""
+    if device in ("auto", "cuda"):
+        return 0
+    if device.startswith("cuda:"):
+        return int(device.split(":", 1)[1])
+    return None
+
+
+@register_stage
+class EngineStage(Stage):
+    name = "engine"
+    description = "build the TensorRT engine and check it against the golden outputs"
+
+    def requires(self, cfg: Config) -> tuple[str, ...]:
+        return ("export",)
+
+    def validate(self, cfg: Config) -> None:
+        if cfg.engine.precision not in PRECISIONS:
+            raise ConfigError(
+                f"unknown engine.precision {cfg.engine.precision!r}; choose one of: {', '.join(PRECISIONS)}"
+            )
+        engine_profile(cfg, 1)
+        if cfg.engine.workspace_mib < 1:
+            raise ConfigError("engine.workspace_mib must be at least 1")
+        if cfg.engine.precision == "int8" and cfg.export.int8_target != "tensorrt":
+            raise ConfigError(INT8_CPU_ONLY)
+
+    def params(self, cfg: Config) -> dict:
+        params = dataclasses.asdict(cfg.engine)
+        params.pop("timing_cache")  # a build speed-up, not part of the result
+        params["device"] = cfg.device
+        params["eval_samples"] = cfg.export.eval_samples
+        params["data"] = data_params(cfg)
+        return params
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg, export = ctx.cfg, ctx.inputs["export"]
+        precision = cfg.engine.precision
+        onnx_path = self._onnx_for(precision, export, cfg)
+        index = cuda_index(cfg.device)
+        if index is None:
+            return StageResult(
+                status="skipped", reason=f"TensorRT needs a CUDA GPU and the run uses device={cfg.device}"
+            )
+        reason = unavailable_reason()
+        if reason:
+            return StageResult(status="skipped", reason=reason)
+
+        meta = DeployMeta.from_props(read_metadata(onnx_path), str(onnx_path))
+        profile = engine_profile(cfg, meta.input_size)
+        platform = current_platform(index)
+        cache = Path(
+            cfg.engine.timing_cache
+            or ctx.store.root
+            / ".cache"
+            / "tensorrt"
+            / f"trt{platform.tensorrt_release}-sm{platform.compute_capability}.timing.cache"
+        )
+        ctx.log(f"[engine] building {precision} engine on {platform.gpu} with TensorRT {platform.tensorrt}")
+        plan = build_engine(onnx_path, profile, cfg.engine.workspace_mib, cache, meta.input_name)
+        engine_path = ctx.out / engine_name(precision)
+        write_engine(plan, engine_path, onnx_path, precision, profile, cfg.engine.workspace_mib, meta, platform)
+
+        golden = load_inputs(export.path(GOLDEN_INPUTS), meta.input_name)
+        runner_name, expected = load_outputs(export.path(golden_outputs_name(precision)), meta.output_name)
+        with TrtRunner(engine_path, index) as runner:
+            per_sample = np.concatenate([runner.infer(golden[i : i + 1]) for i in range(len(golden))])
+            batched = runner.infer(golden)
+            for warning in runner.warnings:
+                ctx.log(f"[engine] warning: {warning}")
+            stats = diff_stats(expected, per_sample)
+            checks = golden_checks(precision, stats)
+            metrics = {
+                "engine_max_abs": stats["max_abs"],
+                "engine_min_cosine": stats["min_cosine"],
+                "batch_max_abs": diff_stats(per_sample, batched)["max_abs"],
+                "engine_bytes": len(plan),
+            }
+            report = {
+                "platform": dataclasses.asdict(platform),
+                "profile": dataclasses.asdict(profile),
+                "golden": {"reference": runner_name, "samples": len(golden), **stats},
+                "batch_consistency": diff_stats(per_sample, batched),
+            }
+            note = ""
+            if precision == "int8":
+                int8_checks, int8_metrics, note = self._int8_accuracy(ctx, runner, meta, export.path(REPORT))
+                checks += int8_checks
+                metrics.update(int8_metrics)
+                report["int8"] = int8_metrics
+        report["sidecar"] = sidecar_path(engine_path).name
+        write_json(ctx.out / REPORT, report)
+        return StageResult(checks=checks, metrics=metrics, reason=note)
+
+    @staticmethod
+    def _onnx_for(precision: str, export, cfg: Config) -> Path:
+        exported = {a.path for a in export.manifest.outputs}
+        if ONNX_FILES[precision] not in exported:
+            raise ConfigError(
+                f"engine.precision={precision} but the export stage made no {precision} ONNX; "
+                f"add it with --set 'export.precisions=[fp32,{precision}]' and rerun export"
+            )
+        if precision == "int8" and export.manifest.params.get("int8_target") != "tensorrt":
+            raise ConfigError(INT8_CPU_ONLY)
+        return export.path(ONNX_FILES[precision])
+
+    @staticmethod
+    def _int8_accuracy(ctx: StageContext, runner: TrtRunner, meta: DeployMeta, export_report: Path):
+        """The INT8 gate proper: top-1 drop against the fp32 accuracy the export stage measured."""
+        cfg = ctx.cfg
+        fp32_top1 = read_report(export_report).get("gates", {}).get("int8", {}).get("fp32_top1")
+        mismatch = label_mismatch(cfg, meta)
+        if mismatch or fp32_top1 is None:
+            why = mismatch or "the export stage has no fp32 accuracy for this data"
+            return [], {"int8_gate": "skipped"}, f"int8 accuracy gate skipped: {why}"
+        logits, labels = [], []
+        for images, batch_labels in eval_batches(cfg, meta, cfg.export.eval_samples):
+            logits.append(runner.infer(images))
+            labels.append(batch_labels)
+        top1 = top1_accuracy(np.concatenate(logits), np.concatenate(labels))
+        drop = fp32_top1 - top1
+        check = Check.gate(
+            "trt_int8_top1_drop",
+            "top-1 ONNX fp32 - top-1 TensorRT int8 (pt)",
+            drop,
+            "onnx.int8_top1_drop_pt",
+            detail=f"fp32 {fp32_top1:.2f}%, TensorRT int8 {top1:.2f}%",
+        )
+        return [check], {"trt_int8_top1": top1, "trt_int8_top1_drop_pt": drop}, ""
+
+
+def golden_checks(precision: str, stats: dict) -> list[Check]:
+    """The engine's gate on the golden samples: the matching ONNX row of design §2."""
+    if precision == "fp32":
+        return [
+            Check.gate("trt_fp32_max_abs", "max |TensorRT - golden|", stats["max_abs"], "trt.fp32_max_abs"),
+            Check.gate(
+                "trt_top1_agreement", "fraction of equal argmax", stats["top1_agreement"], "onnx.top1_agreement", ">="
+            ),
+        ]
+    if precision == "fp16":
+        return [
+            Check.gate(
+                "trt_fp16_min_cosine",
+                "min per-sample cosine vs golden",
+                stats["min_cosine"],
+                "onnx.fp16_min_cosine",
+                ">=",
+            ),
+            Check.gate(
+                "trt_fp16_top1_agreement",
+                "fraction of equal argmax",
+                stats["top1_agreement"],
+                "onnx.fp16_top1_agreement",
+                ">=",
+            ),
+        ]
+    return [
+        Check.gate(
+            "trt_int8_top1_agreement",
+            "fraction of equal argmax vs ONNX Runtime int8",
+            stats["top1_agreement"],
+            "trt.int8_top1_agreement",
+            ">=",
+        )
+    ]

@@ -1,0 +1,236 @@
+"""The export stage through the CLI's export-only path, on fused checkpoints made here (no training):
+every artifact and its metadata, the fp16 gate failing a deliberately broken model, the INT8 gate
+recorded as skipped when the run's labels do not fit the model, and the calibration cache reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from exports.golden import load_inputs, load_outputs
+from exports.metadata import DeployMeta
+from exports.onnx_export import read_metadata
+from exports.ort import ort_run, ort_session
+from pipeline.checkpoint import ModelMeta, save_checkpoint
+from pipeline.cli import run_cli
+from pipeline.models import build_model
+from pipeline.reparam import fuse_model
+from pipeline.store import RunStore
+
+pytestmark = pytest.mark.xdist_group("export-stage")
+
+DATA = [
+    "data.synthetic.train_size=120",
+    "data.synthetic.test_size=40",
+    "data.num_classes=5",  # the checkpoints have 4 classes: test labels cannot score them
+    "export.dynamo=false",  # the dynamo exporter is covered by the end-to-end run; this keeps the test quick
+    "export.parity_samples=8",
+    "export.golden_samples=4",
+    "export.calibration_samples=32",
+    "engine.opt_batch=4",
+    "engine.max_batch=8",
+]
+
+
+def _args(*extra: str) -> list[str]:
+    return [a for item in (*DATA, *extra) for a in ("--set", item)]
+
+
+@torch.no_grad()
+def _checkpoint(path, overflow: float | None = None):
+    """A fused resnet20 for 4 classes; ``overflow`` scales one channel of a block's first conv and divides
+    the matching input of its second conv, which keeps the fp32 function but leaves fp16's range."""
+    torch.manual_seed(0)
+    model = fuse_model(build_model("resnet20", 4))
+    if overflow:
+        block = model.layer1[0]
+        block.conv1.bias[0] += 5.0  # a channel that is always active, so its scaled copy always overflows
+        block.conv1.weight[0] *= overflow
+        block.conv1.bias[0] *= overflow
+        block.conv2.weight[:, 0] /= overflow
+    meta = ModelMeta(
+        arch="resnet20",
+        num_classes=4,
+        input_size=32,
+        mean=[0.5] * 3,
+        std=[0.15] * 3,
+        class_names=[f"c{i}" for i in range(4)],
+        form="fused",
+    )
+    save_checkpoint(path, model.state_dict(), meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage")
+    ckpt = _checkpoint(root / "student.safetensors")
+    out = root / "run"
+    args = ["run", "export", "--checkpoint", str(ckpt), "--out", str(out)]
+    assert run_cli([*args, *_args("export.precisions=[fp32,fp16,int8]")]) == 0
+    return root, out, args
+
+
+def test_every_precision_is_a_checked_artifact(exported):
+    _, out, _ = exported
+    manifest = RunStore(out).manifest("export")
+    assert manifest.status == "ok" and all(manifest.checks)
+    names = {a.path for a in manifest.outputs}
+    assert {
+        "model.onnx",
+        "model.fp16.onnx",
+        "model.int8.onnx",
+        "golden_inputs.json",
+        "golden_outputs.json",
+        "golden_outputs_int8.json",
+        "int8_calibration.json",
+        "build_engine.sh",
+        "report.json",
+    } <= names
+    checks = {c.name for c in manifest.checks}
+    assert {"onnx_fp32_max_abs", "batch_consistency", "onnx_fp16_min_cosine", "int8_qdq_tensorrt"} <= checks
+    folder = out / "export"
+    for name, precision in (("model.onnx", "fp32"), ("model.fp16.onnx", "fp16"), ("model.int8.onnx", "int8")):
+        meta = DeployMeta.from_props(read_metadata(folder / name))
+        assert (meta.precision, meta.num_classes, meta.input_size, meta.opset) == (precision, 4, 32, 18)
+        assert meta.exporter.startswith("torch.onnx.export(dynamo=False)")
+        assert meta.class_names == ["c0", "c1", "c2", "c3"] and meta.std == [0.15] * 3
+    assert (
+        "TensorRT explicit quantization"
+        in DeployMeta.from_props(read_metadata(folder / "model.int8.onnx")).quantization
+    )
+    assert manifest.params["dynamo"] is False and manifest.params["opset"] == 18
+    assert os.stat(folder / "build_engine.sh").st_mode & stat.S_IXUSR
+    script = (folder / "build_engine.sh").read_text()
+    assert "build_int8" in script and "--maxShapes=input:8x3x32x32" in script
+
+
+def test_int8_gate_is_recorded_as_skipped_not_passed(exported):
+    _, out, _ = exported
+    manifest = RunStore(out).manifest("export")
+    assert "int8 accuracy gate skipped: dataset synthetic has 5 classes, the model 4" in manifest.reason
+    assert "onnx_int8_top1_drop" not in {c.name for c in manifest.checks}
+    assert manifest.metrics["int8_gate"] == "skipped"
+    report = json.loads((out / "export" / "report.json").read_text())
+    assert report["gates"]["int8"]["accuracy_gate"].startswith("skipped")
+
+
+def test_golden_files_hold_the_reference(exported):
+    _, out, _ = exported
+    folder = out / "export"
+    images = load_inputs(folder / "golden_inputs.json")
+    runner, reference = load_outputs(folder / "golden_outputs.json")
+    assert images.shape == (4, 3, 32, 32) and runner == "pytorch-fp32"
+    assert np.abs(ort_run(ort_session(folder / "model.onnx"), images) - reference).max() <= 1e-4
+    runner, int8 = load_outputs(folder / "golden_outputs_int8.json")
+    assert runner == "onnxrt-int8"
+    np.testing.assert_allclose(ort_run(ort_session(folder / "model.int8.onnx"), images), int8, atol=1e-6)
+
+
+def test_rerun_reuses_the_calibration_cache(exported):
+    _, out, args = exported
+    assert run_cli([*args, *_args("export.precisions=[fp32,fp16,int8]"), "--force"]) == 0
+    report = json.loads((out / "export" / "report.json").read_text())
+    assert report["int8"]["cache_hit"] is True
+    assert (out / ".cache" / "calibration" / f"{report['int8']['key']['digest']}.json").is_file()
+
+
+def test_fp16_gate_fails_a_model_that_overflows_without_the_guard(exported, capsys):
+    root, _, _ = exported
+    ckpt = _checkpoint(root / "overflow.safetensors", overflow=1e6)
+    out = root / "overflow"
+    args = ["run", "export", "--checkpoint", str(ckpt), "--out", str(out)]
+    assert run_cli([*args, *_args("export.precisions=[fp32,fp16]", "export.fp16_guard=false")]) == 1
+    err = capsys.readouterr().err
+    assert "stage 'export' failed its checks: FAILED | onnx_fp16_min_cosine" in err
+    manifest = RunStore(out).manifest("export")
+    assert manifest.status == "failed"
+    assert manifest.output("model.onnx")  # fp32 still passed; the failed manifest records everything
+    failed = {c.name for c in manifest.checks if not c}
+    assert "onnx_fp16_min_cosine" in failed and "onnx_fp32_max_abs" not in failed
+
+    assert run_cli([*args, *_args("export.precisions=[fp32,fp16]")]) == 0  # the guard keeps the node in fp32
+    report = json.loads((out / "export" / "report.json").read_text())
+    assert any("layer1" in node or "conv" in node.lower() for node in report["fp16"]["kept_fp32"])
+
+    assert run_cli(["run", "engine", "--out", str(out), *_args("engine.precision=int8")]) == 2
+    assert "engine.precision=int8 but the export stage made no int8 ONNX" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("export.precisions=[fp32,int4]", "unknown export precision 'int4'"),
+        ("export.int8_target=gpu", "unknown export.int8_target 'gpu'"),
+        ("export.calibration_method=histogram", "unknown calibration method 'histogram'"),
+        ("engine.max_batch=0", "1 <= min_batch <= opt_batch <= max_batch"),
+        ("export.fp16_safe_max=70000", "export.fp16_safe_max must be in (0, 65504]"),
+        ("export.eval_samples=0", "export.eval_samples must be at least 1"),
+    ],
+)
+def test_bad_export_settings_exit_2(exported, override, message, capsys):
+    root, _, args = exported
+    out = root / "bad"
+    argv = [
+        "run",
+        "export",
+        "--checkpoint",
+        args[3],
+        "--out",
+        str(out),
+        *_args("export.precisions=[fp32,int8]", override),
+    ]
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert RunStore(out).manifest("export") is None
+
+
+def test_engine_stage_needs_the_precision_exported_and_skips_without_tensorrt(exported, capsys):
+    from exports.trt_engine import unavailable_reason
+
+    _, out, _ = exported
+    assert run_cli(["run", "engine", "--out", str(out), *_args("engine.precision=bf16")]) == 2
+    assert "unknown engine.precision 'bf16'" in capsys.readouterr().err
+    cpu_int8 = _args("engine.precision=int8", "export.int8_target=cpu")
+    assert run_cli(["run", "engine", "--out", str(out), *cpu_int8]) == 2
+    assert "uint8 activations, which TensorRT does not accept" in capsys.readouterr().err
+    reason = unavailable_reason()
+    if not reason:
+        pytest.skip("TensorRT and a GPU are present: the engine is built instead (covered by the tensorrt tests)")
+    assert run_cli(["run", "engine", "--out", str(out), *_args("engine.precision=fp16")]) == 0
+    manifest = RunStore(out).manifest("engine")
+    assert manifest.status == "skipped" and manifest.reason == reason
+    assert manifest.outputs == [] and not list((out / "engine").glob("*.engine"))
+    assert f"skipped: {reason}" in capsys.readouterr().out  # the summary table says why
+    assert run_cli(["run", "engine", "--out", str(out), *_args("engine.precision=fp16", "device=cpu")]) == 0
+    assert "device=cpu" in RunStore(out).manifest("engine").reason
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_engine_stage_builds_and_checks_each_precision(exported, precision, tmp_path):
+    from exports.runtime import Classifier
+    from exports.trt_engine import EngineSidecar, sidecar_path, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    _, out, _ = exported
+    assert run_cli(["run", "engine", "--out", str(out), *_args(f"engine.precision={precision}")]) == 0
+    manifest = RunStore(out).manifest("engine")
+    assert manifest.status == "ok" and manifest.checks and all(manifest.checks)
+    engine = out / "engine" / f"model.{precision}.engine"
+    sidecar = EngineSidecar.load(sidecar_path(engine))
+    assert sidecar.precision == precision and sidecar.profile.max_batch == 8
+    assert list((out / ".cache" / "tensorrt").glob("*.timing.cache"))
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (200, 20, 20)).save(image)
+    predictions = Classifier.load(engine).predict([image], top_k=2)[0]
+    assert len(predictions) == 2 and predictions[0].label.startswith("c")

@@ -1,0 +1,132 @@
+"""The edge runtime: preprocessing identical to the pipeline's, top-k on a saved image, no torch needed,
+and clear errors for files it cannot use."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from exports.metadata import DeployMeta
+from exports.onnx_export import export_onnx
+from exports.ort import ort_run, ort_session
+from exports.runtime import Classifier, ImageError, ModelFileError, load_image, preprocess, top_classes
+from stages.export import deploy_transform
+
+META = DeployMeta(
+    arch="brightness",
+    num_classes=3,
+    input_size=32,
+    mean=[0.5, 0.4, 0.3],
+    std=[0.2, 0.25, 0.3],
+    resize=36,
+    crop=32,
+    class_names=["red", "green", "blue"],
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Brightness(torch.nn.Module):
+    """Logits = mean of each normalized channel over the crop: the brightest channel wins."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) * 4.0
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    return export_onnx(Brightness(), tmp_path_factory.mktemp("rt") / "model.onnx", 32, 18, False, META)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, channel, size in (("red.png", 0, (48, 40)), ("blue.jpg", 2, (36, 60)), ("green.png", 1, (36, 36))):
+        pixels = rng.integers(0, 90, (size[1], size[0], 3), dtype=np.uint8)
+        pixels[..., channel] = 230
+        Image.fromarray(pixels).save(folder / name)
+        out[name] = folder / name
+    return out
+
+
+def test_preprocessing_matches_the_pipelines_transform(images):
+    for path in images.values():
+        image = load_image(path)
+        ours = preprocess(image, META)
+        theirs = deploy_transform(META)(image).numpy()
+        assert ours.shape == (3, 32, 32) and ours.dtype == np.float32
+        np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+def test_top_k_on_saved_images(model_file, images):
+    classifier = Classifier.load(model_file)
+    assert classifier.meta == META
+    results = classifier.predict([images["red.png"], images["blue.jpg"], images["green.png"]], top_k=2)
+    assert [r[0].label for r in results] == ["red", "blue", "green"]
+    for preds in results:
+        assert len(preds) == 2 and preds[0].probability >= preds[1].probability > 0
+    batch = classifier.preprocess([images["red.png"]])
+    logits = ort_run(ort_session(model_file), batch)
+    assert results[0][0].index == int(logits[0].argmax())
+    assert results[0][0].probability == pytest.approx(float(np.exp(logits[0]).max() / np.exp(logits[0]).sum()))
+    assert len(classifier.predict([images["red.png"]], top_k=10)[0]) == 3  # k is capped at the class count
+
+
+def test_top_classes_orders_and_names():
+    logits = np.array([[0.0, 2.0, 1.0], [5.0, 5.0, -1.0]], dtype=np.float32)
+    rows = top_classes(logits, 2, META)
+    assert [(p.index, p.label) for p in rows[0]] == [(1, "green"), (2, "blue")]
+    assert [p.index for p in rows[1]] == [0, 1]  # ties: lower index first
+    assert sum(p.probability for p in top_classes(logits, 3, META)[0]) == pytest.approx(1.0)
+
+
+def test_runtime_works_without_torch(model_file, images):
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+from exports.runtime import Classifier
+preds = Classifier.load({str(model_file)!r}).predict([{str(images["blue.jpg"])!r}], top_k=1)
+print(preds[0][0].label)
+assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "blue"
+
+
+def test_files_it_cannot_use_are_clear_errors(tmp_path, model_file):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        Classifier.load(tmp_path / "none.onnx")
+    (tmp_path / "junk.onnx").write_text("not a model")
+    with pytest.raises(ModelFileError, match="is not a loadable ONNX model"):
+        Classifier.load(tmp_path / "junk.onnx")
+    bare = export_onnx(Brightness(), tmp_path / "bare.onnx", 32, 18, False)  # no metadata
+    with pytest.raises(ModelFileError, match="has no pipeline metadata"):
+        Classifier.load(bare)
+    (tmp_path / "weights.pt").write_bytes(b"\0")
+    with pytest.raises(ModelFileError, match=r"neither an \.onnx model nor a TensorRT \.engine"):
+        Classifier.load(tmp_path / "weights.pt")
+    (tmp_path / "m.engine").write_bytes(b"\0")
+    from exports.trt_engine import unavailable_reason
+
+    if unavailable_reason():
+        with pytest.raises(ModelFileError, match="cannot run TensorRT engine"):
+            Classifier.load(tmp_path / "m.engine")
+    with pytest.raises(ImageError, match="does not exist"):
+        load_image(tmp_path / "none.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    with pytest.raises(ImageError, match="is not a readable image"):
+        load_image(tmp_path / "broken.png")
+    small = tmp_path / "small.png"
+    Image.new("RGB", (36, 20)).save(small)
+    classifier = Classifier.load(model_file)
+    assert classifier.preprocess([small]).shape == (1, 3, 32, 32)  # resized up to the crop
+    json.dumps([vars(p) for p in classifier.predict([small])[0]])  # predictions serialize
