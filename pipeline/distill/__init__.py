@@ -23,7 +23,7 @@ register_method = METHODS.register
 
 
 def _load_methods() -> None:
-    from pipeline.distill import kd  # noqa: F401
+    from pipeline.distill import kd, kdiffusion  # noqa: F401
 
 
 def method_names() -> list[str]:
