@@ -44,7 +44,8 @@ def test_variants_are_registered_with_their_defaults():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"m": 0}, "m \\(branches"),
+        ({"m": 0}, "m must be an integer >= 1"),
+        ({"layers": 1.5}, "layers must be an integer"),
         ({"target_mode": "noise"}, "target_mode"),
         ({"schedule": "sigmoid"}, "unknown schedule"),
         ({"layers": 4}, "declares 3 re-parameterization sites"),
@@ -149,3 +150,15 @@ def test_a_larger_student_map_is_pooled_to_the_teacher():
     d = _distiller("kdiffusion", student="resnet20", teacher="vgg8", m=2)  # student 8x8 vs teacher 4x4 at the end
     _, losses = d(*_batch())
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"), [("{mm: 4}", "has no option 'mm'"), ("{target_mode: literal}", "unknown target_mode")]
+)
+def test_bad_method_args_fail_before_any_stage_runs(tmp_path, capsys, args, message):
+    from pipeline.cli import run_cli
+
+    code = run_cli(["run", "all", "--out", str(tmp_path / "run"), "--set", f"student.method_args={args}"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "teacher").exists()

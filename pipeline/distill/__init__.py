@@ -16,7 +16,7 @@ from pipeline.distill.base import Distiller
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
-__all__ = ["METHODS", "Distiller", "build_distiller", "register_method"]
+__all__ = ["METHODS", "Distiller", "build_distiller", "check_method_args", "register_method"]
 
 METHODS: Registry[type[Distiller]] = Registry("method")
 register_method = METHODS.register
@@ -33,6 +33,20 @@ def method_names() -> list[str]:
 
 def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None, args: dict | None = None) -> Distiller:
     """Instantiate method ``name`` with ``args`` (from ``student.method_args``), checking the names first."""
+    cls = check_method_args(name, args)
+    if cls.requires_teacher and teacher is None:
+        raise ConfigError(f"method {name!r} needs a teacher")
+    try:
+        return cls(student, teacher, **dict(args or {}))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"method {name!r}: {exc}") from None
+
+
+def check_method_args(name: str, args: dict | None) -> type[Distiller]:
+    """The method class, once ``args`` are known options with values it accepts; no model is built.
+
+    The runner calls this before any stage runs, so a typo in ``method_args`` never costs a teacher run.
+    """
     _load_methods()
     cls = METHODS.get(name)
     args = dict(args or {})
@@ -46,9 +60,8 @@ def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None, ar
         raise ConfigError(
             f"method {name!r} has no option {unknown[0]!r}; its options: {', '.join(sorted(accepted)) or 'none'}"
         )
-    if cls.requires_teacher and teacher is None:
-        raise ConfigError(f"method {name!r} needs a teacher")
     try:
-        return cls(student, teacher, **args)
+        cls.check_args(args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"method {name!r}: {exc}") from None
+    return cls

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from pipeline.distill import register_method
 from pipeline.distill.base import Distiller
 from pipeline.distill.kd import kd_loss
-from pipeline.distill.kdiffusion.chain import STEP_WEIGHTS
+from pipeline.distill.kdiffusion.chain import STEP_WEIGHTS, TARGET_MODES
 from pipeline.distill.kdiffusion.loss import FEATURE_LOSSES, DiffusionLayerLoss, branch_features, guided_loss
 from pipeline.distill.kdiffusion.schedule import SCHEDULES, make_schedule
 from pipeline.errors import ConfigError
@@ -82,7 +82,18 @@ class KDiffusion(Distiller):
         scale_init: bool = False,
     ):
         super().__init__(student, teacher)
-        _check_options(m, layers, feature_loss, schedule, step_weight, temperature, warmup_epochs)
+        self.check_args(
+            {
+                "m": m,
+                "layers": layers,
+                "feature_loss": feature_loss,
+                "schedule": schedule,
+                "target_mode": target_mode,
+                "step_weight": step_weight,
+                "temperature": temperature,
+                "warmup_epochs": warmup_epochs,
+            }
+        )
         self.m, self.layers, self.feature_loss, self.mixed_kernels = m, layers, feature_loss, mixed_kernels
         self.lambda_ce, self.lambda_kd, self.temperature = lambda_ce, lambda_kd, temperature
         self.lambda_diff, self.lambda_guided, self.warmup_epochs = lambda_diff, lambda_guided, warmup_epochs
@@ -103,6 +114,31 @@ class KDiffusion(Distiller):
             DiffusionLayerLoss(cs, ct, make_schedule(schedule, steps), target_mode, step_weight, feature_loss)
             for cs, ct in zip(student_chs, teacher_chs)
         )
+
+    @classmethod
+    def check_args(cls, args: dict) -> None:
+        """Option values, checked on their own (the runner calls this before any stage runs)."""
+        options = {
+            p.name: p.default
+            for p in inspect.signature(cls.__init__).parameters.values()
+            if p.default is not inspect.Parameter.empty
+        }
+        options.update(args)
+        for key in ("m", "layers"):
+            if not isinstance(options[key], int) or isinstance(options[key], bool) or options[key] < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {options[key]!r}")
+        for key, valid in (
+            ("feature_loss", FEATURE_LOSSES),
+            ("schedule", SCHEDULES.names()),
+            ("target_mode", TARGET_MODES),
+            ("step_weight", STEP_WEIGHTS),
+        ):
+            if options[key] not in valid:
+                raise ValueError(f"unknown {key} {options[key]!r}; choose one of: {', '.join(valid)}")
+        if not options["temperature"] > 0:
+            raise ValueError(f"temperature must be positive, got {options['temperature']!r}")
+        if not options["warmup_epochs"] >= 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {options['warmup_epochs']!r}")
 
     def reparam_settings(self) -> dict:
         return {
@@ -171,25 +207,6 @@ class KDiffusion(Distiller):
             student_chs.append(feats.shape[2])
         teacher_chs = [teacher_taps.features[f"tap{layer}"].shape[1] for layer in range(len(self.sites))]
         return student_chs, teacher_chs
-
-
-def _check_options(
-    m: int, layers: int, feature_loss: str, schedule: str, step_weight: str, temperature: float, warmup: float
-) -> None:
-    if m < 1:
-        raise ValueError(f"m (branches = reverse steps) must be >= 1, got {m}")
-    if layers < 1:
-        raise ValueError(f"layers must be >= 1, got {layers}")
-    if feature_loss not in FEATURE_LOSSES:
-        raise ValueError(f"unknown feature_loss {feature_loss!r}; choose one of: {', '.join(FEATURE_LOSSES)}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES.names())}")
-    if step_weight not in STEP_WEIGHTS:
-        raise ValueError(f"unknown step_weight {step_weight!r}; choose one of: {', '.join(STEP_WEIGHTS)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if warmup < 0:
-        raise ValueError(f"warmup_epochs must be >= 0, got {warmup}")
 
 
 def _paired_taps(student: nn.Module, teacher: nn.Module, layers: int) -> tuple[list[ReparamSite], list[Tap]]:
