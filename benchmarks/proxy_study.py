@@ -34,7 +34,7 @@ from pipeline.data import load_data
 from pipeline.distill import build_distiller
 from pipeline.hashing import sha256_json
 from pipeline.models import build_model
-from pipeline.training import evaluate, fit, make_loader
+from pipeline.training import NonFiniteLossError, evaluate, fit, make_loader
 
 # (label, method, method_args); method_args come on top of the preset's own for KDiffusion methods.
 CELLS: list[tuple[str, str, dict]] = [
@@ -49,11 +49,11 @@ CELLS: list[tuple[str, str, dict]] = [
     ("+ Target Guide (student_noise)", "kdiffusion", {"target_mode": "student_noise"}),
 ]
 
-QUICK = [
-    "data.synthetic.train_size=192",
+QUICK = [  # enough teacher steps for its BN running statistics to settle; the student gets one epoch
+    "data.synthetic.train_size=320",
     "data.synthetic.test_size=64",
     "data.batch_size=32",
-    "teacher.optim.epochs=1",
+    "teacher.optim.epochs=3",
     "teacher.optim.milestones=[]",
     "student.optim.epochs=1",
     "student.optim.milestones=[]",
@@ -61,10 +61,11 @@ QUICK = [
 
 
 def study_config(args: argparse.Namespace) -> Config:
-    overrides = list(QUICK if args.quick else []) + list(args.set)
+    overrides = list(QUICK) if args.quick else []
     if not args.quick:
-        overrides += [f"student.optim.epochs={args.epochs}", f"student.optim.milestones=[{int(args.epochs * 0.75)}]"]
-    return load_config(args.preset, None, overrides)
+        for who, epochs in (("teacher", args.teacher_epochs), ("student", args.epochs)):
+            overrides += [f"{who}.optim.epochs={epochs}", f"{who}.optim.milestones=[{int(epochs * 0.75)}]"]
+    return load_config(args.preset, None, overrides + list(args.set))  # --set wins
 
 
 def teacher_model(cfg: Config, data, device, out: Path, checkpoint: Path | None) -> tuple[torch.nn.Module, float]:
@@ -115,11 +116,12 @@ def table(results: list[dict], labels: list[str]) -> str:
         rows = [r for r in results if r["cell"] == label]
         if not rows:
             continue
-        test, val = [r["test_top1"] for r in rows], [r["val_top1"] for r in rows if r["val_top1"] is not None]
-        lines.append(
-            f"| {label} | {rows[0]['method']} | {_mean_std(test)} | {_mean_std(val) if val else '-'} | "
-            f"{len(rows)} | {statistics.mean(r['seconds'] for r in rows):.0f} |"
-        )
+        ok = [r for r in rows if r["test_top1"] is not None]
+        test, val = [r["test_top1"] for r in ok], [r["val_top1"] for r in ok if r["val_top1"] is not None]
+        seeds = f"{len(ok)}" + (f" ({len(rows) - len(ok)} diverged)" if len(ok) < len(rows) else "")
+        seconds = statistics.mean(r["seconds"] for r in ok) if ok else 0.0
+        test_text, val_text = (_mean_std(test) if test else "-"), (_mean_std(val) if val else "-")
+        lines.append(f"| {label} | {rows[0]['method']} | {test_text} | {val_text} | {seeds} | {seconds:.0f} |")
     return "\n".join(lines)
 
 
@@ -138,7 +140,8 @@ def main() -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=10, help="student epochs (LR x0.1 at 75%%)")
+    parser.add_argument("--epochs", type=int, default=15, help="student epochs (LR x0.1 at 75%%)")
+    parser.add_argument("--teacher-epochs", type=int, default=20, help="teacher epochs (LR x0.1 at 75%%)")
     parser.add_argument("--cells", nargs="+", help="run only the cells whose label contains one of these")
     parser.add_argument("--teacher-checkpoint", type=Path, help="a trained teacher to use instead of training one")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -165,9 +168,13 @@ def main() -> None:
         for seed in args.seeds:
             if any(r["cell"] == label and r["seed"] == seed for r in done):
                 continue
-            result = run_cell(cfg, data, device, teacher, method, method_args, seed)
+            try:
+                result = run_cell(cfg, data, device, teacher, method, method_args, seed)
+                _log(f"{label} seed {seed}: test top-1 {result['test_top1']:.2f} ({result['seconds']:.0f} s)")
+            except NonFiniteLossError as exc:  # a diverged run is a result too; the study goes on
+                result = {"test_top1": None, "val_top1": None, "best_val_top1": None, "seconds": 0.0, "error": str(exc)}
+                _log(f"{label} seed {seed}: diverged ({exc})")
             record = {"cell": label, "method": method, "method_args": method_args, "seed": seed, **result}
-            _log(f"{label} seed {seed}: test top-1 {result['test_top1']:.2f} ({result['seconds']:.0f} s)")
             with results_path.open("a") as f:
                 f.write(json.dumps({**record, "setting": setting}) + "\n")
             done.append({**record, "setting": setting})
