@@ -162,3 +162,18 @@ def test_bad_method_args_fail_before_any_stage_runs(tmp_path, capsys, args, mess
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "run" / "teacher").exists()
+
+
+def test_method_switch_drops_the_presets_kdiffusion_options(tmp_path, capsys):
+    from pipeline.cli import run_cli
+
+    # The default preset sets KDiffusion's warm-up; --method kd runs without it (here it stops at the
+    # missing teacher, after the configuration was accepted).
+    code = run_cli(["run", "train", "--method", "kd", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "has no option warmup_epochs (set by the preset or config); ignored" in err
+    assert "stage 'teacher' has no artifacts" in err
+    code = run_cli(
+        ["run", "train", "--method", "kd", "--out", str(tmp_path), "--set", "student.method_args.warmup_epochs=2"]
+    )
+    assert code == 2 and "method 'kd' has no option 'warmup_epochs'" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from pipeline.distill.base import Distiller
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
-__all__ = ["METHODS", "Distiller", "build_distiller", "check_method_args", "register_method"]
+__all__ = ["METHODS", "Distiller", "build_distiller", "check_method_args", "method_options", "register_method"]
 
 METHODS: Registry[type[Distiller]] = Registry("method")
 register_method = METHODS.register
@@ -42,19 +42,24 @@ def build_distiller(name: str, student: nn.Module, teacher: nn.Module | None, ar
         raise ConfigError(f"method {name!r}: {exc}") from None
 
 
+def method_options(name: str) -> set[str]:
+    """The option names method ``name`` accepts in ``student.method_args``."""
+    _load_methods()
+    return {
+        p.name
+        for p in inspect.signature(METHODS.get(name).__init__).parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in ("self", "student", "teacher")
+    }
+
+
 def check_method_args(name: str, args: dict | None) -> type[Distiller]:
     """The method class, once ``args`` are known options with values it accepts; no model is built.
 
     The runner calls this before any stage runs, so a typo in ``method_args`` never costs a teacher run.
     """
-    _load_methods()
+    accepted = method_options(name)
     cls = METHODS.get(name)
     args = dict(args or {})
-    accepted = {
-        p.name
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in ("self", "student", "teacher")
-    }
     unknown = sorted(set(args) - accepted)
     if unknown:
         raise ConfigError(
