@@ -67,9 +67,7 @@ def run(
             sets.append(f"{key}={json.dumps(value)}")
     if checkpoint and stage not in ("export",):
         raise ConfigError("--checkpoint is for `run export` (to export a student made elsewhere)")
-    cfg = load_config(preset or ("default" if config_file is None else None), config_file, sets)
-    if method is not None:
-        _drop_foreign_method_args(cfg, overrides)
+    cfg = load_config(preset or ("default" if config_file is None else None), config_file, sets, log=_echo_err)
     out = out or Path("runs") / (preset or cfg.name)
     names = ORDER if stage == "all" else (stage,)
     outcomes = []
@@ -78,28 +76,6 @@ def run(
     finally:
         if outcomes:
             click.echo(summary_table(outcomes, Path(out)))
-
-
-def _drop_foreign_method_args(cfg, overrides: tuple[str, ...]) -> None:
-    """``--method`` switches method: drop the preset's or config file's ``method_args`` it has no option for.
-
-    A preset tunes its own method (the default sets KDiffusion's warm-up), so ``--method kd`` must not fail
-    on them; options given with ``--set`` are the user's own and are never dropped (a wrong one is an error).
-    """
-    from pipeline.config import parse_override
-    from pipeline.distill import method_options
-
-    explicit: set[str] = set()
-    for item in overrides:
-        value = parse_override(item).get("student", {})
-        if isinstance(value, dict) and isinstance(value.get("method_args"), dict):
-            explicit |= set(value["method_args"])
-    accepted = method_options(cfg.student.method)
-    dropped = sorted(k for k in cfg.student.method_args if k not in accepted and k not in explicit)
-    if dropped:
-        names = ", ".join(dropped)
-        _echo_err(f"note: method {cfg.student.method!r} has no option {names} (set by the preset or config); ignored")
-        cfg.student.method_args = {k: v for k, v in cfg.student.method_args.items() if k not in dropped}
 
 
 def summary_table(outcomes, out: Path) -> str:

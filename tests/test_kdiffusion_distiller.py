@@ -171,9 +171,31 @@ def test_method_switch_drops_the_presets_kdiffusion_options(tmp_path, capsys):
     # missing teacher, after the configuration was accepted).
     code = run_cli(["run", "train", "--method", "kd", "--out", str(tmp_path)])
     err = capsys.readouterr().err
-    assert code == 2 and "has no option warmup_epochs (set by the preset or config); ignored" in err
+    assert code == 2 and "has no option warmup_epochs (set for another method); ignored" in err
     assert "stage 'teacher' has no artifacts" in err
     code = run_cli(
         ["run", "train", "--method", "kd", "--out", str(tmp_path), "--set", "student.method_args.warmup_epochs=2"]
     )
     assert code == 2 and "method 'kd' has no option 'warmup_epochs'" in capsys.readouterr().err
+
+
+def test_config_overrides_switching_method_drop_the_presets_options():
+    from pipeline.config import load_config
+
+    notes = []
+    cfg = load_config("default", None, ["student.method=kd"], log=notes.append)
+    assert cfg.student.method_args == {} and "warmup_epochs" in notes[0]
+    cfg = load_config("default", None, ["student.method=kdiffusion_single"])
+    assert cfg.student.method_args == {"warmup_epochs": 1}
+    cfg = load_config("default", None, ["student.method=kd", "student.method_args.temperature=2"])
+    assert cfg.student.method_args == {"temperature": 2}
+
+
+def test_a_config_file_switching_method_drops_the_presets_options(tmp_path):
+    from pipeline.config import load_config
+
+    file = tmp_path / "mine.yaml"
+    file.write_text("student: {method: kd}\n")
+    assert load_config("default", file).student.method_args == {}
+    file.write_text("student: {method: kd, method_args: {warmup_epochs: 3}}\n")  # written for kd: kept, then refused
+    assert load_config("default", file).student.method_args == {"warmup_epochs": 3}
