@@ -83,3 +83,23 @@ def test_pipeline_trains_fuses_and_verifies_a_kdiffusion_student(tmp_path, tiny_
     assert all(fuse.checks) and all(verify.checks)
     assert fuse.metrics["parameters"] < fuse.metrics["unfused_parameters"]
     assert store.manifest("train").params["method"] == "kdiffusion"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_step_under_autocast_keeps_the_chain_fp32_and_fuses_with_tf32_off():
+    from stages.verify import tf32_disabled
+
+    torch.manual_seed(0)
+    student, teacher = build_model("mobile_half", CLASSES), build_model("resnet20", CLASSES)
+    distiller = build_distiller("kdiffusion", student, teacher, {"m": 2, "warmup_epochs": 0}).cuda()
+    images, labels = torch.randn(16, 3, 32, 32, device="cuda"), torch.randint(0, CLASSES, (16,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        _, losses = distiller(images, labels)
+    assert losses["diff"].dtype == losses["guided"].dtype == torch.float32
+    sum(losses.values()).backward()
+    student = distiller.student.eval()
+    fused = fuse_model(student)
+    with tf32_disabled(), torch.no_grad():
+        stats = diff_stats(student(images), fused(images))
+    assert stats["max_abs"] <= 1e-4 and stats["top1_agreement"] == 1.0
