@@ -50,6 +50,7 @@ def test_variants_are_registered_with_their_defaults():
         ({"schedule": "sigmoid"}, "unknown schedule"),
         ({"layers": 4}, "declares 3 re-parameterization sites"),
         ({"feature_loss": "kl"}, "feature_loss"),
+        ({"lambda_guided": -0.1}, "lambda_guided must be >= 0"),
         ({"branches": 4}, "has no option 'branches'"),
     ],
 )

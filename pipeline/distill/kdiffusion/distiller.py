@@ -92,6 +92,10 @@ class KDiffusion(Distiller):
                 "step_weight": step_weight,
                 "temperature": temperature,
                 "warmup_epochs": warmup_epochs,
+                "lambda_ce": lambda_ce,
+                "lambda_kd": lambda_kd,
+                "lambda_diff": lambda_diff,
+                "lambda_guided": lambda_guided,
             }
         )
         self.m, self.layers, self.feature_loss, self.mixed_kernels = m, layers, feature_loss, mixed_kernels
@@ -135,6 +139,9 @@ class KDiffusion(Distiller):
         ):
             if options[key] not in valid:
                 raise ValueError(f"unknown {key} {options[key]!r}; choose one of: {', '.join(valid)}")
+        for key in ("lambda_ce", "lambda_kd", "lambda_diff", "lambda_guided"):
+            if not options[key] >= 0:
+                raise ValueError(f"{key} must be >= 0, got {options[key]!r}")
         if not options["temperature"] > 0:
             raise ValueError(f"temperature must be positive, got {options['temperature']!r}")
         if not options["warmup_epochs"] >= 0:
