@@ -68,7 +68,7 @@ def run(
             sets.append(f"{key}={json.dumps(value)}")
     if checkpoint and stage not in ("export",):
         raise ConfigError("--checkpoint is for `run export` (to export a student made elsewhere)")
-    cfg = load_config(preset or ("default" if config_file is None else None), config_file, sets)
+    cfg = load_config(preset or ("default" if config_file is None else None), config_file, sets, log=_echo_err)
     out = out or Path("runs") / (preset or cfg.name)
     names = ORDER if stage == "all" else (stage,)
     outcomes = []

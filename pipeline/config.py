@@ -11,6 +11,7 @@ import dataclasses
 import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -177,10 +178,16 @@ def preset_data(name: str) -> dict:
     return _read_yaml(path.read_text(), f"preset {name}") or {}
 
 
-def load_config(preset: str | None = "default", file: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    data: dict = {}
+def load_config(
+    preset: str | None = "default",
+    file: str | Path | None = None,
+    overrides: list[str] = (),
+    log: Callable[[str], None] | None = None,
+) -> Config:
+    """Resolve a config; ``log`` receives notes such as method options dropped by a method switch."""
+    layers: list[dict] = []
     if preset:
-        data = _merge(data, preset_data(preset))
+        layers.append(preset_data(preset))
     if file is not None:
         path = Path(file)
         try:
@@ -190,10 +197,47 @@ def load_config(preset: str | None = "default", file: str | Path | None = None, 
         content = _read_yaml(text, str(path)) or {}
         if not isinstance(content, dict):
             raise ConfigError(f"config file {path} must hold a mapping of options")
-        data = _merge(data, content)
+        layers.append(content)
+    data: dict = {}
+    written_for: dict[str, str] = {}  # method_args key -> the method in effect where the preset or file set it
+    for layer in layers:
+        data = _merge(data, layer)
+        method = _student(data).get("method", StudentConfig.method)
+        written_for |= {key: method for key in _student(layer).get("method_args") or {}}
+    explicit: set[str] = set()
     for item in overrides:
-        data = _merge(data, parse_override(item))
-    return from_dict(Config, data)
+        override = parse_override(item)
+        explicit |= set(_student(override).get("method_args") or {})
+        data = _merge(data, override)
+    cfg = from_dict(Config, data)
+    foreign = {k for k in cfg.student.method_args if k not in explicit and written_for.get(k) != cfg.student.method}
+    if foreign:
+        _drop_foreign_method_args(cfg.student, foreign, log)
+    return cfg
+
+
+def _student(data: dict) -> dict:
+    student = data.get("student") if isinstance(data, dict) else None
+    return student if isinstance(student, dict) else {}
+
+
+def _drop_foreign_method_args(student: StudentConfig, candidates: set[str], log: Callable[[str], None] | None) -> None:
+    """Drop ``method_args`` a preset or file wrote for another method, when the chosen method lacks them.
+
+    A preset tunes the method it names (the default sets KDiffusion's warm-up), so switching to ``kd`` must
+    not fail on those options; options given as overrides are the user's own and are kept (and checked).
+    """
+    from pipeline.distill import method_options
+
+    try:
+        accepted = method_options(student.method)
+    except ConfigError:
+        return  # an unknown method is reported, with the valid names, when the run is validated
+    dropped = sorted(k for k in candidates if k not in accepted)
+    if dropped:
+        student.method_args = {k: v for k, v in student.method_args.items() if k not in dropped}
+        if log:
+            log(f"note: method {student.method!r} has no option {', '.join(dropped)} (set for another method); ignored")
 
 
 def parse_override(item: str) -> dict:

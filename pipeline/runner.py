@@ -53,7 +53,7 @@ def stale_reason(existing: Manifest | None, params: dict, inputs_fp: str, code: 
 def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     """Fail on unknown names before any stage spends time (a typo should not cost a teacher run)."""
     from pipeline.data import dataset_names
-    from pipeline.distill import method_names
+    from pipeline.distill import check_method_args, method_names
     from pipeline.errors import ConfigError
     from pipeline.models import list_models
 
@@ -65,6 +65,7 @@ def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     ):
         if value not in valid:
             raise ConfigError(f"unknown {what} {value!r}; choose one of: {', '.join(valid)}")
+    check_method_args(cfg.student.method, cfg.student.method_args)
     for name in names:
         get_stage(name).validate(cfg)
 

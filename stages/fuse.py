@@ -18,10 +18,12 @@ from pipeline.config import Config
 from pipeline.loading import build_for_meta, load_model
 from pipeline.models import count_parameters
 from pipeline.reparam import fuse_model
+from pipeline.reparam.multibranch import block_fusion_errors
 from stages.base import Stage, StageContext, StageResult, register_stage
 from stages.train import CHECKPOINT as STUDENT_CHECKPOINT
 
 CHECKPOINT = "student_fused.safetensors"
+BLOCK_CHECK_IMAGES = 8
 
 
 def count_flops(model: torch.nn.Module, input_size: int) -> int:
@@ -51,6 +53,17 @@ def fuse_checks(fused: torch.nn.Module, meta: ModelMeta) -> tuple[list[Check], d
     return checks, {"parameters": params, "flops": flops}
 
 
+def block_checks(student: torch.nn.Module, input_size: int) -> list[Check]:
+    """One gate per m-branch block: its fused conv vs the eval-mode branch mean, on a fixed random batch."""
+    images = torch.randn(BLOCK_CHECK_IMAGES, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    return [
+        Check.gate(
+            f"block_max_abs[{name}]", "max |fused conv - mean of branches|", stats["max_abs"], "fuse.block_max_abs"
+        )
+        for name, stats in block_fusion_errors(student, images).items()
+    ]
+
+
 @register_stage
 class FuseStage(Stage):
     name = "fuse"
@@ -67,6 +80,9 @@ class FuseStage(Stage):
         fused = fuse_model(student)
         fused_meta = dataclasses.replace(meta, form="fused")
         checks, metrics = fuse_checks(fused, fused_meta)
+        blocks = block_checks(student, meta.input_size)
+        checks += blocks
         metrics["unfused_parameters"] = count_parameters(student)
+        metrics["fused_blocks"] = len(blocks)
         save_checkpoint(ctx.out / CHECKPOINT, fused.state_dict(), fused_meta)
         return StageResult(checks=checks, metrics=metrics)

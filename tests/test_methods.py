@@ -122,6 +122,7 @@ def test_distillation_loss_is_zero_when_the_student_is_the_teacher(name, teacher
 
 def test_exported_students_have_exactly_the_vanilla_parameters(tmp_path, tiny_cfg):
     """train + fuse through the runner for every method; both artifacts match the vanilla student's."""
+    from pipeline.checkpoint import read_meta
     from pipeline.config import load_config
     from pipeline.runner import run_stages
     from tests.conftest import TINY
@@ -140,8 +141,10 @@ def test_exported_students_have_exactly_the_vanilla_parameters(tmp_path, tiny_cf
         assert [o.manifest.status for o in outcomes] == ["ok", "ok"], name
         trained = load_file(str(tmp_path / "train" / "student.safetensors"))
         fused = load_file(str(tmp_path / "fuse" / "student_fused.safetensors"))
-        assert {k: v.shape for k, v in trained.items()} == train_ref, name
         assert {k: v.shape for k, v in fused.items()} == fused_ref, name
+        if read_meta(tmp_path / "train" / "student.safetensors").reparam:
+            continue  # trains extra branches inside the student (KDiffusion); only the fused form is vanilla
+        assert {k: v.shape for k, v in trained.items()} == train_ref, name
         metrics = outcomes[0].manifest.metrics
         assert metrics["train_parameters"] == metrics["vanilla_parameters"], name
     assert any("teacher_bn_train=True" in line for line in logs)

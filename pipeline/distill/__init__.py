@@ -16,14 +16,14 @@ from pipeline.distill.base import Distiller
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
-__all__ = ["METHODS", "Distiller", "build_distiller", "register_method"]
+__all__ = ["METHODS", "Distiller", "build_distiller", "check_method_args", "method_options", "register_method"]
 
 METHODS: Registry[type[Distiller]] = Registry("method")
 register_method = METHODS.register
 
 
 def _load_methods() -> None:
-    from pipeline.distill import at, crd, dkd, fitnet, kd, ofd, reviewkd, vid  # noqa: F401
+    from pipeline.distill import at, crd, dkd, fitnet, kd, kdiffusion, ofd, reviewkd, vid  # noqa: F401
 
 
 def method_names() -> list[str]:
@@ -38,20 +38,8 @@ def build_distiller(
 
     ``num_samples`` (the training set's size) goes to methods with ``needs_indices`` (memory banks).
     """
-    _load_methods()
-    cls = METHODS.get(name)
+    cls = check_method_args(name, args)
     args = dict(args or {})
-    injected = ("self", "student", "teacher", "num_samples")
-    accepted = {
-        p.name
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in injected
-    }
-    unknown = sorted(set(args) - accepted)
-    if unknown:
-        raise ConfigError(
-            f"method {name!r} has no option {unknown[0]!r}; its options: {', '.join(sorted(accepted)) or 'none'}"
-        )
     if cls.requires_teacher and teacher is None:
         raise ConfigError(f"method {name!r} needs a teacher")
     if cls.needs_indices:
@@ -62,3 +50,34 @@ def build_distiller(
         return cls(student, teacher, **args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"method {name!r}: {exc}") from None
+
+
+def method_options(name: str) -> set[str]:
+    """The option names method ``name`` accepts in ``student.method_args``."""
+    _load_methods()
+    injected = ("self", "student", "teacher", "num_samples")
+    return {
+        p.name
+        for p in inspect.signature(METHODS.get(name).__init__).parameters.values()
+        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in injected
+    }
+
+
+def check_method_args(name: str, args: dict | None) -> type[Distiller]:
+    """The method class, once ``args`` are known options with values it accepts; no model is built.
+
+    The runner calls this before any stage runs, so a typo in ``method_args`` never costs a teacher run.
+    """
+    accepted = method_options(name)
+    cls = METHODS.get(name)
+    args = dict(args or {})
+    unknown = sorted(set(args) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"method {name!r} has no option {unknown[0]!r}; its options: {', '.join(sorted(accepted)) or 'none'}"
+        )
+    try:
+        cls.check_args(args)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"method {name!r}: {exc}") from None
+    return cls

@@ -46,6 +46,10 @@ class Distiller(nn.Module):
         """The student's and the method's own parameters (the teacher is frozen)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    @classmethod
+    def check_args(cls, args: dict) -> None:
+        """Raise ``ValueError`` for option values the method would refuse; checked before any model is built."""
+
     def reparam_settings(self) -> dict:
         """How the method changed the student's structure (saved in checkpoint metadata); ``{}`` if not."""
         return {}
