@@ -80,17 +80,25 @@ def run(
 
 
 def summary_table(outcomes, out: Path) -> str:
-    rows = [("stage", "status", "action", "key figures", "artifacts")]
+    """One line per stage: status, checks passed, time, folder, then its key figures (or why it was skipped)."""
+    rows = [("stage", "status", "checks", "time", "artifacts", "key figures")]
     for o in outcomes:
-        figures = ", ".join(f"{k}={_fmt(v)}" for k, v in o.manifest.metrics.items() if isinstance(v, int | float))
-        failed = [c.name for c in o.manifest.checks if not c]
-        status = o.manifest.status + (f" ({', '.join(failed)})" if failed else "")
-        if o.manifest.status == "skipped":
-            status += f": {o.manifest.reason}"
-        rows.append((o.stage, status, o.action, figures, str(out / o.stage)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+        m = o.manifest
+        status = m.status + (" (up to date)" if o.action == "up to date" else "")
+        checks = f"{sum(map(bool, m.checks))}/{len(m.checks)}" if m.checks else "-"
+        figures = ", ".join(f"{k}={_fmt(v)}" for k, v in m.metrics.items() if isinstance(v, int | float))
+        failed = [c.name for c in m.checks if not c]
+        if failed:
+            figures = f"FAILED: {', '.join(failed)}; {figures}"
+        if m.status == "skipped":
+            figures = m.reason
+        seconds = m.meta.get("duration_s")
+        rows.append(
+            (o.stage, status, checks, f"{seconds:.1f}s" if seconds is not None else "-", str(out / o.stage), figures)
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:5], widths)) + "  " + r[5] for r in rows]
+    return "\n".join([lines[0], "-" * max(len(line) for line in lines[:1]), *lines[1:]])
 
 
 def _fmt(value) -> str:

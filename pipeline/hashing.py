@@ -30,11 +30,15 @@ def sha256_json(obj: object) -> str:
     return sha256_bytes(canonical_json(obj).encode())
 
 
+_PRESENTATION_ONLY = {"pipeline/cli.py", "pipeline/__main__.py"}
+
+
 def code_version() -> str:
     """Package version plus a hash of the project's own sources.
 
     A stage's result depends on the code that made it, so a code change makes every stage stale, as
-    a changed command does in DVC.
+    a changed command does in DVC. The command-line layer is left out: it parses and prints, and
+    changes nothing a stage computes.
     """
     import exports
     import pipeline
@@ -44,6 +48,8 @@ def code_version() -> str:
     for package in (pipeline, stages, exports):
         root = Path(package.__file__).parent
         for source in sorted(root.rglob("*.py")):
+            if source.relative_to(root.parent).as_posix() in _PRESENTATION_ONLY:
+                continue
             digest.update(str(source.relative_to(root.parent)).encode())
             digest.update(source.read_bytes())
     return f"{pipeline.__version__}+{digest.hexdigest()[:12]}"
