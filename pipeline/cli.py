@@ -197,7 +197,7 @@ def methods():
 
     for name in method_names():
         doc = (METHODS.get(name).__doc__ or "").strip().splitlines()
-        click.echo(f"{name:16s} {doc[0] if doc else ''}")
+        click.echo(f"{name:22s} {doc[0] if doc else ''}")
 
 
 @cli.command()

@@ -36,8 +36,10 @@ class Vanilla(Distiller):
 
 @register_method(name="kd")
 class KD(Distiller):
-    """CE plus Hinton KD. Defaults follow the CIFAR-100 benchmark recipe (RepDistiller: T=4, and
-    mdistiller's KD config: CE weight 0.1, KD weight 0.9)."""
+    """CE plus Hinton KD on softened logits (KD).
+
+    Defaults follow the CIFAR-100 benchmark recipe (RepDistiller: T=4; mdistiller's KD config: CE weight
+    0.1, KD weight 0.9)."""
 
     def __init__(self, student, teacher, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9):
         super().__init__(student, teacher)
