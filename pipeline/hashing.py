@@ -40,13 +40,14 @@ def code_version() -> str:
     a changed command does in DVC. The command-line layer is left out: it parses and prints, and
     changes nothing a stage computes.
     """
-    import exports
+    import importlib.util
+
     import pipeline
-    import stages
 
     digest = hashlib.sha256()
-    for package in (pipeline, stages, exports):
-        root = Path(package.__file__).parent
+    for package in ("pipeline", "stages", "exports"):
+        # Located, not imported: this low-level module must not import the layers above it.
+        root = Path(importlib.util.find_spec(package).origin).parent
         for source in sorted(root.rglob("*.py")):
             if source.relative_to(root.parent).as_posix() in _PRESENTATION_ONLY:
                 continue
