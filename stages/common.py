@@ -7,7 +7,7 @@ import functools
 import json
 from pathlib import Path
 
-from pipeline.config import Config, DataConfig
+from pipeline.config import Config, DataConfig, from_dict
 from pipeline.data import DataBundle, load_data
 from pipeline.hashing import canonical_json
 
@@ -33,14 +33,8 @@ def bundle(cfg: Config) -> DataBundle:
 
 @functools.lru_cache(maxsize=2)
 def _bundle(data_json: str, seed: int) -> DataBundle:
-    return load_data(DataConfig(**_revive(json.loads(data_json))), seed)
-
-
-def _revive(data: dict) -> dict:
-    from pipeline.config import SyntheticConfig
-
-    data["synthetic"] = SyntheticConfig(**data["synthetic"])
-    return data
+    # Keyed by the settings' JSON: consecutive stages of one run share one dataset (and its decoding cost).
+    return load_data(from_dict(DataConfig, json.loads(data_json)), seed)
 
 
 def write_json(path: Path, data: object) -> None:
