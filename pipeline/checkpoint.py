@@ -79,6 +79,17 @@ def read_meta(path: str | Path) -> ModelMeta:
         raise CheckpointError(f"{path} has malformed pipeline metadata ({exc})") from None
 
 
+def has_pipeline_meta(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file written by :func:`save_checkpoint` (unreadable files say no)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(_existing(path)), framework="pt") as f:
+            return _KEY in (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelMeta]:
     meta = read_meta(path)
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.checkpoint import ModelMeta, load_checkpoint, load_strict
+from pipeline.checkpoint import ModelMeta, has_pipeline_meta, load_checkpoint, load_state_dict_file, load_strict
 from pipeline.errors import CheckpointError
 from pipeline.models import build_model
 from pipeline.reparam import apply_reparam, fuse_model
@@ -26,6 +26,34 @@ def load_model(path: str | Path) -> tuple[nn.Module, ModelMeta]:
     state, meta = load_checkpoint(path)
     model = build_for_meta(meta)
     load_strict(model, state, str(path))
+    return model.eval(), meta
+
+
+def load_foreign_weights(model: nn.Module, path: str | Path, num_classes: int, dataset: str, log=print) -> None:
+    """Load weights made outside the pipeline (safetensors or a torch state-dict file) strictly into ``model``.
+
+    Class-count mismatches are named plainly, and pre-0.4.1 BatchNorm checkpoints are accepted.
+    """
+    state = load_state_dict_file(path)
+    added = fill_legacy_batchnorm(model, state)
+    if added:
+        log(f"{path} predates PyTorch 0.4.1; added {len(added)} BatchNorm num_batches_tracked counters")
+    check_class_count(model, state, num_classes, str(path), dataset)
+    load_strict(model, state, str(path))
+
+
+def load_any_model(path: str | Path, describe, log=print) -> tuple[nn.Module, ModelMeta]:
+    """A pipeline checkpoint as its metadata describes it; any other weights file as ``describe()`` says.
+
+    ``describe`` returns the :class:`ModelMeta` to assume (architecture and data) for a file without
+    pipeline metadata, e.g. a student trained with another codebase.
+    """
+    if has_pipeline_meta(path):
+        return load_model(path)
+    meta = describe()
+    log(f"{path} has no pipeline metadata: loading it as a {meta.arch} with {meta.num_classes} classes")
+    model = build_model(meta.arch, meta.num_classes)
+    load_foreign_weights(model, path, meta.num_classes, f"the configured data ({meta.num_classes} classes)", log)
     return model.eval(), meta
 
 

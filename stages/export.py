@@ -39,7 +39,7 @@ from pipeline.data import Transformed
 from pipeline.data.transforms import eval_preprocess_spec
 from pipeline.errors import ConfigError
 from pipeline.hashing import sha256_file
-from pipeline.loading import load_model
+from pipeline.loading import load_any_model
 from pipeline.progress import progress_bar
 from pipeline.reparam import fuse_model
 from pipeline.training import make_loader
@@ -177,6 +177,8 @@ class ExportStage(Stage):
         }
         params["data"] = data_params(cfg)
         params["seed"] = cfg.seed
+        if cfg.export.checkpoint:
+            params["assumed_arch"] = cfg.student.arch  # how a checkpoint without pipeline metadata is read
         return params
 
     def run(self, ctx: StageContext) -> StageResult:
@@ -186,7 +188,7 @@ class ExportStage(Stage):
             if "checkpoint" in ctx.external
             else ctx.inputs["fuse"].path(FUSED_CHECKPOINT)
         )
-        model, meta = load_model(source)
+        model, meta = load_any_model(source, lambda: ModelMeta.from_data(bundle(cfg).info, cfg.student.arch), ctx.log)
         if meta.form != "fused":
             model = fuse_model(model)
         profile = engine_profile(cfg, meta.input_size)

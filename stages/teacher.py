@@ -6,12 +6,12 @@ import dataclasses
 
 import torch
 
-from pipeline.checkpoint import ModelMeta, load_state_dict_file, load_strict, save_checkpoint
+from pipeline.checkpoint import ModelMeta, save_checkpoint
 from pipeline.config import Config
 from pipeline.data import DataBundle
 from pipeline.distill import build_distiller
 from pipeline.errors import ConfigError
-from pipeline.loading import check_class_count, fill_legacy_batchnorm
+from pipeline.loading import load_foreign_weights
 from pipeline.models import build_model, list_models, model_info
 from pipeline.training import evaluate, fit, make_loader
 from stages.base import Stage, StageContext, StageResult, register_stage
@@ -100,12 +100,7 @@ def import_teacher(ctx: StageContext, model: torch.nn.Module, data: DataBundle) 
     """Load ``--teacher-checkpoint`` strictly into ``model`` (class count checked first) and score it on
     the held-out split; the caller scores it on the test split like a trained teacher."""
     path = ctx.external_path("checkpoint")
-    state = load_state_dict_file(path)
-    added = fill_legacy_batchnorm(model, state)
-    if added:
-        ctx.log(f"teacher: {path} predates PyTorch 0.4.1; added {len(added)} BatchNorm num_batches_tracked counters")
-    check_class_count(model, state, data.info.num_classes, str(path), f"dataset {data.info.name!r}")
-    load_strict(model, state, str(path))
+    load_foreign_weights(model, path, data.info.num_classes, f"dataset {data.info.name!r}", ctx.log)
     model.to(ctx.device)
     metrics = {"imported_from": str(path)}
     if len(data.source("val")):

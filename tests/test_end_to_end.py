@@ -95,3 +95,23 @@ def test_export_only_path_on_an_outside_checkpoint(run_dir, tmp_path):
     assert manifest.status == "ok" and all(manifest.checks)
     assert [a.source for a in manifest.inputs] == ["external"]
     assert (export_out / "export" / "model.onnx").is_file()
+
+
+def test_export_only_path_on_weights_from_another_codebase(run_dir, tmp_path, capsys):
+    """A plain state dict (no pipeline metadata) is read as the configured student on the configured data."""
+    import torch
+    from safetensors.torch import load_file
+
+    out, args = run_dir
+    foreign = tmp_path / "student.pth"
+    torch.save({"model": load_file(str(out / "train" / "student.safetensors")), "epoch": 1}, foreign)
+    export_out = tmp_path / "foreign"
+    assert run_cli(["run", "export", "--checkpoint", str(foreign), "--out", str(export_out), *args]) == 0
+    assert "has no pipeline metadata: loading it as a resnet20 with 4 classes" in capsys.readouterr().err
+    manifest = RunStore(export_out).manifest("export")
+    assert manifest.status == "ok" and all(manifest.checks)
+    assert manifest.params["assumed_arch"] == "resnet20"
+
+    wrong = [*args, "--set", "data.num_classes=5"]
+    assert run_cli(["run", "export", "--checkpoint", str(foreign), "--out", str(tmp_path / "wrong"), *wrong]) == 2
+    assert "has 4 outputs" in capsys.readouterr().err
