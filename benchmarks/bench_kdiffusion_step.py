@@ -126,7 +126,7 @@ def measure(args: argparse.Namespace) -> dict[tuple[str, int], dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", default="resnet56")
+    parser.add_argument("--teacher", default="wrn_16_2")
     parser.add_argument("--student", default="mobile_half")
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64)
