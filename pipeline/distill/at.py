@@ -6,8 +6,9 @@ Convolutional Neural Networks via Attention Transfer", ICLR 2017 - https://arxiv
 The attention map of a C x H x W feature is ``mean_c |A_c|^p``, flattened and L2-normalised; the loss is
 the mean squared difference of the maps, summed over the stages. Defaults follow the CIFAR-100 benchmark
 (RepDistiller ``--distill attention -r 1 -a 0 -b 1000`` with ``Attention(p=2)`` over all stage features;
-mdistiller ``AT.P 2``, ``CE_WEIGHT 1.0``, ``FEAT_WEIGHT 1000.0``). The paper's ``|A|`` is kept because the
-zoo's taps are pre-activation; on post-ReLU features (as RepDistiller reads them) it is the same map.
+mdistiller ``AT.P 2``, ``CE_WEIGHT 1.0``, ``FEAT_WEIGHT 1000.0``). The paper's ``|A|`` is needed because the
+zoo's taps are pre-activation; RepDistiller reads post-ReLU features, where ``|A| = A``, so the maps (and the
+tuned weight) differ from theirs in that negative pre-activations count too.
 Different spatial sizes are pooled to the smaller one, as mdistiller does.
 """
 
