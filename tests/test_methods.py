@@ -101,6 +101,18 @@ def test_gradients_reach_every_method_parameter_and_never_the_teacher(name, teac
     assert not teacher.training
 
 
+@pytest.mark.parametrize("name", ["kd", "kdiffusion"])
+@pytest.mark.parametrize("move", ["double", "to"])
+def test_the_unregistered_teacher_follows_every_move_of_the_distiller(name, move, batch):
+    """cuda(), cpu(), double() and to() must all carry the teacher, which is not a submodule."""
+    distiller = make(name, build_model("resnet20", CLASSES))
+    distiller.double() if move == "double" else distiller.to(torch.float64)
+    assert {p.dtype for p in distiller.teacher.parameters()} == {torch.float64}
+    images, targets, _ = batch
+    _, losses = distiller(images.double(), targets)
+    assert torch.isfinite(sum(losses.values()))
+
+
 def _identity_connectors(distiller):
     if hasattr(distiller, "regressor"):
         distiller.regressor = nn.Identity()

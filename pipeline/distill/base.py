@@ -34,10 +34,11 @@ class Distiller(nn.Module):
             self.teacher.eval()
         return self
 
-    def to(self, *args, **kwargs) -> Distiller:
+    def _apply(self, fn, recurse: bool = True) -> Distiller:
+        # The one hook behind to(), cuda(), cpu(), half() and friends: the unregistered teacher follows them all.
         if self.teacher is not None:
-            self.teacher.to(*args, **kwargs)
-        return super().to(*args, **kwargs)
+            self.teacher._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     def set_progress(self, epochs: float) -> None:
         self.progress = epochs

@@ -176,7 +176,7 @@ class KDiffusion(Distiller):
         if self.lambda_guided:
             with torch.autocast(images.device.type, enabled=False):
                 guided = guided_loss(
-                    result.x_hat, result.mu, result.sd, self.teacher.forward_head, teacher_logits.float()
+                    result.x_hat, result.mu, result.sd, self.teacher.forward_head, teacher_logits.to(result.x_hat.dtype)
                 )
             out["guided"] = ramp * self.lambda_guided * guided
         return logits, out

@@ -141,10 +141,12 @@ class DiffusionLayerLoss(nn.Module):
     def forward(self, student: Tensor, teacher: Tensor, perm: Sequence[int] | None = None) -> LayerLossOutput:
         """Loss for ``student`` features ``(m, B, C_s, H, W)`` against the raw teacher feature ``(B, C_t, H', W')``.
 
-        Runs in fp32 with autocast off: the chain's coefficients are small and the targets are differences.
+        Runs in the bridge's precision (fp32 under AMP) with autocast off: the chain's coefficients are small
+        and the targets are differences.
         """
+        dtype = self.bridge.weight.dtype
         with torch.autocast(student.device.type, enabled=False):
-            student, teacher = align_spatial(student.float(), teacher.float())
+            student, teacher = align_spatial(student.to(dtype), teacher.to(dtype))
             x0, mu, sd = standardize(teacher)
             bridged = self.bridge(student.flatten(0, 1)).unflatten(0, student.shape[:2])
             x_hat = bridged.mean(0)
