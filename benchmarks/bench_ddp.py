@@ -33,6 +33,7 @@ MODES = {
     "channels_last+bf16": {"amp": "bf16", "channels_last": True},
     "fp16": {"amp": "fp16"},
     "channels_last+fp16": {"amp": "fp16", "channels_last": True},
+    "compile+channels_last+bf16": {"amp": "bf16", "channels_last": True, "compile": True},
 }
 
 
