@@ -42,7 +42,7 @@ def main() -> None:
         "# Default run wall time",
         "",
         f"- date: {date.today().isoformat()}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}, no GPU",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, no GPU",
         f"- command: `python benchmarks/bench_default_run.py --repeats {args.repeats}` "
         "(each repeat: `python -m pipeline run all` into a fresh folder, process start included)",
         "",
