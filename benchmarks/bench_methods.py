@@ -35,7 +35,7 @@ from pipeline.models import build_model
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", default="resnet56")
+    parser.add_argument("--teacher", default="wrn_16_2")
     parser.add_argument("--student", default="mobile_half")
     parser.add_argument("--methods", nargs="+", default=None, help="Registered method names [default: all].")
     parser.add_argument(

@@ -29,7 +29,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("stage", metavar="STAGE", type=click.Choice(STAGE_CHOICES), default="all")
+@click.argument("stages", metavar="[STAGE]...", nargs=-1, type=click.Choice(STAGE_CHOICES))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder [default: runs/<preset>].")
 @click.option("--preset", default=None, metavar="NAME", help="Experiment preset (see `presets`) [default: default].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")
@@ -48,9 +48,12 @@ def cli() -> None:
 @click.option("--checkpoint", default=None, metavar="FILE", help="Export this student checkpoint (with `run export`).")
 @click.option("--force", is_flag=True, help="Rerun stages even when they are up to date.")
 def run(
-    stage, out, preset, config_file, overrides, method, seed, device, data_root, teacher_checkpoint, checkpoint, force
+    stages, out, preset, config_file, overrides, method, seed, device, data_root, teacher_checkpoint, checkpoint, force
 ):
-    """Run STAGE (all, teacher, train, fuse, verify, export or engine; default all), reusing up-to-date artifacts."""
+    """Run the STAGEs (all, teacher, train, fuse, verify, export, engine; default all) in pipeline order.
+
+    Up-to-date artifacts of earlier stages are reused, e.g. `run export engine --checkpoint student.safetensors`.
+    """
     from pipeline.config import load_config
     from pipeline.runner import run_stages
     from stages import ORDER
@@ -66,11 +69,11 @@ def run(
     ):
         if value is not None:
             sets.append(f"{key}={json.dumps(value)}")
-    if checkpoint and stage not in ("export",):
-        raise ConfigError("--checkpoint is for `run export` (to export a student made elsewhere)")
+    names = ORDER if not stages or "all" in stages else tuple(name for name in ORDER if name in stages)
+    if checkpoint and names[0] != "export":
+        raise ConfigError("--checkpoint is for `run export` (a student made elsewhere), optionally with `engine`")
     cfg = load_config(preset or ("default" if config_file is None else None), config_file, sets, log=_echo_err)
     out = out or Path("runs") / (preset or cfg.name)
-    names = ORDER if stage == "all" else (stage,)
     outcomes = []
     try:
         run_stages(cfg, out, names, force=force, log=_echo_err, on_outcome=outcomes.append)

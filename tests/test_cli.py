@@ -14,11 +14,12 @@ def test_help(command, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["run", "nostage"], "Invalid value for 'STAGE'"),
+        (["run", "nostage"], "'nostage' is not one of 'all', 'teacher'"),
         (["run", "--preset", "nope"], "unknown preset 'nope'"),
         (["run", "--set", "student.arch=nonet"], "unknown model 'nonet'"),
         (["run", "--set", "student.optim.epochz=1"], "unknown config key 'student.optim.epochz'"),
         (["run", "train", "--checkpoint", "x.safetensors"], "--checkpoint is for `run export`"),
+        (["run", "train", "export", "--checkpoint", "x.safetensors"], "--checkpoint is for `run export`"),
         (["run", "teacher", "--teacher-checkpoint", "/no/such.pth"], "does not exist"),
         (["run", "export", "--checkpoint", "/no/such.safetensors"], "does not exist"),
         (["run", "fuse"], "stage 'train' has no artifacts"),

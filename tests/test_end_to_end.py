@@ -115,3 +115,12 @@ def test_export_only_path_on_weights_from_another_codebase(run_dir, tmp_path, ca
     wrong = [*args, "--set", "data.num_classes=5"]
     assert run_cli(["run", "export", "--checkpoint", str(foreign), "--out", str(tmp_path / "wrong"), *wrong]) == 2
     assert "has 4 outputs" in capsys.readouterr().err
+
+
+def test_several_stages_run_in_pipeline_order(run_dir, capsys):
+    out, args = run_dir
+    assert run_cli(["run", "verify", "fuse", "--force", "--out", str(out), *args]) == 0
+    err = capsys.readouterr().err
+    assert "[teacher]" not in err and "[train]" not in err and "[export]" not in err
+    assert -1 < err.index("[fuse] running") < err.index("[verify] running")
+    assert RunStore(out).manifest("verify").status == "ok"
