@@ -52,7 +52,7 @@ def stale_reason(existing: Manifest | None, params: dict, inputs_fp: str, code: 
 
 def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     """Fail on unknown names before any stage spends time (a typo should not cost a teacher run)."""
-    from pipeline.data import dataset_names
+    from pipeline.data import check_data_config, dataset_names
     from pipeline.distill import check_method_args, method_names
     from pipeline.errors import ConfigError
     from pipeline.models import list_models
@@ -66,6 +66,9 @@ def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
         if value not in valid:
             raise ConfigError(f"unknown {what} {value!r}; choose one of: {', '.join(valid)}")
     check_method_args(cfg.student.method, cfg.student.method_args)
+    check_data_config(cfg.data)
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
     for name in names:
         get_stage(name).validate(cfg)
 

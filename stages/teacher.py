@@ -13,7 +13,7 @@ from pipeline.distill import build_distiller
 from pipeline.errors import ConfigError
 from pipeline.loading import load_foreign_weights
 from pipeline.models import build_model, list_models, model_info
-from pipeline.training import evaluate, fit, make_loader
+from pipeline.training import check_optim, evaluate, fit, make_loader
 from stages.base import Stage, StageContext, StageResult, register_stage
 from stages.common import bundle, data_params, training_params, write_json
 
@@ -26,6 +26,11 @@ class TeacherStage(Stage):
     name = "teacher"
     description = "train the teacher, or import --teacher-checkpoint"
     distributed = True
+
+    def validate(self, cfg: Config) -> None:
+        check_teacher_source(cfg)
+        if not cfg.teacher.checkpoint:
+            check_optim(cfg.teacher.optim, "teacher.optim")
 
     def externals(self, cfg: Config) -> dict[str, str]:
         check_teacher_source(cfg)

@@ -13,7 +13,7 @@ from pipeline.distill import build_distiller
 from pipeline.errors import CheckpointError
 from pipeline.loading import load_model
 from pipeline.models import build_model, count_parameters
-from pipeline.training import evaluate, fit, make_loader
+from pipeline.training import check_optim, evaluate, fit, make_loader
 from stages.base import Stage, StageContext, StageResult, register_stage
 from stages.common import bundle, data_params, training_params, write_json
 from stages.teacher import CHECKPOINT as TEACHER_CHECKPOINT
@@ -29,6 +29,9 @@ class TrainStage(Stage):
 
     def requires(self, cfg: Config) -> tuple[str, ...]:
         return ("teacher",)
+
+    def validate(self, cfg: Config) -> None:
+        check_optim(cfg.student.optim, "student.optim")
 
     def params(self, cfg: Config) -> dict:
         return {

@@ -13,6 +13,7 @@ import torch
 from pipeline.checks import Check
 from pipeline.compare import diff_stats, top1_accuracy
 from pipeline.config import Config
+from pipeline.errors import ConfigError
 from pipeline.loading import load_model
 from stages.base import Stage, StageContext, StageResult, register_stage
 from stages.common import bundle, write_json
@@ -53,6 +54,10 @@ class VerifyStage(Stage):
 
     def requires(self, cfg: Config) -> tuple[str, ...]:
         return ("train", "fuse")
+
+    def validate(self, cfg: Config) -> None:
+        if cfg.verify.samples < 1:
+            raise ConfigError(f"verify.samples must be at least 1, got {cfg.verify.samples}")
 
     def params(self, cfg: Config) -> dict:
         return {"samples": cfg.verify.samples, "data": cfg.data.dataset, "seed": cfg.seed}

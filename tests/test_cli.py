@@ -25,6 +25,9 @@ def test_help(command, capsys):
         (["run", "fuse"], "stage 'train' has no artifacts"),
         (["run", "--method", "nomethod", "train"], "unknown method 'nomethod'"),
         (["run", "train"], "stage 'teacher' has no artifacts"),
+        (["run", "--set", "student.optim.lr=-1"], "student.optim: lr must be positive, got -1"),
+        (["run", "teacher", "--set", "teacher.optim.schedule=cosin"], "schedule must be one of step, cosine"),
+        (["run", "--set", "student.optim.momentum=0", "--set", "student.optim.nesterov=true"], "nesterov needs"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(argv, message, capsys, tmp_path):
@@ -53,3 +56,22 @@ def test_listings(capsys):
     assert "default" in capsys.readouterr().out
     assert run_cli(["methods"]) == 0
     assert "kd" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("data.batch_size=0", "data.batch_size must be at least 1"),
+        ("data.workers=-1", "data.workers must be at least 0"),
+        ("data.num_classes=1", "data.num_classes must be at least 2"),
+        ("data.val_fraction=1.5", "data.val_fraction must be in [0, 1)"),
+        ("data.synthetic.test_size=0", "data.synthetic.test_size must be at least 1"),
+        ("verify.samples=0", "verify.samples must be at least 1"),
+        ("seed=-5", "seed must be in [0, 2**32)"),
+    ],
+)
+def test_unusable_numbers_are_refused_before_any_stage(setting, message, tmp_path, capsys):
+    assert run_cli(["run", "all", "--set", setting, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "running" not in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -74,12 +74,39 @@ class WithIndices(Dataset):
         return image, label, index
 
 
+# Smallest usable value of each numeric data setting (None, where allowed, means "the dataset's own").
+MINIMUMS = {
+    "batch_size": 1,
+    "eval_batch_size": 1,
+    "workers": 0,
+    "prefetch_factor": 1,
+    "num_classes": 2,
+    "image_size": 8,
+}
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Refuse settings the loaders would reject mid-run, before any stage starts."""
+    for key, minimum in MINIMUMS.items():
+        value = getattr(cfg, key)
+        if value is not None and value < minimum:
+            raise ConfigError(f"data.{key} must be at least {minimum}, got {value}")
+    _check_val_fraction(cfg.val_fraction)
+    for key in ("train_size", "test_size"):
+        if getattr(cfg.synthetic, key) < 1:
+            raise ConfigError(f"data.synthetic.{key} must be at least 1, got {getattr(cfg.synthetic, key)}")
+
+
+def _check_val_fraction(value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {value}")
+
+
 class DataBundle:
     """The three splits of one dataset; ``dataset(split, augment)`` gives a ready torch Dataset."""
 
     def __init__(self, raw: RawData, val_fraction: float, seed: int):
-        if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        _check_val_fraction(val_fraction)
         self.raw = raw
         self.info = raw.info
         order = torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(seed)).tolist()

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import OptimConfig, TrainingConfig
 from pipeline.distill import Distiller
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.progress import progress_bar
 from pipeline.training import speed
 from pipeline.training.data import EpochSampler, ShardSampler, mix_seed
@@ -47,6 +47,32 @@ class History:
     @property
     def last(self) -> dict:
         return self.epochs[-1] if self.epochs else {}
+
+
+SCHEDULES = ("step", "cosine")
+
+
+def check_optim(cfg: OptimConfig, where: str) -> None:
+    """Refuse a recipe that SGD or the schedule would reject, or silently misread, before any training."""
+    problems = []
+    if cfg.epochs < 1:
+        problems.append(f"epochs must be >= 1, got {cfg.epochs}")
+    if not cfg.lr > 0:
+        problems.append(f"lr must be positive, got {cfg.lr}")
+    if not 0 <= cfg.momentum < 1:
+        problems.append(f"momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.nesterov and cfg.momentum == 0:
+        problems.append("nesterov needs a momentum > 0")
+    if not cfg.weight_decay >= 0:
+        problems.append(f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    if not cfg.lr_decay > 0:
+        problems.append(f"lr_decay must be positive, got {cfg.lr_decay}")
+    if any(m < 0 for m in cfg.milestones):
+        problems.append(f"milestones must be epochs >= 0, got {cfg.milestones}")
+    if cfg.schedule not in SCHEDULES:
+        problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems))
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
