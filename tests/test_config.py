@@ -29,6 +29,7 @@ def test_override_parses_yaml_values():
         ("student.optim.milestones=5", "must be a list"),
         ("nokey", "not of the form"),
         ("seed=true", "seed must be int"),
+        ("student=[1,2]", r"^student must be a mapping, got \[1, 2\]$"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
