@@ -7,6 +7,7 @@ compute the distributed stages with it and write nothing.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import tempfile
 import time
@@ -88,9 +89,10 @@ def run_stages(
     """
     validate(cfg, names)
     store = RunStore(out)
-    with launch(cfg.device) as current:
+    with launch(cfg.device) as current, contextlib.ExitStack() as held:
         if current.is_main:
             store.ensure_writable()
+            held.enter_context(store.lock())
         else:
             log = _quiet
         check_shared_folder(store.root)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from pipeline.manifest import MANIFEST, Artifact, Manifest
 _STAGING = ".staging"
 _SCRATCH = ".scratch"
 _LOGS = "tensorboard"
+_LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,30 @@ class RunStore:
             raise ConfigError(
                 f"run folder {self.root} is not writable ({exc.strerror}); choose another with --out"
             ) from None
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run folder for one run: a second run into it would resume from the first's scratch
+        state while the first still writes it. The OS drops the lock when the process ends, however."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks
+            yield
+            return
+        with open(self.root / _LOCK, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                owner = handle.read().strip()
+                raise ConfigError(
+                    f"run folder {self.root} is in use by another run{f' (pid {owner})' if owner else ''}; "
+                    "wait for it to finish or choose another --out"
+                ) from None
+            handle.truncate(0)
+            handle.write(str(os.getpid()))
+            handle.flush()
+            yield
 
     def folder(self, stage: str) -> Path:
         return self.root / stage

@@ -104,6 +104,23 @@ def test_unwritable_run_folder(tmp_path):
         RunStore(blocker / "run").ensure_writable()
 
 
+def test_a_run_folder_takes_one_run_at_a_time(tmp_path, capsys):
+    import os
+
+    from pipeline.cli import run_cli
+
+    store = RunStore(tmp_path / "run")
+    store.ensure_writable()
+    with store.lock():
+        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {os.getpid()}\).*--out"), store.lock():
+            pass
+        assert run_cli(["run", "teacher", "--out", str(store.root)]) == 2
+        assert "in use by another run" in capsys.readouterr().err
+        assert not store.stages()
+    with store.lock():  # released with its holder
+        pass
+
+
 def test_stale_reasons():
     inputs = [Artifact("x", "h")]
     m = Manifest("s", "ok", {"a": 1}, inputs, [], [], "v1")
