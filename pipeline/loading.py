@@ -53,7 +53,14 @@ def load_any_model(path: str | Path, describe, log=print) -> tuple[nn.Module, Mo
     meta = describe()
     log(f"{path} has no pipeline metadata: loading it as a {meta.arch} with {meta.num_classes} classes")
     model = build_model(meta.arch, meta.num_classes)
-    load_foreign_weights(model, path, meta.num_classes, f"the configured data ({meta.num_classes} classes)", log)
+    try:
+        load_foreign_weights(model, path, meta.num_classes, f"the configured data ({meta.num_classes} classes)", log)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"{exc}. A file without pipeline metadata is read as the configured student: name its architecture "
+            "with --set student.arch=NAME (see `models`) and its data with --preset/--data-root or "
+            "--set data.num_classes=N"
+        ) from None
     return model.eval(), meta
 
 
