@@ -8,6 +8,7 @@ the folder is renamed into place, so a crash never leaves a half-written stage t
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -60,7 +61,8 @@ class RunStore:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the run folder for one run: a second run into it would resume from the first's scratch
-        state while the first still writes it. The OS drops the lock when the process ends, however."""
+        state while the first still writes it. An flock dies with its process, so a crash never leaves
+        the folder locked; where the file system has no locks (some network mounts), runs are not locked."""
         try:
             import fcntl
         except ImportError:  # not POSIX: no advisory locks
@@ -69,7 +71,10 @@ class RunStore:
         with open(self.root / _LOCK, "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    yield
+                    return
                 handle.seek(0)
                 owner = handle.read().strip()
                 raise ConfigError(
