@@ -35,8 +35,13 @@ def calibration_method(name: str):
 
 
 def array_reader(images: np.ndarray, input_name: str = INPUT_NAME, batch: int = 32):
-    """A ``CalibrationDataReader`` that feeds ``images`` in batches, in order."""
+    """A ``CalibrationDataReader`` that feeds ``images`` in equal batches of at most ``batch``, in order.
+
+    Equal, because ONNX Runtime's histogram calibrators (percentile, entropy) stack every batch's
+    activations and fail on a shorter last batch; the batch is the largest divisor of the image count.
+    """
     calibrate = require("onnxruntime.quantization.calibrate")
+    batch = max(d for d in range(1, min(batch, len(images)) + 1) if len(images) % d == 0)
 
     class ArrayReader(calibrate.CalibrationDataReader):
         def __init__(self) -> None:

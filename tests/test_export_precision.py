@@ -211,6 +211,16 @@ def test_int8_gate_passes_the_normal_model_and_fails_the_broken_one(onnx_models,
     assert verdicts["int8_broken"].value > 10
 
 
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_takes_any_number_of_images(onnx_models, data, tmp_path, method):
+    """43 images (a prime count) cannot be cut into equal batches of more than one image."""
+    calibration, test, labels = data
+    dst = tmp_path / "m.int8.onnx"
+    quantize_int8(onnx_models["ok"], dst, calibration[:43], CalibrationCache(tmp_path / "cache"), META, method)
+    check, _ = int8_gate(ort_run(ort_session(onnx_models["ok"]), test), ort_run(ort_session(dst), test), labels)
+    assert check, check.describe()
+
+
 def test_int8_for_tensorrt_is_symmetric_qdq_with_per_channel_weights(onnx_models, data, tmp_path):
     calibration, _, _ = data
     dst = tmp_path / "m.int8.onnx"
