@@ -99,11 +99,14 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelMet
     return state, meta
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a foreign file: safetensors, or a torch file read with ``weights_only=True``.
 
-    Accepts the common wrappers ``{'model': sd}``, ``{'state_dict': sd}`` and a ``module.`` prefix
-    left by DataParallel.
+    Accepts the common wrappers ``{'model': sd}``, ``{'state_dict': sd}`` and the key prefixes that
+    DataParallel/DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) leave, in any nesting.
     """
     path = _existing(path)
     if path.suffix == ".safetensors":
@@ -122,8 +125,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
+    while state and (prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)):
+        state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 

@@ -43,10 +43,17 @@ def test_truncated_file_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-def test_foreign_state_dict_wrappers(tmp_path):
-    sd = {"module.fc.weight": torch.ones(2, 2)}
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_foreign_state_dict_wrappers(tmp_path, prefix):
+    sd = {f"{prefix}fc.weight": torch.ones(2, 2), f"{prefix}fc.bias": torch.ones(2)}
     torch.save({"model": sd, "epoch": 240}, tmp_path / "ckpt.pth")
-    assert list(load_state_dict_file(tmp_path / "ckpt.pth")) == ["fc.weight"]
+    assert sorted(load_state_dict_file(tmp_path / "ckpt.pth")) == ["fc.bias", "fc.weight"]
+
+
+def test_a_prefix_on_some_keys_only_is_kept(tmp_path):
+    sd = {"module.fc.weight": torch.ones(2, 2), "head.bias": torch.ones(2)}
+    torch.save(sd, tmp_path / "ckpt.pth")
+    assert sorted(load_state_dict_file(tmp_path / "ckpt.pth")) == ["head.bias", "module.fc.weight"]
 
 
 def test_pickled_objects_are_never_loaded(tmp_path):
