@@ -11,6 +11,8 @@ out=${1:-gpu-checks}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PIPELINE_PROGRESS=0
 py=${PYTHON:-python3}
+runs=$(mktemp -d)  # fresh run folders: a rerun of this script times every stage again
+cores=$(nproc)
 
 step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log, report the exit status
     local name=$1 limit=$2
@@ -30,14 +32,14 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log
 cat "$out/summary.txt"
 
 step tests-gpu 150 "$py" -m pytest -q -rs -p no:cacheprovider -m "gpu or tensorrt" tests
-step run-fp32 90 "$py" -m pipeline run all --out /tmp/gpu-run-fp32 --device cuda
-step run-bf16 90 "$py" -m pipeline run all --out /tmp/gpu-run-bf16 --device cuda \
+step run-fp32 90 "$py" -m pipeline run all --out "$runs/fp32" --device cuda
+step run-bf16 90 "$py" -m pipeline run all --out "$runs/bf16" --device cuda \
     --set training.amp=bf16 --set training.channels_last=true
 for run in fp32 bf16; do
-    "$py" -m pipeline inspect "/tmp/gpu-run-$run" >>"$out/run-$run.log" 2>&1
+    "$py" -m pipeline inspect "$runs/$run" >>"$out/run-$run.log" 2>&1
 done
 step bench-gpu 120 "$py" benchmarks/bench_ddp.py gpu --teacher resnet32x4 --student ShuffleV1 \
-    --methods kdiffusion,kd --modes fp32,bf16,channels_last+bf16 --batch 512 --steps 15 --workers 14 --repeats 2
-step tests-all 100 "$py" -m pytest -q -n 12 -p no:cacheprovider tests
+    --methods kdiffusion,kd --modes fp32,bf16,channels_last+bf16 --batch 512 --steps 15 --workers $((cores > 2 ? cores - 2 : 1)) --repeats 2
+step tests-all 100 "$py" -m pytest -q -n $((cores < 12 ? cores : 12)) -p no:cacheprovider tests
 tail -n 25 "$out"/*.log
 cat "$out/summary.txt"
