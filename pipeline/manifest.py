@@ -85,7 +85,8 @@ class Manifest:
 
     def write(self, folder: Path) -> Path:
         path = folder / MANIFEST
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        # Field order, not sorted: the stage's own order of metrics is how the run summary shows them.
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
     @classmethod

@@ -25,8 +25,16 @@ def test_manifest_round_trip_is_deterministic(tmp_path):
     read = Manifest.read(tmp_path / "a")
     assert read.fingerprint == written.fingerprint
     assert read.checks[0].passed and read.checks[0].threshold == 1.0
-    text = (tmp_path / "a" / "manifest.json").read_text()
-    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+    again = tmp_path / "again"
+    again.mkdir()
+    assert read.write(again).read_text() == (tmp_path / "a" / "manifest.json").read_text()
+
+
+def test_metrics_keep_the_stage_s_order(tmp_path):
+    """The run summary shows a stage's key figures in its own order, fresh or up to date."""
+    (tmp_path / "a").mkdir()
+    Manifest("a", "ok", {}, [], [], [], "v1", metrics={"test_top1": 1.0, "parameters": 2}).write(tmp_path / "a")
+    assert list(Manifest.read(tmp_path / "a").metrics) == ["test_top1", "parameters"]
 
 
 def test_load_refuses_missing_stage(tmp_path):
