@@ -126,7 +126,7 @@ class RunStore:
         for artifact in manifest.outputs:
             problem = modified(self.folder(stage), artifact)
             if problem:
-                return f"{artifact.path} {problem}"
+                return f"{artifact.path} is {problem}"
         return ""
 
     def staging(self, stage: str) -> Path:

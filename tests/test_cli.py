@@ -1,5 +1,7 @@
 """The CLI surface: help on every command, and one-line errors with exit status 2 for user mistakes."""
 
+import json
+
 import pytest
 
 from pipeline.cli import cli, run_cli
@@ -56,6 +58,37 @@ def test_listings(capsys):
     assert "default" in capsys.readouterr().out
     assert run_cli(["methods"]) == 0
     assert "kd" in capsys.readouterr().out
+
+
+def test_presets_json_lists_every_preset_with_its_pair(capsys):
+    from pipeline.config import list_presets, load_config
+
+    assert run_cli(["presets", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(list_presets())
+    default = load_config("default")
+    assert (rows["default"]["teacher"], rows["default"]["student"]) == (default.teacher.arch, default.student.arch)
+    assert rows["cifar100-resnet32x4-shufflev1"]["expected"]
+
+
+def test_models_json_gives_every_model_with_its_100_class_parameter_count(capsys):
+    from pipeline.models import list_models
+
+    assert run_cli(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == set(list_models())
+    # design §5 figures (100 classes)
+    assert rows["resnet8x4"]["parameters"] == 1_233_540 and rows["resnet8x4"]["input_size"] == 32
+    assert rows["ShuffleV1"]["parameters"] == 949_258
+    assert rows["swin_t"]["family"] != "cifar" and rows["swin_t"]["input_size"] == 224
+
+
+def test_a_missing_optional_package_names_its_install_command():
+    from exports.deps import require
+    from pipeline.errors import MissingDependencyError
+
+    with pytest.raises(MissingDependencyError, match=r"tensorrt.*pip install 'kdiffusion-pipeline\[tensorrt\]'"):
+        require("tensorrt.no_such_submodule_here")
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,27 @@ def test_inspect_json(run_dir, capsys):
     assert data["verify"]["status"] == "ok"
 
 
+def test_inspect_text_shows_status_checks_hashes_and_tampering(run_dir, capsys):
+    out, _ = run_dir
+    store = RunStore(out)
+    assert run_cli(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    for stage in _completed(out):
+        assert f"{stage}: ok  fingerprint {store.manifest(stage).fingerprint[:12]}" in text
+    assert "PASSED | logits_max_abs" in text and "WARNING" not in text
+    sha = store.manifest("train").output("student.safetensors").sha256
+    assert f"out student.safetensors  sha256 {sha[:16]}" in text
+
+    report = out / "verify" / "report.json"
+    original = report.read_bytes()
+    try:
+        report.write_bytes(original + b" ")
+        assert run_cli(["inspect", str(out)]) == 0
+        assert "WARNING: report.json is modified since the stage wrote it" in capsys.readouterr().out
+    finally:
+        report.write_bytes(original)
+
+
 def test_tampered_student_checkpoint_is_refused(run_dir, capsys):
     out, args = run_dir
     path = out / "train" / "student.safetensors"
