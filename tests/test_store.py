@@ -37,6 +37,27 @@ def test_metrics_keep_the_stage_s_order(tmp_path):
     assert list(Manifest.read(tmp_path / "a").metrics) == ["test_top1", "parameters"]
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "is not a readable manifest"),
+        ('{"schema": 0}', "has schema 0"),
+        (None, "has malformed field"),
+    ],
+)
+def test_unreadable_or_foreign_manifests_are_refused(tmp_path, content, message):
+    store = RunStore(tmp_path)
+    _commit(store, "a")
+    path = tmp_path / "a" / "manifest.json"
+    if content is None:  # a current schema with a field missing
+        data = json.loads(path.read_text())
+        del data["outputs"]
+        content = json.dumps(data)
+    path.write_text(content)
+    with pytest.raises(ArtifactError, match=message):
+        Manifest.read(tmp_path / "a")
+
+
 def test_load_refuses_missing_stage(tmp_path):
     with pytest.raises(ArtifactError, match="stage 'train' has no artifacts.*run train"):
         RunStore(tmp_path).load("train")

@@ -267,3 +267,28 @@ def test_kd_trains_under_fit_with_the_teacher_left_out_of_the_state(data, tmp_pa
     assert state["model"].keys() == distiller.state_dict().keys()
     assert not any(key.startswith("teacher.") for key in state["model"])
     assert distiller.teacher.training is False
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"lr": 0.0}, "lr must be positive"),
+        ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
+        ({"momentum": 0.0, "nesterov": True}, "nesterov needs a momentum"),
+        ({"weight_decay": -1e-4}, "weight_decay must be >= 0"),
+        ({"lr_decay": 0.0}, "lr_decay must be positive"),
+        ({"milestones": [5, -1]}, "milestones must be epochs >= 0"),
+        ({"schedule": "cos"}, "schedule must be one of step, cosine"),
+    ],
+)
+def test_check_optim_names_each_unusable_setting(change, message):
+    import dataclasses
+
+    from pipeline.config import OptimConfig
+    from pipeline.errors import ConfigError
+    from pipeline.training import check_optim
+
+    check_optim(OptimConfig(), "student.optim")
+    with pytest.raises(ConfigError, match=f"^student.optim: {message}"):
+        check_optim(dataclasses.replace(OptimConfig(), **change), "student.optim")
