@@ -29,7 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.distill import build_distiller, method_names
+from method_rows import add_row_options, rows
+
+from pipeline.distill import build_distiller
 from pipeline.models import build_model
 
 
@@ -37,15 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default="wrn_16_2")
     parser.add_argument("--student", default="mobile_half")
-    parser.add_argument("--methods", nargs="+", default=None, help="Registered method names [default: all].")
-    parser.add_argument(
-        "--variant",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("LABEL", "METHOD", "JSON"),
-        help="An extra row: METHOD built with the options in JSON, shown as LABEL (repeatable).",
-    )
+    add_row_options(parser)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--samples", type=int, default=50_000, help="Training-set size (CRD's memory bank).")
@@ -59,13 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
-
-def rows(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
-    """(label, method, options) for every row; vanilla first (the baseline)."""
-    names = args.methods or method_names()
-    out = [("vanilla", "vanilla", {})] + [(n, n, {}) for n in names if n != "vanilla"]
-    out += [(label, method, json.loads(options)) for label, method, options in args.variant]
-    return out
 
 
 class Bench:

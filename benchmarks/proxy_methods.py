@@ -32,8 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from method_rows import add_row_options, rows
+
 from pipeline.config import load_config
-from pipeline.distill import METHODS, method_names
+from pipeline.distill import METHODS
 from pipeline.runner import run_stages
 from pipeline.store import RunStore
 from stages.teacher import CHECKPOINT as TEACHER_CHECKPOINT
@@ -45,15 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--methods", nargs="+", default=None, help="Registered method names [default: all].")
-    parser.add_argument(
-        "--variant",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("LABEL", "METHOD", "JSON"),
-        help="An extra row: METHOD with the options in JSON, shown as LABEL (repeatable).",
-    )
+    add_row_options(parser)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--warmup-fraction", type=float, default=RECIPE_WARMUP_FRACTION)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads [default: torch's].")
@@ -61,11 +55,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--write", type=Path, default=None, help="Markdown file to write the table to.")
     return parser.parse_args(argv)
 
-
-def rows(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
-    names = args.methods or method_names()
-    out = [("vanilla", "vanilla", {})] + [(n, n, {}) for n in names if n != "vanilla"]
-    return out + [(label, method, json.loads(options)) for label, method, options in args.variant]
 
 
 def with_scaled_warmup(method: str, options: dict, epochs: int, fraction: float) -> dict:

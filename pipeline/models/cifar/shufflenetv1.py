@@ -69,13 +69,21 @@ class ShuffleNetV1(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _info(name: str, stage_repeats: tuple[int, int, int]) -> ModelInfo:
-    """Stage taps: each stage's last unit before its ReLU; sites: that unit's grouped 1x1 conv3+bn3."""
+def stage_points(stage_repeats: tuple[int, int, int]) -> tuple[tuple[Tap, ...], tuple[ReparamSite, ...]]:
+    """Stage taps: each stage's last unit before its ReLU; sites: that unit's grouped 1x1 conv3+bn3.
+
+    Shared with the 224 px ShuffleNet V1, whose module names follow this model's.
+    """
     last = [n - 1 for n in stage_repeats]
     stages = (Tap(f"layer1.{last[0]}.act", "input"), Tap(f"layer2.{last[1]}.act", "input"), Tap("act", "input"))
     sites = tuple(
         ReparamSite(f"layer{i}.{last[i - 1]}.conv3", f"layer{i}.{last[i - 1]}.bn3", stages[i - 1]) for i in (1, 2, 3)
     )
+    return stages, sites
+
+
+def _info(name: str, stage_repeats: tuple[int, int, int]) -> ModelInfo:
+    stages, sites = stage_points(stage_repeats)
     return ModelInfo(
         name=name,
         family="cifar",

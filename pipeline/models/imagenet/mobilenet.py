@@ -20,6 +20,7 @@ from torchvision.models import mobilenetv2 as tv_mobilenetv2
 from torchvision.models import mobilenetv3 as tv_mobilenetv3
 
 from pipeline.models import ModelInfo, ReparamSite, Tap, register_model
+from pipeline.models.imagenet.common import torchvision_info
 
 __all__ = ["InvertedResidualV3", "MobileNetV2", "MobileNetV3"]
 
@@ -93,15 +94,7 @@ def _info(name: str, stage_ends: tuple[int, ...], sites: tuple[tuple[str, str], 
         sites: (conv, BN) paths: the project conv+BN of the 28 and 14 px stage ends, then the final 1x1 conv+BN.
     """
     stages = (*(Tap(f"features.{i}") for i in stage_ends), Tap("act", "input"))
-    return ModelInfo(
-        name=name,
-        family="imagenet",
-        input_size=224,
-        stages=stages,
-        reparam_sites=tuple(ReparamSite(conv, bn, tap) for (conv, bn), tap in zip(sites, stages[-3:])),
-        description=f"torchvision {name} with pre-activation taps",
-        extra={"source": f"torchvision:{name}"},
-    )
+    return torchvision_info(name, stages, tuple(ReparamSite(c, b, tap) for (c, b), tap in zip(sites, stages[-3:])))
 
 
 _MOBILENET_V2_SITES = (

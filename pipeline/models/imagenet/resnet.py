@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 
 from pipeline.models import ModelInfo, ReparamSite, Tap, register_model
+from pipeline.models.imagenet.common import torchvision_info
 
 __all__ = ["BasicBlock", "ResNet"]
 
@@ -61,15 +62,7 @@ def _info(name: str, layers: tuple[int, int, int, int]) -> ModelInfo:
     sites = tuple(
         ReparamSite(f"layer{i}.{last[i - 1]}.conv2", f"layer{i}.{last[i - 1]}.bn2", stages[i - 1]) for i in (2, 3, 4)
     )
-    return ModelInfo(
-        name=name,
-        family="imagenet",
-        input_size=224,
-        stages=stages,
-        reparam_sites=sites,
-        description=f"torchvision {name} with pre-activation taps",
-        extra={"source": f"torchvision:{name}"},
-    )
+    return torchvision_info(name, stages, sites)
 
 
 @register_model(_info("resnet18", (2, 2, 2, 2)))

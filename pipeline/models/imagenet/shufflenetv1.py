@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from pipeline.models import ModelInfo, ReparamSite, Tap, register_model
+from pipeline.models import ModelInfo, register_model
+from pipeline.models.cifar.shufflenetv1 import stage_points
 from pipeline.models.layers import ShuffleV1Unit, init_conv_bn_
 
 __all__ = ["ShuffleNetV1"]
@@ -72,12 +73,8 @@ class ShuffleNetV1(nn.Module):
 
 
 def _info(name: str, stage_repeats: tuple[int, int, int]) -> ModelInfo:
-    """Stage taps: each stage's last unit before its ReLU (28, 14, 7 px); sites: that unit's grouped conv3+bn3."""
-    last = [n - 1 for n in stage_repeats]
-    stages = (Tap(f"layer1.{last[0]}.act", "input"), Tap(f"layer2.{last[1]}.act", "input"), Tap("act", "input"))
-    sites = tuple(
-        ReparamSite(f"layer{i}.{last[i - 1]}.conv3", f"layer{i}.{last[i - 1]}.bn3", stages[i - 1]) for i in (1, 2, 3)
-    )
+    """The CIFAR ShuffleV1's taps and sites, here at 28, 14 and 7 px."""
+    stages, sites = stage_points(stage_repeats)
     return ModelInfo(
         name=name,
         family="imagenet",

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchvision.models import shufflenetv2 as tv_shufflenetv2
 
 from pipeline.models import ModelInfo, ReparamSite, Tap, register_model
+from pipeline.models.imagenet.common import torchvision_info
 from pipeline.models.layers import channel_shuffle
 
 __all__ = ["InvertedResidual", "ShuffleNetV2"]
@@ -77,15 +78,7 @@ def _info(name: str, repeats: tuple[int, int, int]) -> ModelInfo:
         ReparamSite(f"stage3.{last3}.branch2.5", f"stage3.{last3}.branch2.6", stages[1], embed="concat_tail"),
         ReparamSite("conv5.0", "conv5.1", stages[2]),
     )
-    return ModelInfo(
-        name=name,
-        family="imagenet",
-        input_size=224,
-        stages=stages,
-        reparam_sites=sites,
-        description=f"torchvision {name} with pre-activation taps",
-        extra={"source": f"torchvision:{name}"},
-    )
+    return torchvision_info(name, stages, sites)
 
 
 @register_model(_info("shufflenet_v2_x1_0", (4, 8, 4)))
