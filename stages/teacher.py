@@ -33,7 +33,6 @@ class TeacherStage(Stage):
             check_optim(cfg.teacher.optim, "teacher.optim")
 
     def externals(self, cfg: Config) -> dict[str, str]:
-        check_teacher_source(cfg)
         return {"checkpoint": cfg.teacher.checkpoint} if cfg.teacher.checkpoint else {}
 
     def params(self, cfg: Config) -> dict:
