@@ -106,6 +106,11 @@ class TrainingConfig:
     find_unused_parameters: bool = False  # DDP: for methods whose modules skip some steps
     tensorboard: bool = True  # event files in <run>/tensorboard/<stage>/
     log_every: int = 20  # steps between TensorBoard loss points
+    # GPU step overhead (docs/bench-training.md, "Step overhead"); all off by default:
+    device_data: bool = False  # training split on the device, crop/flip/normalize there (synthetic, cifar100)
+    defer_metrics: bool = False  # read losses (and check them for NaN) every log_every steps, not every step
+    optimizer_impl: str = "auto"  # SGD kernels: auto (torch's choice) | for_loop | foreach | fused
+    cuda_graphs: bool = False  # CUDA only: torch.compile(mode="reduce-overhead") of the distiller's step
 
 
 @dataclass

@@ -162,7 +162,7 @@ class KDiffusion(Distiller):
     def losses(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with FeatureTaps(self.student, self.student_taps) as student_taps:
             logits = self.student(images)
-        with torch.no_grad(), FeatureTaps(self.teacher, self.teacher_taps) as teacher_taps:
+        with self.teacher_grad_off(), FeatureTaps(self.teacher, self.teacher_taps) as teacher_taps:
             teacher_logits = self.teacher(images)
         out = {"ce": self.lambda_ce * F.cross_entropy(logits, targets)}
         if self.lambda_kd:
@@ -176,7 +176,11 @@ class KDiffusion(Distiller):
         if self.lambda_guided:
             with torch.autocast(images.device.type, enabled=False):
                 guided = guided_loss(
-                    result.x_hat, result.mu, result.sd, self.teacher.forward_head, teacher_logits.to(result.x_hat.dtype)
+                    result.x_hat,
+                    result.mu,
+                    result.sd,
+                    self.teacher.forward_head,
+                    teacher_logits.to(result.x_hat.dtype, copy=True),  # saved for backward: no inference tensor
                 )
             out["guided"] = ramp * self.lambda_guided * guided
         return logits, out
