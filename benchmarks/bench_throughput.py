@@ -253,6 +253,20 @@ def main() -> None:
     cells = plan(args)
     print(f"{len(cells)} runs on {_machine(args.device)}", file=sys.stderr)
     started = time.perf_counter()
+
+    def write() -> str:
+        header = (
+            f"## {_machine(args.device)}\n\n{time.strftime('%Y-%m-%d')}; steps per epoch {steps}, DataLoader "
+            f"workers {args.workers} (peer and `before`), second epoch of {setup.epochs}, one run per cell; "
+            f"{len(setup.results)} of {len(cells)} cells in {time.perf_counter() - started:.0f} s"
+        )
+        text = report(setup, args, header)
+        if args.out:  # after every cell, so a run cut short by a time limit still leaves its table
+            args.out.write_text(text)
+            raw = [{**cell.__dict__, "images_per_s": rate} for cell, rate in setup.results.items()]
+            args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
+        return text
+
     for cell in cells:
         tic = time.perf_counter()
         try:
@@ -261,17 +275,8 @@ def main() -> None:
             print(f"FAILED {cell}: {type(exc).__name__}: {str(exc)[:500]}", file=sys.stderr)
             continue
         print(f"{cell}: {setup.results[cell]:.1f} images/s ({time.perf_counter() - tic:.1f} s)", file=sys.stderr)
-    header = (
-        f"## {_machine(args.device)}\n\n{time.strftime('%Y-%m-%d')}; steps per epoch {steps}, DataLoader workers "
-        f"{args.workers} (peer and `before`), second epoch of {setup.epochs}, one run per cell; "
-        f"total {time.perf_counter() - started:.0f} s"
-    )
-    text = report(setup, args, header)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-        raw = [{**cell.__dict__, "images_per_s": rate} for cell, rate in setup.results.items()]
-        args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
+        write()
+    print(write())
 
 
 if __name__ == "__main__":
