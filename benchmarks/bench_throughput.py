@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -62,7 +63,8 @@ class Setup:
     steps: dict[int, int]  # batch -> steps per epoch
     workers: int
     epochs: int = 2
-    results: dict[Cell, float] = field(default_factory=dict)
+    results: dict[Cell, float] = field(default_factory=dict)  # the median of the runs so far
+    runs: dict[Cell, list[float]] = field(default_factory=dict)
 
 
 def _distiller(cell: Cell, inference_mode: bool):
@@ -237,6 +239,7 @@ def main() -> None:
     parser.add_argument("--ablation-batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=None, help="steps per epoch at batch 64 (fewer at larger)")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the peer and `before` loops")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per cell (the table gives the median)")
     parser.add_argument("--out", type=Path, default=None, help="also write the Markdown tables here")
     args = parser.parse_args()
     import torch
@@ -257,25 +260,30 @@ def main() -> None:
     def write() -> str:
         header = (
             f"## {_machine(args.device)}\n\n{time.strftime('%Y-%m-%d')}; steps per epoch {steps}, DataLoader "
-            f"workers {args.workers} (peer and `before`), second epoch of {setup.epochs}, one run per cell; "
-            f"{len(setup.results)} of {len(cells)} cells in {time.perf_counter() - started:.0f} s"
+            f"workers {args.workers} (peer and `before`), second epoch of {setup.epochs}, median of "
+            f"{args.repeats} run(s) per cell, interleaved; {sum(map(len, setup.runs.values()))} of "
+            f"{len(cells) * args.repeats} runs in {time.perf_counter() - started:.0f} s"
         )
         text = report(setup, args, header)
         if args.out:  # after every cell, so a run cut short by a time limit still leaves its table
             args.out.write_text(text)
-            raw = [{**cell.__dict__, "images_per_s": rate} for cell, rate in setup.results.items()]
+            raw = [{**cell.__dict__, "images_per_s": rates} for cell, rates in setup.runs.items()]
             args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1) + "\n")
         return text
 
-    for cell in cells:
-        tic = time.perf_counter()
-        try:
-            setup.results[cell] = (measure_peer if cell.loop == "peer" else measure_ours)(setup, cell)
-        except Exception as exc:  # one failing option (e.g. a compile error) must not cost the whole table
-            print(f"FAILED {cell}: {type(exc).__name__}: {str(exc)[:500]}", file=sys.stderr)
-            continue
-        print(f"{cell}: {setup.results[cell]:.1f} images/s ({time.perf_counter() - tic:.1f} s)", file=sys.stderr)
-        write()
+    # Repeats alternate the order, so that load from other work on the machine hits every loop alike.
+    for repeat in range(args.repeats):
+        for cell in cells if repeat % 2 == 0 else reversed(cells):
+            tic = time.perf_counter()
+            try:
+                rate = (measure_peer if cell.loop == "peer" else measure_ours)(setup, cell)
+            except Exception as exc:  # one failing option (e.g. a compile error) must not cost the whole table
+                print(f"FAILED {cell}: {type(exc).__name__}: {str(exc)[:500]}", file=sys.stderr)
+                continue
+            setup.runs.setdefault(cell, []).append(rate)
+            setup.results[cell] = statistics.median(setup.runs[cell])
+            print(f"{cell}: {rate:.1f} images/s ({time.perf_counter() - tic:.1f} s)", file=sys.stderr)
+            write()
     print(write())
 
 

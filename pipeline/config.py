@@ -92,8 +92,9 @@ class StudentConfig:
 class TrainingConfig:
     """How the training stages run: scale-out, speed, resume and logging (see README "Training at scale").
 
-    Only ``amp`` and ``sync_bn`` change the trained weights beyond float noise, so only they enter the
-    stage fingerprints; the rest (like the device and the number of processes) are execution details.
+    Only ``amp``, ``sync_bn`` and ``device_data`` (other augmentation draws) change the trained weights
+    beyond float noise, so only they enter the stage fingerprints; the rest (like the device and the number
+    of processes) are execution details.
     """
 
     amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler; both need a GPU to pay off)

@@ -221,3 +221,13 @@ def test_teacher_under_inference_mode_gives_the_same_losses_and_gradients(method
     assert all(torch.equal(a, b) for a, b in zip(losses_a, losses_b, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
     assert any(g.abs().sum() > 0 for g in grads_a)
+
+
+def test_device_data_enters_the_stage_fingerprints_only_when_on(tiny_cfg):
+    import dataclasses
+
+    from stages.common import training_params
+
+    assert training_params(tiny_cfg) == {"amp": "none", "sync_bn": False}  # old fingerprints still hold
+    on = dataclasses.replace(tiny_cfg, training=dataclasses.replace(tiny_cfg.training, device_data=True))
+    assert training_params(on) == {"amp": "none", "sync_bn": False, "device_data": True}
