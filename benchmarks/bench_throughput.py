@@ -180,8 +180,7 @@ def report(setup: Setup, args: argparse.Namespace, header: str) -> str:
         lines.append(f"| {t} -> {s} | {m} | {b} | {p} | {_rate(peer)} | {_rate(ours)} | {_ratio(ours, peer)} |")
     ablation = [c for c in r if c.loop == "before"]
     if ablation:
-        extra = [v for v in ("all", "all+cuda_graphs") if any(c.loop == v for c in r)]
-        columns = ABLATION + extra
+        columns = [v for v in (*ABLATION, "all", "all+cuda_graphs") if any(c.loop == v for c in r)]
         lines += ["", f"### Each option's own effect (batch {args.ablation_batch}; images/s, and vs `before`)", ""]
         lines += ["| pair | method | precision | " + " | ".join(columns) + " |", "|---" * (3 + len(columns)) + "|"]
         for c in sorted(ablation, key=str):
