@@ -57,7 +57,8 @@ def test_sigkill_mid_epoch_then_rerun_reproduces_the_uninterrupted_weights(tmp_p
     assert process.returncode == -signal.SIGKILL
     assert not (killed / "teacher").exists()  # a killed stage leaves no artifact
 
-    rerun = subprocess.run(_command(killed, PATHS[path]), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    command = _command(killed, PATHS[path])
+    rerun = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "teacher: resumed at epoch 1, step " in rerun.stderr  # from the middle of the first epoch
     a = load_file(reference / "teacher" / "teacher.safetensors")
