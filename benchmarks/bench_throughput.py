@@ -25,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +162,12 @@ def plan(args: argparse.Namespace) -> list[Cell]:
     return cells
 
 
+def _order(item: Cell | tuple) -> tuple:
+    """Table order: pair, method, batch (numerically), then fp32 before bf16."""
+    teacher, student, method, batch, precision = item[:5] if isinstance(item, tuple) else astuple(item)[:5]
+    return teacher, student, method, batch, list(PRECISIONS).index(precision)
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
@@ -174,7 +180,7 @@ def report(setup: Setup, args: argparse.Namespace, header: str) -> str:
     r = setup.results
     lines = [header, "", "### Peer loop vs ours (all options), images/s", ""]
     lines += ["| pair | method | batch | precision | peer | ours | ours / peer |", "|---|---|---|---|---|---|---|"]
-    keys = sorted({(c.teacher, c.student, c.method, c.batch, c.precision) for c in r}, key=str)
+    keys = sorted({(c.teacher, c.student, c.method, c.batch, c.precision) for c in r}, key=_order)
     for t, s, m, b, p in keys:
         peer, ours = r.get(Cell(t, s, m, b, p, "peer")), r.get(Cell(t, s, m, b, p, "all"))
         lines.append(f"| {t} -> {s} | {m} | {b} | {p} | {_rate(peer)} | {_rate(ours)} | {_ratio(ours, peer)} |")
@@ -183,7 +189,7 @@ def report(setup: Setup, args: argparse.Namespace, header: str) -> str:
         columns = [v for v in (*ABLATION, "all", "all+cuda_graphs") if any(c.loop == v for c in r)]
         lines += ["", f"### Each option's own effect (batch {args.ablation_batch}; images/s, and vs `before`)", ""]
         lines += ["| pair | method | precision | " + " | ".join(columns) + " |", "|---" * (3 + len(columns)) + "|"]
-        for c in sorted(ablation, key=str):
+        for c in sorted(ablation, key=_order):
             base = r[c]
             cells = []
             for loop in columns:
@@ -195,7 +201,7 @@ def report(setup: Setup, args: argparse.Namespace, header: str) -> str:
         lines += ["", "### Time per image of each method over KD's (1.00 = no overhead)", ""]
         lines += ["| pair | batch | precision | loop | " + " | ".join(methods) + " |"]
         lines += ["|---" * (4 + len(methods)) + "|"]
-        for t, s, _, b, p in sorted({k for k in keys if k[2] == "kd"}, key=str):
+        for t, s, _, b, p in sorted({k for k in keys if k[2] == "kd"}, key=_order):
             for loop in ("peer", "all", "all+cuda_graphs"):
                 kd = r.get(Cell(t, s, "kd", b, p, loop))
                 if kd:
@@ -205,7 +211,7 @@ def report(setup: Setup, args: argparse.Namespace, header: str) -> str:
     if cl:
         lines += ["", "### bf16 + channels_last vs fp32 (ours, all options)", ""]
         lines += ["| pair | method | batch | fp32 | bf16 | bf16 + channels_last | vs fp32 |", "|---" * 7 + "|"]
-        for c in sorted(cl, key=str):
+        for c in sorted(cl, key=_order):
             fp32 = r.get(Cell(c.teacher, c.student, c.method, c.batch, "fp32", "all"))
             bf16 = r.get(Cell(c.teacher, c.student, c.method, c.batch, "bf16", "all"))
             lines.append(
