@@ -5,7 +5,8 @@ One run times, side by side on the same device and data, images/s of:
 - ``peer``: the loop the reference codebases use (``benchmarks/peer_loop.py``);
 - ``before``: :func:`pipeline.training.fit` as it was before the step-overhead options (DataLoader with
   workers, metrics read every step, torch's default SGD kernels, teacher under ``no_grad``);
-- ``+inference_mode``, ``+device_data``, ``+defer_metrics``, ``+fused_sgd``: ``before`` plus one option;
+- ``+inference_mode``, ``+batched_chain`` (KDiffusion's chain as a few batched kernels; no-op for KD),
+  ``+device_data``, ``+defer_metrics``, ``+fused_sgd``: ``before`` plus one option;
 - ``all``: every option above; ``all+cuda_graphs`` (CUDA only) and ``all+channels_last`` on top of it.
 
 ``peer`` and ``all`` (and ``all+channels_last`` in bf16) run at every batch size; ``before`` and the
@@ -31,11 +32,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ALL = {"teacher_inference": True, "device_data": True, "defer_metrics": True, "optimizer_impl": "fused"}
-BEFORE = {"teacher_inference": False, "device_data": False, "defer_metrics": False, "optimizer_impl": "auto"}
+# teacher_inference and batched_chain (KDiffusion only) are distiller settings; the rest are TrainingConfig's.
+ALL = {
+    "teacher_inference": True,
+    "batched_chain": True,
+    "device_data": True,
+    "defer_metrics": True,
+    "optimizer_impl": "fused",
+}
+BEFORE = {
+    "teacher_inference": False,
+    "batched_chain": False,
+    "device_data": False,
+    "defer_metrics": False,
+    "optimizer_impl": "auto",
+}
 VARIANTS = {
     "before": BEFORE,
     "+inference_mode": {**BEFORE, "teacher_inference": True},
+    "+batched_chain": {**BEFORE, "batched_chain": True},
     "+device_data": {**BEFORE, "device_data": True},
     "+defer_metrics": {**BEFORE, "defer_metrics": True},
     "+fused_sgd": {**BEFORE, "optimizer_impl": "fused"},
@@ -43,7 +58,7 @@ VARIANTS = {
     "all+cuda_graphs": {**ALL, "cuda_graphs": True},
     "all+channels_last": {**ALL, "channels_last": True},
 }
-ABLATION = ["before", "+inference_mode", "+device_data", "+defer_metrics", "+fused_sgd"]
+ABLATION = ["before", "+inference_mode", "+batched_chain", "+device_data", "+defer_metrics", "+fused_sgd"]
 PRECISIONS = {"fp32": None, "bf16": "bf16"}
 
 
@@ -67,14 +82,15 @@ class Setup:
     runs: dict[Cell, list[float]] = field(default_factory=dict)
 
 
-def _distiller(cell: Cell, inference_mode: bool):
+def _distiller(cell: Cell, inference_mode: bool, batched_chain: bool = False):
     import torch
 
     from pipeline.distill import build_distiller
     from pipeline.models import build_model
 
     torch.manual_seed(0)
-    distiller = build_distiller(cell.method, build_model(cell.student, 100), build_model(cell.teacher, 100))
+    args = {"batched_chain": True} if batched_chain and cell.method.startswith("kdiffusion") else {}
+    distiller = build_distiller(cell.method, build_model(cell.student, 100), build_model(cell.teacher, 100), args)
     distiller.teacher_inference_mode = inference_mode
     return distiller
 
@@ -118,10 +134,10 @@ def measure_ours(setup: Setup, cell: Cell) -> float:
     from pipeline.training import fit, make_loader
 
     options = dict(VARIANTS[cell.loop])
-    inference, on_device = options.pop("teacher_inference"), options.pop("device_data")
+    inference, batched, on_device = (options.pop(k) for k in ("teacher_inference", "batched_chain", "device_data"))
     device = torch.device(setup.device)
     cfg, data = _data(setup, cell.batch)
-    distiller = _distiller(cell, inference)
+    distiller = _distiller(cell, inference, batched)
     loader = make_loader(data.dataset("train", augment=True), cfg, train=True, device=device, on_device=on_device)
     amp = PRECISIONS[cell.precision] or "none"
     training = TrainingConfig(tensorboard=False, checkpoint_every=0, amp=amp, **options)
@@ -156,6 +172,8 @@ def plan(args: argparse.Namespace) -> list[Cell]:
                         loops.append("all+cuda_graphs")
                     if number == 0 and batch == args.ablation_batch:
                         loops += ABLATION
+                    if not method.startswith("kdiffusion") and "+batched_chain" in loops:
+                        loops.remove("+batched_chain")  # a KDiffusion option: KD would time `before` again
                     for loop in loops:
                         if loop in wanted:
                             cells.append(Cell(teacher, student, method, batch, precision, loop))

@@ -32,7 +32,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log
 cat "$out/summary.txt"
 
 step throughput 300 "$py" benchmarks/bench_throughput.py --device cuda --workers "$workers" \
-    --variants peer,all,all+channels_last,before,+inference_mode,+device_data,+defer_metrics,+fused_sgd \
+    --variants peer,all,all+channels_last,before,+inference_mode,+batched_chain,+device_data,+defer_metrics,+fused_sgd \
     --out "$out/throughput.md"
 step throughput-graphs 120 "$py" benchmarks/bench_throughput.py --device cuda --workers "$workers" \
     --pairs resnet32x4:ShuffleV1 --batches 64 --variants all,all+cuda_graphs --out "$out/throughput-graphs.md"

@@ -231,3 +231,44 @@ def test_device_data_enters_the_stage_fingerprints_only_when_on(tiny_cfg):
     assert training_params(tiny_cfg) == {"amp": "none", "sync_bn": False}  # old fingerprints still hold
     on = dataclasses.replace(tiny_cfg, training=dataclasses.replace(tiny_cfg.training, device_data=True))
     assert training_params(on) == {"amp": "none", "sync_bn": False, "device_data": True}
+
+
+@pytest.mark.parametrize("mode", ["mean", "student_noise", "gaussian"])
+@pytest.mark.parametrize(("schedule", "weight"), [("cosine", "uniform"), ("linear1000", "kl_clipped")])
+def test_the_batched_chain_gives_the_sequential_loss_and_gradients(mode, schedule, weight):
+    from pipeline.distill.kdiffusion.chain import batched_chain_loss, reverse_chain_loss, step_weights
+    from pipeline.distill.kdiffusion.schedule import make_schedule
+
+    sched = make_schedule(schedule, 4)
+    weights = step_weights(sched, weight)
+    x0 = torch.randn(3, 5, 4, 4)
+    results = []
+    for chain in (reverse_chain_loss, batched_chain_loss):
+        branches = torch.randn(4, 3, 5, 4, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        torch.manual_seed(2)  # the same noise for the gaussian targets
+        inputs = branches if chain is batched_chain_loss else list(branches)
+        loss = chain(inputs, x0, sched, [2, 0, 3, 1], mode, weights)
+        loss.backward()
+        results.append((loss.detach(), branches.grad))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert loss_a > 0
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-7)
+
+
+def test_kdiffusion_with_the_batched_chain_trains_like_the_sequential_one():
+    from pipeline.distill import build_distiller
+    from pipeline.models import build_model
+
+    results = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        args = {"warmup_epochs": 0, "batched_chain": batched}
+        distiller = build_distiller("kdiffusion", build_model("resnet8x4", 4), build_model("resnet32x4", 4), args)
+        _, losses = distiller(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+        sum(losses.values()).backward()
+        results.append((losses["diff"].detach(), [p.grad for p in distiller.trainable_parameters()]))
+    (diff_a, grads_a), (diff_b, grads_b) = results
+    torch.testing.assert_close(diff_b, diff_a, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)

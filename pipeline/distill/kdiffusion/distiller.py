@@ -59,6 +59,8 @@ class KDiffusion(Distiller):
         warmup_epochs: Epochs of linear warm-up of the feature terms (0: none).
         mixed_kernels: Make half of the branches 1x1 where the replaced conv is larger.
         scale_init: Start each branch's BN γ at √m so the branch mean keeps the layer's initial scale.
+        batched_chain: Compute each layer's chain as a few batched kernels instead of step by step (a GPU
+            speed option: the same loss up to float rounding).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class KDiffusion(Distiller):
         warmup_epochs: float = 20.0,
         mixed_kernels: bool = False,
         scale_init: bool = False,
+        batched_chain: bool = False,
     ):
         super().__init__(student, teacher)
         self.check_args(
@@ -115,7 +118,9 @@ class KDiffusion(Distiller):
         student_chs, teacher_chs = self._probe_channels()
         steps = m if feature_loss == "chain" else 1
         self.layer_losses = nn.ModuleList(
-            DiffusionLayerLoss(cs, ct, make_schedule(schedule, steps), target_mode, step_weight, feature_loss)
+            DiffusionLayerLoss(
+                cs, ct, make_schedule(schedule, steps), target_mode, step_weight, feature_loss, batched_chain
+            )
             for cs, ct in zip(student_chs, teacher_chs)
         )
 
