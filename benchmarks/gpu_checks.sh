@@ -5,9 +5,14 @@
 #   3. the mixed-precision training benchmark (fp32 vs bf16 vs channels_last+bf16, KDiffusion vs KD);
 #   4. the whole test suite with a GPU present (tests must not assume a CPU-only machine).
 # Logs land in $1 (default: gpu-checks/). Each step has its own time limit so that one hang costs only its share.
-# Usage: bash benchmarks/gpu_checks.sh [OUT_DIR]
+# With a second argument `throughput`, it runs the training-throughput pass instead (benchmarks/gpu_throughput.sh:
+# peer loop vs ours and each step-overhead option, under 8 minutes on an H200), a device call of its own.
+# Usage: bash benchmarks/gpu_checks.sh [OUT_DIR] [throughput]
 set -uo pipefail
 out=${1:-gpu-checks}
+if [[ ${2:-} == throughput ]]; then
+    exec bash "$(dirname "$0")/gpu_throughput.sh" "$out"
+fi
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PIPELINE_PROGRESS=0
 py=${PYTHON:-python3}

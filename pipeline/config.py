@@ -92,8 +92,9 @@ class StudentConfig:
 class TrainingConfig:
     """How the training stages run: scale-out, speed, resume and logging (see README "Training at scale").
 
-    Only ``amp`` and ``sync_bn`` change the trained weights beyond float noise, so only they enter the
-    stage fingerprints; the rest (like the device and the number of processes) are execution details.
+    Only ``amp``, ``sync_bn`` and ``device_data`` (other augmentation draws) change the trained weights
+    beyond float noise, so only they enter the stage fingerprints; the rest (like the device and the number
+    of processes) are execution details.
     """
 
     amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler; both need a GPU to pay off)
@@ -106,6 +107,11 @@ class TrainingConfig:
     find_unused_parameters: bool = False  # DDP: for methods whose modules skip some steps
     tensorboard: bool = True  # event files in <run>/tensorboard/<stage>/
     log_every: int = 20  # steps between TensorBoard loss points
+    # GPU step overhead (docs/bench-training.md, "Step overhead"); all off by default:
+    device_data: bool = False  # training split on the device, crop/flip/normalize there (synthetic, cifar100)
+    defer_metrics: bool = False  # read losses (and check them for NaN) every log_every steps, not every step
+    optimizer_impl: str = "auto"  # SGD kernels: auto (torch's choice) | for_loop | foreach | fused
+    cuda_graphs: bool = False  # CUDA only: torch.compile(mode="reduce-overhead") of the distiller's step
 
 
 @dataclass

@@ -24,7 +24,10 @@ def data_params(cfg: Config) -> dict:
 
 def training_params(cfg: Config) -> dict:
     """The training settings that change the weights beyond float noise (speed and logging options excluded)."""
-    return {"amp": cfg.training.amp, "sync_bn": cfg.training.sync_bn}
+    params = {"amp": cfg.training.amp, "sync_bn": cfg.training.sync_bn}
+    if cfg.training.device_data:  # other augmentation draws (same distribution); absent when off: old hashes hold
+        params["device_data"] = True
+    return params
 
 
 def bundle(cfg: Config) -> DataBundle:

@@ -55,7 +55,14 @@ class TeacherStage(Stage):
             distiller = build_distiller("vanilla", model, None)
             history = fit(
                 distiller,
-                make_loader(data.dataset("train", augment=True), cfg.data, train=True, seed=cfg.seed, device=device),
+                make_loader(
+                    data.dataset("train", augment=True),
+                    cfg.data,
+                    train=True,
+                    seed=cfg.seed,
+                    device=device,
+                    on_device=cfg.training.device_data,
+                ),
                 make_loader(data.dataset("val"), cfg.data, train=False, device=device)
                 if len(data.source("val"))
                 else None,

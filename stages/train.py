@@ -64,7 +64,9 @@ class TrainStage(Stage):
             ctx.log(f"[train] {note}")
         history = fit(
             distiller,
-            make_loader(train_set, cfg.data, train=True, seed=cfg.seed, device=device),
+            make_loader(
+                train_set, cfg.data, train=True, seed=cfg.seed, device=device, on_device=cfg.training.device_data
+            ),
             make_loader(data.dataset("val"), cfg.data, train=False, device=device) if len(data.source("val")) else None,
             cfg.student.optim,
             device,

@@ -27,8 +27,12 @@ SETTINGS = [
 ]
 
 
-def _command(out: Path) -> list[str]:
-    sets = [a for item in SETTINGS for a in ("--set", item)]
+# The DataLoader path, and the device-resident data path with metrics read once per log interval.
+PATHS = {"dataloader": [], "device_data": ["training.device_data=true", "training.defer_metrics=true"]}
+
+
+def _command(out: Path, extra: list[str]) -> list[str]:
+    sets = [a for item in SETTINGS + extra for a in ("--set", item)]
     return [sys.executable, "-m", "pipeline", "run", "teacher", "--device", "cpu", "--out", str(out), *sets]
 
 
@@ -36,11 +40,12 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PIPELINE_PROGRESS": "0"}
 
 
-def test_sigkill_mid_epoch_then_rerun_reproduces_the_uninterrupted_weights(tmp_path):
+@pytest.mark.parametrize("path", PATHS)
+def test_sigkill_mid_epoch_then_rerun_reproduces_the_uninterrupted_weights(tmp_path, path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    subprocess.run(_command(reference), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=600)
+    subprocess.run(_command(reference, PATHS[path]), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=600)
 
-    process = subprocess.Popen(_command(killed), cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(_command(killed, PATHS[path]), cwd=ROOT, env=_env(), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not list(killed.glob(".scratch/teacher-*/resume.pt")):  # the first checkpoint: epoch 1, step 1
         assert process.poll() is None, process.stderr.read()
@@ -52,7 +57,8 @@ def test_sigkill_mid_epoch_then_rerun_reproduces_the_uninterrupted_weights(tmp_p
     assert process.returncode == -signal.SIGKILL
     assert not (killed / "teacher").exists()  # a killed stage leaves no artifact
 
-    rerun = subprocess.run(_command(killed), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    command = _command(killed, PATHS[path])
+    rerun = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert "teacher: resumed at epoch 1, step " in rerun.stderr  # from the middle of the first epoch
     a = load_file(reference / "teacher" / "teacher.safetensors")

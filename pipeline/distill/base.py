@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+
 import torch
 from torch import nn
 
@@ -17,6 +19,9 @@ class Distiller(nn.Module):
     # Methods with per-sample state (CRD's memory bank) set this: they are built with ``num_samples``
     # (the training set's size) and the training loop passes each sample's dataset index as ``indices=``.
     needs_indices = False
+    # The frozen teacher's forward runs under ``torch.inference_mode`` (no autograd bookkeeping at all) in
+    # the methods that call :meth:`teacher_grad_off`; benchmarks turn this off to time it against ``no_grad``.
+    teacher_inference_mode = True
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None):
         super().__init__()
@@ -39,6 +44,14 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             self.teacher._apply(fn, recurse)
         return super()._apply(fn, recurse)
+
+    def teacher_grad_off(self) -> AbstractContextManager:
+        """The context for the teacher's forward: ``inference_mode`` (cheaper) or ``no_grad``.
+
+        Tensors made under ``inference_mode`` may be read by autograd-tracked ops outside it, but not saved
+        for their backward; a loss that would save one raw must clone it first.
+        """
+        return torch.inference_mode() if self.teacher_inference_mode else torch.no_grad()
 
     def set_progress(self, epochs: float) -> None:
         self.progress = epochs

@@ -51,7 +51,7 @@ class KD(Distiller):
 
     def losses(self, images, targets):
         logits = self.student(images)
-        with torch.no_grad():
+        with self.teacher_grad_off():
             teacher_logits = self.teacher(images)
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, targets),

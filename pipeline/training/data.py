@@ -103,15 +103,26 @@ class ShardSampler(Sampler[int]):
 
 
 def make_loader(
-    dataset: Dataset, cfg: DataConfig, train: bool, seed: int = 0, device: torch.device | None = None
+    dataset: Dataset,
+    cfg: DataConfig,
+    train: bool,
+    seed: int = 0,
+    device: torch.device | None = None,
+    on_device: bool = False,
 ) -> DataLoader:
     """The training loader (global ``cfg.batch_size`` split across ranks) or an evaluation loader.
 
     Under torchrun an evaluation loader gives each rank a disjoint shard; :func:`~pipeline.training.evaluate`
     sums the metrics over the ranks. Batches are tuples; items after ``(images, targets)`` go to the
-    distiller as they are.
+    distiller as they are. ``on_device`` (``training.device_data``) makes the training loader a
+    :class:`~pipeline.training.device_data.DeviceLoader` that holds the split on ``device``.
     """
     current = world()
+    if train and on_device:
+        from pipeline.training.device_data import device_loader
+
+        sampler = EpochSampler(len(dataset), cfg.batch_size, seed, current.rank, current.size)
+        return device_loader(dataset, sampler, seed, device or torch.device("cpu"))
     # data.workers is per machine; the processes on one node share it.
     workers = cfg.workers // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if cfg.workers else 0
     common = {

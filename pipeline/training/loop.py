@@ -27,6 +27,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.progress import progress_bar
 from pipeline.training import speed
 from pipeline.training.data import EpochSampler, ShardSampler, mix_seed
+from pipeline.training.device_data import DeviceLoader
 from pipeline.training.distributed import all_gather_object, all_reduce_sum, broadcast_buffers, world
 from pipeline.training.monitor import Monitor, epoch_line
 from pipeline.training.state import FORMAT, RESUME_FILE, capture_rng, load_state, restore_rng, save_state, seed_rng
@@ -75,9 +76,15 @@ def check_optim(cfg: OptimConfig, where: str) -> None:
         raise ConfigError(f"{where}: " + "; ".join(problems))
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig, impl: str = "auto") -> torch.optim.Optimizer:
+    """SGD; ``impl`` picks the kernels only (the update and the state dict are the same, up to float rounding)."""
     return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+        params,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov,
+        **speed.OPTIMIZER_IMPLS[impl],
     )
 
 
@@ -139,7 +146,7 @@ def _bar(loader: Iterable, desc: str, total: int | None = None, leave: bool = Tr
 
 def fit(
     distiller: Distiller,
-    train_loader: DataLoader,
+    train_loader: DataLoader | DeviceLoader,
     val_loader: DataLoader | None,
     cfg: OptimConfig,
     device: torch.device,
@@ -158,7 +165,7 @@ def fit(
     """
     training = training or TrainingConfig()
     speed.check_training(training, device)
-    if not isinstance(train_loader.sampler, EpochSampler):
+    if not isinstance(getattr(train_loader, "sampler", None), EpochSampler):
         raise TypeError("fit() needs a training loader built by pipeline.training.make_loader(train=True)")
     with speed.backend_flags(training, device):
         try:
@@ -176,7 +183,7 @@ class _Trainer:
     def __init__(
         self,
         distiller: Distiller,
-        train_loader: DataLoader,
+        train_loader: DataLoader | DeviceLoader,
         val_loader: DataLoader | None,
         optim: OptimConfig,
         training: TrainingConfig,
@@ -200,7 +207,7 @@ class _Trainer:
         self.batchnorms = speed.convert_sync_batchnorm(distiller) if use_sync_bn else {}
         if training.compile:
             speed.compile_models(distiller.student, distiller.teacher)
-        self.optimizer = build_optimizer(distiller.trainable_parameters(), optim)
+        self.optimizer = build_optimizer(distiller.trainable_parameters(), optim, training.optimizer_impl)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda epoch: lr_factor(epoch, optim))
         self.scaler = speed.grad_scaler(training, device)
 
@@ -215,6 +222,8 @@ class _Trainer:
                 device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=training.find_unused_parameters,
             )
+        if training.cuda_graphs:
+            self.model = speed.graphed(self.model)
         # Points up to the checkpoint's step were logged before it was saved; later ones are a killed run's.
         self.monitor = Monitor(
             logdir if training.tensorboard and self.world.is_main else None, training.log_every, self.global_step + 1
@@ -302,72 +311,100 @@ class _Trainer:
         steps = self.sampler.steps_per_epoch
         self.sampler.set_epoch(self.epoch, self.step)
         self.model.train()
-        sums: dict[str, float] = defaultdict(float, self.partial.get("sums", {}))
-        seen, correct = self.partial.get("seen", 0.0), self.partial.get("correct", 0.0)
+        self.sums: dict[str, float] = defaultdict(float, self.partial.get("sums", {}))
+        self.seen, self.correct = self.partial.get("seen", 0.0), self.partial.get("correct", 0.0)
         seconds, tic = self.partial.get("seconds", 0.0), time.perf_counter()
-        lr = self.optimizer.param_groups[0]["lr"]
-        bar = _bar(self.train_loader, f"{self.desc} {self.epoch + 1}/{self.optim.epochs}", total=len(self.train_loader))
-        for batch in bar:
-            losses, batch_correct, batch_seen = self._train_step(batch, steps)
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.bar = _bar(
+            self.train_loader, f"{self.desc} {self.epoch + 1}/{self.optim.epochs}", total=len(self.train_loader)
+        )
+        pending, block = None, 0  # this rank's metric sums not read yet, over ``block`` steps
+        for batch in self.bar:
+            stats = self._train_step(batch, steps)
+            pending = stats if pending is None else pending + stats
             self.step += 1
             self.global_step += 1
-            seen += batch_seen
-            correct += batch_correct
-            for key, value in losses.items():
-                sums[key] += value * batch_seen
-            self.monitor.step(self.global_step, losses, lr)
-            if bar is not self.train_loader:
-                bar.set_postfix(loss=f"{sum(losses.values()):.3f}", refresh=False)
+            block += 1
             every = self.training.checkpoint_every
-            if every and self.global_step % every == 0 and self.step < steps:
+            save = every and self.global_step % every == 0 and self.step < steps
+            # Deferred: one host read per log interval (and before a save, so no checkpoint holds a NaN step).
+            interval_end = self.step == steps or self.global_step % self.monitor.every == 0
+            if not self.training.defer_metrics or save or interval_end:
+                self._read_metrics(pending, block)
+                pending, block = None, 0
+            if save:
                 elapsed = seconds + time.perf_counter() - tic
-                self.partial = {"sums": dict(sums), "seen": seen, "correct": correct, "seconds": elapsed}
+                self.partial = {"sums": dict(self.sums), "seen": self.seen, "correct": self.correct, "seconds": elapsed}
                 self._save()
         seconds += time.perf_counter() - tic
+        seen = self.seen
         return {
             "epoch": self.epoch + 1,
-            "lr": lr,
-            "train_top1": 100.0 * correct / max(seen, 1),
+            "lr": self.lr,
+            "train_top1": 100.0 * self.correct / max(seen, 1),
             "images_per_s": seen / max(seconds, 1e-9),
-            **{f"loss/{k}": v / max(seen, 1) for k, v in sums.items()},
+            **{f"loss/{k}": v / max(seen, 1) for k, v in self.sums.items()},
         }
 
-    def _train_step(self, batch: tuple | list, steps: int) -> tuple[dict[str, float], float, float]:
-        """One optimizer step; returns the batch's losses, correct count and size, summed over the ranks."""
+    def _train_step(self, batch: tuple | list, steps: int) -> torch.Tensor:
+        """One optimizer step; returns this rank's per-term loss sums, correct count and batch size, on the device.
+
+        Nothing here waits for the device: the caller reads the figures (:meth:`_read_metrics`) every step,
+        or every ``training.log_every`` steps with ``training.defer_metrics``.
+        """
         images, targets, *extra = batch
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         targets = targets.to(self.device, non_blocking=True)
         extra = [x.to(self.device, non_blocking=True) if isinstance(x, torch.Tensor) else x for x in extra]
         self.distiller.set_progress(self.epoch + self.step / steps)
+        if self.training.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are consumed
         with speed.autocast(self.training, self.device):
             logits, losses = self.model(images, targets, *extra)
-        # One collective per step: the per-term loss sums, correct count and batch size over all ranks,
-        # so every rank sees a non-finite loss on any rank and stops at the same step.
-        n = float(targets.shape[0])
+        self.loss_names = list(losses)
+        n = targets.shape[0]
         stats = torch.stack(
             [
                 *(value.detach().float() * n for value in losses.values()),
                 (logits.detach().argmax(1) == targets).sum().float(),
-                torch.tensor(n, device=self.device),
+                torch.full((), float(n), device=self.device),
             ]
         )
-        *loss_sums, correct, seen = all_reduce_sum(stats).tolist()
-        values = {key: total / seen for key, total in zip(losses, loss_sums)}
-        bad = [key for key, value in values.items() if not math.isfinite(value)]
-        if bad:
-            where = self.last_good()
-            raise NonFiniteLossError(
-                f"{self.desc}: non-finite loss term {', '.join(repr(k) for k in bad)} at epoch {self.epoch + 1}, "
-                f"step {self.step + 1} (global step {self.global_step + 1}): "
-                + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
-                + f"; training stopped, {where}; lower the learning rate or that loss's weight"
-            )
         loss = sum(value.float() for value in losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return values, correct, seen
+        return stats
+
+    def _read_metrics(self, pending: torch.Tensor, block: int) -> None:
+        """Sum ``pending`` over the ranks (one collective), stop on a non-finite loss, and log the figures.
+
+        Every rank reads at the same steps, so a non-finite loss on any rank stops all of them together.
+        """
+        *loss_sums, correct, seen = all_reduce_sum(pending).tolist()
+        values = {key: total / seen for key, total in zip(self.loss_names, loss_sums)}
+        bad = [key for key, value in values.items() if not math.isfinite(value)]
+        if bad:
+            first = self.global_step - block + 1
+            when = (
+                f"at epoch {self.epoch + 1}, step {self.step} (global step {self.global_step})"
+                if block == 1
+                else f"in epoch {self.epoch + 1}, steps {self.step - block + 1}-{self.step} (global steps "
+                f"{first}-{self.global_step}; training.defer_metrics reads the losses once per interval)"
+            )
+            raise NonFiniteLossError(
+                f"{self.desc}: non-finite loss term {', '.join(repr(k) for k in bad)} {when}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+                + f"; training stopped, {self.last_good()}; lower the learning rate or that loss's weight"
+            )
+        self.seen += seen
+        self.correct += correct
+        for key, value in values.items():
+            self.sums[key] += value * seen
+        self.monitor.step(self.global_step, values, self.lr, steps=block)
+        if self.bar is not self.train_loader:
+            self.bar.set_postfix(loss=f"{sum(values.values()):.3f}", refresh=False)
 
     def last_good(self) -> str:
         if self.resume_path is None or not self.resume_path.is_file():

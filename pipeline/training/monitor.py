@@ -28,12 +28,13 @@ class Monitor:
             logdir.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(logdir), purge_step=purge_step)
 
-    def step(self, global_step: int, losses: dict[str, float], lr: float) -> None:
+    def step(self, global_step: int, losses: dict[str, float], lr: float, steps: int = 1) -> None:
+        """Record the mean losses of the ``steps`` steps that end at ``global_step``."""
         if self.writer is None:
             return
         for key, value in losses.items():
-            self._sums[key] += value
-        self._count += 1
+            self._sums[key] += value * steps
+        self._count += steps
         if global_step % self.every == 0:
             for key, total in self._sums.items():
                 self.writer.add_scalar(LOSS_TAG.format(key), total / self._count, global_step)

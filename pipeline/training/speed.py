@@ -19,6 +19,9 @@ from pipeline.config import TrainingConfig
 from pipeline.errors import ConfigError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# training.optimizer_impl -> SGD's keyword: one kernel per parameter and op (for_loop), one per op over
+# all parameters (foreach), or one fused kernel (fused); auto leaves the choice to torch (foreach on CUDA).
+OPTIMIZER_IMPLS = {"auto": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 def check_training(cfg: TrainingConfig, device: torch.device) -> None:
@@ -44,6 +47,17 @@ def check_training(cfg: TrainingConfig, device: torch.device) -> None:
         )
     if cfg.log_every < 1:
         raise ConfigError(f"training.log_every must be >= 1, got {cfg.log_every}")
+    if cfg.optimizer_impl not in OPTIMIZER_IMPLS:
+        raise ConfigError(
+            f"training.optimizer_impl must be one of {', '.join(OPTIMIZER_IMPLS)}, got {cfg.optimizer_impl!r}"
+        )
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise ConfigError(
+            f"training.cuda_graphs needs a CUDA device (CUDA graphs replay GPU kernels), not {device.type}; "
+            "set training.cuda_graphs=false"
+        )
+    if cfg.cuda_graphs and cfg.compile:
+        raise ConfigError("training.cuda_graphs compiles the whole step already; drop training.compile")
 
 
 @contextmanager
@@ -102,6 +116,17 @@ def restore_batchnorm(module: nn.Module, originals: dict[str, nn.Module]) -> Non
         original.load_state_dict(synced.state_dict())
         original.train(synced.training)
         module.set_submodule(name, original)
+
+
+def graphed(model: nn.Module) -> nn.Module:
+    """``model`` (the distiller, or DDP around it) compiled with ``mode="reduce-overhead"``: its forward and
+    backward kernels are captured as CUDA graphs and replayed, one launch per graph instead of one per op.
+
+    The parameters stay those of ``model``, so the optimizer, the state dict and resume are unaffected. The
+    caller marks each step's start (``torch.compiler.cudagraph_mark_step_begin``) and consumes a step's
+    outputs before the next one overwrites them.
+    """
+    return torch.compile(model, mode="reduce-overhead")
 
 
 def compile_models(*models: nn.Module | None) -> None:

@@ -59,6 +59,8 @@ class KDiffusion(Distiller):
         warmup_epochs: Epochs of linear warm-up of the feature terms (0: none).
         mixed_kernels: Make half of the branches 1x1 where the replaced conv is larger.
         scale_init: Start each branch's BN γ at √m so the branch mean keeps the layer's initial scale.
+        batched_chain: Compute each layer's chain as a few batched kernels instead of step by step (a GPU
+            speed option: the same loss up to float rounding).
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class KDiffusion(Distiller):
         warmup_epochs: float = 20.0,
         mixed_kernels: bool = False,
         scale_init: bool = False,
+        batched_chain: bool = False,
     ):
         super().__init__(student, teacher)
         self.check_args(
@@ -115,7 +118,9 @@ class KDiffusion(Distiller):
         student_chs, teacher_chs = self._probe_channels()
         steps = m if feature_loss == "chain" else 1
         self.layer_losses = nn.ModuleList(
-            DiffusionLayerLoss(cs, ct, make_schedule(schedule, steps), target_mode, step_weight, feature_loss)
+            DiffusionLayerLoss(
+                cs, ct, make_schedule(schedule, steps), target_mode, step_weight, feature_loss, batched_chain
+            )
             for cs, ct in zip(student_chs, teacher_chs)
         )
 
@@ -162,7 +167,7 @@ class KDiffusion(Distiller):
     def losses(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with FeatureTaps(self.student, self.student_taps) as student_taps:
             logits = self.student(images)
-        with torch.no_grad(), FeatureTaps(self.teacher, self.teacher_taps) as teacher_taps:
+        with self.teacher_grad_off(), FeatureTaps(self.teacher, self.teacher_taps) as teacher_taps:
             teacher_logits = self.teacher(images)
         out = {"ce": self.lambda_ce * F.cross_entropy(logits, targets)}
         if self.lambda_kd:
@@ -176,7 +181,11 @@ class KDiffusion(Distiller):
         if self.lambda_guided:
             with torch.autocast(images.device.type, enabled=False):
                 guided = guided_loss(
-                    result.x_hat, result.mu, result.sd, self.teacher.forward_head, teacher_logits.to(result.x_hat.dtype)
+                    result.x_hat,
+                    result.mu,
+                    result.sd,
+                    self.teacher.forward_head,
+                    teacher_logits.to(result.x_hat.dtype, copy=True),  # saved for backward: no inference tensor
                 )
             out["guided"] = ramp * self.lambda_guided * guided
         return logits, out

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.distill.kdiffusion.chain import TARGET_MODES, reverse_chain_loss, step_weights
+from pipeline.distill.kdiffusion.chain import TARGET_MODES, batched_chain_loss, reverse_chain_loss, step_weights
 from pipeline.distill.kdiffusion.schedule import Schedule
 
 __all__ = [
@@ -116,6 +116,7 @@ class DiffusionLayerLoss(nn.Module):
         target_mode: One of :data:`~pipeline.distill.kdiffusion.chain.TARGET_MODES`.
         step_weight: One of :data:`~pipeline.distill.kdiffusion.chain.STEP_WEIGHTS`.
         feature_loss: One of :data:`FEATURE_LOSSES`.
+        batched: Compute the chain with :func:`batched_chain_loss` (fewer GPU kernels, same loss up to rounding).
     """
 
     def __init__(
@@ -126,6 +127,7 @@ class DiffusionLayerLoss(nn.Module):
         target_mode: str = "mean",
         step_weight: str = "uniform",
         feature_loss: str = "chain",
+        batched: bool = False,
     ):
         super().__init__()
         if target_mode not in TARGET_MODES:
@@ -137,6 +139,7 @@ class DiffusionLayerLoss(nn.Module):
         self.target_mode = target_mode
         self.feature_loss = feature_loss
         self.weights = step_weights(schedule, step_weight)
+        self.batched = batched  # the chain as a few batched kernels (batched_chain_loss), not step by step
 
     def forward(self, student: Tensor, teacher: Tensor, perm: Sequence[int] | None = None) -> LayerLossOutput:
         """Loss for ``student`` features ``(m, B, C_s, H, W)`` against the raw teacher feature ``(B, C_t, H', W')``.
@@ -157,5 +160,7 @@ class DiffusionLayerLoss(nn.Module):
             else:
                 m = len(bridged)
                 perm = torch.randperm(m).tolist() if perm is None else list(perm)
-                loss = reverse_chain_loss(list(bridged), x0, self.schedule, perm, self.target_mode, self.weights)
+                chain = batched_chain_loss if self.batched else reverse_chain_loss
+                steps = bridged if self.batched else list(bridged)
+                loss = chain(steps, x0, self.schedule, perm, self.target_mode, self.weights)
         return LayerLossOutput(loss, x_hat, mu, sd)
