@@ -277,7 +277,7 @@ def test_export_only_on_a_timm_train_script_checkpoint(tmp_path):
     assert _export_only(tmp_path, ["export.precisions=[fp32]", "export.parity_samples=8"]) == 0
     from pipeline.manifest import Manifest
 
-    manifest = Manifest.load(tmp_path / "run" / "export" / "manifest.json")
+    manifest = Manifest.read(tmp_path / "run" / "export")
     assert manifest.status == "ok" and all(manifest.checks)
     from exports.onnx_export import read_metadata
 
