@@ -192,7 +192,7 @@ def test_pooled_head_teachers_guide_through_their_classifier(teacher_name):
 
 def test_kdiffusion_refuses_a_student_without_sites_with_the_reason(teacher):
     student = build_model("timm:convnext_atto", CLASSES, SIZE)
-    with pytest.raises(ConfigError, match="0 re-parameterization sites .*no BatchNorm"):
+    with pytest.raises(ConfigError, match="declares 0 re-parameterization sites .*no BatchNorm"):
         build_distiller("kdiffusion", student, teacher, {})
     build_distiller("kd", student, teacher, {})  # logit methods still work
 

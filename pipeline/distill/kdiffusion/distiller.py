@@ -241,7 +241,7 @@ def _paired_taps(student: nn.Module, teacher: nn.Module, layers: int) -> tuple[l
         skipped = getattr(getattr(student, "info", None), "extra", {}).get("skipped_sites") or []
         why = f" ({'; '.join(skipped)})" if skipped else ""
         raise ConfigError(
-            f"student {student_name} has {len(sites)} re-parameterization sites{why}; KDiffusion with "
+            f"student {student_name} declares {len(sites)} re-parameterization sites{why}; KDiffusion with "
             f"layers={layers} needs {layers}"
         )
     if len(stages) < layers:
