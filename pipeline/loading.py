@@ -74,8 +74,8 @@ def load_any_model(path: str | Path, describe, log=print) -> tuple[nn.Module, Mo
     except CheckpointError as exc:
         raise CheckpointError(
             f"{exc}. A file without pipeline metadata is read as the configured student: name its architecture "
-            "with --set student.arch=NAME (see `models`) and its data with --preset/--data-root or "
-            "--set data.num_classes=N"
+            "with --set student.arch=NAME (see `models`, or timm:<name> / torchvision:<name>) and its data with "
+            "--preset/--data-root or --set data.num_classes=N"
         ) from None
     return model.eval(), meta
 

@@ -317,3 +317,22 @@ def test_fused_family_exports_to_onnx_with_ort_parity_and_tensorrt_int8(tmp_path
     assert tensorrt_qdq_problems(tmp_path / "m.int8.onnx") == []
     assert ort_run(ort_session(tmp_path / "m.int8.onnx"), images).shape == expected.shape
     assert int8.ranges.exists()
+
+
+@pytest.mark.slow
+def test_run_all_distills_timm_resnet50_into_mobilenetv3_with_kdiffusion(tmp_path, tiny_overrides):
+    """The issue's done-when command, on the tiny synthetic data (about 3 minutes on 2 cores)."""
+    overrides = [o for o in tiny_overrides if not o.startswith(("teacher.arch", "student.arch", "student.method"))]
+    overrides += [
+        "teacher.arch=timm:resnet50",
+        "student.arch=timm:mobilenetv3_small_100",
+        "student.method=kdiffusion",
+        "data.image_size=64",
+        "export.calibration_samples=64",
+    ]
+    assert run_cli(["run", "all", "--out", str(tmp_path), *[x for o in overrides for x in ("--set", o)]]) == 0
+    from pipeline.manifest import Manifest
+
+    fuse = Manifest.read(tmp_path / "fuse")
+    assert fuse.metrics["fused_blocks"] == 3 and all(fuse.checks)
+    assert all(Manifest.read(tmp_path / "export").checks)

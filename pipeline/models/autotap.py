@@ -55,6 +55,8 @@ _PASS_THROUGH = (
     "Clone",
     "Mean",
     "AdaptiveAvgPool2D",
+    "MaxPool",
+    "AvgPool",
     "Squeeze",
     "Unsqueeze",
     "Expand",
@@ -187,14 +189,31 @@ def _timm_stages(model: nn.Module, calls: list[_Call]) -> list[tuple[_Call, str]
 def _resolution_stages(model: nn.Module, calls: list[_Call]) -> list[tuple[_Call, str]]:
     """Per resolution (in order of appearance), the shallowest module that last produced an NCHW map there.
 
-    Calls from the first pooling module or Linear on are the head and are left out.
+    Calls from the first pooling module or Linear on are the head and are left out. A model that runs a
+    Linear inside its body (torchvision's ViT, Swin, MaxViT: token layouts this rule cannot read) has none.
     """
     body = []
+    last_linear = next((c for c in reversed(calls) if isinstance(model.get_submodule(c.name), nn.Linear)), None)
+    # A pool nested in a block is squeeze-and-excitation: its module's 1x1 maps are not a stage.
+    gates = tuple(
+        c.name.rsplit(".", 1)[0] + "."
+        for c in calls
+        if "." in c.name and isinstance(model.get_submodule(c.name), _POOLS)
+    )
     for call in calls:
         module = model.get_submodule(call.name)
-        if isinstance(module, (nn.Linear, *_POOLS)):
+        nested_pool = "." in call.name and isinstance(module, _POOLS)
+        if (
+            isinstance(module, nn.Linear)
+            and call is not last_linear
+            and not any(
+                isinstance(model.get_submodule(c.name), _POOLS) and "." not in c.name for c in calls[: call.order]
+            )
+        ):
+            return []
+        if isinstance(module, (nn.Linear, *_POOLS)) and not nested_pool:
             break
-        if call.output.dim() == 4:
+        if call.output.dim() == 4 and not nested_pool and not (call.name + ".").startswith(gates):
             body.append(call)
     groups: dict[tuple[int, int], list[_Call]] = {}
     for call in body:
