@@ -117,6 +117,23 @@ def test_describe_lists_taps_and_sites_with_shapes(capsys):
     assert "teacher head  forward_head" in out and "logits        [100]" in out
 
 
+@pytest.mark.parametrize(
+    "tv_name, zoo_name",
+    [
+        ("mobilenet_v2", "mobilenet_v2"),
+        ("mobilenet_v3_large", "mobilenet_v3_large"),
+        ("resnet18", "resnet18"),
+        ("shufflenet_v2_x1_0", "shufflenet_v2_x1_0"),
+    ],
+)
+def test_automatic_sites_are_the_zoos_hand_placed_ones(tv_name, zoo_name):
+    from pipeline.models import model_info
+
+    found = build_model(f"torchvision:{tv_name}", CLASSES, 64).info.reparam_sites
+    declared = model_info(zoo_name).reparam_sites
+    assert [(s.conv, s.bn) for s in found] == [(s.conv, s.bn) for s in declared]
+
+
 def test_build_uses_class_count_input_size_and_no_inplace_activation():
     model = build_model("timm:vit_tiny_patch16_224", CLASSES, SIZE)
     assert model(torch.zeros(2, 3, SIZE, SIZE)).shape == (2, CLASSES)
