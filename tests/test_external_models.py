@@ -104,6 +104,11 @@ def test_names_are_checked_with_close_matches():
         validate(load_config("default", None, ["student.arch=timm:mobilenetv3_smal_100"]))
 
 
+def test_input_too_small_for_the_model_is_a_config_error():
+    with pytest.raises(ConfigError, match="cannot run torchvision:alexnet on 8 px inputs: .*too small"):
+        build_model("torchvision:alexnet", CLASSES, 8)
+
+
 def test_cli_refuses_unknown_timm_name_in_one_line(capsys):
     assert run_cli(["run", "--set", "student.arch=timm:resnet5", "--out", "/nonexistent/x"]) == 2
     err = capsys.readouterr().err.strip()

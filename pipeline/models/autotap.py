@@ -239,7 +239,7 @@ def _forward_features_call(model: nn.Module, images: Tensor) -> tuple[_Call, str
 
 def _sites(model: nn.Module, calls: list[_Call], stages: list[_Call]) -> tuple[tuple[ReparamSite, ...], list[str]]:
     """One branchable conv+BN per stage (the last one of its final unit), and why any stage has none."""
-    from pipeline.reparam.multibranch import _check_pair
+    from pipeline.reparam.multibranch import check_branchable
 
     pairs = {bn: conv for conv, bn in conv_bn_pairs(model)}
     norms = {
@@ -261,7 +261,7 @@ def _sites(model: nn.Module, calls: list[_Call], stages: list[_Call]) -> tuple[t
                 reasons.append(f"{bn_call.name}: not the sole consumer of a conv's output")
                 continue
             try:
-                _check_pair(model.get_submodule(conv_path), model.get_submodule(bn_call.name))
+                check_branchable(model.get_submodule(conv_path), model.get_submodule(bn_call.name))
             except ValueError as exc:
                 reasons.append(f"{conv_path}: {exc}")
                 continue

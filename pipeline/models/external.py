@@ -98,11 +98,17 @@ def build_external(name: str, num_classes: int, input_size: int | None = None) -
     lib, model_name = split_name(name)
     size = input_size or pretrained_defaults(name).get("input_size") or 224
     build = _build_timm if lib == "timm" else _build_torchvision
-    model = build(model_name, num_classes, size)
+    try:
+        model = build(model_name, num_classes, size)
+    except (RuntimeError, ValueError, AssertionError, TypeError) as exc:  # e.g. a token grid the size cannot make
+        raise ConfigError(f"cannot build {name} for {size} px inputs: {exc}") from None
     for module in model.modules():  # a captured feature must not be overwritten by a later in-place activation
         if isinstance(getattr(module, "inplace", None), bool):
             module.inplace = False
-    model.info = external_info(name, size, model)
+    try:
+        model.info = external_info(name, size, model)
+    except RuntimeError as exc:  # the probe's forward pass, e.g. an input too small for the model's strides
+        raise ConfigError(f"cannot run {name} on {size} px inputs: {str(exc).splitlines()[0]}") from None
     return model
 
 

@@ -30,7 +30,14 @@ from pipeline.models.spec import ReparamSite, Tap
 from pipeline.reparam import REPARAMS
 from pipeline.reparam.fold import norm_tail
 
-__all__ = ["MultiBranchConvBN", "apply_multibranch", "block_fusion_errors", "branch_tap", "multibranch_blocks"]
+__all__ = [
+    "MultiBranchConvBN",
+    "apply_multibranch",
+    "block_fusion_errors",
+    "branch_tap",
+    "check_branchable",
+    "multibranch_blocks",
+]
 
 
 class MultiBranchConvBN(nn.Module):
@@ -61,7 +68,7 @@ class MultiBranchConvBN(nn.Module):
         bias: bool = False,
     ):
         super().__init__()
-        _check_pair(conv, bn)
+        check_branchable(conv, bn)
         if m < 1:
             raise ValueError(f"an m-branch block needs m >= 1, got m={m}")
         self.m = m
@@ -246,7 +253,8 @@ def block_fusion_errors(model: nn.Module, images: Tensor) -> dict[str, dict[str,
         model.train(was_training)
 
 
-def _check_pair(conv: nn.Module, bn: nn.Module) -> None:
+def check_branchable(conv: nn.Module, bn: nn.Module) -> None:
+    """Raise ``ValueError`` saying why ``conv`` + ``bn`` cannot become an m-branch block (nothing if they can)."""
     if type(conv) is not nn.Conv2d:
         raise ValueError(f"expected an nn.Conv2d, found {type(conv).__name__}")
     if type(bn) is not nn.BatchNorm2d and not (isinstance(bn, nn.BatchNorm2d) and hasattr(bn, "act")):
