@@ -7,6 +7,7 @@ re-parameterization and fusion state), plus what a deployed model must know abou
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,13 +101,17 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelMet
 
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Where a checkpoint dict keeps the weights, first found wins: torchvision's references write ``model``
+# (and ``model_ema``), timm's train.py ``state_dict`` (and ``state_dict_ema`` with --model-ema).
+WEIGHT_KEYS = ("model", "state_dict", "model_state_dict", "state_dict_ema", "model_ema")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a foreign file: safetensors, or a torch file read with ``weights_only=True``.
 
-    Accepts the common wrappers ``{'model': sd}``, ``{'state_dict': sd}`` and the key prefixes that
-    DataParallel/DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) leave, in any nesting.
+    Accepts a bare state dict or a training script's checkpoint dict (the first of :data:`WEIGHT_KEYS`
+    it holds; other entries such as ``optimizer``, ``epoch`` or the ``args`` Namespace are ignored) and the
+    key prefixes that DataParallel/DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) leave, in any nesting.
     """
     path = _existing(path)
     if path.suffix == ".safetensors":
@@ -116,12 +121,16 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # timm's and torchvision's training scripts also save their argparse options (``args``)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for bad or unsafe pickles
             raise CheckpointError(f"{path} cannot be loaded as weights with weights_only=True ({exc})") from None
-    for key in ("model", "state_dict", "model_state_dict"):
+    for key in WEIGHT_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+            if key == "model_ema":  # torchvision's ExponentialMovingAverage: an AveragedModel of the model
+                state = {k: v for k, v in state.items() if k != "n_averaged"}
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")

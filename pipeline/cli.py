@@ -171,10 +171,26 @@ def presets(as_json):
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def models(as_json):
-    """List every model with its parameter count (for 100 classes)."""
+@click.option(
+    "--describe",
+    "describe",
+    metavar="NAME",
+    help="Show the taps and KDiffusion sites of one model "
+    "(a zoo name, timm:<name> or torchvision:<name>) with their shapes.",
+)
+@click.option("--size", type=int, default=None, help="Input size for --describe (timm:/torchvision: models).")
+def models(as_json, describe, size):
+    """List every model with its parameter count (for 100 classes), or describe one."""
     from pipeline.models import build_model, count_parameters, list_models, model_info
 
+    if describe:
+        from pipeline.models import check_model_name
+        from pipeline.models.describe import describe_model, format_description
+
+        check_model_name(describe)
+        d = describe_model(describe, 100, size)
+        click.echo(json.dumps(d, indent=2) if as_json else format_description(d))
+        return
     rows = []
     for name in list_models():
         info = model_info(name)

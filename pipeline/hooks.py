@@ -8,6 +8,7 @@ long as a ``with`` block, so no model is left carrying stale hooks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -18,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from pipeline.errors import ConfigError
 from pipeline.models.spec import Tap
 
-__all__ = ["FeatureTaps"]
+__all__ = ["FeatureTaps", "as_nchw"]
 
 
 class FeatureTaps:
@@ -80,10 +81,29 @@ class FeatureTaps:
             ) from None
 
     def _capture(self, name: str, io: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        tap = self.taps[name]
+
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            self.features[name] = inputs[0] if io == "input" else output
+            self.features[name] = as_nchw(inputs[0] if io == "input" else output, tap)
 
         return hook
+
+
+def as_nchw(tensor: Tensor, tap: Tap) -> Tensor:
+    """The tapped tensor as an ``N x C x H x W`` map, whatever layout ``tap.layout`` says it has."""
+    if tap.layout == "nchw":
+        return tensor
+    if tap.layout == "nhwc":
+        return tensor.permute(0, 3, 1, 2)
+    if tap.layout == "nc":
+        return tensor.flatten(1)[:, :, None, None]
+    if tap.layout == "nlc":
+        tokens = tensor[:, tap.prefix_tokens :]
+        side = math.isqrt(tokens.shape[1])
+        if side * side != tokens.shape[1]:
+            raise ConfigError(f"tap {tap.path!r}: {tokens.shape[1]} tokens do not form a square grid")
+        return tokens.transpose(1, 2).unflatten(2, (side, side))
+    raise ConfigError(f"tap {tap.path!r} has layout={tap.layout!r}; use nchw, nhwc, nlc or nc")
 
 
 def _model_name(model: nn.Module) -> str:

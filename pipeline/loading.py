@@ -10,12 +10,13 @@ from torch import nn
 from pipeline.checkpoint import ModelMeta, has_pipeline_meta, load_checkpoint, load_state_dict_file, load_strict
 from pipeline.errors import CheckpointError
 from pipeline.models import build_model
+from pipeline.models.external import is_external, pretrained_defaults
 from pipeline.reparam import apply_reparam, fuse_model
 
 
 def build_for_meta(meta: ModelMeta) -> nn.Module:
     """An untrained module whose state_dict has exactly the keys and shapes the checkpoint holds."""
-    model = build_model(meta.arch, meta.num_classes)
+    model = build_model(meta.arch, meta.num_classes, meta.input_size)
     if meta.form == "fused":
         return fuse_model(model, inplace=True)
     return apply_reparam(model, meta.reparam)
@@ -42,6 +43,21 @@ def load_foreign_weights(model: nn.Module, path: str | Path, num_classes: int, d
     load_strict(model, state, str(path))
 
 
+def foreign_meta(arch: str, data_info, image_size: int | None = None) -> ModelMeta:
+    """What to assume about a weights file without pipeline metadata: ``arch`` trained on the configured data.
+
+    A ``timm:``/``torchvision:`` model was trained by its library's scripts with its pretrained config's
+    normalization and input size (timm's ``resolve_data_config``), so those are used where the model has
+    them; an explicit ``data.image_size`` (``image_size``) still sets the size.
+    """
+    meta = ModelMeta.from_data(data_info, arch)
+    if is_external(arch):
+        defaults = pretrained_defaults(arch)
+        meta.mean, meta.std = list(defaults.get("mean", meta.mean)), list(defaults.get("std", meta.std))
+        meta.input_size = image_size or defaults.get("input_size", meta.input_size)
+    return meta
+
+
 def load_any_model(path: str | Path, describe, log=print) -> tuple[nn.Module, ModelMeta]:
     """A pipeline checkpoint as its metadata describes it; any other weights file as ``describe()`` says.
 
@@ -52,14 +68,14 @@ def load_any_model(path: str | Path, describe, log=print) -> tuple[nn.Module, Mo
         return load_model(path)
     meta = describe()
     log(f"{path} has no pipeline metadata: loading it as a {meta.arch} with {meta.num_classes} classes")
-    model = build_model(meta.arch, meta.num_classes)
+    model = build_model(meta.arch, meta.num_classes, meta.input_size)
     try:
         load_foreign_weights(model, path, meta.num_classes, f"the configured data ({meta.num_classes} classes)", log)
     except CheckpointError as exc:
         raise CheckpointError(
             f"{exc}. A file without pipeline metadata is read as the configured student: name its architecture "
-            "with --set student.arch=NAME (see `models`) and its data with --preset/--data-root or "
-            "--set data.num_classes=N"
+            "with --set student.arch=NAME (see `models`, or timm:<name> / torchvision:<name>) and its data with "
+            "--preset/--data-root or --set data.num_classes=N"
         ) from None
     return model.eval(), meta
 
@@ -93,7 +109,7 @@ def check_class_count(
     if not differing:
         return
     arch = model.info.name
-    other = build_model(arch, num_classes + 1).state_dict()
+    other = build_model(arch, num_classes + 1, model.info.input_size).state_dict()
     counts = {}
     for key in differing:
         want, have = list(expected[key].shape), list(state[key].shape)

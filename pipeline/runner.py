@@ -56,11 +56,11 @@ def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     from pipeline.data import check_data_config, dataset_names
     from pipeline.distill import check_method_args, method_names
     from pipeline.errors import ConfigError
-    from pipeline.models import list_models
+    from pipeline.models import check_model_name
 
+    check_model_name(cfg.teacher.arch)
+    check_model_name(cfg.student.arch)
     for what, value, valid in (
-        ("model", cfg.teacher.arch, list_models()),
-        ("model", cfg.student.arch, list_models()),
         ("method", cfg.student.method, method_names()),
         ("dataset", cfg.data.dataset, dataset_names()),
     ):

@@ -39,7 +39,7 @@ from pipeline.data import Transformed
 from pipeline.data.transforms import eval_preprocess_spec
 from pipeline.errors import ConfigError
 from pipeline.hashing import sha256_file
-from pipeline.loading import load_any_model
+from pipeline.loading import foreign_meta, load_any_model
 from pipeline.progress import progress_bar
 from pipeline.reparam import fuse_model
 from pipeline.training import make_loader
@@ -188,7 +188,9 @@ class ExportStage(Stage):
             if "checkpoint" in ctx.external
             else ctx.inputs["fuse"].path(FUSED_CHECKPOINT)
         )
-        model, meta = load_any_model(source, lambda: ModelMeta.from_data(bundle(cfg).info, cfg.student.arch), ctx.log)
+        model, meta = load_any_model(
+            source, lambda: foreign_meta(cfg.student.arch, bundle(cfg).info, cfg.data.image_size), ctx.log
+        )
         if meta.form != "fused":
             model = fuse_model(model)
         profile = engine_profile(cfg, meta.input_size)

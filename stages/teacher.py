@@ -45,7 +45,7 @@ class TeacherStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         cfg, data = ctx.cfg, bundle(ctx.cfg)
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.teacher.arch, data.info.num_classes)
+        model = build_model(cfg.teacher.arch, data.info.num_classes, data.info.input_size)
         device = ctx.device
         test_loader = make_loader(data.dataset("test"), cfg.data, train=False, device=device)
         metrics: dict = {}

@@ -52,7 +52,7 @@ class TrainStage(Stage):
                 f"the teacher has {teacher_meta.num_classes} classes but the dataset has {data.info.num_classes}"
             )
         torch.manual_seed(cfg.seed)
-        student = build_model(cfg.student.arch, data.info.num_classes)
+        student = build_model(cfg.student.arch, data.info.num_classes, data.info.input_size)
         vanilla_params = count_parameters(student)
         train_set = data.dataset("train", augment=True)
         distiller = build_distiller(

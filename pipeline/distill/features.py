@@ -11,7 +11,7 @@ RepDistiller's VID do).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ __all__ = [
     "probe_shapes",
     "stage_taps",
     "tapped_forward",
+    "teacher_head",
     "warmup_factor",
 ]
 
@@ -94,6 +95,22 @@ def embedding_tap(model: nn.Module) -> Tap:
         name = getattr(getattr(model, "info", None), "name", type(model).__name__)
         raise ConfigError(f"model {name!r} has no nn.Linear classifier, so it has no embedding to distill")
     return Tap(calls[-1], "input")
+
+
+def teacher_head(model: nn.Module) -> Callable[[Tensor], Tensor] | None:
+    """The head that maps the model's last stage tap (as an NCHW map) to its logits, ``None`` if it has none.
+
+    Zoo models and timm CNNs: ``forward_head``. Models whose last tap is the pooled classifier input
+    (``info.head`` names that ``nn.Linear``): the Linear on the flattened map.
+    """
+    head = getattr(getattr(model, "info", None), "head", "")
+    if head:
+        linear = model.get_submodule(head)
+        return lambda x: linear(x.flatten(1))
+    if head is None:
+        return None
+    forward_head = getattr(model, "forward_head", None)
+    return forward_head if callable(forward_head) else None
 
 
 def tapped_forward(model: nn.Module, taps: Sequence[Tap], images: Tensor) -> tuple[Tensor, list[Tensor]]:

@@ -1,8 +1,10 @@
 """Model zoo: registered builders with their :class:`ModelInfo`.
 
 Every builder has the signature ``builder(num_classes: int, **kwargs) -> nn.Module`` and the built
-module carries ``model.info`` (a :class:`ModelInfo`). Models implement ``forward_features`` (ending at
-the last tap, pre-activation), ``forward_head`` and ``forward`` (logits only).
+module carries ``model.info`` (a :class:`ModelInfo`). Names ``timm:<name>`` and ``torchvision:<name>``
+build any classifier of those libraries (:mod:`pipeline.models.external`) with a probed ``info``.
+Zoo models implement ``forward_features`` (ending at the last tap, pre-activation), ``forward_head`` and
+``forward`` (logits only).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "ReparamSite",
     "Tap",
     "build_model",
+    "check_model_name",
     "count_parameters",
     "list_models",
     "model_info",
@@ -56,17 +59,43 @@ def list_models() -> list[str]:
     return MODELS.names()
 
 
-def model_info(name: str) -> ModelInfo:
+def check_model_name(name: str) -> None:
+    """A one-line :class:`ConfigError` for a name that is neither in the zoo nor a known timm/torchvision model."""
+    from pipeline.models.external import check_external, is_external
+
+    if is_external(name):
+        check_external(name)
+        return
+    if name not in list_models():
+        raise ConfigError(
+            f"unknown model {name!r}; choose one of: {', '.join(list_models())}, or timm:<name> / torchvision:<name>"
+        )
+
+
+def model_info(name: str, input_size: int | None = None) -> ModelInfo:
+    """A zoo model's declared info; for ``timm:``/``torchvision:`` names, the info probed at ``input_size``."""
+    from pipeline.models.external import build_external, is_external
+
+    if is_external(name):
+        return build_external(name, 2, input_size).info
     _load_zoo()
     return MODELS.get(name).info
 
 
-def build_model(name: str, num_classes: int, **kwargs) -> torch.nn.Module:  # noqa: F821
-    """Build a registered model; unknown names raise a :class:`ConfigError` listing the valid ones."""
-    _load_zoo()
-    entry = MODELS.get(name)
+def build_model(name: str, num_classes: int, input_size: int | None = None, **kwargs) -> torch.nn.Module:  # noqa: F821
+    """Build a registered model; unknown names raise a :class:`ConfigError` listing the valid ones.
+
+    ``input_size`` matters only for ``timm:``/``torchvision:`` models (token grids, probed taps); a zoo model
+    has its declared size.
+    """
+    from pipeline.models.external import build_external, is_external
+
     if num_classes < 1:
         raise ConfigError(f"num_classes must be positive, got {num_classes}")
+    if is_external(name):
+        return build_external(name, num_classes, input_size)
+    _load_zoo()
+    entry = MODELS.get(name)
     model = entry.builder(num_classes=num_classes, **{k: v for k, v in kwargs.items() if v is not None})
     model.info = entry.info
     return model

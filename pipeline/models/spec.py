@@ -16,10 +16,15 @@ class Tap:
 
     ``io="input"`` reads the module's first positional input: hooking an activation module's input
     gives the pre-activation feature. Activation modules used as taps must not be in-place.
+    ``layout`` says how the tensor is laid out so the hook can hand every method an NCHW map:
+    ``nhwc`` (timm's Swin stages), ``nlc`` tokens after ``prefix_tokens`` class/register tokens on a
+    square grid (ViT blocks), ``nc`` a pooled vector (read as ``N x C x 1 x 1``).
     """
 
     path: str
     io: Literal["input", "output"] = "output"
+    layout: Literal["nchw", "nhwc", "nlc", "nc"] = "nchw"
+    prefix_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -44,13 +49,16 @@ class ModelInfo:
     ``stages`` are the distillation taps, shallow to deep, pre-activation where the spec asks; the
     last one is the feature ``forward_features`` returns, so ``forward_head`` is the head that
     follows it. ``reparam_sites`` pairs each of the deepest stages with the conv+BN to re-parameterize,
-    in the same order; the last site is the Single-Layer site.
+    in the same order; the last site is the Single-Layer site. ``head`` is the teacher head the
+    target guide applies to the last stage tap: ``""`` for the model's ``forward_head``, the path of the
+    ``nn.Linear`` classifier when the last tap is its (pooled, ``nc``) input, ``None`` when there is none.
     """
 
     name: str
-    family: Literal["cifar", "imagenet"]
+    family: Literal["cifar", "imagenet", "timm", "torchvision"]
     input_size: int
     stages: tuple[Tap, ...] = ()
     reparam_sites: tuple[ReparamSite, ...] = ()
     description: str = ""
+    head: str | None = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)

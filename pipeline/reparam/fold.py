@@ -5,22 +5,55 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import fx, nn
+from torch import Tensor, fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+class NormTail(nn.Module):
+    """What stays of a norm-and-activation layer (timm's ``BatchNormAct2d``) once its BatchNorm is folded away.
+
+    The children keep their names (``drop``, ``act``), so an activation with parameters keeps its state_dict keys.
+    """
+
+    def __init__(self, drop: nn.Module, act: nn.Module):
+        super().__init__()
+        self.drop, self.act = drop, act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(x))
+
+
+def norm_tail(bn: nn.Module) -> nn.Module:
+    """The module that replaces a folded BatchNorm: ``Identity``, or the activation a timm norm-act layer applies."""
+    if isinstance(getattr(bn, "act", None), nn.Module):
+        drop = getattr(bn, "drop", None)
+        return NormTail(drop if isinstance(drop, nn.Module) else nn.Identity(), bn.act)
+    return nn.Identity()
+
+
+class _NormLeafTracer(fx.Tracer):
+    """fx's tracer, with every BatchNorm subclass (timm's norm-act layers) kept as one call, like ``nn.BatchNorm2d``."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _BN) or super().is_leaf_module(m, qualname)
+
+
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """``(conv_path, bn_path)`` for every BatchNorm that directly and solely consumes a conv's output.
 
     Found on the traced graph rather than by module order, so a BN that precedes its conv (as in
-    pre-activation WideResNets) or a conv whose output also feeds another op is never folded.
+    pre-activation WideResNets) or a conv whose output also feeds another op is never folded. A model
+    that torch.fx cannot trace has no pairs: its BatchNorms stay as they are (still exportable).
     """
     if not any(isinstance(m, _BN) for m in model.modules()):
         return []
-    graph = fx.Tracer().trace(model)
+    try:
+        graph = _NormLeafTracer().trace(model)
+    except Exception:  # fx raises many types on data-dependent control flow
+        return []
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
@@ -39,7 +72,7 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Fold every conv -> BN pair into the conv (which gains a bias); the BN becomes ``Identity``.
+    """Fold every conv -> BN pair into the conv (which gains a bias); the BN becomes ``Identity`` (or its tail).
 
     Module paths are kept, so the folded model's state_dict keys are the vanilla ones minus the
     folded BNs' keys, plus a bias for each folded conv.
@@ -48,17 +81,31 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
     was_training = model.training
     model.eval()
     for conv_path, bn_path in conv_bn_pairs(model):
-        fused = fuse_conv_bn_eval(model.get_submodule(conv_path), model.get_submodule(bn_path))
+        bn = model.get_submodule(bn_path)
+        fused = fuse_conv_bn_eval(model.get_submodule(conv_path), bn)
         model.set_submodule(conv_path, fused)
-        model.set_submodule(bn_path, nn.Identity())
+        model.set_submodule(bn_path, norm_tail(bn))
     return model.train(was_training)
 
 
 @torch.no_grad()
 def fuse_model(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Replace every module that implements ``fuse()``, then fold the remaining BatchNorms."""
+    """Re-parameterize the model's own multi-branch blocks, replace every module that implements ``fuse()``,
+    then fold the remaining BatchNorms.
+
+    Blocks that re-parameterize themselves in place (timm's RepVGG and MobileOne blocks, ``reparameterize()``)
+    run first, after any m-branch block inside them has been turned back into the conv + BatchNorm they expect.
+    """
     model = model if inplace else copy.deepcopy(model)
     model.eval()
+    hosts = [name for name, m in model.named_modules() if callable(getattr(m, "reparameterize", None))]
+    for host in hosts:
+        for name, module in list(model.get_submodule(host).named_modules()):
+            if callable(getattr(module, "fuse_conv_bn", None)):
+                conv, bn = module.fuse_conv_bn()
+                model.set_submodule(f"{host}.{name}", conv)
+                model.set_submodule(module.norm_path, bn)
+        model.get_submodule(host).reparameterize()
     targets = [name for name, m in model.named_modules() if name and callable(getattr(m, "fuse", None))]
     # Outermost first; a fused parent removes its children, which are then skipped.
     for name in targets:

@@ -1,7 +1,8 @@
 """KDiffusion's m-branch block: m parallel conv+BN copies of one student layer, averaged (spec §3, §9).
 
 The block replaces an existing conv+BN pair *inside* the student [D1]: the conv's slot holds the block
-and the BN's slot becomes ``Identity``, so everything downstream consumes the branch mean unchanged.
+and the BN's slot becomes ``Identity`` (or, for timm's norm-act layers, the activation they apply), so
+everything downstream consumes the branch mean unchanged.
 Each branch output ``BN_i(Conv_i(h))`` is one "student feature" of the diffusion chain; the distiller
 reads them with forward hooks on ``<conv path>.branches.<i>.bn``.
 
@@ -27,8 +28,16 @@ from pipeline.errors import ConfigError
 from pipeline.hooks import FeatureTaps
 from pipeline.models.spec import ReparamSite, Tap
 from pipeline.reparam import REPARAMS
+from pipeline.reparam.fold import norm_tail
 
-__all__ = ["MultiBranchConvBN", "apply_multibranch", "block_fusion_errors", "branch_tap", "multibranch_blocks"]
+__all__ = [
+    "MultiBranchConvBN",
+    "apply_multibranch",
+    "block_fusion_errors",
+    "branch_tap",
+    "check_branchable",
+    "multibranch_blocks",
+]
 
 
 class MultiBranchConvBN(nn.Module):
@@ -59,7 +68,7 @@ class MultiBranchConvBN(nn.Module):
         bias: bool = False,
     ):
         super().__init__()
-        _check_pair(conv, bn)
+        check_branchable(conv, bn)
         if m < 1:
             raise ValueError(f"an m-branch block needs m >= 1, got m={m}")
         self.m = m
@@ -134,6 +143,20 @@ class MultiBranchConvBN(nn.Module):
         conv.bias.copy_(bias)
         return conv
 
+    @torch.no_grad()
+    def fuse_conv_bn(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+        """The fused block as a bias-free conv and a BatchNorm that adds the bias exactly (eps 0, unit variance).
+
+        For blocks that re-parameterize themselves (timm's RepVGG/MobileOne) and read a conv + BN at the
+        slots the m-branch block took; ``norm_path`` is where the BN goes back.
+        """
+        fused = self.fuse()
+        bias = fused.bias
+        fused.bias = None
+        bn = nn.BatchNorm2d(self.out_channels, eps=0.0, device=bias.device, dtype=bias.dtype).eval()
+        bn.bias.copy_(bias)
+        return fused, bn
+
     def extra_repr(self) -> str:
         return f"m={self.m}, kernels={self.branch_kernel_sizes}"
 
@@ -201,8 +224,9 @@ def apply_multibranch(
         except ValueError as exc:
             raise ConfigError(f"cannot re-parameterize {conv_path} of model {_model_name(model)}: {exc}") from None
         block.train(model.training)
+        block.norm_path = bn_path  # where fuse_conv_bn's BatchNorm goes back (a plain attribute, not state)
         model.set_submodule(conv_path, block)
-        model.set_submodule(bn_path, nn.Identity())
+        model.set_submodule(bn_path, norm_tail(bn))
     return model
 
 
@@ -229,10 +253,11 @@ def block_fusion_errors(model: nn.Module, images: Tensor) -> dict[str, dict[str,
         model.train(was_training)
 
 
-def _check_pair(conv: nn.Module, bn: nn.Module) -> None:
+def check_branchable(conv: nn.Module, bn: nn.Module) -> None:
+    """Raise ``ValueError`` saying why ``conv`` + ``bn`` cannot become an m-branch block (nothing if they can)."""
     if type(conv) is not nn.Conv2d:
         raise ValueError(f"expected an nn.Conv2d, found {type(conv).__name__}")
-    if type(bn) is not nn.BatchNorm2d:
+    if type(bn) is not nn.BatchNorm2d and not (isinstance(bn, nn.BatchNorm2d) and hasattr(bn, "act")):
         raise ValueError(f"expected an nn.BatchNorm2d after the conv, found {type(bn).__name__}")
     if bn.num_features != conv.out_channels:
         raise ValueError(f"the BatchNorm has {bn.num_features} features but the conv {conv.out_channels} outputs")

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from pipeline.distill import register_method
 from pipeline.distill.base import Distiller
+from pipeline.distill.features import teacher_head
 from pipeline.distill.kd import kd_loss
 from pipeline.distill.kdiffusion.chain import STEP_WEIGHTS, TARGET_MODES
 from pipeline.distill.kdiffusion.loss import FEATURE_LOSSES, DiffusionLayerLoss, branch_features, guided_loss
@@ -105,8 +106,12 @@ class KDiffusion(Distiller):
         self.lambda_ce, self.lambda_kd, self.temperature = lambda_ce, lambda_kd, temperature
         self.lambda_diff, self.lambda_guided, self.warmup_epochs = lambda_diff, lambda_guided, warmup_epochs
         self.sites, teacher_stages = _paired_taps(student, teacher, layers)
-        if lambda_guided and not callable(getattr(teacher, "forward_head", None)):
-            raise ConfigError("the target-guided term needs a teacher with forward_head(); set lambda_guided=0")
+        self.teacher_head = teacher_head(teacher)
+        if lambda_guided and self.teacher_head is None:
+            raise ConfigError(
+                "the target-guided term needs the teacher's head after its last tap (forward_head(), or a Linear "
+                "classifier on pooled features); this teacher has none: set student.method_args.lambda_guided=0"
+            )
         apply_multibranch(student, self.sites, m=m, mixed_kernels=mixed_kernels, scale_init=scale_init)
         self.student_taps = {}
         for layer, site in enumerate(self.sites):
@@ -152,6 +157,16 @@ class KDiffusion(Distiller):
         if not options["warmup_epochs"] >= 0:
             raise ValueError(f"warmup_epochs must be >= 0, got {options['warmup_epochs']!r}")
 
+    def notes(self) -> list[str]:
+        """For a student whose sites were found automatically: which ones, and which stages have none and why."""
+        info = getattr(self.student, "info", None)
+        if getattr(info, "family", "") not in ("timm", "torchvision"):
+            return []
+        skipped = info.extra.get("skipped_sites") or []
+        return [f"KDiffusion sites: {', '.join(s.conv for s in self.sites)}"] + [
+            f"KDiffusion site skipped: {reason}" for reason in skipped
+        ]
+
     def reparam_settings(self) -> dict:
         return {
             "kind": "multibranch",
@@ -184,7 +199,7 @@ class KDiffusion(Distiller):
                     result.x_hat,
                     result.mu,
                     result.sd,
-                    self.teacher.forward_head,
+                    self.teacher_head,
                     teacher_logits.to(result.x_hat.dtype, copy=True),  # saved for backward: no inference tensor
                 )
             out["guided"] = ramp * self.lambda_guided * guided
@@ -232,8 +247,10 @@ def _paired_taps(student: nn.Module, teacher: nn.Module, layers: int) -> tuple[l
     student_name = getattr(getattr(student, "info", None), "name", type(student).__name__)
     teacher_name = getattr(getattr(teacher, "info", None), "name", type(teacher).__name__)
     if len(sites) < layers:
+        skipped = getattr(getattr(student, "info", None), "extra", {}).get("skipped_sites") or []
+        why = f" ({'; '.join(skipped)})" if skipped else ""
         raise ConfigError(
-            f"student {student_name} declares {len(sites)} re-parameterization sites; KDiffusion with "
+            f"student {student_name} declares {len(sites)} re-parameterization sites{why}; KDiffusion with "
             f"layers={layers} needs {layers}"
         )
     if len(stages) < layers:
