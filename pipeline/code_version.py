@@ -1,0 +1,119 @@
+"""Which project sources can change a stage's result, and their hashes (the code part of a fingerprint).
+
+A stage's result depends on its own module and on the project modules it imports, directly or through
+others; nothing else in the project can reach it. The set is computed from the import graph, read with
+:mod:`ast` from the source files (never imported, so this module stays a stdlib-only leaf):
+
+- every ``import`` statement counts, including those inside functions, because the project imports heavy
+  modules lazily and a lazy import still runs when the stage does;
+- importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py`` too, so those count as well;
+- ``from package import name`` counts ``package.name`` when it is a module.
+
+Computed rather than declared because a declared list goes stale silently the day someone adds an import;
+the graph cannot. What the graph cannot see (a data file a module reads, a behaviour change of a
+dependency) is covered by the stage's explicit ``version``. Editing ``exports/`` therefore leaves
+``teacher`` and ``train`` up to date, while editing the training loop makes them stale.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import importlib.util
+from pathlib import Path
+
+__all__ = ["PROJECT_PACKAGES", "changed_files", "import_closure", "source_hashes", "stage_code_version"]
+
+PROJECT_PACKAGES = ("pipeline", "stages", "exports")
+
+
+def _project_root() -> Path:
+    # Located, not imported: the folder that holds the project's packages on the current path.
+    return Path(importlib.util.find_spec("pipeline").origin).parent.parent
+
+
+def _module_files(root: Path) -> dict[str, Path]:
+    """Dotted module name -> source file, for every module of the project's packages under ``root``."""
+    files = {}
+    for package in PROJECT_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            files[".".join(parts)] = path
+    return files
+
+
+def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """Project modules that ``name`` imports anywhere in its source, with their parent packages."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            targets.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            targets.add(base)
+            targets.update(f"{base}.{alias.name}" for alias in node.names)
+    found = set()
+    for target in targets:
+        parts = target.split(".")
+        found.update(p for p in (".".join(parts[: i + 1]) for i in range(len(parts))) if p in known)
+    return found
+
+
+def import_closure(module: str, root: Path | None = None) -> dict[str, Path]:
+    """``module`` and every project module it imports, transitively (name -> source file)."""
+    known = _module_files(root or _project_root())
+    if module not in known:
+        raise ValueError(f"{module!r} is not a module of the project packages {PROJECT_PACKAGES}")
+    parts = module.split(".")
+    todo = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    seen: dict[str, Path] = {}
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in known:
+            continue
+        seen[name] = known[name]
+        todo.extend(_imports(name, known[name], known) - seen.keys())
+    return dict(sorted(seen.items()))
+
+
+def source_hashes(module: str, root: Path | None = None) -> dict[str, str]:
+    """Project-relative path -> sha256 of every source in ``module``'s import closure."""
+    root = root or _project_root()
+    return {
+        path.relative_to(root).as_posix(): _sha256(path) for path in import_closure(module, root).values()
+    }
+
+
+@functools.lru_cache(maxsize=512)
+def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_cached(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+def stage_code_version(files: dict[str, str], version: int) -> str:
+    """``v<version>-<digest>``: the stage's explicit version and one hash over its sources' hashes.
+
+    The package version is deliberately not part of it: an upgrade that leaves a stage's sources alone
+    must not retrain it.
+    """
+    digest = hashlib.sha256("".join(f"{path}\0{sha}\n" for path, sha in sorted(files.items())).encode())
+    return f"v{version}-{digest.hexdigest()[:16]}"
+
+
+def changed_files(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """Sources edited, added or removed between two hash maps, each as ``path`` or ``path (added|removed)``."""
+    changed = [p for p in sorted(before.keys() & after.keys()) if before[p] != after[p]]
+    changed += [f"{p} (added)" for p in sorted(after.keys() - before.keys())]
+    changed += [f"{p} (removed)" for p in sorted(before.keys() - after.keys())]
+    return changed
