@@ -88,9 +88,9 @@ def run(
     for name in (*(s for s in stages if s != "all"), *keep):
         get_stage(name)  # an unknown name is a one-line error listing the registered stages
     cfg = load_config(preset or ("default" if config_file is None else None), config_file, sets, log=_echo_err)
-    order = stage_order(cfg)
+    order = stage_order()
     names = order if not stages or "all" in stages else tuple(name for name in order if name in stages)
-    if checkpoint and names[0] != "export":
+    if checkpoint and not set(names) <= {"export", "engine"}:
         raise ConfigError("--checkpoint is for `run export` (a student made elsewhere), optionally with `engine`")
     out = out or Path("runs") / (preset or cfg.name)
     outcomes = []

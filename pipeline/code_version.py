@@ -23,7 +23,15 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
-__all__ = ["PROJECT_PACKAGES", "changed_files", "import_closure", "source_hashes", "stage_code_version"]
+__all__ = [
+    "PROJECT_PACKAGES",
+    "changed_files",
+    "import_closure",
+    "project_imports",
+    "project_modules",
+    "source_hashes",
+    "stage_code_version",
+]
 
 PROJECT_PACKAGES = ("pipeline", "stages", "exports")
 
@@ -64,6 +72,17 @@ def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
         parts = target.split(".")
         found.update(p for p in (".".join(parts[: i + 1]) for i in range(len(parts))) if p in known)
     return found
+
+
+def project_modules(root: Path | None = None) -> list[str]:
+    """Every module of the project's packages, by dotted name."""
+    return sorted(_module_files(root or _project_root()))
+
+
+def project_imports(module: str, root: Path | None = None) -> set[str]:
+    """The project modules ``module`` imports directly (anywhere in its source), with their parent packages."""
+    known = _module_files(root or _project_root())
+    return _imports(module, known[module], known) - {module}
 
 
 def import_closure(module: str, root: Path | None = None) -> dict[str, Path]:

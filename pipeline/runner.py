@@ -116,7 +116,7 @@ def run_stages(
     changed. Under torchrun, stages marked ``distributed`` run on every rank and the others on rank 0 alone;
     rank 0 alone logs, writes and commits (README, "Training at scale").
     """
-    names = stage_order(cfg) if names is None else names
+    names = stage_order() if names is None else names
     validate(cfg, names)
     for name in keep:
         get_stage(name)  # an unknown name fails here, with the registered ones

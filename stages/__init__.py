@@ -34,9 +34,13 @@ def get_stage(name: str) -> Stage:
     return STAGES.get(name)()
 
 
-def stage_order(cfg: Config | None = None) -> tuple[str, ...]:
-    """Every stage, each after the stages it ``requires(cfg)`` (ties by name, so the order is stable)."""
-    cfg = cfg if cfg is not None else Config()
+def stage_order() -> tuple[str, ...]:
+    """Every stage, each after the stages it ``requires()`` under the default configuration (ties by name).
+
+    One fixed order for every run: a setting that drops a requirement (``export.checkpoint``) changes what a
+    stage reads, not where it runs.
+    """
+    cfg = Config()
     needs = {name: set(get_stage(name).requires(cfg)) for name in load_stages()}
     order: list[str] = []
     while needs:
