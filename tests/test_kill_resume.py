@@ -36,6 +36,7 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PIPELINE_PROGRESS": "0"}
 
 
+@pytest.mark.slow  # 97 s here (2 CPU cores, one thread)
 def test_sigkill_mid_epoch_then_rerun_reproduces_the_uninterrupted_weights(tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(_command(reference), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=600)
