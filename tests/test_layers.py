@@ -93,3 +93,28 @@ def test_every_stage_declares_its_outputs_and_consumers_use_library_names():
     assert stagekit.TEACHER_CHECKPOINT in outputs["teacher"]
     assert stagekit.STUDENT_CHECKPOINT in outputs["train"]
     assert stagekit.FUSED_CHECKPOINT in outputs["fuse"]
+
+
+def test_a_stage_that_misses_a_declared_output_commits_nothing(tmp_path, monkeypatch, tiny_cfg):
+    from pipeline import runner
+    from pipeline.store import RunStore
+    from stages.base import Stage, StageResult
+
+    class Forgetful(Stage):
+        name = "forgetful"
+        outputs = ("promised.json",)
+
+        def params(self, cfg):
+            return {}
+
+        def run(self, ctx):
+            (ctx.out / "other.json").write_text("{}")
+            return StageResult()
+
+    monkeypatch.setattr(runner, "get_stage", lambda name: Forgetful())
+    monkeypatch.setattr(runner, "stage_code", lambda stage: ("v1-test", {}))
+    store = RunStore(tmp_path / "run")
+    store.ensure_writable()
+    with pytest.raises(RuntimeError, match=r"did not write its declared outputs \['promised.json'\]"):
+        runner.run_stage(store, tiny_cfg, "forgetful", False, print)
+    assert store.manifest("forgetful") is None and not store.folder("forgetful").exists()
