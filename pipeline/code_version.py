@@ -55,9 +55,19 @@ def _module_files(root: Path) -> dict[str, Path]:
 
 def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     """Project modules that ``name`` imports anywhere in its source, with their parent packages."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for target in _import_targets(name, str(path), _sha256(path)):
+        parts = target.split(".")
+        found.update(p for p in (".".join(parts[: i + 1]) for i in range(len(parts))) if p in known)
+    return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _import_targets(name: str, path: str, digest: str) -> frozenset[str]:
+    """Every dotted name an import statement in the file mentions (cached by content: parsing is the slow part)."""
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
     targets: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+    for node in ast.walk(ast.parse(Path(path).read_bytes(), filename=path)):
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -67,11 +77,7 @@ def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
                 base = ".".join(anchor + ([node.module] if node.module else []))
             targets.add(base)
             targets.update(f"{base}.{alias.name}" for alias in node.names)
-    found = set()
-    for target in targets:
-        parts = target.split(".")
-        found.update(p for p in (".".join(parts[: i + 1]) for i in range(len(parts))) if p in known)
-    return found
+    return frozenset(targets)
 
 
 def project_modules(root: Path | None = None) -> list[str]:
@@ -110,14 +116,8 @@ def source_hashes(module: str, root: Path | None = None) -> dict[str, str]:
     }
 
 
-@functools.lru_cache(maxsize=512)
-def _sha256_cached(path: str, mtime_ns: int, size: int) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _sha256(path: Path) -> str:
-    stat = path.stat()
-    return _sha256_cached(str(path), stat.st_mtime_ns, stat.st_size)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def stage_code_version(files: dict[str, str], version: int) -> str:
