@@ -36,21 +36,34 @@ __all__ = [
 PROJECT_PACKAGES = ("pipeline", "stages", "exports")
 
 
-def _project_root() -> Path:
-    # Located, not imported: the folder that holds the project's packages on the current path.
-    return Path(importlib.util.find_spec("pipeline").origin).parent.parent
+def _package_folders(root: Path | None) -> list[Path]:
+    """The folder of each project package: under ``root`` if given, else wherever Python finds it.
+
+    Located, not imported: finding a package does not run it. Each package is looked up on its own, so an
+    installed ``pipeline`` with ``stages`` elsewhere on the path is handled too.
+    """
+    if root is not None:
+        return [root / package for package in PROJECT_PACKAGES if (root / package).is_dir()]
+    specs = (importlib.util.find_spec(package) for package in PROJECT_PACKAGES)
+    return [Path(spec.origin).parent for spec in specs if spec is not None and spec.origin]
 
 
-def _module_files(root: Path) -> dict[str, Path]:
-    """Dotted module name -> source file, for every module of the project's packages under ``root``."""
+def _module_files(root: Path | None) -> dict[str, Path]:
+    """Dotted module name -> source file, for every module of the project's packages."""
     files = {}
-    for package in PROJECT_PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            parts = list(path.relative_to(root).with_suffix("").parts)
+    for folder in _package_folders(root):
+        for path in sorted(folder.rglob("*.py")):
+            parts = list(path.relative_to(folder.parent).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
             files[".".join(parts)] = path
     return files
+
+
+def _relative(name: str, path: Path) -> str:
+    """``path`` relative to the folder holding its top-level package, e.g. ``stages/train.py``."""
+    depth = name.count(".") + (1 if path.name == "__init__.py" else 0)
+    return path.relative_to(path.parents[depth]).as_posix()
 
 
 def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
@@ -82,18 +95,18 @@ def _import_targets(name: str, path: str, digest: str) -> frozenset[str]:
 
 def project_modules(root: Path | None = None) -> list[str]:
     """Every module of the project's packages, by dotted name."""
-    return sorted(_module_files(root or _project_root()))
+    return sorted(_module_files(root))
 
 
 def project_imports(module: str, root: Path | None = None) -> set[str]:
     """The project modules ``module`` imports directly (anywhere in its source), with their parent packages."""
-    known = _module_files(root or _project_root())
+    known = _module_files(root)
     return _imports(module, known[module], known) - {module}
 
 
 def import_closure(module: str, root: Path | None = None) -> dict[str, Path]:
     """``module`` and every project module it imports, transitively (name -> source file)."""
-    known = _module_files(root or _project_root())
+    known = _module_files(root)
     if module not in known:
         raise ValueError(f"{module!r} is not a module of the project packages {PROJECT_PACKAGES}")
     parts = module.split(".")
@@ -110,10 +123,7 @@ def import_closure(module: str, root: Path | None = None) -> dict[str, Path]:
 
 def source_hashes(module: str, root: Path | None = None) -> dict[str, str]:
     """Project-relative path -> sha256 of every source in ``module``'s import closure."""
-    root = root or _project_root()
-    return {
-        path.relative_to(root).as_posix(): _sha256(path) for path in import_closure(module, root).values()
-    }
+    return {_relative(name, path): _sha256(path) for name, path in import_closure(module, root).items()}
 
 
 def _sha256(path: Path) -> str:
