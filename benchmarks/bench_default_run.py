@@ -16,7 +16,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from stages import ORDER
+from stages import stage_order
 
 
 def one_run(extra: list[str]) -> tuple[float, dict[str, float]]:
@@ -27,7 +27,7 @@ def one_run(extra: list[str]) -> tuple[float, dict[str, float]]:
         subprocess.run([sys.executable, "-m", "pipeline", "run", "all", "--out", str(out), *extra], check=True, env=env)
         total = time.perf_counter() - tic
         manifests = {p.parent.name: json.loads(p.read_text()) for p in out.glob("*/manifest.json")}
-        stages = {name: manifests[name]["meta"]["duration_s"] for name in ORDER if name in manifests}
+        stages = {name: manifests[name]["meta"]["duration_s"] for name in stage_order() if name in manifests}
     return total, stages
 
 

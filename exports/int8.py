@@ -24,7 +24,6 @@ import contextlib
 import inspect
 import io
 import json
-import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from exports.calibration import array_reader, calibration_method
 from exports.deps import require
 from exports.metadata import INPUT_NAME, DeployMeta
 from exports.onnx_export import check_onnx, write_metadata
+from pipeline.atomic import atomic_write_text
 from pipeline.errors import ConfigError, MissingDependencyError
 from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
 
@@ -112,7 +112,7 @@ class CalibrationCache:
     def record(self, key: CalibrationKey) -> None:
         """Seal a range file ONNX Runtime has just written for ``key``."""
         payload = {"key": _jsonable(key.to_dict()), "sha256": sha256_file(self.ranges_path(key))}
-        _atomic_write(self._key_path(key), json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self._key_path(key), json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass(frozen=True)
@@ -277,18 +277,6 @@ def _output_channel_axis(user, rank: int) -> int | None:
 
 def _jsonable(data: dict) -> dict:
     return json.loads(json.dumps(data))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def copy_ranges(result: Int8Result, dst: str | Path) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from exports.deps import is_installed, require
 from exports.metadata import INPUT_NAME, OUTPUT_NAME, DeployMeta
+from pipeline.atomic import atomic_write_bytes
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.hashing import sha256_bytes, sha256_file
 
@@ -228,10 +229,7 @@ def build_engine(
     if plan is None:
         raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path}; see its log above")
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(cache_path.name + ".tmp")
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-        tmp.replace(cache_path)
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
 
 

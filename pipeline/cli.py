@@ -15,8 +15,6 @@ import click
 
 from pipeline.errors import ConfigError, PipelineError
 
-STAGE_CHOICES = ("all", "teacher", "train", "fuse", "verify", "export", "engine")
-
 
 def _echo_err(message: str) -> None:
     click.echo(message, err=True)
@@ -29,7 +27,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("stages", metavar="[STAGE]...", nargs=-1, type=click.Choice(STAGE_CHOICES))
+@click.argument("stages", metavar="[STAGE]...", nargs=-1)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder [default: runs/<preset>].")
 @click.option("--preset", default=None, metavar="NAME", help="Experiment preset (see `presets`) [default: default].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")
@@ -47,16 +45,34 @@ def cli() -> None:
 @click.option("--teacher-checkpoint", default=None, metavar="FILE", help="Import this teacher instead of training one.")
 @click.option("--checkpoint", default=None, metavar="FILE", help="Export this student checkpoint (with `run export`).")
 @click.option("--force", is_flag=True, help="Rerun stages even when they are up to date.")
+@click.option(
+    "--keep",
+    multiple=True,
+    metavar="STAGE",
+    help="Keep STAGE's artifacts when only its code changed (e.g. an upgrade); recorded in its manifest.",
+)
 def run(
-    stages, out, preset, config_file, overrides, method, seed, device, data_root, teacher_checkpoint, checkpoint, force
+    stages,
+    out,
+    preset,
+    config_file,
+    overrides,
+    method,
+    seed,
+    device,
+    data_root,
+    teacher_checkpoint,
+    checkpoint,
+    force,
+    keep,
 ):
-    """Run the STAGEs (all, teacher, train, fuse, verify, export, engine; default all) in pipeline order.
+    """Run the STAGEs (all, or any of teacher, train, fuse, verify, export, engine; default all) in pipeline order.
 
     Up-to-date artifacts of earlier stages are reused, e.g. `run export engine --checkpoint student.safetensors`.
     """
     from pipeline.config import load_config
     from pipeline.runner import run_stages
-    from stages import ORDER
+    from stages import get_stage, stage_order
 
     sets = list(overrides)
     for key, value in (
@@ -69,14 +85,17 @@ def run(
     ):
         if value is not None:
             sets.append(f"{key}={json.dumps(value)}")
-    names = ORDER if not stages or "all" in stages else tuple(name for name in ORDER if name in stages)
-    if checkpoint and names[0] != "export":
-        raise ConfigError("--checkpoint is for `run export` (a student made elsewhere), optionally with `engine`")
+    for name in (*(s for s in stages if s != "all"), *keep):
+        get_stage(name)  # an unknown name is a one-line error listing the registered stages
     cfg = load_config(preset or ("default" if config_file is None else None), config_file, sets, log=_echo_err)
+    order = stage_order()
+    names = order if not stages or "all" in stages else tuple(name for name in order if name in stages)
+    if checkpoint and not set(names) <= {"export", "engine"}:
+        raise ConfigError("--checkpoint is for `run export` (a student made elsewhere), optionally with `engine`")
     out = out or Path("runs") / (preset or cfg.name)
     outcomes = []
     try:
-        run_stages(cfg, out, names, force=force, log=_echo_err, on_outcome=outcomes.append)
+        run_stages(cfg, out, names, force=force, log=_echo_err, on_outcome=outcomes.append, keep=tuple(keep))
     finally:
         if outcomes:
             click.echo(summary_table(outcomes, Path(out)))
@@ -87,7 +106,7 @@ def summary_table(outcomes, out: Path) -> str:
     rows = [("stage", "status", "checks", "time", "artifacts", "key figures")]
     for o in outcomes:
         m = o.manifest
-        status = m.status + (" (up to date)" if o.action == "up to date" else "")
+        status = m.status + (f" ({o.action})" if o.action in ("up to date", "kept") else "")
         checks = f"{sum(map(bool, m.checks))}/{len(m.checks)}" if m.checks else "-"
         figures = ", ".join(f"{k}={_fmt(v)}" for k, v in m.metrics.items() if isinstance(v, int | float))
         failed = [c.name for c in m.checks if not c]
@@ -112,7 +131,8 @@ def _fmt(value) -> str:
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON.")
 def inspect(run_dir, as_json):
-    """Show every stage's status, checks and artifact hashes in RUN."""
+    """Show every stage's status, whether its code changed since it was built, its checks and artifact hashes."""
+    from pipeline.runner import code_status
     from pipeline.store import RunStore
 
     store = RunStore(run_dir)
@@ -128,6 +148,7 @@ def inspect(run_dir, as_json):
         click.echo(f"{name}: {m.status}{' (' + m.reason + ')' if m.reason else ''}  fingerprint {m.fingerprint[:12]}")
         if intact:
             click.echo(f"  WARNING: {intact} since the stage wrote it")
+        click.echo(f"  code: {code_status(m)}")
         for c in m.checks:
             click.echo(f"  {c.describe()}")
         for a in m.outputs:

@@ -1,4 +1,5 @@
-"""Content hashes for artifacts and for the result-affecting parts of a stage definition."""
+"""Content hashes for artifacts and for the result-affecting parts of a stage definition (the code part is
+:mod:`pipeline.code_version`)."""
 
 from __future__ import annotations
 
@@ -28,29 +29,3 @@ def canonical_json(obj: object) -> str:
 
 def sha256_json(obj: object) -> str:
     return sha256_bytes(canonical_json(obj).encode())
-
-
-_PRESENTATION_ONLY = {"pipeline/cli.py", "pipeline/__main__.py"}
-
-
-def code_version() -> str:
-    """Package version plus a hash of the project's own sources.
-
-    A stage's result depends on the code that made it, so a code change makes every stage stale, as
-    a changed command does in DVC. The command-line layer is left out: it parses and prints, and
-    changes nothing a stage computes.
-    """
-    import importlib.util
-
-    import pipeline
-
-    digest = hashlib.sha256()
-    for package in ("pipeline", "stages", "exports"):
-        # Located, not imported: this low-level module must not import the layers above it.
-        root = Path(importlib.util.find_spec(package).origin).parent
-        for source in sorted(root.rglob("*.py")):
-            if source.relative_to(root.parent).as_posix() in _PRESENTATION_ONLY:
-                continue
-            digest.update(str(source.relative_to(root.parent)).encode())
-            digest.update(source.read_bytes())
-    return f"{pipeline.__version__}+{digest.hexdigest()[:12]}"

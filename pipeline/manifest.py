@@ -15,6 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
+from pipeline.atomic import atomic_write_text
 from pipeline.checks import Check
 from pipeline.errors import ArtifactError
 from pipeline.hashing import sha256_json
@@ -50,6 +51,10 @@ class Manifest:
     metrics: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    # sha256 of every source in the stage's import closure (pipeline.code_version); ``code_version`` hashes them.
+    code_files: dict = field(default_factory=dict)
+    # Upgrades the stage was kept across on purpose (``run --keep``): the code it was built with, and what changed.
+    kept: list = field(default_factory=list)
     schema: int = SCHEMA_VERSION
 
     @property
@@ -84,10 +89,8 @@ class Manifest:
         return data
 
     def write(self, folder: Path) -> Path:
-        path = folder / MANIFEST
         # Field order, not sorted: the stage's own order of metrics is how the run summary shows them.
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return atomic_write_text(folder / MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
@@ -115,6 +118,8 @@ class Manifest:
                 metrics=data.get("metrics", {}),
                 environment=data.get("environment", {}),
                 meta=data.get("meta", {}),
+                code_files=data.get("code_files", {}),
+                kept=data.get("kept", []),
             )
         except (KeyError, TypeError) as exc:
             raise ArtifactError(

@@ -8,6 +8,7 @@ compute the distributed stages with it and write nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket
 import tempfile
 import time
@@ -16,19 +17,19 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline.code_version import changed_files, source_hashes, stage_code_version
 from pipeline.config import Config
-from pipeline.errors import ArtifactError, CheckFailedError
-from pipeline.hashing import code_version
+from pipeline.errors import ArtifactError, CheckFailedError, PipelineError
 from pipeline.manifest import Manifest, environment, fingerprint
 from pipeline.store import RunStore, describe_file, external_input
 from pipeline.training.distributed import barrier, broadcast_object, check_shared_folder, launch, solo, world
-from stages import ORDER, StageContext, get_stage
+from stages import Stage, StageContext, get_stage, stage_order
 
 
 @dataclass
 class Outcome:
     stage: str
-    action: str  # "ran" | "up to date"
+    action: str  # "ran" | "up to date" | "kept" (code changed, kept on purpose with --keep)
     reason: str  # why it ran: missing, params_changed, inputs_changed, code_changed, outputs_modified, forced, ...
     manifest: Manifest
     seconds: float = 0.0
@@ -49,6 +50,31 @@ def stale_reason(existing: Manifest | None, params: dict, inputs_fp: str, code: 
     if existing.inputs_hash != inputs_fp:
         return "inputs_changed"
     return f"outputs_modified ({intact})" if intact else "fingerprint_changed"
+
+
+def stage_code(stage: Stage) -> tuple[str, dict[str, str]]:
+    """The stage's code version and the per-file hashes behind it: its module's import closure plus its version."""
+    files = source_hashes(type(stage).__module__)
+    return stage_code_version(files, stage.version), files
+
+
+def code_status(manifest: Manifest) -> str:
+    """Whether the code that can change this stage's result differs from the code it was built (or kept) with."""
+    try:
+        code, files = stage_code(get_stage(manifest.stage))
+    except PipelineError:
+        return "unknown (no such stage here)"
+    kept = f"; kept across {len(manifest.kept)} code change(s) with --keep" if manifest.kept else ""
+    if code == manifest.code_version:
+        return f"unchanged since built{kept}"
+    if not manifest.code_files:
+        return "changed since built (the manifest predates per-file hashes)"
+    changed = changed_files(manifest.code_files, files)
+    return "changed since built: " + (_some(changed) if changed else "the stage's version was bumped") + kept
+
+
+def _some(items: list[str], limit: int = 6) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
@@ -77,17 +103,23 @@ def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
 def run_stages(
     cfg: Config,
     out: str | Path,
-    names: list[str] | tuple[str, ...] = ORDER,
+    names: list[str] | tuple[str, ...] | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
     on_outcome: Callable[[Outcome], None] | None = None,
+    keep: tuple[str, ...] = (),
 ) -> list[Outcome]:
-    """Run ``names`` in order; a failed gate stops the run after its manifest is written.
+    """Run ``names`` (default: every stage) in order; a failed gate stops the run after its manifest is written.
 
-    Under torchrun, stages marked ``distributed`` run on every rank and the others on rank 0 alone;
+    ``keep`` names stages to keep when their code alone changed (an upgrade that should not retrain a
+    teacher, say): their artifacts stay, and the manifest records the code they were built with and what
+    changed. Under torchrun, stages marked ``distributed`` run on every rank and the others on rank 0 alone;
     rank 0 alone logs, writes and commits (README, "Training at scale").
     """
+    names = stage_order() if names is None else names
     validate(cfg, names)
+    for name in keep:
+        get_stage(name)  # an unknown name fails here, with the registered ones
     store = RunStore(out)
     with launch(cfg.device) as current, contextlib.ExitStack() as held:
         if current.is_main:
@@ -96,10 +128,9 @@ def run_stages(
         else:
             log = _quiet
         check_shared_folder(store.root)
-        code = code_version()
         outcomes = []
         for name in names:
-            outcome = run_stage(store, cfg, name, code, force, log)
+            outcome = run_stage(store, cfg, name, force, log, frozenset(keep))
             if outcome is None:  # a stage rank 0 runs alone
                 continue
             outcomes.append(outcome)
@@ -118,7 +149,12 @@ def _quiet(message: str) -> None:
 
 
 def run_stage(
-    store: RunStore, cfg: Config, name: str, code: str, force: bool, log: Callable[[str], None]
+    store: RunStore,
+    cfg: Config,
+    name: str,
+    force: bool,
+    log: Callable[[str], None],
+    keep: frozenset[str] = frozenset(),
 ) -> Outcome | None:
     """Run one stage if it is stale. Under torchrun rank 0 decides and commits; ``None`` on ranks that sit it out."""
     stage = get_stage(name)
@@ -127,13 +163,14 @@ def run_stage(
         if not current.is_main:
             return None
         with solo():
-            return run_stage(store, cfg, name, code, force, log)
+            return run_stage(store, cfg, name, force, log, keep)
     barrier()  # rank 0 has committed every upstream stage before any rank reads it
     external = {role: external_input(path) for role, path in stage.externals(cfg).items()}
     upstream = {req: store.load(req) for req in stage.requires(cfg)}
     inputs = [art.as_input(o.path, store.root) for art in upstream.values() for o in art.manifest.outputs]
     inputs += list(external.values())
     params = stage.params(cfg)
+    code, code_files = stage_code(stage)
     fp = fingerprint(name, params, inputs, code)
     try:
         existing = store.manifest(name)
@@ -144,10 +181,21 @@ def run_stage(
         intact = store.outputs_intact(name, existing) if existing else ""
         probe = Manifest(name, "ok", params, inputs, [], [], code)
         reason = "forced" if force else stale_reason(existing, params, probe.inputs_hash, code, intact, fp)
+        if reason == "code_changed":
+            changed = changed_files(existing.code_files, code_files) or ["the stage's version"]
+            if name in keep and existing.inputs_hash == probe.inputs_hash and not intact:
+                existing = _keep(store, existing, code, code_files, changed)
+                log(f"[{name}] kept on request although its code changed ({_some(changed)}); recorded in its manifest")
+                reason = "kept"
+            else:
+                reason = f"code_changed: {_some(changed)}"
+        elif name in keep and reason:
+            log(f"[{name}] --keep applies to code changes only; this stage is stale for another reason")
     reason = broadcast_object(reason)
-    if not reason:
-        log(f"[{name}] up to date ({store.folder(name)})")
-        return Outcome(name, "up to date", "", existing)
+    if reason in ("", "kept"):
+        if reason == "":
+            log(f"[{name}] up to date ({store.folder(name)})")
+        return Outcome(name, "kept" if reason else "up to date", reason, existing or store.manifest(name))
 
     log(f"[{name}] running ({reason})")
     # Ranks other than 0 compute in a private folder that is thrown away: only rank 0 writes the run.
@@ -168,6 +216,10 @@ def run_stage(
         return Outcome(name, "ran", reason, store.manifest(name), seconds)
     outputs = [describe_file(staged, str(p.relative_to(staged))) for p in sorted(staged.rglob("*")) if p.is_file()]
     status = "failed" if not all(result.checks) else result.status
+    missing = [f for f in stage.outputs if f not in {o.path for o in outputs}]
+    if status == "ok" and missing:
+        store.discard(staged)
+        raise RuntimeError(f"stage {name!r} did not write its declared outputs {missing}")
     manifest = Manifest(
         stage=name,
         status=status,
@@ -176,6 +228,7 @@ def run_stage(
         outputs=outputs,
         checks=result.checks,
         code_version=code,
+        code_files=code_files,
         reason=result.reason,
         metrics=result.metrics,
         environment=environment(),
@@ -193,3 +246,16 @@ def run_stage(
     broadcast_object(status)
     log(f"[{name}] {status} in {seconds:.1f}s")
     return Outcome(name, "ran", reason, manifest, seconds)
+
+
+def _keep(store: RunStore, existing: Manifest, code: str, code_files: dict, changed: list[str]) -> Manifest:
+    """Accept a stage's artifacts under new code on purpose; the manifest says what it was built with."""
+    record = {
+        "built_with": existing.code_version,
+        "kept_for": code,
+        "changed": changed,
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    kept = dataclasses.replace(existing, code_version=code, code_files=code_files, kept=[*existing.kept, record])
+    store.amend(kept)
+    return kept

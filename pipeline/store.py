@@ -166,6 +166,10 @@ class RunStore:
             staged.rename(target)
         return target
 
+    def amend(self, manifest: Manifest) -> Path:
+        """Replace a committed stage's manifest (atomically), leaving its outputs as they are."""
+        return manifest.write(self.folder(manifest.stage))
+
     def discard(self, staged: Path) -> None:
         shutil.rmtree(staged, ignore_errors=True)
 

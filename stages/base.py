@@ -51,6 +51,12 @@ class Stage:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # The files every successful run of the stage writes (others may come with some settings); consumers
+    # name them through the constants in pipeline.stagekit, never by importing the producing stage.
+    outputs: ClassVar[tuple[str, ...]] = ()
+    # Part of the stage's code version (pipeline.code_version): bump it when the stage's results change for a
+    # reason its sources' hashes cannot see, e.g. a data file it reads or a dependency whose behaviour changed.
+    version: ClassVar[int] = 1
     # Under torchrun: True runs the stage on every rank (it trains with DDP; rank 0 alone commits its
     # folder), False runs it on rank 0 alone as a single process.
     distributed: ClassVar[bool] = False

@@ -24,10 +24,10 @@ from exports.trt_engine import TrtRunner, build_engine, current_platform, sideca
 from pipeline.checks import Check
 from pipeline.compare import diff_stats, top1_accuracy
 from pipeline.config import Config
+from pipeline.deployment import ONNX_FILES, REPORT, engine_profile, eval_batches, label_mismatch, read_report
 from pipeline.errors import ConfigError
+from pipeline.stagekit import data_params, write_json
 from stages.base import Stage, StageContext, StageResult, register_stage
-from stages.common import data_params, write_json
-from stages.export import ONNX_FILES, REPORT, engine_profile, eval_batches, label_mismatch, read_report
 
 INT8_CPU_ONLY = (
     "the INT8 model for the ONNX Runtime CPU (export.int8_target=cpu) has uint8 activations, which TensorRT "
@@ -47,6 +47,7 @@ def cuda_index(device: str) -> int | None:
 @register_stage
 class EngineStage(Stage):
     name = "engine"
+    outputs = (REPORT,)
     description = "build the TensorRT engine and check it against the golden outputs"
 
     def requires(self, cfg: Config) -> tuple[str, ...]:

@@ -14,13 +14,10 @@ says so instead of passing it.
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
 
 from exports.calibration import CALIBRATION_METHODS
 from exports.fp16 import FP16_MAX, convert_fp16
@@ -30,26 +27,20 @@ from exports.metadata import PRECISIONS, DeployMeta
 from exports.onnx_export import export_onnx, exporter_name
 from exports.ort import ort_run, ort_session
 from exports.trt_commands import GOLDEN_INPUTS, GOLDEN_OUTPUTS, EngineTarget, build_script, golden_outputs_name
-from exports.trt_engine import BatchProfile
 from pipeline.checkpoint import ModelMeta
 from pipeline.checks import TOLERANCES, Check
 from pipeline.compare import allclose_fraction, diff_stats, top1_accuracy
 from pipeline.config import Config
-from pipeline.data import Transformed
 from pipeline.data.transforms import eval_preprocess_spec
+from pipeline.deployment import ONNX_FILES, REPORT, deploy_transform, engine_profile, eval_batches, label_mismatch
 from pipeline.errors import ConfigError
 from pipeline.hashing import sha256_file
 from pipeline.loading import foreign_meta, load_any_model
 from pipeline.progress import progress_bar
 from pipeline.reparam import fuse_model
-from pipeline.training import make_loader
+from pipeline.stagekit import FUSED_CHECKPOINT, batched_logits, bundle, data_params, write_json
 from stages.base import Stage, StageContext, StageResult, register_stage
-from stages.common import bundle, data_params, write_json
-from stages.fuse import CHECKPOINT as FUSED_CHECKPOINT
-from stages.verify import batched_logits
 
-ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-REPORT = "report.json"
 BUILD_SCRIPT = "build_engine.sh"
 CALIBRATION_RANGES = "int8_calibration.json"
 
@@ -76,45 +67,11 @@ def deploy_meta(
     )
 
 
-def deploy_transform(meta: DeployMeta) -> v2.Compose:
-    """The model's evaluation preprocessing, for any image dataset; on PIL images it is exactly what the
-    edge runtime computes."""
-    return v2.Compose(
-        [
-            v2.Resize(meta.resize, antialias=True),  # before ToImage: PIL images are resized by PIL, as the
-            v2.CenterCrop(meta.crop),  # edge runtime does (exports.runtime.preprocess)
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(meta.mean, meta.std),
-        ]
-    )
-
-
-def label_mismatch(cfg: Config, meta: DeployMeta) -> str:
-    """Why the run's test labels cannot score this model ('' when they can)."""
-    info = bundle(cfg).info
-    if info.num_classes != meta.num_classes:
-        return f"dataset {info.name} has {info.num_classes} classes, the model {meta.num_classes}"
-    if meta.class_names and list(info.class_names) != list(meta.class_names):
-        return f"dataset {info.name} names its classes differently from the model"
-    return ""
-
-
 def first_test_images(cfg: Config, meta: DeployMeta, n: int) -> np.ndarray:
     """The first ``n`` test images, preprocessed as the model expects."""
     source = bundle(cfg).source("test")
     transform = deploy_transform(meta)
     return torch.stack([transform(source[i][0]) for i in range(min(n, len(source)))]).numpy()
-
-
-def eval_batches(cfg: Config, meta: DeployMeta, limit: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The evaluation set in batches: (images, labels), streamed so large test splits fit in memory."""
-    source = bundle(cfg).source("test")
-    if limit is not None:
-        source = torch.utils.data.Subset(source, range(min(limit, len(source))))
-    loader = make_loader(Transformed(source, deploy_transform(meta)), cfg.data, train=False)
-    for images, labels in progress_bar(loader, desc="evaluation set", leave=False):
-        yield images.numpy(), labels.numpy()
 
 
 def calibration_images(cfg: Config, meta: DeployMeta) -> np.ndarray:
@@ -147,14 +104,10 @@ def validate_export(cfg: Config) -> None:
             raise ConfigError(f"export.{key} must be at least 1")
 
 
-def engine_profile(cfg: Config, input_size: int) -> BatchProfile:
-    e = cfg.engine
-    return BatchProfile(e.min_batch, e.opt_batch, e.max_batch, input_size)
-
-
 @register_stage
 class ExportStage(Stage):
     name = "export"
+    outputs = (ONNX_FILES["fp32"], GOLDEN_INPUTS, GOLDEN_OUTPUTS, BUILD_SCRIPT, REPORT)
     description = "export ONNX fp32/fp16/int8 and check each in ONNX Runtime"
 
     def requires(self, cfg: Config) -> tuple[str, ...]:
@@ -392,7 +345,3 @@ def reduced_precision_gates(cfg: Config, meta: DeployMeta, files: dict[str, Path
             metrics.update(figures)
             report["int8"].update(figures)
     return checks, metrics, report, note
-
-
-def read_report(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -19,10 +19,10 @@ from pipeline.loading import build_for_meta, load_model
 from pipeline.models import count_parameters
 from pipeline.reparam import fuse_model
 from pipeline.reparam.multibranch import block_fusion_errors
+from pipeline.stagekit import FUSED_CHECKPOINT, STUDENT_CHECKPOINT
 from stages.base import Stage, StageContext, StageResult, register_stage
-from stages.train import CHECKPOINT as STUDENT_CHECKPOINT
 
-CHECKPOINT = "student_fused.safetensors"
+CHECKPOINT = FUSED_CHECKPOINT
 BLOCK_CHECK_IMAGES = 8
 
 
@@ -67,6 +67,7 @@ def block_checks(student: torch.nn.Module, input_size: int) -> list[Check]:
 @register_stage
 class FuseStage(Stage):
     name = "fuse"
+    outputs = (CHECKPOINT,)
     description = "fold branches and BatchNorms into the plain student"
 
     def requires(self, cfg: Config) -> tuple[str, ...]:

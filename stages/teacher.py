@@ -13,17 +13,18 @@ from pipeline.distill import build_distiller
 from pipeline.errors import ConfigError
 from pipeline.loading import load_foreign_weights
 from pipeline.models import build_model, list_models, model_info
+from pipeline.stagekit import TEACHER_CHECKPOINT, bundle, data_params, training_params, write_json
 from pipeline.training import check_optim, evaluate, fit, make_loader
 from stages.base import Stage, StageContext, StageResult, register_stage
-from stages.common import bundle, data_params, training_params, write_json
 
-CHECKPOINT = "teacher.safetensors"
+CHECKPOINT = TEACHER_CHECKPOINT
 SOURCES = ("auto", "import", "train")
 
 
 @register_stage
 class TeacherStage(Stage):
     name = "teacher"
+    outputs = (CHECKPOINT,)
     description = "train the teacher, or import --teacher-checkpoint"
     distributed = True
 

@@ -13,17 +13,17 @@ from pipeline.distill import build_distiller
 from pipeline.errors import CheckpointError
 from pipeline.loading import load_model
 from pipeline.models import build_model, count_parameters
+from pipeline.stagekit import STUDENT_CHECKPOINT, TEACHER_CHECKPOINT, bundle, data_params, training_params, write_json
 from pipeline.training import check_optim, evaluate, fit, make_loader
 from stages.base import Stage, StageContext, StageResult, register_stage
-from stages.common import bundle, data_params, training_params, write_json
-from stages.teacher import CHECKPOINT as TEACHER_CHECKPOINT
 
-CHECKPOINT = "student.safetensors"
+CHECKPOINT = STUDENT_CHECKPOINT
 
 
 @register_stage
 class TrainStage(Stage):
     name = "train"
+    outputs = (CHECKPOINT, "history.json")
     description = "distill the student (--method)"
     distributed = True
 

@@ -15,10 +15,8 @@ from pipeline.compare import diff_stats, top1_accuracy
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.loading import load_model
+from pipeline.stagekit import FUSED_CHECKPOINT, STUDENT_CHECKPOINT, batched_logits, bundle, write_json
 from stages.base import Stage, StageContext, StageResult, register_stage
-from stages.common import bundle, write_json
-from stages.fuse import CHECKPOINT as FUSED_CHECKPOINT
-from stages.train import CHECKPOINT as STUDENT_CHECKPOINT
 
 
 @contextlib.contextmanager
@@ -39,17 +37,10 @@ def verification_batch(cfg: Config, samples: int) -> tuple[torch.Tensor, torch.T
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
-@torch.no_grad()
-def batched_logits(
-    model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 256
-) -> torch.Tensor:
-    model.to(device).eval()
-    return torch.cat([model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)])
-
-
 @register_stage
 class VerifyStage(Stage):
     name = "verify"
+    outputs = ("report.json",)
     description = "check the fused student against the trained one"
 
     def requires(self, cfg: Config) -> tuple[str, ...]:

@@ -16,7 +16,8 @@ def test_help(command, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["run", "nostage"], "'nostage' is not one of 'all', 'teacher'"),
+        (["run", "nostage"], "unknown stage 'nostage'; choose one of: engine, export, fuse, teacher, train, verify"),
+        (["run", "--keep", "teachr"], "unknown stage 'teachr'; choose one of"),
         (["run", "--preset", "nope"], "unknown preset 'nope'"),
         (["run", "--set", "student.arch=nonet"], "unknown model 'nonet'"),
         (["run", "--set", "student.optim.epochz=1"], "unknown config key 'student.optim.epochz'"),

@@ -50,6 +50,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 60 s here (2 CPU cores, one thread)
 def test_banks_match_a_single_process_step_on_the_global_batch():
     torch.set_num_threads(1)
     distiller, images, targets, indices = _setup()

@@ -49,6 +49,7 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow  # 79 s here (2 CPU cores, one thread)
 def test_two_gloo_processes_match_one_process_on_the_same_global_batch(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, "-m", "tests.plain_pipeline", str(one), *OVERRIDES])

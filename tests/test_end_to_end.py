@@ -6,9 +6,10 @@ import pytest
 
 from pipeline.cli import run_cli
 from pipeline.store import RunStore
-from stages import ORDER
+from stages import stage_order
 
 pytestmark = pytest.mark.xdist_group("e2e")
+ORDER = stage_order()
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,7 @@ def _on_onnxruntime(command: list[str], onnx_file: str) -> list[str]:
     return [*_polygraphy(), "run", *args]
 
 
+@pytest.mark.slow  # 34 s here (2 CPU cores, one thread)
 def test_engine_check_commands_pass_on_matching_outputs(exported):
     folder, onnx_path, _, _ = exported
     checks = [c for precision in ("fp32", "fp16") for c in polygraphy_checks(precision)]

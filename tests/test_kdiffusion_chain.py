@@ -1,5 +1,7 @@
 """The reverse chain, its targets and the per-layer losses (spec §2.3-2.4, §6-7): I5, I6, I8, I11, I12, I14."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,3 +210,106 @@ def test_i14_guided_term():
         head.fc.bias.add_(3.0)
     after = guided_loss(x_hat, mu, sd, head, head(teacher_feat))
     torch.testing.assert_close(after, before.detach())
+
+
+def _chain_gradient_closed_form(branches, x0, schedule, perm):
+    """dL/ds_i from spec §6.3's closed form, without autograd.
+
+    Unrolling e_{k-1} = u_k e_k + v_k d_k gives e_{k-1} = Σ_{j≥k} C[k, j] d_{π_j} + C[k, K+1] e_K with
+    C[k, j] = v_j Π_{k≤i<j} u_i and C[k, K+1] = Π_{k≤i≤K} u_i. L = Σ_k mean(e_{k-1}²), so
+    dL/ds_{π_j} = Σ_k 2 C[k, j] e_{k-1} / N, plus the start term through e_K for j = K.
+    """
+    K, u, v, ab = schedule.steps, schedule.u, schedule.v, schedule.alpha_bar
+    d = {j: branches[perm[j - 1]] - x0 for j in range(1, K + 1)}
+    e_start = branches[perm[K - 1]] - ab[K] * x0
+    coef = {}
+    for k in range(1, K + 1):
+        for j in range(k, K + 1):
+            coef[k, j] = v[j] * math.prod(u[i] for i in range(k, j))
+        coef[k, K + 1] = math.prod(u[i] for i in range(k, K + 1))
+    errors = {k: sum(coef[k, j] * d[j] for j in range(k, K + 1)) + coef[k, K + 1] * e_start for k in range(1, K + 1)}
+    n = x0.numel()
+    grads = [torch.zeros_like(x0) for _ in branches]
+    for k in range(1, K + 1):
+        for j in range(k, K + 1):
+            grads[perm[j - 1]] += 2 * coef[k, j] * errors[k] / n
+        grads[perm[K - 1]] += 2 * coef[k, K + 1] * errors[k] / n
+    return grads
+
+
+@pytest.mark.parametrize("schedule", [cosine_grid(4), cosine_grid(8), linear1000(4)], ids=lambda s: s.name)
+def test_gradient_flows_through_the_running_state_as_the_closed_form_says(schedule):
+    # The coupling through z is what makes the transfer progressive: a later step's error reaches every
+    # branch that built z, so branch π_j's gradient carries the terms C[k, j] for k < j as well.
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    branches = [
+        torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(schedule.steps)
+    ]
+    perm = torch.randperm(schedule.steps, generator=gen).tolist()
+    reverse_chain_loss(branches, x0, schedule, perm, "mean").backward()
+    expected = _chain_gradient_closed_form([b.detach() for b in branches], x0, schedule, perm)
+    for i, (branch, grad) in enumerate(zip(branches, expected)):
+        torch.testing.assert_close(branch.grad, grad, atol=1e-12, rtol=1e-9, msg=f"branch {i}")
+
+
+def test_the_first_served_branch_is_trained_by_every_later_step():
+    # Cosine K = 4 (spec §6.3): L = ‖d_1‖² + ‖.758 d_2 + .134 d_3 + .028 d_4‖² + ‖.581 d_3 + .121 d_4‖² + ‖.380 d_4‖².
+    # With every branch but π_4 exact, only d_4 is non-zero, and its gradient is 2(.028² + .121² + .380²)·d_4/N:
+    # without the running state's gradient it would be the last term's alone.
+    schedule = cosine_grid(4)
+    x0 = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    perm = [2, 0, 3, 1]
+    offset = torch.randn_like(x0)
+    branches = [x0.clone().requires_grad_(True) for _ in range(4)]
+    with torch.no_grad():
+        branches[perm[3]].add_(offset)
+    reverse_chain_loss(branches, x0, schedule, perm, "mean").backward()
+    u, v = schedule.u, schedule.v
+    weight = (v[4] * u[3] * u[2]) ** 2 + (v[4] * u[3]) ** 2 + v[4] ** 2
+    assert weight == pytest.approx(0.028**2 + 0.121**2 + 0.380**2, abs=2e-3)
+    torch.testing.assert_close(branches[perm[3]].grad, 2 * weight * offset / x0.numel(), atol=1e-12, rtol=1e-9)
+
+
+class _LinearHead(nn.Module):
+    """GAP then a linear layer: a head whose gradient has a closed form."""
+
+    def __init__(self, channels=5, classes=3):
+        super().__init__()
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x):
+        return self.fc(x.mean((2, 3)))
+
+
+def test_guided_term_value_and_gradient_match_their_closed_forms():
+    # L = mean((W·GAP(x̂ ⊙ sd + mu) + b - z)²); dL/dx̂[b,c,h,w] = 2/(B·J) · Σ_j r[b,j] W[j,c] · sd[c] / (H·W).
+    torch.manual_seed(0)
+    head = _LinearHead().double().requires_grad_(False)
+    teacher_feat = torch.randn(4, 5, 3, 3, dtype=torch.float64) * 2 + 1
+    _, mu, sd = standardize(teacher_feat)
+    logits = torch.randn(4, 3, dtype=torch.float64)
+    x_hat = torch.randn(4, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    loss = guided_loss(x_hat, mu, sd, head, logits)
+    raw = x_hat.detach() * sd + mu
+    residual = raw.mean((2, 3)) @ head.fc.weight.T + head.fc.bias - logits
+    assert loss.item() == pytest.approx((residual**2).mean().item(), rel=1e-12)
+    assert loss.item() > 0.1
+    loss.backward()
+    per_channel = 2 * residual @ head.fc.weight / residual.numel()  # (B, C)
+    expected = (per_channel[:, :, None, None] * sd / 9).expand_as(x_hat)
+    torch.testing.assert_close(x_hat.grad, expected, atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("schedule", [cosine_grid(4), cosine_grid(8), linear1000(4)], ids=lambda s: s.name)
+def test_batched_chain_gradient_matches_the_closed_form(schedule):
+    from pipeline.distill.kdiffusion.chain import batched_chain_loss
+
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 3, 4, 4, generator=gen, dtype=torch.float64)
+    branches = torch.randn(schedule.steps, 2, 3, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    perm = torch.randperm(schedule.steps, generator=gen).tolist()
+    batched_chain_loss(branches, x0, schedule, perm, "mean").backward()
+    expected = _chain_gradient_closed_form(list(branches.detach()), x0, schedule, perm)
+    for i, grad in enumerate(expected):
+        torch.testing.assert_close(branches.grad[i], grad, atol=1e-12, rtol=1e-9, msg=f"branch {i}")

@@ -200,3 +200,92 @@ def test_a_config_file_switching_method_drops_the_presets_options(tmp_path):
     assert load_config("default", file).student.method_args == {}
     file.write_text("student: {method: kd, method_args: {warmup_epochs: 3}}\n")  # written for kd: kept, then refused
     assert load_config("default", file).student.method_args == {"warmup_epochs": 3}
+
+
+def _tapped_run(d, x, y, taps):
+    """Run the distiller once, capturing ``taps`` (name -> Tap) on the student; and the final teacher feature.
+
+    The teacher is tapped in a pass of its own: the guided term runs the teacher head again on the student's
+    prediction, and a hook on it would report that second call.
+    """
+    from pipeline.hooks import FeatureTaps
+
+    with FeatureTaps(d.student, taps) as student:
+        _, losses = d(x, y)
+    with torch.no_grad(), FeatureTaps(d.teacher, {"t": d.teacher_taps["tap0"]}) as teacher:
+        d.teacher(x)
+    return losses, student.features, teacher.features["t"]
+
+
+def _standardized(t):
+    mu = t.mean((0, 2, 3), keepdim=True)
+    sd = (t.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
+    return (t - mu) / sd, mu, sd
+
+
+def test_guided_term_is_the_teacher_head_on_the_fused_prediction_with_its_gradient():
+    # Spec §7: L_guided = MSE(h_T(x̂ ⊙ sd + mu), z^T) with x̂ = bridge(fused student feature); gradients flow
+    # through the frozen head and the bridge into every branch.
+    d = _distiller("kdiffusion", m=3, layers=1, lambda_guided=0.5, lambda_ce=0.0)
+    x, y = _batch()
+    losses, student, teacher = _tapped_run(d, x, y, {"fused": d.sites[0].tap})
+    with torch.no_grad():
+        teacher_logits = d.teacher(x)
+    _, mu, sd = _standardized(teacher.detach())
+    bridge = d.layer_losses[0].bridge
+    x_hat = bridge(student["fused"])
+    expected = 0.5 * torch.nn.functional.mse_loss(d.teacher.forward_head(x_hat * sd + mu), teacher_logits)
+    assert expected.item() > 1e-3
+    torch.testing.assert_close(losses["guided"], expected, atol=1e-6, rtol=1e-5)
+    assert losses["guided"].requires_grad, "the guided term must train the student"
+    block = next(iter(multibranch_blocks(d.student).values()))
+    params = [bridge.weight, bridge.bias] + [b.conv.weight for b in block.branches]
+    got = torch.autograd.grad(losses["guided"], params, retain_graph=True)
+    want = torch.autograd.grad(expected, params)
+    for p, g, w in zip(("bridge.weight", "bridge.bias", *(f"branch{i}" for i in range(3))), got, want):
+        assert w.abs().sum() > 0, p
+        torch.testing.assert_close(g, w, atol=1e-7, rtol=1e-4, msg=p)
+
+
+def test_single_layer_average_reads_the_fused_feature_not_a_branch():
+    # Spec §11: Single Layer Average is MSE(bridge(mean_i s̃_i), x^T_0). With m > 1 the fused feature differs
+    # from any one branch's, so a control that read branch 0 would give another value and gradient.
+    from pipeline.models.spec import Tap
+    from pipeline.reparam.multibranch import branch_tap
+
+    d = _distiller("kdiffusion_single_avg", m=3, lambda_ce=0.0, lambda_diff=2.0)
+    x, y = _batch()
+    site = d.sites[0]
+    taps = {"fused": site.tap, "out": Tap(site.conv), "b0": branch_tap(site, 0)}
+    losses, student, teacher = _tapped_run(d, x, y, taps)
+    x0, _, _ = _standardized(teacher.detach())
+    bridge = d.layer_losses[0].bridge
+    expected = 2.0 * torch.nn.functional.mse_loss(bridge(student["fused"]), x0)
+    torch.testing.assert_close(losses["avg"], expected, atol=1e-6, rtol=1e-5)
+    branch0 = student["fused"] + (student["b0"] - student["out"])  # s̃_0: the tap as if the block output branch 0
+    assert (branch0 - student["fused"]).abs().max() > 1e-3
+    from_branch0 = 2.0 * torch.nn.functional.mse_loss(bridge(branch0), x0)
+    assert abs(from_branch0.item() - losses["avg"].item()) > 1e-3 * losses["avg"].item()
+    block = next(iter(multibranch_blocks(d.student).values()))
+    weights = [b.conv.weight for b in block.branches]
+    got = torch.autograd.grad(losses["avg"], weights, retain_graph=True)
+    want = torch.autograd.grad(expected, weights)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert w.abs().sum() > 0, f"branch {i}"
+        torch.testing.assert_close(g, w, atol=1e-7, rtol=1e-4, msg=f"branch {i}")
+
+
+def test_average_layer_loss_with_several_branches_uses_their_mean():
+    from pipeline.distill.kdiffusion.loss import DiffusionLayerLoss
+    from pipeline.distill.kdiffusion.schedule import cosine_grid
+
+    torch.manual_seed(0)
+    loss_fn = DiffusionLayerLoss(6, 5, cosine_grid(1), feature_loss="average")
+    student, teacher = torch.randn(3, 2, 6, 4, 4), torch.randn(2, 5, 4, 4)
+    out = loss_fn(student, teacher)
+    x0, _, _ = _standardized(teacher)
+    with torch.no_grad():
+        fused = torch.nn.functional.mse_loss(loss_fn.bridge(student.mean(0)), x0)
+        first = torch.nn.functional.mse_loss(loss_fn.bridge(student[0]), x0)
+    torch.testing.assert_close(out.loss.detach(), fused)
+    assert abs(first.item() - fused.item()) > 1e-3

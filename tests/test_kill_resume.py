@@ -40,6 +40,7 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PIPELINE_PROGRESS": "0"}
 
 
+@pytest.mark.slow  # 97 s here per path (2 CPU cores, one thread)
 @pytest.mark.parametrize("path", PATHS)
 def test_sigkill_mid_epoch_then_rerun_reproduces_the_uninterrupted_weights(tmp_path, path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"

@@ -132,6 +132,7 @@ def test_distillation_loss_is_zero_when_the_student_is_the_teacher(name, teacher
     assert distill_term(losses).item() > 1e-4  # batch statistics differ from running ones: not trivially zero
 
 
+@pytest.mark.slow  # 66 s here (2 CPU cores, one thread)
 def test_exported_students_have_exactly_the_vanilla_parameters(tmp_path, tiny_cfg):
     """train + fuse through the runner for every method; both artifacts match the vanilla student's."""
     from pipeline.checkpoint import read_meta

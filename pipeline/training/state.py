@@ -9,13 +9,13 @@ kill at any moment leaves the previous state intact; it is read with ``weights_o
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.atomic import atomic_write
 from pipeline.errors import CheckpointError
 
 RESUME_FILE = "resume.pt"
@@ -53,19 +53,8 @@ def seed_rng(seed: int) -> None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    """Write atomically: temporary file, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write atomically (:func:`pipeline.atomic.atomic_write`): a crash leaves the previous state or this one."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_state(path: Path) -> dict | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pipeline.models import ModelInfo, ReparamSite, Tap, register_model
+from pipeline.models.cifar.common import cifar_info
 from pipeline.models.layers import init_conv_bn_
 
 __all__ = ["InvertedResidual", "MobileNetV2"]
@@ -101,14 +102,8 @@ def _info(name: str) -> ModelInfo:
         ReparamSite("blocks.4.2.conv.6", "blocks.4.2.conv.7", stages[2]),
         ReparamSite("conv2.0", "conv2.1", stages[3]),
     )
-    return ModelInfo(
-        name=name,
-        family="cifar",
-        input_size=32,
-        stages=stages,
-        reparam_sites=sites,
-        description="MobileNetV2 width 0.5 for CIFAR (KD benchmark)",
-        extra={"source": f"RepDistiller:models/mobilenetv2.py:{name}"},
+    return cifar_info(
+        name, stages, sites, "MobileNetV2 width 0.5 for CIFAR (KD benchmark)", f"models/mobilenetv2.py:{name}"
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pipeline.models import ModelInfo, ReparamSite, Tap, register_model
+from pipeline.models.cifar.common import cifar_info
 from pipeline.models.layers import init_conv_bn_
 
 __all__ = ["BasicBlock", "ResNet"]
@@ -94,15 +95,7 @@ def _info(name: str, depth: int) -> ModelInfo:
     sites = tuple(
         ReparamSite(f"layer{i}.{last}.conv2", f"layer{i}.{last}.bn2", tap) for i, tap in zip((1, 2, 3), stages)
     )
-    return ModelInfo(
-        name=name,
-        family="cifar",
-        input_size=32,
-        stages=stages,
-        reparam_sites=sites,
-        description=f"CIFAR ResNet-{depth} (KD benchmark)",
-        extra={"source": f"RepDistiller:models/resnet.py:{name}"},
-    )
+    return cifar_info(name, stages, sites, f"CIFAR ResNet-{depth} (KD benchmark)", f"models/resnet.py:{name}")
 
 
 @register_model(_info("resnet20", 20))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pipeline.models import ModelInfo, ReparamSite, Tap, register_model
+from pipeline.models.cifar.common import cifar_info
 from pipeline.models.layers import init_conv_bn_
 
 __all__ = ["Bottleneck", "ResNetBottleneck"]
@@ -89,15 +90,7 @@ def _info(name: str, num_blocks: tuple[int, int, int, int]) -> ModelInfo:
     sites = tuple(
         ReparamSite(f"layer{i}.{last[i - 1]}.conv3", f"layer{i}.{last[i - 1]}.bn3", stages[i - 1]) for i in (2, 3, 4)
     )
-    return ModelInfo(
-        name=name,
-        family="cifar",
-        input_size=32,
-        stages=stages,
-        reparam_sites=sites,
-        description="ResNet-50 with a CIFAR stem (KD benchmark)",
-        extra={"source": f"RepDistiller:models/resnetv2.py:{name}"},
-    )
+    return cifar_info(name, stages, sites, "ResNet-50 with a CIFAR stem (KD benchmark)", f"models/resnetv2.py:{name}")
 
 
 @register_model(_info("ResNet50", (3, 4, 6, 3)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pipeline.models import ModelInfo, ReparamSite, Tap, register_model
+from pipeline.models.cifar.common import cifar_info
 from pipeline.models.layers import ShuffleV1Unit
 
 __all__ = ["ShuffleNetV1"]
@@ -84,14 +85,8 @@ def stage_points(stage_repeats: tuple[int, int, int]) -> tuple[tuple[Tap, ...], 
 
 def _info(name: str, stage_repeats: tuple[int, int, int]) -> ModelInfo:
     stages, sites = stage_points(stage_repeats)
-    return ModelInfo(
-        name=name,
-        family="cifar",
-        input_size=32,
-        stages=stages,
-        reparam_sites=sites,
-        description="ShuffleNet V1 g=3 for CIFAR (KD benchmark)",
-        extra={"source": f"RepDistiller:models/ShuffleNetv1.py:{name}"},
+    return cifar_info(
+        name, stages, sites, "ShuffleNet V1 g=3 for CIFAR (KD benchmark)", f"models/ShuffleNetv1.py:{name}"
     )
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.models import ModelInfo, ReparamSite, Tap, register_model
+from pipeline.models.cifar.common import cifar_info
 from pipeline.models.layers import channel_shuffle
 
 __all__ = ["BasicUnit", "DownUnit", "ShuffleNetV2"]
@@ -124,14 +125,8 @@ def _info(name: str, stage_repeats: tuple[int, int, int]) -> ModelInfo:
         ReparamSite(f"layer2.{r2}.conv3", f"layer2.{r2}.bn3", stages[1], embed="concat_tail"),
         ReparamSite("conv2", "bn2", stages[2]),
     )
-    return ModelInfo(
-        name=name,
-        family="cifar",
-        input_size=32,
-        stages=stages,
-        reparam_sites=sites,
-        description="ShuffleNet V2 1.0x for CIFAR (KD benchmark)",
-        extra={"source": f"RepDistiller:models/ShuffleNetv2.py:{name}"},
+    return cifar_info(
+        name, stages, sites, "ShuffleNet V2 1.0x for CIFAR (KD benchmark)", f"models/ShuffleNetv2.py:{name}"
     )
 
 

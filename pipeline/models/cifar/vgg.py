@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pipeline.models import ModelInfo, ReparamSite, Tap, register_model
+from pipeline.models.cifar.common import cifar_info
 from pipeline.models.layers import init_conv_bn_
 
 __all__ = ["VGG"]
@@ -77,15 +78,7 @@ def _info(name: str) -> ModelInfo:
     for i, tap in zip((2, 3, 4), stages):
         last_conv = 3 * (len(_CFGS[name][i]) - 1)  # each conv adds conv, BN, ReLU; the block drops its last ReLU
         sites.append(ReparamSite(f"block{i}.{last_conv}", f"block{i}.{last_conv + 1}", tap))
-    return ModelInfo(
-        name=name,
-        family="cifar",
-        input_size=32,
-        stages=stages,
-        reparam_sites=tuple(sites),
-        description=f"{name.upper()} with BatchNorm (KD benchmark)",
-        extra={"source": f"RepDistiller:models/vgg.py:{name}_bn"},
-    )
+    return cifar_info(name, stages, sites, f"{name.upper()} with BatchNorm (KD benchmark)", f"models/vgg.py:{name}_bn")
 
 
 @register_model(_info("vgg8"))

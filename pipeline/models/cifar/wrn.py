@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from pipeline.models import ModelInfo, ReparamSite, Tap, register_model
+from pipeline.models.cifar.common import cifar_info
 from pipeline.models.layers import init_conv_bn_
 
 __all__ = ["NetworkBlock", "WideBasicBlock", "WideResNet"]
@@ -99,15 +100,7 @@ def _info(name: str, depth: int, widen_factor: int) -> ModelInfo:
         ReparamSite(f"{block}.conv1", f"{block}.bn2", Tap(f"{block}.relu2", "input"))
         for block in (f"block{i}.layer.{last}" for i in (1, 2, 3))
     )
-    return ModelInfo(
-        name=name,
-        family="cifar",
-        input_size=32,
-        stages=stages,
-        reparam_sites=sites,
-        description=f"WRN-{depth}-{widen_factor} (KD benchmark)",
-        extra={"source": f"RepDistiller:models/wrn.py:{name}"},
-    )
+    return cifar_info(name, stages, sites, f"WRN-{depth}-{widen_factor} (KD benchmark)", f"models/wrn.py:{name}")
 
 
 @register_model(_info("wrn_16_2", 16, 2))

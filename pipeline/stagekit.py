@@ -1,4 +1,9 @@
-"""Helpers several stages share: the dataset (built once per process) and result files."""
+"""What several stages share: the names of the files they hand on, the dataset (built once per process),
+the result-affecting settings, and small result-file and evaluation helpers.
+
+It lives in the library, not in ``stages/``, so that no stage imports another: a consumer names its
+producer's output through the constants here, and each stage declares its own on ``Stage.outputs``.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,15 @@ import functools
 import json
 from pathlib import Path
 
+import torch
+
 from pipeline.config import Config, DataConfig, from_dict
 from pipeline.data import DataBundle, load_data
 from pipeline.hashing import canonical_json
+
+TEACHER_CHECKPOINT = "teacher.safetensors"  # teacher -> train
+STUDENT_CHECKPOINT = "student.safetensors"  # train -> fuse, verify
+FUSED_CHECKPOINT = "student_fused.safetensors"  # fuse -> verify, export
 
 
 def data_params(cfg: Config) -> dict:
@@ -42,3 +53,12 @@ def _bundle(data_json: str, seed: int) -> DataBundle:
 
 def write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@torch.no_grad()
+def batched_logits(
+    model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 256
+) -> torch.Tensor:
+    """fp32 logits of ``model`` in eval mode on ``images``, ``batch`` at a time, on the CPU."""
+    model.to(device).eval()
+    return torch.cat([model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)])
