@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, one_line
 
 STAGE_CHOICES = ("all", "teacher", "train", "fuse", "verify", "export", "engine")
 
@@ -30,7 +30,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("stages", metavar="[STAGE]...", nargs=-1, type=click.Choice(STAGE_CHOICES))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder [default: runs/<preset>].")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder [default: runs/<preset>].")
 @click.option("--preset", default=None, metavar="NAME", help="Experiment preset (see `presets`) [default: default].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")
 @click.option(
@@ -41,7 +41,7 @@ def cli() -> None:
     help="Override a config value, e.g. student.optim.epochs=2.",
 )
 @click.option("--method", default=None, help="Distillation method for the student (see `methods`).")
-@click.option("--seed", type=int, default=None, help="Random seed.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Random seed.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
 @click.option("--data-root", default=None, metavar="DIR", help="Folder holding the dataset.")
 @click.option("--teacher-checkpoint", default=None, metavar="FILE", help="Import this teacher instead of training one.")
@@ -54,7 +54,7 @@ def run(
 
     Up-to-date artifacts of earlier stages are reused, e.g. `run export engine --checkpoint student.safetensors`.
     """
-    from pipeline.config import load_config
+    from pipeline.config import check_path, load_config
     from pipeline.runner import run_stages
     from stages import ORDER
 
@@ -72,6 +72,9 @@ def run(
     names = ORDER if not stages or "all" in stages else tuple(name for name in ORDER if name in stages)
     if checkpoint and names[0] != "export":
         raise ConfigError("--checkpoint is for `run export` (a student made elsewhere), optionally with `engine`")
+    if out is not None:
+        check_path(out, "--out")  # before it becomes a Path: Path("") is the current folder
+        out = Path(out)
     cfg = load_config(preset or ("default" if config_file is None else None), config_file, sets, log=_echo_err)
     out = out or Path("runs") / (preset or cfg.name)
     outcomes = []
@@ -228,19 +231,24 @@ def run_cli(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="python -m pipeline", standalone_mode=False)
     except PipelineError as exc:
-        rank = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""  # torchrun
-        _echo_err(f"error: {rank}{exc}")
+        rank = f"[rank {os.environ.get('RANK')}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+        _echo_err(f"error: {rank}{one_line(exc)}")
         return exc.exit_code
     except click.exceptions.Abort:
         _echo_err("aborted")
         return 130
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # bad usage: one line too, with the value cut to a readable length
+        hint = f" (see `python -m pipeline {exc.ctx.info_name} --help`)" if getattr(exc, "ctx", None) else ""
+        _echo_err(f"error: {_clip(one_line(exc.format_message()))}{hint}")
         return exc.exit_code
     except KeyboardInterrupt:
         _echo_err("interrupted; finished stages are kept, the running one left no artifact")
         return 130
     return 0
+
+
+def _clip(message: str, limit: int = 400) -> str:
+    return message if len(message) <= limit else f"{message[: limit - 60]}...{message[-50:]}"
 
 
 def main() -> None:

@@ -53,10 +53,14 @@ def stale_reason(existing: Manifest | None, params: dict, inputs_fp: str, code: 
 
 def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     """Fail on unknown names before any stage spends time (a typo should not cost a teacher run)."""
+    import torch
+
     from pipeline.data import check_data_config, dataset_names
     from pipeline.distill import check_method_args, method_names
     from pipeline.errors import ConfigError
     from pipeline.models import list_models
+    from pipeline.training.distributed import check_device
+    from pipeline.training.speed import check_training
 
     for what, value, valid in (
         ("model", cfg.teacher.arch, list_models()),
@@ -70,6 +74,8 @@ def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     check_data_config(cfg.data)
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
+    device = check_device(cfg.device)
+    check_training(cfg.training, device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     for name in names:
         get_stage(name).validate(cfg)
 

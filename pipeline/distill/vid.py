@@ -16,13 +16,14 @@ trains). Defaults follow the CIFAR-100 benchmark (RepDistiller ``--distill vid -
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.distill import register_method
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import WEIGHT, Bound, Distiller
 from pipeline.distill.features import aligned_pairs, match_spatial, probe_shapes, stage_taps, tapped_forward
 
 
@@ -57,6 +58,13 @@ class GaussianRegressor(nn.Module):
 @register_method(name="vid")
 class VID(Distiller):
     """CE plus variational information distillation on every paired stage (VID)."""
+
+    option_bounds: ClassVar[dict[str, Bound]] = {
+        "init_variance": Bound(0.0, 1e6, low_open=True),
+        "eps": Bound(0.0, 1.0, low_open=True),
+        "ce_weight": WEIGHT,
+        "vid_weight": WEIGHT,
+    }
 
     def __init__(
         self,

@@ -16,13 +16,14 @@ with r the linear feature-loss warm-up [D19]. After training the blocks fuse int
 from __future__ import annotations
 
 import inspect
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.distill import register_method
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import EPOCHS, TEMPERATURE, WEIGHT, Bound, Distiller
 from pipeline.distill.kd import kd_loss
 from pipeline.distill.kdiffusion.chain import STEP_WEIGHTS, TARGET_MODES
 from pipeline.distill.kdiffusion.loss import FEATURE_LOSSES, DiffusionLayerLoss, branch_features, guided_loss
@@ -60,6 +61,17 @@ class KDiffusion(Distiller):
         mixed_kernels: Make half of the branches 1x1 where the replaced conv is larger.
         scale_init: Start each branch's BN γ at √m so the branch mean keeps the layer's initial scale.
     """
+
+    option_bounds: ClassVar[dict[str, Bound]] = {
+        "m": Bound(1, 64),
+        "layers": Bound(1, 16),
+        "lambda_ce": WEIGHT,
+        "lambda_kd": WEIGHT,
+        "temperature": TEMPERATURE,
+        "lambda_diff": WEIGHT,
+        "lambda_guided": WEIGHT,
+        "warmup_epochs": EPOCHS,
+    }
 
     def __init__(
         self,
