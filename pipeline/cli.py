@@ -115,26 +115,38 @@ def _fmt(value) -> str:
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON.")
 def inspect(run_dir, as_json):
-    """Show every stage's status, checks and artifact hashes in RUN."""
+    """Show every stage's status, checks and artifact hashes in RUN, and check the manifest chain.
+
+    Exits with status 2, naming what changed, when a manifest or artifact was edited after its stage wrote it.
+    """
+    from pipeline.errors import ArtifactError
     from pipeline.store import RunStore
 
     store = RunStore(run_dir)
     names = store.stages()
     if not names:
         raise ConfigError(f"{run_dir} holds no stage manifests; is it a run folder?")
-    manifests = {name: store.manifest(name) for name in names}
+    audits = {name: store.audit(name) for name in names}
+    problems = [p for _, found in audits.values() for p in found]
+    manifests = {name: m for name, (m, _) in audits.items() if m is not None}
     if as_json:
         click.echo(json.dumps({n: m.to_dict() for n, m in manifests.items()}, indent=2, sort_keys=True))
-        return
-    for name, m in manifests.items():
-        intact = store.outputs_intact(name, m)
-        click.echo(f"{name}: {m.status}{' (' + m.reason + ')' if m.reason else ''}  fingerprint {m.fingerprint[:12]}")
-        if intact:
-            click.echo(f"  WARNING: {intact} since the stage wrote it")
-        for c in m.checks:
-            click.echo(f"  {c.describe()}")
-        for a in m.outputs:
-            click.echo(f"  out {a.path}  sha256 {a.sha256[:16]}  {a.bytes} B")
+    else:
+        for name, (m, found) in audits.items():
+            if m is None:
+                click.echo(f"{name}: unreadable")
+            else:
+                reason = f" ({m.reason})" if m.reason else ""
+                click.echo(f"{name}: {m.status}{reason}  fingerprint {m.fingerprint[:12]}  digest {m.digest[:12]}")
+            for problem in found:
+                click.echo(f"  PROBLEM: {problem}")
+            for c in m.checks if m else ():
+                click.echo(f"  {c.describe()}")
+            for a in m.outputs if m else ():
+                click.echo(f"  out {a.path}  sha256 {a.sha256[:16]}  {a.bytes} B")
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s) above)" if len(problems) > 1 else ""
+        raise ArtifactError(f"{problems[0]}{more}")
 
 
 @cli.command()

@@ -8,6 +8,7 @@ compute the distributed stages with it and write nothing.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import tempfile
 import time
@@ -20,7 +21,7 @@ from pipeline.config import Config
 from pipeline.errors import ArtifactError, CheckFailedError
 from pipeline.hashing import code_version
 from pipeline.manifest import Manifest, environment, fingerprint
-from pipeline.store import RunStore, describe_file, external_input
+from pipeline.store import RunStore, describe_file, disk_errors, external_input
 from pipeline.training.distributed import barrier, broadcast_object, check_shared_folder, launch, solo, world
 from stages import ORDER, StageContext, get_stage
 
@@ -99,6 +100,9 @@ def run_stages(
         if current.is_main:
             store.ensure_writable()
             held.enter_context(store.lock())
+            store.check_owned(tuple(ORDER))
+            for leftover in store.clean_leftovers():
+                log(f"removed {store.root / '.staging' / leftover}, left by a run that was killed")
         else:
             log = _quiet
         check_shared_folder(store.root)
@@ -119,6 +123,28 @@ def run_stages(
     return outcomes
 
 
+def check_current(stage: str, manifest: Manifest, cfg: Config, store: RunStore) -> None:
+    """Refuse an upstream stage made with other settings than this run's (a teacher trained on another dataset
+    or seed): reusing it would silently mix two experiments. Run it again, or run it with this stage."""
+    wanted = get_stage(stage).params(cfg)
+    if manifest.params == wanted:
+        return
+    changed = _differences(manifest.params, json.loads(json.dumps(wanted, default=str)))
+    if not changed:
+        return
+    shown = "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
+    raise ArtifactError(
+        f"stage {stage!r} in {store.root} was made with other settings ({shown}); run it again with these settings "
+        f"(`python -m pipeline run {stage} ... --out {store.root}`) or choose another --out"
+    )
+
+
+def _differences(old: object, new: object, key: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{key}.{k}")]
+    return [] if old == new else [f"{key.lstrip('.')}: {json.dumps(old)[:40]} -> {json.dumps(new)[:40]}"]
+
+
 def _quiet(message: str) -> None:
     """The log of ranks other than 0: one copy of every line is enough."""
 
@@ -137,21 +163,30 @@ def run_stage(
     barrier()  # rank 0 has committed every upstream stage before any rank reads it
     external = {role: external_input(path) for role, path in stage.externals(cfg).items()}
     upstream = {req: store.load(req) for req in stage.requires(cfg)}
+    for req, art in upstream.items():
+        check_current(req, art.manifest, cfg, store)
+    links = {req: art.manifest.digest for req, art in upstream.items()}
     inputs = [art.as_input(o.path, store.root) for art in upstream.values() for o in art.manifest.outputs]
     inputs += list(external.values())
     params = stage.params(cfg)
     fp = fingerprint(name, params, inputs, code)
     try:
         existing = store.manifest(name)
-    except ArtifactError:
+    except ArtifactError as exc:
+        if current.is_main:
+            log(f"[{name}] {exc}")
         existing = None
     reason = ""
     if current.is_main:
         intact = store.outputs_intact(name, existing) if existing else ""
         probe = Manifest(name, "ok", params, inputs, [], [], code)
         reason = "forced" if force else stale_reason(existing, params, probe.inputs_hash, code, intact, fp)
+        if not reason and existing.upstream != links:
+            reason = "upstream_changed"
     reason = broadcast_object(reason)
     if not reason:
+        if current.is_main:
+            store.drop_scratch(name)  # resume state a finished stage no longer needs
         log(f"[{name}] up to date ({store.folder(name)})")
         return Outcome(name, "up to date", "", existing)
 
@@ -163,7 +198,8 @@ def run_stage(
     started = datetime.now(timezone.utc)
     tic = time.perf_counter()
     try:
-        result = stage.run(ctx)
+        with disk_errors(f"stage {name!r}"):
+            result = stage.run(ctx)
     except BaseException:
         store.discard(staged)
         raise
@@ -192,9 +228,15 @@ def run_stage(
             "run_reason": reason,
             "world_size": current.size,
         },
+        upstream=links,
     )
-    store.commit(staged, manifest)
-    if status == "ok":
+    try:
+        with disk_errors(f"committing stage {name!r}"):
+            store.commit(staged, manifest)
+    except BaseException:
+        store.discard(staged)
+        raise
+    if status != "failed":  # a skipped stage (engine without TensorRT) has nothing to resume either
         store.drop_scratch(name)
     broadcast_object(status)
     log(f"[{name}] {status} in {seconds:.1f}s")
