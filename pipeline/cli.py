@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -246,17 +247,25 @@ def run_cli(argv: list[str] | None = None) -> int:
         rank = f"[rank {os.environ.get('RANK')}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
         _echo_err(f"error: {rank}{one_line(exc)}")
         return exc.exit_code
-    except click.exceptions.Abort:
-        _echo_err("aborted")
+    except click.exceptions.Abort:  # click's form of a KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup is done; a second Ctrl-C must not cut the message
+        _echo_err("interrupted; finished stages are kept, the running one left no artifact")
         return 130
     except click.ClickException as exc:  # bad usage: one line too, with the value cut to a readable length
         hint = f" (see `python -m pipeline {exc.ctx.info_name} --help`)" if getattr(exc, "ctx", None) else ""
         _echo_err(f"error: {_clip(one_line(exc.format_message()))}{hint}")
         return exc.exit_code
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _echo_err("interrupted; finished stages are kept, the running one left no artifact")
         return 130
     return 0
+
+
+def catch_interrupts() -> None:
+    """Turn SIGINT into KeyboardInterrupt even where the parent ignored it: a shell starts background jobs with
+    SIGINT ignored, and Python keeps that, so an interrupted run would carry on to the end."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _clip(message: str, limit: int = 400) -> str:
@@ -264,4 +273,11 @@ def _clip(message: str, limit: int = 400) -> str:
 
 
 def main() -> None:
-    sys.exit(run_cli())
+    """The console entry point: exit 130 after cleaning up when interrupted, at any moment, never by the signal."""
+    catch_interrupts()
+    try:
+        code = run_cli()
+    except KeyboardInterrupt:  # between run_cli's handlers, e.g. a second Ctrl-C while the first is reported
+        code = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: exit with its status, not by a late signal
+    sys.exit(code)
