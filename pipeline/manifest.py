@@ -13,6 +13,7 @@ whose digest was recomputed still breaks the link its downstream stages recorded
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import os
@@ -26,7 +27,7 @@ from typing import Literal
 
 from pipeline.checks import Check
 from pipeline.errors import ArtifactError
-from pipeline.hashing import sha256_json
+from pipeline.hashing import canonical_json, sha256_json
 
 SCHEMA_VERSION = 2
 KEY_ENV = "KDPIPE_MANIFEST_KEY"
@@ -166,7 +167,8 @@ class Manifest:
             problem = unsafe_path(artifact.path) if artifact.source != "external" else ""
             if problem:
                 raise ArtifactError(f"{path} lists the input {artifact.path[:120]!r}, which {problem}")
-        if data.get("fingerprint") != manifest.fingerprint or data.get("digest") != manifest.digest:
+        stored = canonical_json({k: v for k, v in data.items() if k not in _UNSIGNED})
+        if stored != canonical_json(manifest._content()) or data.get("digest") != manifest.digest:
             raise ArtifactError(
                 f"{path} was edited after the stage wrote it (its digest does not match its content); "
                 "rerun the stage with --force"
@@ -232,14 +234,22 @@ def fingerprint(stage: str, params: dict, inputs: list[Artifact], code: str) -> 
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> dict[str, str]:
+    """Installed versions (read once per process: parsing package metadata costs tens of milliseconds)."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
 def environment() -> dict:
     """Versions and devices that can change numbers; read without importing optional packages."""
     env: dict = {"python": platform.python_version(), "platform": platform.platform(), "executable": sys.executable}
-    for name in _PACKAGES:
-        try:
-            env[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+    env.update(_package_versions())
     if "torch" in sys.modules:
         import torch
 

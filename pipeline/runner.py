@@ -98,6 +98,8 @@ def run_stages(
     store = RunStore(out)
     with launch(cfg.device) as current, contextlib.ExitStack() as held:
         if current.is_main:
+            store.check_owned(tuple(ORDER))
+            preflight(store, cfg, names)  # before the run folder is made or touched
             store.ensure_writable()
             held.enter_context(store.lock())
             store.check_owned(tuple(ORDER))
@@ -121,6 +123,17 @@ def run_stages(
                     f"stage {name!r} failed its checks: " + "; ".join(failed or [outcome.manifest.reason])
                 )
     return outcomes
+
+
+def preflight(store: RunStore, cfg: Config, names: list[str] | tuple[str, ...]) -> None:
+    """Before any stage starts: every stage this run reads but does not make is present, intact and made with
+    these settings, so a missing or stale upstream is reported before an hour of training, not after it."""
+    for name in names:
+        for req in get_stage(name).requires(cfg):
+            if req in names:
+                continue
+            artifacts = store.load(req)  # refuses missing, failed, edited or broken-chain stages
+            check_current(req, artifacts.manifest, cfg, store)
 
 
 def check_current(stage: str, manifest: Manifest, cfg: Config, store: RunStore) -> None:
