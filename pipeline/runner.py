@@ -138,7 +138,11 @@ def preflight(store: RunStore, cfg: Config, names: list[str] | tuple[str, ...]) 
 
 def check_current(stage: str, manifest: Manifest, cfg: Config, store: RunStore) -> None:
     """Refuse an upstream stage made with other settings than this run's (a teacher trained on another dataset
-    or seed): reusing it would silently mix two experiments. Run it again, or run it with this stage."""
+    or seed): reusing it would silently mix two experiments. Run it again, or run it with this stage.
+
+    Only settings both sides have are compared: a teacher imported with ``--teacher-checkpoint`` has no
+    training recipe, and a later ``run train`` without that option still reuses it, as it always did.
+    """
     wanted = get_stage(stage).params(cfg)
     if manifest.params == wanted:
         return
@@ -154,7 +158,7 @@ def check_current(stage: str, manifest: Manifest, cfg: Config, store: RunStore) 
 
 def _differences(old: object, new: object, key: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) for d in _differences(old.get(k), new.get(k), f"{key}.{k}")]
+        return [d for k in sorted(set(old) & set(new)) for d in _differences(old[k], new[k], f"{key}.{k}")]
     return [] if old == new else [f"{key.lstrip('.')}: {json.dumps(old)[:40]} -> {json.dumps(new)[:40]}"]
 
 

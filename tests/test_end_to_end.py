@@ -46,6 +46,8 @@ def test_every_stage_ok_with_passing_checks(run_dir):
     assert {c.name for c in verify.checks} >= {"logits_max_abs", "logits_rel_fro", "top1_agreement"}
     train_inputs = {a.source for a in store.manifest("train").inputs}
     assert train_inputs == {"teacher"}
+    # a normal run leaves no resume state or staging behind (a skipped engine included; issue 13)
+    assert not list(out.glob(".scratch/*")) and not list(out.glob(".staging/*"))
 
 
 def test_second_run_skips_every_stage(run_dir, capsys):

@@ -84,6 +84,7 @@ OPTIONS = [
     (["--method", "kdiffusion", "--set", "student.method_args.m=true"], "option m must be an integer"),
     (["--method", "kdiffusion", "--set", "student.method_args.schedule=[1]"], "option schedule must be a string"),
     (["--method", "vid", "--set", "student.method_args.eps=0"], "option eps must be in (0, 1]"),
+    (["--method", "vid", "--set", "student.method_args.init_variance=0.000001"], "need init_variance > eps > 0"),
 ]
 
 

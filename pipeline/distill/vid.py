@@ -15,6 +15,7 @@ trains). Defaults follow the CIFAR-100 benchmark (RepDistiller ``--distill vid -
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import ClassVar
 
@@ -76,8 +77,7 @@ class VID(Distiller):
         vid_weight: float = 1.0,
     ):
         super().__init__(student, teacher)
-        if init_variance <= eps or eps <= 0:
-            raise ValueError(f"need init_variance > eps > 0, got init_variance={init_variance}, eps={eps}")
+        self.check_args({"init_variance": init_variance, "eps": eps})
         s_taps, t_taps = stage_taps(student, "vid"), stage_taps(teacher, "vid")
         pairs = aligned_pairs(len(s_taps), len(t_taps))
         self.student_taps = [s_taps[i] for i, _ in pairs]
@@ -87,6 +87,15 @@ class VID(Distiller):
         self.regressors = nn.ModuleList(GaussianRegressor(s, t, t, init_variance, eps) for s, t in zip(s_chs, t_chs))
         self.ce_weight = ce_weight
         self.vid_weight = vid_weight
+
+    @classmethod
+    def check_args(cls, args: dict) -> None:
+        """The variance starts above its floor (checked before any stage runs, with the other defaults)."""
+        defaults = inspect.signature(cls.__init__).parameters
+        init_variance = args.get("init_variance", defaults["init_variance"].default)
+        eps = args.get("eps", defaults["eps"].default)
+        if not init_variance > eps > 0:
+            raise ValueError(f"need init_variance > eps > 0, got init_variance={init_variance}, eps={eps}")
 
     def losses(self, images, targets):
         logits, feats = tapped_forward(self.student, self.student_taps, images)
