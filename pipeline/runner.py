@@ -136,22 +136,24 @@ def preflight(store: RunStore, cfg: Config, names: list[str] | tuple[str, ...]) 
             check_current(req, artifacts.manifest, cfg, store)
 
 
-def check_current(stage: str, manifest: Manifest, cfg: Config, store: RunStore) -> None:
-    """Refuse an upstream stage made with other settings than this run's (a teacher trained on another dataset
-    or seed): reusing it would silently mix two experiments. Run it again, or run it with this stage.
+DATA_KEYS = ("data", "seed")  # the settings that decide what data a stage's result was made from
 
-    Only settings both sides have are compared: a teacher imported with ``--teacher-checkpoint`` has no
-    training recipe, and a later ``run train`` without that option still reuses it, as it always did.
+
+def check_current(stage: str, manifest: Manifest, cfg: Config, store: RunStore) -> None:
+    """Refuse an upstream stage made from other data than this run's (a teacher trained on another dataset,
+    data seed or split seed): reusing it would silently mix two experiments.
+
+    Only the data settings are compared, and only where both sides have them. Other upstream settings stay
+    the upstream stage's own business, as before: ``run engine`` need not repeat every export option.
     """
-    wanted = get_stage(stage).params(cfg)
-    if manifest.params == wanted:
-        return
-    changed = _differences(manifest.params, json.loads(json.dumps(wanted, default=str)))
+    wanted = json.loads(json.dumps(get_stage(stage).params(cfg), default=str))
+    old = {k: manifest.params[k] for k in DATA_KEYS if k in manifest.params and k in wanted}
+    changed = _differences(old, {k: wanted[k] for k in old})
     if not changed:
         return
     shown = "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
     raise ArtifactError(
-        f"stage {stage!r} in {store.root} was made with other settings ({shown}); run it again with these settings "
+        f"stage {stage!r} in {store.root} was made from other data ({shown}); run it again with these settings "
         f"(`python -m pipeline run {stage} ... --out {store.root}`) or choose another --out"
     )
 

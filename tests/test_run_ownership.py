@@ -212,7 +212,7 @@ def test_changed_data_settings_make_the_upstream_stage_stale(run, capsys):
     before = (out / "train" / "manifest.json").read_text()
     assert run_cli(["run", "train", "--out", str(out), *args, "--set", "data.synthetic.seed=7"]) == 2
     message = _error(capsys)
-    assert "stage 'teacher'" in message and "was made with other settings" in message
+    assert "stage 'teacher'" in message and "was made from other data" in message
     assert "data.synthetic.seed: 0 -> 7" in message
     assert (out / "train" / "manifest.json").read_text() == before
 
