@@ -1,4 +1,13 @@
-from pipeline.cli import main
+"""``python -m pipeline``: see :mod:`pipeline.cli`."""
+
+import signal
+import sys
 
 if __name__ == "__main__":
+    # Before the imports: a Ctrl-C while they run also ends in exit status 130, not in death by the signal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        from pipeline.cli import main
+    except KeyboardInterrupt:
+        sys.exit(130)
     main()

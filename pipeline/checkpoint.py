@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -75,9 +76,64 @@ def read_meta(path: str | Path) -> ModelMeta:
             "or save them with pipeline.checkpoint.save_checkpoint"
         )
     try:
-        return ModelMeta(**json.loads(raw))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path} has malformed pipeline metadata ({exc})") from None
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        meta = ModelMeta(**data)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path} has malformed pipeline metadata ({str(exc)[:120]})") from None
+    problem = meta_problem(meta)
+    if problem:
+        raise CheckpointError(f"{path} has malformed pipeline metadata: {problem}")
+    return meta
+
+
+MAX_CLASSES = 1 << 20  # far beyond any dataset; a crafted count must not size a 5e15-byte classifier
+
+
+def meta_problem(meta: ModelMeta) -> str:
+    """What is wrong with metadata read from a file (types, sizes, the re-parameterization record), or ``""``.
+
+    Checked before any model is built from it: the class count and the settings size allocations.
+    """
+
+    def is_int(value, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    def floats(value) -> bool:
+        return isinstance(value, list) and len(value) == 3 and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
+        )
+
+    if not isinstance(meta.arch, str) or not meta.arch:
+        return "arch must be a model name"
+    if not is_int(meta.num_classes, 1, MAX_CLASSES):
+        return f"num_classes must be an integer in [1, {MAX_CLASSES}], got {str(meta.num_classes)[:40]}"
+    if not is_int(meta.input_size, 8, 8192):
+        return f"input_size must be an integer in [8, 8192], got {str(meta.input_size)[:40]}"
+    if not floats(meta.mean) or not floats(meta.std) or not all(v > 0 for v in meta.std):
+        return "mean and std must be three finite numbers each (std positive)"
+    if not isinstance(meta.class_names, list) or not all(isinstance(n, str) for n in meta.class_names):
+        return "class_names must be a list of strings"
+    if meta.class_names and len(meta.class_names) != meta.num_classes:
+        return f"{len(meta.class_names)} class_names for {meta.num_classes} classes"
+    if meta.form not in ("train", "fused"):
+        return f"form must be 'train' or 'fused', got {str(meta.form)[:40]!r}"
+    if not isinstance(meta.recipe, str) or not isinstance(meta.extra, dict):
+        return "recipe must be a string and extra a mapping"
+    if not isinstance(meta.reparam, dict):
+        return "reparam must be a mapping"
+    if meta.reparam:
+        kind, sites = meta.reparam.get("kind"), meta.reparam.get("sites")
+        if not isinstance(kind, str):
+            return "reparam has no 'kind'"
+        if not isinstance(sites, list) or not all(
+            isinstance(site, list) and len(site) == 2 and all(isinstance(p, str) for p in site) for site in sites
+        ):
+            return "reparam.sites must be a list of [conv, bn] module paths"
+        if "m" in meta.reparam and not is_int(meta.reparam["m"], 1, 64):
+            return "reparam.m must be an integer in [1, 64]"
+    return ""
 
 
 def has_pipeline_meta(path: str | Path) -> bool:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, one_line
 
 
 def _echo_err(message: str) -> None:
@@ -28,7 +29,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("stages", metavar="[STAGE]...", nargs=-1)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run folder [default: runs/<preset>].")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder [default: runs/<preset>].")
 @click.option("--preset", default=None, metavar="NAME", help="Experiment preset (see `presets`) [default: default].")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")
 @click.option(
@@ -39,7 +40,7 @@ def cli() -> None:
     help="Override a config value, e.g. student.optim.epochs=2.",
 )
 @click.option("--method", default=None, help="Distillation method for the student (see `methods`).")
-@click.option("--seed", type=int, default=None, help="Random seed.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=None, help="Random seed.")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N.")
 @click.option("--data-root", default=None, metavar="DIR", help="Folder holding the dataset.")
 @click.option("--teacher-checkpoint", default=None, metavar="FILE", help="Import this teacher instead of training one.")
@@ -70,7 +71,7 @@ def run(
 
     Up-to-date artifacts of earlier stages are reused, e.g. `run export engine --checkpoint student.safetensors`.
     """
-    from pipeline.config import load_config
+    from pipeline.config import check_path, load_config
     from pipeline.runner import run_stages
     from stages import get_stage, stage_order
 
@@ -87,6 +88,9 @@ def run(
             sets.append(f"{key}={json.dumps(value)}")
     for name in (*(s for s in stages if s != "all"), *keep):
         get_stage(name)  # an unknown name is a one-line error listing the registered stages
+    if out is not None:
+        check_path(out, "--out")  # before it becomes a Path: Path("") is the current folder
+        out = Path(out)
     cfg = load_config(preset or ("default" if config_file is None else None), config_file, sets, log=_echo_err)
     order = stage_order()
     names = order if not stages or "all" in stages else tuple(name for name in order if name in stages)
@@ -131,7 +135,11 @@ def _fmt(value) -> str:
 @click.argument("run_dir", metavar="RUN", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifests as JSON.")
 def inspect(run_dir, as_json):
-    """Show every stage's status, whether its code changed since it was built, its checks and artifact hashes."""
+    """Show every stage's status, whether its code changed since it was built, its checks and artifact hashes.
+
+    Exits with status 2, naming what changed, when a manifest or artifact was edited after its stage wrote it.
+    """
+    from pipeline.errors import ArtifactError
     from pipeline.runner import code_status
     from pipeline.store import RunStore
 
@@ -139,20 +147,29 @@ def inspect(run_dir, as_json):
     names = store.stages()
     if not names:
         raise ConfigError(f"{run_dir} holds no stage manifests; is it a run folder?")
-    manifests = {name: store.manifest(name) for name in names}
+    audits = {name: store.audit(name) for name in names}
+    problems = [p for _, found in audits.values() for p in found]
+    manifests = {name: m for name, (m, _) in audits.items() if m is not None}
     if as_json:
         click.echo(json.dumps({n: m.to_dict() for n, m in manifests.items()}, indent=2, sort_keys=True))
-        return
-    for name, m in manifests.items():
-        intact = store.outputs_intact(name, m)
-        click.echo(f"{name}: {m.status}{' (' + m.reason + ')' if m.reason else ''}  fingerprint {m.fingerprint[:12]}")
-        if intact:
-            click.echo(f"  WARNING: {intact} since the stage wrote it")
-        click.echo(f"  code: {code_status(m)}")
-        for c in m.checks:
-            click.echo(f"  {c.describe()}")
-        for a in m.outputs:
-            click.echo(f"  out {a.path}  sha256 {a.sha256[:16]}  {a.bytes} B")
+    else:
+        for name, (m, found) in audits.items():
+            if m is None:
+                click.echo(f"{name}: unreadable")
+            else:
+                reason = f" ({m.reason})" if m.reason else ""
+                click.echo(f"{name}: {m.status}{reason}  fingerprint {m.fingerprint[:12]}  digest {m.digest[:12]}")
+            for problem in found:
+                click.echo(f"  PROBLEM: {problem}")
+            if m is not None:
+                click.echo(f"  code: {code_status(m)}")
+            for c in m.checks if m else ():
+                click.echo(f"  {c.describe()}")
+            for a in m.outputs if m else ():
+                click.echo(f"  out {a.path}  sha256 {a.sha256[:16]}  {a.bytes} B")
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s) above)" if len(problems) > 1 else ""
+        raise ArtifactError(f"{problems[0]}{more}")
 
 
 @cli.command()
@@ -265,20 +282,40 @@ def run_cli(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="python -m pipeline", standalone_mode=False)
     except PipelineError as exc:
-        rank = f"[rank {os.environ.get('RANK')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""  # torchrun
-        _echo_err(f"error: {rank}{exc}")
+        rank = f"[rank {os.environ.get('RANK')}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+        _echo_err(f"error: {rank}{one_line(exc)}")
         return exc.exit_code
-    except click.exceptions.Abort:
-        _echo_err("aborted")
+    except click.exceptions.Abort:  # click's form of a KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup is done; a second Ctrl-C must not cut the message
+        _echo_err("interrupted; finished stages are kept, the running one left no artifact")
         return 130
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # bad usage: one line too, with the value cut to a readable length
+        hint = f" (see `python -m pipeline {exc.ctx.info_name} --help`)" if getattr(exc, "ctx", None) else ""
+        _echo_err(f"error: {_clip(one_line(exc.format_message()))}{hint}")
         return exc.exit_code
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _echo_err("interrupted; finished stages are kept, the running one left no artifact")
         return 130
     return 0
 
 
+def catch_interrupts() -> None:
+    """Turn SIGINT into KeyboardInterrupt even where the parent ignored it: a shell starts background jobs with
+    SIGINT ignored, and Python keeps that, so an interrupted run would carry on to the end."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _clip(message: str, limit: int = 400) -> str:
+    return message if len(message) <= limit else f"{message[: limit - 60]}...{message[-50:]}"
+
+
 def main() -> None:
-    sys.exit(run_cli())
+    """The console entry point: exit 130 after cleaning up when interrupted, at any moment, never by the signal."""
+    catch_interrupts()
+    try:
+        code = run_cli()
+    except KeyboardInterrupt:  # between run_cli's handlers, e.g. a second Ctrl-C while the first is reported
+        code = 130
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run is over: exit with its status, not by a late signal
+    sys.exit(code)

@@ -8,7 +8,9 @@ silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -178,9 +180,11 @@ def list_presets() -> list[str]:
 
 
 def preset_data(name: str) -> dict:
+    # Looked up by name, never joined onto a path: `--preset ../../x` must not read a file outside the presets.
+    if name not in list_presets():
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        raise ConfigError(f"unknown preset {shown!r}; choose one of: {', '.join(list_presets())}")
     path = resources.files("pipeline") / "presets" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(list_presets())}")
     return _read_yaml(path.read_text(), f"preset {name}") or {}
 
 
@@ -196,13 +200,9 @@ def load_config(
         layers.append(preset_data(preset))
     if file is not None:
         path = Path(file)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        content = _read_yaml(text, str(path)) or {}
-        if not isinstance(content, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of options")
+        content = _read_yaml(read_config_text(path), str(path))
+        if not isinstance(content, dict) or not content:
+            raise ConfigError(f"config file {path} must hold a non-empty mapping of options")
         layers.append(content)
     data: dict = {}
     written_for: dict[str, str] = {}  # method_args key -> the method in effect where the preset or file set it
@@ -216,6 +216,7 @@ def load_config(
         explicit |= set(_student(override).get("method_args") or {})
         data = _merge(data, override)
     cfg = from_dict(Config, data)
+    check_paths(cfg)
     foreign = {k for k in cfg.student.method_args if k not in explicit and written_for.get(k) != cfg.student.method}
     if foreign:
         _drop_foreign_method_args(cfg.student, foreign, log)
@@ -275,6 +276,9 @@ def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
+        if value is None or value == {}:
+            # A null or empty section would silently fall back to the built-in defaults (a 240-epoch recipe).
+            raise ConfigError(f"{key} is {'null' if value is None else 'empty'}; give its settings or leave it out")
         return from_dict(hint, value, key + ".")
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -301,12 +305,29 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = _finite_float(value, key)
     if hint in (int, float, str, bool):
         if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            if hint is float and not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            if hint is int and abs(value) > MAX_INT:
+                raise ConfigError(f"{key} is out of range (at most {MAX_INT} in magnitude), got {_short(value)}")
             return value
-        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{key} must be {hint.__name__}, got {_short(value)}")
     raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _finite_float(value: int, key: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigError(f"{key} is out of range, got {_short(value)}") from None
+
+
+def _short(value: Any) -> str:
+    """``repr`` cut to a readable length: an error about a 5,000-digit number is still one short line."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -319,9 +340,128 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _read_yaml(text: str, where: str) -> Any:
+MAX_INT = 2**63 - 1  # every integer setting must fit the int64 that torch and numpy hold it in
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KB; this bounds what a hostile file can make the parser do
+MAX_DEPTH = 32  # nesting of mappings and lists
+MAX_VALUES = 100_000  # values once YAML aliases are expanded (a "billion laughs" file expands to 10**9)
+_MAX_PATH = 4096
+_MAX_NAME = 255
+
+
+class _LimitExceeded(Exception):
+    """A YAML document deeper or larger than any config needs."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (plain data only), refusing documents nested deeper than :data:`MAX_DEPTH` while
+    they are composed, before the recursion could exhaust the stack."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _LimitExceeded(f"is nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def read_config_text(path: Path) -> str:
+    """A config file's text: at most :data:`MAX_CONFIG_BYTES` of UTF-8."""
     try:
-        data = yaml.safe_load(text)
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {_short_path(path)}: {exc.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; is it a config?")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+
+
+def _read_yaml(text: str, where: str) -> Any:
+    """Plain YAML data with string keys, bounded in size, depth and alias expansion."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{_short(where)} is larger than {MAX_CONFIG_BYTES // 1024} KiB")
+    try:
+        data = yaml.load(text, Loader=_BoundedLoader)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{_short(where)} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except _LimitExceeded as exc:
+        raise ConfigError(f"{_short(where)} {exc}") from None
+    except (ValueError, OverflowError) as exc:  # e.g. an integer longer than Python's 4300-digit limit
+        raise ConfigError(f"{_short(where)} holds a value YAML cannot convert ({str(exc)[:80]})") from None
+    _check_plain(data, _short(where))
     return data
+
+
+def _check_plain(data: Any, where: str) -> None:
+    """Option names are strings, and aliases expand to a bounded amount of data (they are shared, not copied,
+    until the config is merged and hashed, where a billion-laughs file would exhaust memory)."""
+    budget = MAX_VALUES
+
+    def walk(node: Any, depth: int) -> None:
+        nonlocal budget
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"{where} expands to more than {MAX_VALUES} values (YAML aliases?); refusing it")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{where} is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise ConfigError(f"{where} has the key {_short(key)}; option names must be strings")
+                walk(value, depth + 1)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, depth + 1)
+
+    walk(data, 0)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def check_paths(cfg: Config) -> None:
+    """A run name is one plain folder name, and a path setting is either unset or a usable path.
+
+    The name becomes ``runs/<name>``, so an absolute name or one with ``..`` would write a run anywhere; an
+    empty path is refused instead of read as "not given" (``--teacher-checkpoint ''`` must not train a teacher).
+    """
+    if not _NAME.fullmatch(cfg.name) or len(cfg.name) > _MAX_NAME:
+        raise ConfigError(
+            f"name {_short(cfg.name)} must be a plain folder name (letters, digits, '.', '_', '+', '-'; "
+            "no '/' or '..'); choose where the run goes with --out"
+        )
+    for key, value in (
+        ("data.root", cfg.data.root),
+        ("teacher.checkpoint", cfg.teacher.checkpoint),
+        ("export.checkpoint", cfg.export.checkpoint),
+        ("export.calibration_cache", cfg.export.calibration_cache),
+        ("engine.timing_cache", cfg.engine.timing_cache),
+    ):
+        if value is not None:
+            check_path(value, key)
+
+
+def check_path(value: str, what: str) -> None:
+    """Refuse an empty path, a NUL byte, or a path the operating system would call too long."""
+    if not value.strip():
+        raise ConfigError(f"{what} is empty; give a path or leave it out")
+    if "\0" in value:
+        raise ConfigError(f"{what} contains a NUL byte")
+    if len(value.encode(errors="surrogateescape")) > _MAX_PATH or any(
+        len(part.encode(errors="surrogateescape")) > _MAX_NAME for part in Path(value).parts
+    ):
+        raise ConfigError(f"{what} is too long for a file path: {_short_path(value)}")
+
+
+def _short_path(path: str | Path) -> str:
+    text = str(path)
+    return text if len(text) <= 120 else f"{text[:60]}...{text[-40:]} ({len(text)} characters)"

@@ -44,3 +44,18 @@ class CheckFailedError(PipelineError):
     """A stage ran but one of its numeric gates did not pass."""
 
     exit_code = 1
+
+
+def one_line(exc: BaseException | str) -> str:
+    """The error's message as one line.
+
+    An error raised in a DataLoader worker reaches the main process with the worker's traceback folded into
+    its message ("Caught DatasetError in DataLoader worker process 0. Original Traceback ..."); the user needs
+    only the original message, which is the last line, after the exception's class name.
+    """
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in str(exc):
+        last = lines[-1]
+        name, sep, message = last.partition(": ")
+        return message if sep and name.endswith(type(exc).__name__) else last
+    return " ".join(line.strip() for line in lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import socket
 import tempfile
 import time
@@ -21,7 +22,7 @@ from pipeline.code_version import changed_files, source_hashes, stage_code_versi
 from pipeline.config import Config
 from pipeline.errors import ArtifactError, CheckFailedError, PipelineError
 from pipeline.manifest import Manifest, environment, fingerprint
-from pipeline.store import RunStore, describe_file, external_input
+from pipeline.store import RunStore, describe_file, disk_errors, external_input
 from pipeline.training.distributed import barrier, broadcast_object, check_shared_folder, launch, solo, world
 from stages import Stage, StageContext, get_stage, stage_order
 
@@ -79,10 +80,14 @@ def _some(items: list[str], limit: int = 6) -> str:
 
 def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     """Fail on unknown names before any stage spends time (a typo should not cost a teacher run)."""
+    import torch
+
     from pipeline.data import check_data_config, dataset_names
     from pipeline.distill import check_method_args, method_names
     from pipeline.errors import ConfigError
     from pipeline.models import check_model_name
+    from pipeline.training.distributed import check_device
+    from pipeline.training.speed import check_training
 
     check_model_name(cfg.teacher.arch)
     check_model_name(cfg.student.arch)
@@ -96,6 +101,8 @@ def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     check_data_config(cfg.data)
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
+    device = check_device(cfg.device)
+    check_training(cfg.training, device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     for name in names:
         get_stage(name).validate(cfg)
 
@@ -123,8 +130,13 @@ def run_stages(
     store = RunStore(out)
     with launch(cfg.device) as current, contextlib.ExitStack() as held:
         if current.is_main:
+            store.check_owned(stage_order())
+            preflight(store, cfg, names)  # before the run folder is made or touched
             store.ensure_writable()
             held.enter_context(store.lock())
+            store.check_owned(stage_order())
+            for leftover in store.clean_leftovers():
+                log(f"removed {store.root / '.staging' / leftover}, left by a run that was killed")
         else:
             log = _quiet
         check_shared_folder(store.root)
@@ -142,6 +154,45 @@ def run_stages(
                     f"stage {name!r} failed its checks: " + "; ".join(failed or [outcome.manifest.reason])
                 )
     return outcomes
+
+
+def preflight(store: RunStore, cfg: Config, names: list[str] | tuple[str, ...]) -> None:
+    """Before any stage starts: every stage this run reads but does not make is present, intact and made with
+    these settings, so a missing or stale upstream is reported before an hour of training, not after it."""
+    for name in names:
+        for req in get_stage(name).requires(cfg):
+            if req in names:
+                continue
+            artifacts = store.load(req)  # refuses missing, failed, edited or broken-chain stages
+            check_current(req, artifacts.manifest, cfg, store)
+
+
+DATA_KEYS = ("data", "seed")  # the settings that decide what data a stage's result was made from
+
+
+def check_current(stage: str, manifest: Manifest, cfg: Config, store: RunStore) -> None:
+    """Refuse an upstream stage made from other data than this run's (a teacher trained on another dataset,
+    data seed or split seed): reusing it would silently mix two experiments.
+
+    Only the data settings are compared, and only where both sides have them. Other upstream settings stay
+    the upstream stage's own business, as before: ``run engine`` need not repeat every export option.
+    """
+    wanted = json.loads(json.dumps(get_stage(stage).params(cfg), default=str))
+    old = {k: manifest.params[k] for k in DATA_KEYS if k in manifest.params and k in wanted}
+    changed = _differences(old, {k: wanted[k] for k in old})
+    if not changed:
+        return
+    shown = "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
+    raise ArtifactError(
+        f"stage {stage!r} in {store.root} was made from other data ({shown}); run it again with these settings "
+        f"(`python -m pipeline run {stage} ... --out {store.root}`) or choose another --out"
+    )
+
+
+def _differences(old: object, new: object, key: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) & set(new)) for d in _differences(old[k], new[k], f"{key}.{k}")]
+    return [] if old == new else [f"{key.lstrip('.')}: {json.dumps(old)[:40]} -> {json.dumps(new)[:40]}"]
 
 
 def _quiet(message: str) -> None:
@@ -167,6 +218,9 @@ def run_stage(
     barrier()  # rank 0 has committed every upstream stage before any rank reads it
     external = {role: external_input(path) for role, path in stage.externals(cfg).items()}
     upstream = {req: store.load(req) for req in stage.requires(cfg)}
+    for req, art in upstream.items():
+        check_current(req, art.manifest, cfg, store)
+    links = {req: art.manifest.digest for req, art in upstream.items()}
     inputs = [art.as_input(o.path, store.root) for art in upstream.values() for o in art.manifest.outputs]
     inputs += list(external.values())
     params = stage.params(cfg)
@@ -174,13 +228,17 @@ def run_stage(
     fp = fingerprint(name, params, inputs, code)
     try:
         existing = store.manifest(name)
-    except ArtifactError:
+    except ArtifactError as exc:
+        if current.is_main:
+            log(f"[{name}] {exc}")
         existing = None
     reason = ""
     if current.is_main:
         intact = store.outputs_intact(name, existing) if existing else ""
         probe = Manifest(name, "ok", params, inputs, [], [], code)
         reason = "forced" if force else stale_reason(existing, params, probe.inputs_hash, code, intact, fp)
+        if not reason and any(existing.upstream.get(r) not in upstream[r].manifest.accepted_digests for r in links):
+            reason = "upstream_changed"
         if reason == "code_changed":
             changed = changed_files(existing.code_files, code_files) or ["the stage's version"]
             if name in keep and existing.inputs_hash == probe.inputs_hash and not intact:
@@ -193,6 +251,8 @@ def run_stage(
             log(f"[{name}] --keep applies to code changes only; this stage is stale for another reason")
     reason = broadcast_object(reason)
     if reason in ("", "kept"):
+        if current.is_main:
+            store.drop_scratch(name)  # resume state a finished stage no longer needs
         if reason == "":
             log(f"[{name}] up to date ({store.folder(name)})")
         return Outcome(name, "kept" if reason else "up to date", reason, existing or store.manifest(name))
@@ -205,7 +265,8 @@ def run_stage(
     started = datetime.now(timezone.utc)
     tic = time.perf_counter()
     try:
-        result = stage.run(ctx)
+        with disk_errors(f"stage {name!r}"):
+            result = stage.run(ctx)
     except BaseException:
         store.discard(staged)
         raise
@@ -239,9 +300,15 @@ def run_stage(
             "run_reason": reason,
             "world_size": current.size,
         },
+        upstream=links,
     )
-    store.commit(staged, manifest)
-    if status == "ok":
+    try:
+        with disk_errors(f"committing stage {name!r}"):
+            store.commit(staged, manifest)
+    except BaseException:
+        store.discard(staged)
+        raise
+    if status != "failed":  # a skipped stage (engine without TensorRT) has nothing to resume either
         store.drop_scratch(name)
     broadcast_object(status)
     log(f"[{name}] {status} in {seconds:.1f}s")
@@ -252,6 +319,7 @@ def _keep(store: RunStore, existing: Manifest, code: str, code_files: dict, chan
     """Accept a stage's artifacts under new code on purpose; the manifest says what it was built with."""
     record = {
         "built_with": existing.code_version,
+        "digest": existing.digest,  # what downstream stages recorded when they consumed it
         "kept_for": code,
         "changed": changed,
         "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

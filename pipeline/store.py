@@ -4,6 +4,10 @@ Every read goes through :meth:`RunStore.load`, which re-hashes the producer's ou
 manifest, so a modified, missing or failed artifact is refused instead of silently consumed. Every
 write is atomic: a stage builds its folder under a temporary name, the manifest is written last, and
 the folder is renamed into place, so a crash never leaves a half-written stage that looks complete.
+
+The store owns its run folder and nothing else: it refuses a non-empty folder it did not make, never
+follows a symbolic link it finds where it keeps its own files, and reads artifacts only inside their
+stage folder.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ from pathlib import Path
 
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.hashing import sha256_file
-from pipeline.manifest import MANIFEST, Artifact, Manifest
+from pipeline.manifest import MANIFEST, Artifact, Manifest, unsafe_path
 
 _STAGING = ".staging"
 _SCRATCH = ".scratch"
 _LOGS = "tensorboard"
 _LOCK = ".lock"
+_CACHE = ".cache"
+MARKER = ".kdpipe-run"  # says "a run folder": the pipeline may write and delete in it
+_OWN = (MARKER, _LOCK, _STAGING, _SCRATCH, _LOGS, _CACHE)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 @dataclass(frozen=True)
@@ -49,14 +57,71 @@ class RunStore:
         self.root = Path(root)
 
     def ensure_writable(self) -> None:
+        """Claim the run folder: create it, or check that an existing one is a run folder, then mark it."""
+        self.check_owned()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-"):
                 pass
+            marker = self.root / MARKER
+            if not marker.exists():
+                marker.write_text("a kdiffusion-pipeline run folder: its stages may be rewritten and deleted\n")
         except OSError as exc:
             raise ConfigError(
                 f"run folder {self.root} is not writable ({exc.strerror}); choose another with --out"
             ) from None
+
+    def is_run_folder(self) -> bool:
+        """Marked as one, or (made before the marker existed) holding only stage folders with a manifest
+        and the store's own files."""
+        if (self.root / MARKER).is_file():
+            return True
+        entries = list(self.root.iterdir())
+        stages = [p for p in entries if p.name not in _OWN and not p.name.startswith(".probe-")]
+        return all(p.is_dir() and not p.is_symlink() and (p / MANIFEST).is_file() for p in stages)
+
+    def check_owned(self, stages: tuple[str, ...] = ()) -> None:
+        """Refuse to work in a folder the pipeline does not own, or where a link would lead it outside.
+
+        A non-empty ``--out`` that is not a run folder could hold anything (``teacher/thesis.txt``), and a
+        rerun replaces stage folders; a symbolic link in place of the lock, staging, scratch or a stage
+        folder would make the store write or delete elsewhere.
+        """
+        if not self.root.exists():
+            return
+        if not self.root.is_dir():
+            raise ConfigError(f"run folder {self.root} is not a folder; choose another with --out")
+        try:
+            if any(self.root.iterdir()) and not self.is_run_folder():
+                raise ConfigError(
+                    f"{self.root} is not empty and is not a run folder; the pipeline replaces and deletes what is "
+                    "in its run folders, so choose an empty or new folder with --out"
+                )
+        except OSError as exc:
+            raise ConfigError(f"run folder {self.root} is not readable ({exc.strerror})") from None
+        for name in (*_OWN, *stages):
+            path = self.root / name
+            if path.is_symlink():
+                raise ArtifactError(
+                    f"{path} is a symbolic link; the pipeline follows no links out of its run folder, "
+                    "so remove it (or choose another --out)"
+                )
+            if name in stages and path.exists() and not path.is_dir():
+                raise ArtifactError(f"{path} is not a stage folder (a file is in its place); move it away and rerun")
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove what killed runs left in staging (only while holding the lock, so no run is using it)."""
+        staging = self.root / _STAGING
+        if not staging.is_dir() or staging.is_symlink():
+            return []
+        removed = []
+        for path in sorted(staging.iterdir()):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path.name)
+        return removed
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -68,7 +133,11 @@ class RunStore:
         except ImportError:  # not POSIX: no advisory locks
             yield
             return
-        with open(self.root / _LOCK, "a+") as handle:
+        try:  # O_NOFOLLOW: a symbolic link in place of the lock must not make us overwrite its target
+            fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise ArtifactError(f"cannot open the run lock {self.root / _LOCK} ({exc.strerror}); remove it") from None
+        with open(fd, "a+") as handle:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -91,12 +160,19 @@ class RunStore:
 
     def manifest(self, stage: str) -> Manifest | None:
         """The stage's manifest if the stage has run, else ``None``; unreadable manifests raise."""
-        if not (self.folder(stage) / MANIFEST).exists():
+        folder = self.folder(stage)
+        if folder.is_symlink():
+            raise ArtifactError(f"{folder} is a symbolic link; the pipeline follows no links out of its run folder")
+        if folder.exists() and not folder.is_dir():
+            raise ArtifactError(f"{folder} is not a stage folder (a file is in its place); move it away and rerun")
+        if not (folder / MANIFEST).exists() and not (folder / MANIFEST).is_symlink():
             return None
-        return Manifest.read(self.folder(stage))
+        return Manifest.read(folder)
 
     def stages(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file()) if self.root.is_dir() else []
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST).is_file() or (p / MANIFEST).is_symlink())
 
     def load(self, stage: str) -> StageArtifacts:
         """Open a stage's outputs for a consumer, refusing anything that does not re-hash."""
@@ -119,7 +195,53 @@ class RunStore:
                     f"{folder / artifact.path} is {problem} since stage {stage!r} wrote it; "
                     f"rerun `python -m pipeline run {stage} --force --out {self.root}`"
                 )
+        self.check_chain(stage, manifest)
         return StageArtifacts(stage, folder, manifest)
+
+    def check_chain(self, stage: str, manifest: Manifest, seen: set[str] | None = None) -> None:
+        """Every upstream manifest ``stage`` consumed is still the one it recorded, all the way up the chain."""
+        problem = self.broken_link(stage, manifest, seen if seen is not None else set())
+        if problem:
+            raise ArtifactError(f"{problem}; rerun `python -m pipeline run {stage} --force --out {self.root}`")
+
+    def broken_link(self, stage: str, manifest: Manifest, seen: set[str]) -> str:
+        """Why the chain above ``stage`` no longer matches what it recorded, or ``""``."""
+        for upstream, digest in sorted(manifest.upstream.items()):
+            if upstream in seen:
+                continue
+            seen.add(upstream)
+            current = self.manifest(upstream)
+            if current is None:
+                return f"stage {stage!r} consumed {upstream!r}, whose manifest is gone"
+            if digest not in current.accepted_digests:
+                return (
+                    f"{self.folder(upstream) / MANIFEST} changed after stage {stage!r} consumed it "
+                    f"(digest {digest[:12]} recorded, {current.digest[:12]} now): {upstream!r} was edited or rerun"
+                )
+            problem = self.broken_link(upstream, current, seen)
+            if problem:
+                return problem
+        return ""
+
+    def audit(self, stage: str) -> tuple[Manifest | None, list[str]]:
+        """A stage's manifest (if readable) and every problem with it: edited, outputs modified, chain broken."""
+        try:
+            manifest = self.manifest(stage)
+        except ArtifactError as exc:
+            return None, [str(exc)]
+        if manifest is None:
+            return None, [f"{self.folder(stage) / MANIFEST} is missing"]
+        problems = []
+        intact = self.outputs_intact(stage, manifest)
+        if intact:
+            problems.append(f"{self.folder(stage) / intact} since the stage wrote it")
+        try:
+            link = self.broken_link(stage, manifest, set())
+        except ArtifactError as exc:
+            link = str(exc)
+        if link:
+            problems.append(link)
+        return manifest, problems
 
     def outputs_intact(self, stage: str, manifest: Manifest) -> str:
         """Empty string if every output re-hashes, else why not (for skip decisions)."""
@@ -146,14 +268,21 @@ class RunStore:
         return self.root / _LOGS / stage
 
     def drop_scratch(self, stage: str) -> None:
-        for path in (self.root / _SCRATCH).glob(f"{stage}-*"):
-            shutil.rmtree(path, ignore_errors=True)
+        scratch = self.root / _SCRATCH
+        if scratch.is_symlink():
+            return
+        for path in scratch.glob(f"{stage}-*"):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def commit(self, staged: Path, manifest: Manifest) -> Path:
         """Write the manifest last, then swap the staged folder into place."""
         manifest.write(staged)
         _fsync_tree(staged)
         target = self.folder(manifest.stage)
+        self.check_owned((manifest.stage,))
         if target.exists():
             old = self.root / _STAGING / f"{manifest.stage}-replaced-{os.getpid()}"
             shutil.rmtree(old, ignore_errors=True)
@@ -176,6 +305,14 @@ class RunStore:
 
 def modified(folder: Path, artifact: Artifact) -> str:
     path = folder / artifact.path
+    if unsafe_path(artifact.path) or path.is_symlink():
+        return "outside its stage folder"
+    try:
+        inside = path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        inside = False
+    if not inside:
+        return "outside its stage folder"
     if not path.is_file():
         return "missing"
     if path.stat().st_size != artifact.bytes or sha256_file(path) != artifact.sha256:
@@ -191,9 +328,27 @@ def describe_file(folder: Path, name: str) -> Artifact:
 def external_input(path: str | Path) -> Artifact:
     """Hash a user-supplied file so it takes part in the fingerprint like any stage output."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ArtifactError(f"{path} does not exist or is not a file")
-    return Artifact(str(path.resolve()), sha256_file(path), path.stat().st_size, "external")
+    try:
+        if not path.is_file():
+            raise ArtifactError(f"{path} does not exist or is not a file")
+        return Artifact(str(path.resolve()), sha256_file(path), path.stat().st_size, "external")
+    except OSError as exc:
+        shown = str(path) if len(str(path)) <= 120 else f"{str(path)[:100]}..."
+        raise ArtifactError(f"cannot read {shown}: {exc.strerror}") from None
+
+
+@contextmanager
+def disk_errors(what: str) -> Iterator[None]:
+    """A full disk (or exhausted inodes, or a read-only file system) as one line instead of a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise ArtifactError(
+            f"{what} failed: {exc.strerror}{where}; nothing was committed, free space and rerun"
+        ) from None
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -49,7 +49,7 @@ def test_config_file_merges_over_preset(tmp_path):
     assert cfg.student.optim.epochs == 3
     assert cfg.student.arch == load_config("default").student.arch
     path.write_text("- a list\n")
-    with pytest.raises(ConfigError, match="must hold a mapping"):
+    with pytest.raises(ConfigError, match="must hold a non-empty mapping"):
         load_config("default", path)
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config("default", tmp_path / "missing.yaml")

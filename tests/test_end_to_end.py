@@ -47,6 +47,8 @@ def test_every_stage_ok_with_passing_checks(run_dir):
     assert {c.name for c in verify.checks} >= {"logits_max_abs", "logits_rel_fro", "top1_agreement"}
     train_inputs = {a.source for a in store.manifest("train").inputs}
     assert train_inputs == {"teacher"}
+    # a normal run leaves no resume state or staging behind (a skipped engine included; issue 13)
+    assert not list(out.glob(".scratch/*")) and not list(out.glob(".staging/*"))
 
 
 def test_second_run_skips_every_stage(run_dir, capsys):
@@ -73,8 +75,9 @@ def test_inspect_text_shows_status_checks_hashes_and_tampering(run_dir, capsys):
     assert run_cli(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     for stage in _completed(out):
-        assert f"{stage}: ok  fingerprint {store.manifest(stage).fingerprint[:12]}" in text
-    assert "PASSED | logits_max_abs" in text and "WARNING" not in text
+        m = store.manifest(stage)
+        assert f"{stage}: ok  fingerprint {m.fingerprint[:12]}  digest {m.digest[:12]}" in text
+    assert "PASSED | logits_max_abs" in text and "PROBLEM" not in text
     sha = store.manifest("train").output("student.safetensors").sha256
     assert f"out student.safetensors  sha256 {sha[:16]}" in text
 
@@ -82,8 +85,10 @@ def test_inspect_text_shows_status_checks_hashes_and_tampering(run_dir, capsys):
     original = report.read_bytes()
     try:
         report.write_bytes(original + b" ")
-        assert run_cli(["inspect", str(out)]) == 0
-        assert "WARNING: report.json is modified since the stage wrote it" in capsys.readouterr().out
+        assert run_cli(["inspect", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert "PROBLEM: " in captured.out and "report.json is modified since the stage wrote it" in captured.out
+        assert captured.err.startswith("error: ") and "report.json is modified" in captured.err
     finally:
         report.write_bytes(original)
 

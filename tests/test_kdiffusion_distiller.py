@@ -44,13 +44,13 @@ def test_variants_are_registered_with_their_defaults():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"m": 0}, "m must be an integer >= 1"),
+        ({"m": 0}, r"option m must be in \[1, 64\]"),
         ({"layers": 1.5}, "layers must be an integer"),
         ({"target_mode": "noise"}, "target_mode"),
         ({"schedule": "sigmoid"}, "unknown schedule"),
         ({"layers": 4}, "declares 3 re-parameterization sites"),
         ({"feature_loss": "kl"}, "feature_loss"),
-        ({"lambda_guided": -0.1}, "lambda_guided must be >= 0"),
+        ({"lambda_guided": -0.1}, r"option lambda_guided must be in \[0, 1e\+06\]"),
         ({"branches": 4}, "has no option 'branches'"),
     ],
 )

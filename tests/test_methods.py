@@ -314,8 +314,9 @@ def test_aligned_pairs_match_from_the_deep_end():
         ("fitnet", {"hint_stage": 7}, "hint_stage must index"),
         ("fitnet", {"hint_layer": 2}, "has no option 'hint_layer'"),
         ("crd", {"num_samples": 5}, "has no option 'num_samples'"),
-        ("crd", {"nce_t": 0}, "nce_t > 0"),
-        ("vid", {"init_variance": 0.0}, "init_variance > eps"),
+        ("crd", {"nce_t": 0}, r"option nce_t must be in \(0, 10000\]"),
+        ("vid", {"init_variance": 0.0}, r"option init_variance must be in \(0, 1e\+06\]"),
+        ("vid", {"init_variance": 1e-6}, "init_variance > eps"),
     ],
 )
 def test_bad_options_are_config_errors(name, args, message, teacher):

@@ -96,7 +96,7 @@ def test_hand_edited_manifest_is_refused(tmp_path):
     data = json.loads(path.read_text())
     data["params"]["p"] = 2
     path.write_text(json.dumps(data))
-    with pytest.raises(ArtifactError, match="edited by hand"):
+    with pytest.raises(ArtifactError, match="was edited after the stage wrote it"):
         store.load("a")
 
 

@@ -272,13 +272,13 @@ def test_kd_trains_under_fit_with_the_teacher_left_out_of_the_state(data, tmp_pa
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"epochs": 0}, r"epochs must be in \[1, 100000\]"),
         ({"lr": 0.0}, "lr must be positive"),
         ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
         ({"momentum": 0.0, "nesterov": True}, "nesterov needs a momentum"),
         ({"weight_decay": -1e-4}, "weight_decay must be >= 0"),
         ({"lr_decay": 0.0}, "lr_decay must be positive"),
-        ({"milestones": [5, -1]}, "milestones must be epochs >= 0"),
+        ({"milestones": [5, -1]}, r"milestones must be at most 1000 epochs in \[0, 100000\]"),
         ({"schedule": "cos"}, "schedule must be one of step, cosine"),
     ],
 )

@@ -74,7 +74,8 @@ class WithIndices(Dataset):
         return image, label, index
 
 
-# Smallest usable value of each numeric data setting (None, where allowed, means "the dataset's own").
+# Usable range of each numeric data setting (None, where allowed, means "the dataset's own"). The upper
+# bounds are far beyond any real run; they turn a typo like 10**12 into an error instead of an allocation.
 MINIMUMS = {
     "batch_size": 1,
     "eval_batch_size": 1,
@@ -83,18 +84,34 @@ MINIMUMS = {
     "num_classes": 2,
     "image_size": 8,
 }
+MAXIMUMS = {
+    "batch_size": 1 << 20,
+    "eval_batch_size": 1 << 20,
+    "workers": 256,
+    "prefetch_factor": 1024,
+    "num_classes": 1 << 20,
+    "image_size": 8192,
+}
+SYNTHETIC_MAX = {"train_size": 10_000_000, "test_size": 10_000_000, "seed": 2**32 - 1}
 
 
 def check_data_config(cfg: DataConfig) -> None:
     """Refuse settings the loaders would reject mid-run, before any stage starts."""
     for key, minimum in MINIMUMS.items():
         value = getattr(cfg, key)
-        if value is not None and value < minimum:
-            raise ConfigError(f"data.{key} must be at least {minimum}, got {value}")
+        if value is not None and not minimum <= value <= MAXIMUMS[key]:
+            raise ConfigError(f"data.{key} must be at least {minimum} and at most {MAXIMUMS[key]}, got {value}")
     _check_val_fraction(cfg.val_fraction)
-    for key in ("train_size", "test_size"):
-        if getattr(cfg.synthetic, key) < 1:
-            raise ConfigError(f"data.synthetic.{key} must be at least 1, got {getattr(cfg.synthetic, key)}")
+    for key, maximum in SYNTHETIC_MAX.items():
+        value, minimum = getattr(cfg.synthetic, key), 0 if key == "seed" else 1
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"data.synthetic.{key} must be at least {minimum} and at most {maximum}, got {value}")
+    if cfg.dataset == "synthetic" and cfg.root is not None:
+        # Ignoring it would train on generated images while the user believes the run used their data.
+        raise ConfigError(
+            f"--data-root / data.root is set ({cfg.root}) but the dataset is 'synthetic', which reads no files; "
+            "name your dataset with --set data.dataset=cifar100|imagenet100|imagefolder, or drop --data-root"
+        )
 
 
 def _check_val_fraction(value: float) -> None:

@@ -156,10 +156,20 @@ def _read_archive(path: Path, verify: bool, md5: dict[str, str]) -> dict[str, by
 
 def _split(data: dict, source: str) -> TensorImages:
     try:
-        images = np.asarray(data["data"])
-        labels = np.asarray(data["fine_labels"], dtype=np.int64)
+        images, labels = data["data"], data["fine_labels"]
     except KeyError as exc:
         raise DatasetError(f"{source} lacks the {exc.args[0]!r} entry of a CIFAR-100 file") from None
+    # Checked before numpy converts anything: a pickle of nested, shared lists would expand without bound.
+    if not isinstance(images, np.ndarray):
+        raise DatasetError(f"{source}: 'data' is a {type(images).__name__}, not the array of a CIFAR-100 file")
+    if isinstance(labels, list) and not all(type(v) is int for v in labels):
+        raise DatasetError(f"{source}: 'fine_labels' holds values that are not integers")
+    if not isinstance(labels, list | np.ndarray) or (isinstance(labels, np.ndarray) and labels.ndim != 1):
+        raise DatasetError(f"{source}: 'fine_labels' is not a list of integers")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise DatasetError(f"{source}: 'fine_labels' is not a list of integers") from None
     if images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != 3 * 32 * 32:
         raise DatasetError(f"{source}: images are {images.dtype} {images.shape}, expected uint8 (N, 3072)")
     if len(labels) != len(images) or (len(labels) and not 0 <= labels.min() <= labels.max() < NUM_CLASSES):
@@ -179,7 +189,7 @@ def cifar100(cfg: DataConfig, md5: dict[str, str] | None = None) -> RawData:
     test = _split(load_pickle(io.BytesIO(files["test"]), f"{where}/test"), f"{where}/test")
     meta = load_pickle(io.BytesIO(files["meta"]), f"{where}/meta")
     names = meta.get("fine_label_names")
-    if not isinstance(names, list) or len(names) != NUM_CLASSES:
+    if not isinstance(names, list) or len(names) != NUM_CLASSES or not all(isinstance(n, bytes | str) for n in names):
         raise DatasetError(f"{where}/meta lacks the {NUM_CLASSES} 'fine_label_names'")
     info = DataInfo(
         name="cifar100",

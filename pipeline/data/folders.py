@@ -40,9 +40,12 @@ IMAGENET100_SHA256 = "79f3f1552ccc478ce24bd934b4573625db584ddc1f4643ae23c994a94c
 
 
 def _load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        return image.convert("RGB")
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # corrupt, truncated, empty, bomb
+        raise DatasetError(f"{path} is not a readable image ({exc}); remove or replace it") from None
 
 
 class ClassFolder(DatasetFolder):

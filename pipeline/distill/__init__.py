@@ -9,14 +9,24 @@ Features come from forward hooks, so the student's own ``forward`` stays plain.
 from __future__ import annotations
 
 import inspect
+import math
 
 from torch import nn
 
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import Bound, Distiller
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
-__all__ = ["METHODS", "Distiller", "build_distiller", "check_method_args", "method_options", "register_method"]
+__all__ = [
+    "METHODS",
+    "Bound",
+    "Distiller",
+    "build_distiller",
+    "check_method_args",
+    "method_options",
+    "option_types",
+    "register_method",
+]
 
 METHODS: Registry[type[Distiller]] = Registry("method")
 register_method = METHODS.register
@@ -63,8 +73,26 @@ def method_options(name: str) -> set[str]:
     }
 
 
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def option_types(name: str) -> dict[str, type]:
+    """Each option's type, from the annotations of the method's ``__init__`` (or its default's type)."""
+    _load_methods()
+    types = {}
+    for param in inspect.signature(METHODS.get(name).__init__).parameters.values():
+        if param.name in method_options(name):
+            annotation = param.annotation
+            kind = _TYPES.get(annotation, annotation) if isinstance(annotation, str) else annotation
+            if kind is inspect.Parameter.empty:
+                kind = type(param.default)
+            types[param.name] = kind
+    return types
+
+
 def check_method_args(name: str, args: dict | None) -> type[Distiller]:
-    """The method class, once ``args`` are known options with values it accepts; no model is built.
+    """The method class, once ``args`` are known options with values of the right type and range; no model is
+    built.
 
     The runner calls this before any stage runs, so a typo in ``method_args`` never costs a teacher run.
     """
@@ -74,10 +102,35 @@ def check_method_args(name: str, args: dict | None) -> type[Distiller]:
     unknown = sorted(set(args) - accepted)
     if unknown:
         raise ConfigError(
-            f"method {name!r} has no option {unknown[0]!r}; its options: {', '.join(sorted(accepted)) or 'none'}"
+            f"method {name!r} has no option {str(unknown[0])[:60]!r}; "
+            f"its options: {', '.join(sorted(accepted)) or 'none'}"
         )
+    kinds = option_types(name)
+    for key, value in args.items():
+        problem = _option_problem(kinds[key], cls.option_bounds.get(key), value)
+        if problem:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise ConfigError(f"method {name!r}: option {key} {problem}, got {shown}")
     try:
         cls.check_args(args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"method {name!r}: {exc}") from None
     return cls
+
+
+def _option_problem(kind: type, bound: Bound | None, value: object) -> str:
+    """Why ``value`` is not a valid option of type ``kind`` within ``bound``, or ``""``."""
+    if kind is bool:
+        return "" if isinstance(value, bool) else "must be true or false"
+    if kind is str:
+        return "" if isinstance(value, str) else "must be a string"
+    if kind in (int, float):
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not is_number or (kind is int and not isinstance(value, int)):
+            return f"must be {'an integer' if kind is int else 'a number'}"
+        if isinstance(value, int) and abs(value) > 2**53:
+            return "is out of range"
+        if not math.isfinite(value):
+            return "must be a finite number"
+        return bound.problem(value) if bound else ""
+    return ""

@@ -14,12 +14,14 @@ Different spatial sizes are pooled to the smaller one, as mdistiller does.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.distill import register_method
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import WEIGHT, Bound, Distiller
 from pipeline.distill.features import aligned_pairs, match_spatial, stage_taps, tapped_forward
 
 
@@ -36,6 +38,12 @@ def at_loss(student: Tensor, teacher: Tensor, p: float) -> Tensor:
 @register_method(name="at")
 class AT(Distiller):
     """CE plus attention transfer on every paired stage (AT)."""
+
+    option_bounds: ClassVar[dict[str, Bound]] = {
+        "p": Bound(0.0, 16.0, low_open=True),
+        "ce_weight": WEIGHT,
+        "at_weight": WEIGHT,
+    }
 
     def __init__(
         self, student: nn.Module, teacher: nn.Module, p: float = 2.0, ce_weight: float = 1.0, at_weight: float = 1000.0

@@ -2,10 +2,44 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The interval a numeric method option must lie in (``open`` ends exclude the bound itself).
+
+    Every numeric option of every method declares one, next to the method (``Distiller.option_bounds``), so
+    ``temperature=0`` or ``nce_k=10**12`` is refused before any stage runs, not when ``train`` builds the method
+    after the teacher has trained.
+    """
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def problem(self, value: float) -> str:
+        """Why ``value`` is outside the interval, or ``""``."""
+        if not math.isfinite(value):
+            return "must be a finite number"
+        too_low = value <= self.low if self.low_open else value < self.low
+        too_high = value >= self.high if self.high_open else value > self.high
+        if too_low or too_high:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"must be in {left}{self.low:g}, {self.high:g}{right}"
+        return ""
+
+
+WEIGHT = Bound(0.0, 1e6)  # a loss weight: 0 turns the term off
+TEMPERATURE = Bound(0.0, 1e4, low_open=True)
+EPOCHS = Bound(0.0, 1e5)  # warm-up lengths
 
 
 class Distiller(nn.Module):
@@ -22,6 +56,8 @@ class Distiller(nn.Module):
     # The frozen teacher's forward runs under ``torch.inference_mode`` (no autograd bookkeeping at all) in
     # the methods that call :meth:`teacher_grad_off`; benchmarks turn this off to time it against ``no_grad``.
     teacher_inference_mode = True
+    # The allowed interval of each numeric option (its type comes from the ``__init__`` annotation).
+    option_bounds: ClassVar[dict[str, Bound]] = {}
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None):
         super().__init__()

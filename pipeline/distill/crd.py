@@ -23,6 +23,7 @@ the CIFAR-100 benchmark (RepDistiller ``--distill crd -r 1 -a 0 -b 0.8``, ``feat
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.distill import register_method
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import TEMPERATURE, WEIGHT, Bound, Distiller
 from pipeline.distill.features import embedding_tap, probe_shapes, tapped_forward
 from pipeline.distill.kd import kd_loss
 
@@ -61,6 +62,17 @@ class Embed(nn.Module):
 @register_method(name="crd")
 class CRD(Distiller):
     """CE plus contrastive representation distillation with a momentum memory bank (CRD)."""
+
+    option_bounds: ClassVar[dict[str, Bound]] = {
+        "feat_dim": Bound(1, 65536),
+        "nce_k": Bound(1, 1 << 20),
+        "nce_t": TEMPERATURE,
+        "nce_m": Bound(0.0, 1.0, high_open=True),
+        "ce_weight": WEIGHT,
+        "kd_weight": WEIGHT,
+        "crd_weight": WEIGHT,
+        "temperature": TEMPERATURE,
+    }
 
     needs_indices = True
 

@@ -12,12 +12,14 @@ linearly over the first ``warmup_epochs``. Defaults are mdistiller's CIFAR-100 c
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.distill import register_method
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import EPOCHS, TEMPERATURE, WEIGHT, Bound, Distiller
 from pipeline.distill.features import warmup_factor
 
 
@@ -50,6 +52,14 @@ def _kl(log_q: Tensor, log_p: Tensor) -> Tensor:
 @register_method(name="dkd")
 class DKD(Distiller):
     """CE plus decoupled KD (alpha TCKD + beta NCKD) with a linear warm-up (DKD)."""
+
+    option_bounds: ClassVar[dict[str, Bound]] = {
+        "temperature": TEMPERATURE,
+        "alpha": WEIGHT,
+        "beta": WEIGHT,
+        "warmup_epochs": EPOCHS,
+        "ce_weight": WEIGHT,
+    }
 
     def __init__(
         self,

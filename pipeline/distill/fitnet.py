@@ -12,18 +12,26 @@ sizes (3x3 conv + BN) without its final ReLU: the zoo's taps are pre-activation 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.distill import register_method
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import WEIGHT, Bound, Distiller
 from pipeline.distill.features import aligned_pairs, match_spatial, probe_shapes, stage_taps, tapped_forward
 
 
 @register_method(name="fitnet")
 class FitNet(Distiller):
     """CE plus an L2 hint between a regressed student stage and the matching teacher stage (FitNet)."""
+
+    option_bounds: ClassVar[dict[str, Bound]] = {
+        "hint_stage": Bound(-64, 64),
+        "ce_weight": WEIGHT,
+        "hint_weight": WEIGHT,
+    }
 
     def __init__(
         self,

@@ -5,11 +5,13 @@ KD: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Networ
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 
 from pipeline.distill import register_method
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import TEMPERATURE, WEIGHT, Bound, Distiller
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -24,6 +26,7 @@ class Vanilla(Distiller):
     """The student alone, trained with cross-entropy (also how the teacher stage trains a teacher)."""
 
     requires_teacher = False
+    option_bounds: ClassVar[dict[str, Bound]] = {"ce_weight": WEIGHT}
 
     def __init__(self, student, teacher=None, ce_weight: float = 1.0):
         super().__init__(student, None)
@@ -40,6 +43,8 @@ class KD(Distiller):
 
     Defaults follow the CIFAR-100 benchmark recipe (RepDistiller: T=4; mdistiller's KD config: CE weight
     0.1, KD weight 0.9)."""
+
+    option_bounds: ClassVar[dict[str, Bound]] = {"temperature": TEMPERATURE, "ce_weight": WEIGHT, "kd_weight": WEIGHT}
 
     def __init__(self, student, teacher, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9):
         super().__init__(student, teacher)

@@ -25,13 +25,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.distill import register_method
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import WEIGHT, Bound, Distiller
 from pipeline.distill.features import (
     aligned_pairs,
     bn_before_taps,
@@ -77,6 +78,8 @@ def batch_statistics(model: nn.Module) -> Iterator[None]:
 @register_method(name="ofd")
 class OFD(Distiller):
     """CE plus OFD's margin-clipped partial L2 on every paired pre-ReLU stage, through conv+BN connectors."""
+
+    option_bounds: ClassVar[dict[str, Bound]] = {"ce_weight": WEIGHT, "ofd_weight": WEIGHT}
 
     def __init__(
         self,

@@ -22,12 +22,14 @@ the student too (the official student features are post-ReLU; its teacher's are 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.distill import register_method
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import EPOCHS, WEIGHT, Bound, Distiller
 from pipeline.distill.features import (
     aligned_pairs,
     embedding_tap,
@@ -78,6 +80,13 @@ def hcl_loss(student: Tensor, teacher: Tensor) -> Tensor:
 @register_method(name="reviewkd")
 class ReviewKD(Distiller):
     """CE plus knowledge review: ABF-fused student stages against every teacher stage, with the HCL loss."""
+
+    option_bounds: ClassVar[dict[str, Bound]] = {
+        "max_mid_channels": Bound(1, 65536),
+        "warmup_epochs": EPOCHS,
+        "ce_weight": WEIGHT,
+        "review_weight": WEIGHT,
+    }
 
     def __init__(
         self,

@@ -15,14 +15,16 @@ trains). Defaults follow the CIFAR-100 benchmark (RepDistiller ``--distill vid -
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.distill import register_method
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import WEIGHT, Bound, Distiller
 from pipeline.distill.features import aligned_pairs, match_spatial, probe_shapes, stage_taps, tapped_forward
 
 
@@ -58,6 +60,13 @@ class GaussianRegressor(nn.Module):
 class VID(Distiller):
     """CE plus variational information distillation on every paired stage (VID)."""
 
+    option_bounds: ClassVar[dict[str, Bound]] = {
+        "init_variance": Bound(0.0, 1e6, low_open=True),
+        "eps": Bound(0.0, 1.0, low_open=True),
+        "ce_weight": WEIGHT,
+        "vid_weight": WEIGHT,
+    }
+
     def __init__(
         self,
         student: nn.Module,
@@ -68,8 +77,7 @@ class VID(Distiller):
         vid_weight: float = 1.0,
     ):
         super().__init__(student, teacher)
-        if init_variance <= eps or eps <= 0:
-            raise ValueError(f"need init_variance > eps > 0, got init_variance={init_variance}, eps={eps}")
+        self.check_args({"init_variance": init_variance, "eps": eps})
         s_taps, t_taps = stage_taps(student, "vid"), stage_taps(teacher, "vid")
         pairs = aligned_pairs(len(s_taps), len(t_taps))
         self.student_taps = [s_taps[i] for i, _ in pairs]
@@ -79,6 +87,15 @@ class VID(Distiller):
         self.regressors = nn.ModuleList(GaussianRegressor(s, t, t, init_variance, eps) for s, t in zip(s_chs, t_chs))
         self.ce_weight = ce_weight
         self.vid_weight = vid_weight
+
+    @classmethod
+    def check_args(cls, args: dict) -> None:
+        """The variance starts above its floor (checked before any stage runs, with the other defaults)."""
+        defaults = inspect.signature(cls.__init__).parameters
+        init_variance = args.get("init_variance", defaults["init_variance"].default)
+        eps = args.get("eps", defaults["eps"].default)
+        if not init_variance > eps > 0:
+            raise ValueError(f"need init_variance > eps > 0, got init_variance={init_variance}, eps={eps}")
 
     def losses(self, images, targets):
         logits, feats = tapped_forward(self.student, self.student_taps, images)

@@ -59,14 +59,29 @@ def solo() -> Iterator[World]:
         _WORLD.reset(token)
 
 
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def check_device(name: str) -> torch.device | None:
+    """The device ``name`` stands for (``None`` for auto); only the CPU and CUDA GPUs are supported, so ``meta``,
+    ``mps`` or ``xla`` are refused here rather than failing inside a stage."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        raise ConfigError(f"unknown device {shown!r}; use {DEVICE_CHOICES}")
+    return device
+
+
 def resolve_device(name: str) -> torch.device:
     """The device this process trains on; under torchrun a GPU process uses ``cuda:LOCAL_RANK``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    device = check_device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"device {name!r} was requested but CUDA is not available; use --set device=cpu")
     current = world()
@@ -85,6 +100,31 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+_TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def torchrun_world_size() -> int:
+    """``WORLD_SIZE`` as torchrun sets it (1 without torchrun), refusing a partial or malformed environment: a
+    stray ``WORLD_SIZE=4`` in a shell must not leave the run waiting for processes that never start."""
+    raw = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    ints = {key: os.environ.get(key, "0").strip() for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    ints["WORLD_SIZE"] = raw
+    for key, value in ints.items():
+        if not (value.isdigit() and len(value) <= 6):
+            raise ConfigError(f"{key}={value[:20]!r} is not a process number; start the run with torchrun")
+    size = int(raw)
+    if size < 1:
+        raise ConfigError(f"WORLD_SIZE={raw} must be at least 1")
+    if size > 1 and not (dist.is_available() and dist.is_initialized()):
+        missing = [key for key in _TORCHRUN_ENV if not os.environ.get(key)]
+        if missing:
+            raise ConfigError(
+                f"WORLD_SIZE={size} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not; "
+                "start distributed runs with torchrun (or unset WORLD_SIZE)"
+            )
+    return size
+
+
 @contextmanager
 def launch(device_name: str) -> Iterator[World]:
     """Join torchrun's process group for the block (nothing to do for a single process).
@@ -92,7 +132,7 @@ def launch(device_name: str) -> Iterator[World]:
     The group is left in place when the block raises: the other ranks are then blocked in a collective,
     torchrun stops them when this process exits, and a clean teardown could wait for them forever.
     """
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = torchrun_world_size()
     if dist.is_available() and dist.is_initialized():  # embedded in a program that set up its own group
         token = _WORLD.set(World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))))
         try:
@@ -106,6 +146,8 @@ def launch(device_name: str) -> Iterator[World]:
     if not dist.is_available():
         raise PipelineError("this PyTorch build has no torch.distributed; run without torchrun")
     current = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    if not 0 <= current.rank < size:
+        raise ConfigError(f"RANK={current.rank} is outside WORLD_SIZE={size}; start the run with torchrun")
     token = _WORLD.set(current)
     try:
         device = resolve_device(device_name)

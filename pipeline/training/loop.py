@@ -53,11 +53,14 @@ class History:
 SCHEDULES = ("step", "cosine")
 
 
+MAX_EPOCHS = 100_000
+
+
 def check_optim(cfg: OptimConfig, where: str) -> None:
     """Refuse a recipe that SGD or the schedule would reject, or silently misread, before any training."""
     problems = []
-    if cfg.epochs < 1:
-        problems.append(f"epochs must be >= 1, got {cfg.epochs}")
+    if not 1 <= cfg.epochs <= MAX_EPOCHS:
+        problems.append(f"epochs must be in [1, {MAX_EPOCHS}], got {cfg.epochs}")
     if not cfg.lr > 0:
         problems.append(f"lr must be positive, got {cfg.lr}")
     if not 0 <= cfg.momentum < 1:
@@ -68,8 +71,8 @@ def check_optim(cfg: OptimConfig, where: str) -> None:
         problems.append(f"weight_decay must be >= 0, got {cfg.weight_decay}")
     if not cfg.lr_decay > 0:
         problems.append(f"lr_decay must be positive, got {cfg.lr_decay}")
-    if any(m < 0 for m in cfg.milestones):
-        problems.append(f"milestones must be epochs >= 0, got {cfg.milestones}")
+    if any(not 0 <= m <= MAX_EPOCHS for m in cfg.milestones) or len(cfg.milestones) > 1000:
+        problems.append(f"milestones must be at most 1000 epochs in [0, {MAX_EPOCHS}], got {cfg.milestones!s:.80}")
     if cfg.schedule not in SCHEDULES:
         problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     if problems:

@@ -16,13 +16,14 @@ with r the linear feature-loss warm-up [D19]. After training the blocks fuse int
 from __future__ import annotations
 
 import inspect
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.distill import register_method
-from pipeline.distill.base import Distiller
+from pipeline.distill.base import EPOCHS, TEMPERATURE, WEIGHT, Bound, Distiller
 from pipeline.distill.features import teacher_head
 from pipeline.distill.kd import kd_loss
 from pipeline.distill.kdiffusion.chain import STEP_WEIGHTS, TARGET_MODES
@@ -63,6 +64,17 @@ class KDiffusion(Distiller):
         batched_chain: Compute each layer's chain as a few batched kernels instead of step by step (a GPU
             speed option: the same loss up to float rounding).
     """
+
+    option_bounds: ClassVar[dict[str, Bound]] = {
+        "m": Bound(1, 64),
+        "layers": Bound(1, 16),
+        "lambda_ce": WEIGHT,
+        "lambda_kd": WEIGHT,
+        "temperature": TEMPERATURE,
+        "lambda_diff": WEIGHT,
+        "lambda_guided": WEIGHT,
+        "warmup_epochs": EPOCHS,
+    }
 
     def __init__(
         self,

@@ -1,0 +1,258 @@
+"""The run folder is the pipeline's own (issue 13): files outside it are never written, deleted or followed,
+manifests are chained so later edits are named, and a full disk or a killed run leaves nothing that looks done.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import run_cli
+from pipeline.hashing import sha256_file, sha256_json
+from pipeline.store import MARKER, RunStore
+
+pytestmark = pytest.mark.xdist_group("ownership")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A tiny run with a trained teacher and a distilled student, copied by each test that changes it."""
+    from tests.conftest import TINY
+
+    out = tmp_path_factory.mktemp("made") / "run"
+    args = [a for item in TINY for a in ("--set", item)]
+    assert run_cli(["run", "teacher", "train", "--out", str(out), *args]) == 0
+    return out, args
+
+
+@pytest.fixture
+def run(made, tmp_path) -> tuple[Path, list[str]]:
+    out, args = made
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, symlinks=True)
+    return copy, args
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def _rewrite(path: Path, edit, redigest: bool) -> None:
+    """Edit a manifest as a tamperer would; ``redigest`` also recomputes its digest (the scheme is public)."""
+    data = json.loads(path.read_text())
+    edit(data)
+    if redigest:
+        signature = data.pop("signature", None)
+        data.pop("digest", None)
+        data["digest"] = sha256_json(data)
+        if signature:
+            data["signature"] = signature  # kept: without the key it cannot be recomputed
+    path.write_text(json.dumps(data, indent=2))
+
+
+# --- ownership ------------------------------------------------------------------------------------------
+
+
+def test_a_non_empty_folder_that_is_not_a_run_is_refused(tmp_path, tiny_overrides, capsys):
+    thesis = tmp_path / "mine" / "teacher" / "thesis.txt"
+    thesis.parent.mkdir(parents=True)
+    thesis.write_text("four years of work")
+    args = [a for item in tiny_overrides for a in ("--set", item)]
+    assert run_cli(["run", "teacher", "--out", str(tmp_path / "mine"), *args]) == 2
+    assert "is not empty and is not a run folder" in _error(capsys)
+    assert thesis.read_text() == "four years of work"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["teacher"]
+
+
+def test_a_lock_symlink_is_never_followed(run, tmp_path, capsys):
+    out, args = run
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (out / ".lock").unlink(missing_ok=True)
+    (out / ".lock").symlink_to(victim)
+    assert run_cli(["run", "teacher", "--out", str(out), *args]) == 2
+    assert ".lock is a symbolic link" in _error(capsys)
+    assert victim.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("name", [".staging", ".scratch", "tensorboard"])
+def test_links_in_place_of_the_store_s_folders_are_refused(run, tmp_path, name, capsys):
+    out, args = run
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "precious").write_text("x")
+    shutil.rmtree(out / name, ignore_errors=True)
+    (out / name).symlink_to(elsewhere, target_is_directory=True)
+    assert run_cli(["run", "teacher", "train", "--force", "--out", str(out), *args]) == 2
+    assert f"{name} is a symbolic link" in _error(capsys)
+    assert [p.name for p in elsewhere.iterdir()] == ["precious"]
+
+
+def test_force_through_a_stage_folder_symlink_deletes_nothing_outside(run, tmp_path, capsys):
+    out, args = run
+    outside = tmp_path / "outside"
+    shutil.move(out / "teacher", outside)
+    (out / "teacher").symlink_to(outside, target_is_directory=True)
+    before = {p.name: sha256_file(p) for p in outside.iterdir()}
+    assert run_cli(["run", "teacher", "--force", "--out", str(out), *args]) == 2
+    assert "teacher is a symbolic link" in _error(capsys)
+    assert {p.name: sha256_file(p) for p in outside.iterdir()} == before
+
+
+def test_a_stage_folder_that_is_a_file_is_one_line(run, capsys):
+    out, args = run
+    shutil.rmtree(out / "teacher")
+    (out / "teacher").write_text("not a folder")
+    assert run_cli(["run", "teacher", "--out", str(out), *args]) == 2
+    assert "is not a stage folder (a file is in its place)" in _error(capsys)
+    assert (out / "teacher").read_text() == "not a folder"
+
+
+def test_a_symlinked_artifact_is_refused(run, tmp_path, capsys):
+    out, _ = run
+    artifact = out / "teacher" / "teacher.safetensors"
+    outside = tmp_path / "teacher.safetensors"
+    shutil.move(artifact, outside)
+    artifact.symlink_to(outside)
+    assert run_cli(["inspect", str(out)]) == 2
+    assert "teacher.safetensors is outside its stage folder" in _error(capsys)
+
+
+# --- manifests that are not what they claim ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: [1, 2, 3], "is not a manifest (a JSON list"),
+        (lambda d: {**d, "outputs": [{**d["outputs"][0], "path": "/etc/passwd"}]}, "points outside its stage folder"),
+        (
+            lambda d: {**d, "outputs": [{**d["outputs"][0], "path": "../../../../etc/passwd"}]},
+            "points outside its stage folder",
+        ),
+        (lambda d: {**d, "outputs": [{**d["outputs"][0], "sha256": 5}]}, "malformed field"),
+        (lambda d: {**d, "checks": "none"}, "malformed field"),
+    ],
+    ids=["list", "absolute-output", "dotdot-output", "sha-type", "checks-type"],
+)
+def test_malformed_manifests_are_one_line_for_stages_and_inspect(run, edit, message, capsys):
+    out, args = run
+    path = out / "teacher" / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    assert run_cli(["inspect", str(out)]) == 2
+    assert message in _error(capsys)
+    assert run_cli(["run", "train", "--out", str(out), *args]) == 2
+    assert message in _error(capsys)
+
+
+def test_a_replaced_artifact_with_its_sha_updated_is_refused(run, capsys):
+    out, args = run
+    artifact = out / "teacher" / "teacher.safetensors"
+    artifact.write_bytes(artifact.read_bytes()[:-1] + b" ")
+    sha = sha256_file(artifact)
+    _rewrite(out / "teacher" / "manifest.json", lambda d: d["outputs"][-1].update(sha256=sha), redigest=False)
+    assert run_cli(["run", "train", "--out", str(out), *args]) == 2
+    assert "teacher/manifest.json was edited after the stage wrote it" in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.update(status="failed"),
+        lambda d: d["metrics"].update(test_top1=99.9),
+        lambda d: d.update(checks=[{"name": "x", "metric": "m", "value": 1, "threshold": 0, "op": "<=",
+                                    "passed": False, "detail": ""}]),
+    ],
+    ids=["status", "metrics", "checks"],
+)
+def test_edited_status_checks_or_metrics_are_refused(run, edit, capsys):
+    out, _ = run
+    _rewrite(out / "teacher" / "manifest.json", edit, redigest=False)
+    assert run_cli(["inspect", str(out)]) == 2
+    assert "teacher/manifest.json was edited after the stage wrote it" in _error(capsys)
+
+
+def test_a_redigested_upstream_edit_breaks_the_chain_and_is_named(run, capsys):
+    """Whoever recomputes the public digest still cannot update what the downstream stage recorded."""
+    out, args = run
+    _rewrite(out / "teacher" / "manifest.json", lambda d: d["metrics"].update(test_top1=99.9), redigest=True)
+    assert run_cli(["inspect", str(out)]) == 2
+    assert "teacher/manifest.json changed after stage 'train' consumed it" in _error(capsys)
+    assert run_cli(["run", "fuse", "--out", str(out), *args]) == 2
+    assert "changed after stage 'train' consumed it" in _error(capsys)
+    assert not (out / "fuse").exists()
+
+
+def test_a_signing_key_refuses_a_redigested_manifest(made, tmp_path, monkeypatch, capsys):
+    out, args = made
+    monkeypatch.setenv("KDPIPE_MANIFEST_KEY", "s3cret")
+    signed = tmp_path / "signed"
+    assert run_cli(["run", "teacher", "--out", str(signed), *args]) == 0
+    assert "signature" in json.loads((signed / "teacher" / "manifest.json").read_text())
+    assert run_cli(["inspect", str(signed)]) == 0
+    capsys.readouterr()
+    _rewrite(signed / "teacher" / "manifest.json", lambda d: d["metrics"].update(test_top1=99.9), redigest=True)
+    assert run_cli(["inspect", str(signed)]) == 2
+    assert "has a signature that does not match" in _error(capsys)
+    monkeypatch.setenv("KDPIPE_MANIFEST_KEY", "another")
+    assert run_cli(["inspect", str(out)]) == 2
+    assert "is not signed with the key in KDPIPE_MANIFEST_KEY" in _error(capsys)
+
+
+def test_changed_data_settings_make_the_upstream_stage_stale(run, capsys):
+    out, args = run
+    before = (out / "train" / "manifest.json").read_text()
+    assert run_cli(["run", "train", "--out", str(out), *args, "--set", "data.synthetic.seed=7"]) == 2
+    message = _error(capsys)
+    assert "stage 'teacher'" in message and "was made from other data" in message
+    assert "data.synthetic.seed: 0 -> 7" in message
+    assert (out / "train" / "manifest.json").read_text() == before
+
+
+def test_every_stage_records_the_digest_of_what_it_consumed(made):
+    out, _ = made
+    store = RunStore(out)
+    teacher, train = store.manifest("teacher"), store.manifest("train")
+    assert teacher.upstream == {} and train.upstream == {"teacher": teacher.digest}
+    assert (out / MARKER).is_file()
+
+
+# --- full disks and leftovers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_fails_the_stage_in_one_line_and_leaves_nothing(run, monkeypatch, code, capsys):
+    import stages.teacher
+
+    out, args = run
+    before = (out / "teacher" / "manifest.json").read_text()
+
+    def full(path, *a, **k):
+        Path(path).write_bytes(b"half")
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(stages.teacher, "save_checkpoint", full)
+    assert run_cli(["run", "teacher", "--force", "--out", str(out), *args]) == 2
+    message = _error(capsys)
+    assert "stage 'teacher' failed" in message and os.strerror(code) in message
+    assert (out / "teacher" / "manifest.json").read_text() == before
+    assert not any((out / ".staging").iterdir())
+
+
+def test_leftovers_of_killed_runs_are_cleaned_by_the_next_run(run, capsys):
+    out, args = run
+    (out / ".staging" / "train-kill3d").mkdir(parents=True)
+    (out / ".staging" / "train-kill3d" / "half.bin").write_bytes(b"x")
+    (out / ".scratch" / "train-0123456789abcdef").mkdir(parents=True)
+    assert run_cli(["run", "teacher", "train", "--out", str(out), *args]) == 0
+    assert "train-kill3d, left by a run that was killed" in capsys.readouterr().err
+    assert not any((out / ".staging").iterdir())
+    assert not any((out / ".scratch").glob("train-*"))
