@@ -4,6 +4,7 @@ manifests are chained so later edits are named, and a full disk or a killed run 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -256,3 +257,17 @@ def test_leftovers_of_killed_runs_are_cleaned_by_the_next_run(run, capsys):
     assert "train-kill3d, left by a run that was killed" in capsys.readouterr().err
     assert not any((out / ".staging").iterdir())
     assert not any((out / ".scratch").glob("train-*"))
+
+
+def test_a_stage_kept_across_a_code_change_does_not_break_the_chain_below_it(run):
+    from pipeline.runner import _keep
+
+    out, _ = run
+    store = RunStore(out)
+    teacher = store.manifest("teacher")
+    kept = _keep(store, teacher, "v1-other", {}, ["pipeline/training/loop.py"])
+    assert kept.digest != teacher.digest and teacher.digest in store.manifest("teacher").accepted_digests
+    assert store.audit("train")[1] == []
+    # A rewrite that does not say it was kept is still a broken link.
+    store.amend(dataclasses.replace(store.manifest("teacher"), kept=[]))
+    assert "changed after stage 'train' consumed it" in " ".join(store.audit("train")[1])
