@@ -32,10 +32,11 @@ import numpy as np
 
 from exports.calibration import array_reader, calibration_method
 from exports.deps import require
+from exports.errors import MissingDependencyError
 from exports.metadata import INPUT_NAME, DeployMeta
 from exports.onnx_export import check_onnx, write_metadata
 from pipeline.atomic import atomic_write_text
-from pipeline.errors import ConfigError, MissingDependencyError
+from pipeline.errors import ConfigError
 from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
 
 INT8_TARGETS = ("tensorrt", "cpu")

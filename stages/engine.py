@@ -19,6 +19,7 @@ import numpy as np
 from exports.golden import load_inputs, load_outputs
 from exports.metadata import PRECISIONS, DeployMeta
 from exports.onnx_export import read_metadata
+from exports.runners import infer_array
 from exports.trt_commands import GOLDEN_INPUTS, engine_name, golden_outputs_name
 from exports.trt_engine import TrtRunner, build_engine, current_platform, sidecar_path, unavailable_reason, write_engine
 from pipeline.checks import Check
@@ -103,8 +104,8 @@ class EngineStage(Stage):
         golden = load_inputs(export.path(GOLDEN_INPUTS), meta.input_name)
         runner_name, expected = load_outputs(export.path(golden_outputs_name(precision)), meta.output_name)
         with TrtRunner(engine_path, index) as runner:
-            per_sample = np.concatenate([runner.infer(golden[i : i + 1]) for i in range(len(golden))])
-            batched = runner.infer(golden)
+            per_sample = np.concatenate([infer_array(runner, golden[i : i + 1]) for i in range(len(golden))])
+            batched = infer_array(runner, golden)
             for warning in runner.warnings:
                 ctx.log(f"[engine] warning: {warning}")
             stats = diff_stats(expected, per_sample)
@@ -154,7 +155,7 @@ class EngineStage(Stage):
             return [], {"int8_gate": "skipped"}, f"int8 accuracy gate skipped: {why}"
         logits, labels = [], []
         for images, batch_labels in eval_batches(cfg, meta, cfg.export.eval_samples):
-            logits.append(runner.infer(images))
+            logits.append(infer_array(runner, images))
             labels.append(batch_labels)
         top1 = top1_accuracy(np.concatenate(logits), np.concatenate(labels))
         drop = fp32_top1 - top1

@@ -13,6 +13,7 @@ says so instead of passing it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from exports.golden import save_inputs, save_outputs
 from exports.int8 import INT8_TARGETS, CalibrationCache, copy_ranges, quantize_int8, tensorrt_qdq_problems
 from exports.metadata import PRECISIONS, DeployMeta
 from exports.onnx_export import export_onnx, exporter_name
-from exports.ort import ort_run, ort_session
+from exports.runners import OnnxrtRunner, infer_array
 from exports.trt_commands import GOLDEN_INPUTS, GOLDEN_OUTPUTS, EngineTarget, build_script, golden_outputs_name
 from pipeline.checkpoint import ModelMeta
 from pipeline.checks import TOLERANCES, Check
@@ -43,6 +44,7 @@ from stages.base import Stage, StageContext, StageResult, register_stage
 
 BUILD_SCRIPT = "build_engine.sh"
 CALIBRATION_RANGES = "int8_calibration.json"
+ORT_BATCH = 256  # samples per ONNX Runtime call in the checks
 
 
 def deploy_meta(
@@ -179,7 +181,8 @@ class ExportStage(Stage):
             report["gates"] = gate_report
             notes += [note] if note else []
             if "int8" in files:
-                int8_golden = ort_run(ort_session(files["int8"]), golden)
+                with OnnxrtRunner(files["int8"]) as runner:
+                    int8_golden = infer_array(runner, golden, ORT_BATCH)
                 save_outputs(int8_golden, ctx.out / golden_outputs_name("int8"), runner="onnxrt-int8")
 
         targets = [
@@ -198,10 +201,10 @@ def fp32_checks(model: torch.nn.Module, path: Path, cfg: Config, meta: DeployMet
     """ORT CPU against the fused PyTorch model, and a sample alone against the same sample in a batch."""
     images = first_test_images(cfg, meta, cfg.export.parity_samples)
     reference = batched_logits(model, torch.from_numpy(images), torch.device("cpu")).numpy()
-    session = ort_session(path)
-    candidate = ort_run(session, images)
+    with OnnxrtRunner(path) as runner:
+        candidate = infer_array(runner, images, ORT_BATCH)
+        single = np.concatenate([infer_array(runner, images[i : i + 1]) for i in range(min(len(images), 8))])
     stats = diff_stats(reference, candidate)
-    single = np.concatenate([ort_run(session, images[i : i + 1]) for i in range(min(len(images), 8))])
     batch_stats = diff_stats(candidate[: len(single)], single)
     checks = [
         Check.gate("onnx_fp32_max_abs", "max |ORT - PyTorch|", stats["max_abs"], "onnx.fp32_max_abs"),
@@ -317,13 +320,14 @@ def int8_gate(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) 
 
 def reduced_precision_gates(cfg: Config, meta: DeployMeta, files: dict[str, Path]):
     """One pass over the evaluation set through every exported precision, then their gates."""
-    sessions = {p: ort_session(path) for p, path in files.items()}
     logits: dict[str, list[np.ndarray]] = {p: [] for p in files}
     labels = []
-    for images, batch_labels in eval_batches(cfg, meta, cfg.export.eval_samples):
-        labels.append(batch_labels)
-        for p, session in sessions.items():
-            logits[p].append(ort_run(session, images))
+    with contextlib.ExitStack() as active:
+        runners = {p: active.enter_context(OnnxrtRunner(path)) for p, path in files.items()}
+        for images, batch_labels in eval_batches(cfg, meta, cfg.export.eval_samples):
+            labels.append(batch_labels)
+            for p, runner in runners.items():
+                logits[p].append(infer_array(runner, images, ORT_BATCH))
     labels_all = np.concatenate(labels)
     out = {p: np.concatenate(chunks) for p, chunks in logits.items()}
     checks, metrics, report, note = [], {}, {"eval_samples": len(labels_all)}, ""

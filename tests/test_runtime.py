@@ -15,7 +15,7 @@ from PIL import Image
 
 from exports.metadata import DeployMeta
 from exports.onnx_export import export_onnx
-from exports.ort import ort_run, ort_session
+from exports.runners import run_onnx
 from exports.runtime import Classifier, ImageError, ModelFileError, load_image, preprocess, top_classes
 from stages.export import deploy_transform
 
@@ -74,7 +74,7 @@ def test_top_k_on_saved_images(model_file, images):
     for preds in results:
         assert len(preds) == 2 and preds[0].probability >= preds[1].probability > 0
     batch = classifier.preprocess([images["red.png"]])
-    logits = ort_run(ort_session(model_file), batch)
+    logits = run_onnx(model_file, batch)
     assert results[0][0].index == int(logits[0].argmax())
     assert results[0][0].probability == pytest.approx(float(np.exp(logits[0]).max() / np.exp(logits[0]).sum()))
     assert len(classifier.predict([images["red.png"]], top_k=10)[0]) == 3  # k is capped at the class count
