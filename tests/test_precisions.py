@@ -95,3 +95,18 @@ def test_an_int8_gate_without_fitting_labels_is_skipped_with_a_note():
     assert skipped.note.startswith("int8 accuracy gate skipped: dataset x has 10 classes")
     measured = int8_gate(logits, logits, np.arange(3))
     assert [c.name for c in measured.checks] == ["onnx_int8_top1_drop"] and measured.metrics["int8_top1_drop_pt"] == 0
+
+
+def test_calibration_methods_come_from_a_registry():
+    import onnxruntime.quantization.calibrate as calibrate
+
+    from exports.calibration import CALIBRATION_METHODS, calibration_method
+
+    assert calibration_method("minmax") == calibrate.CalibrationMethod.MinMax
+    assert {calibration_method(n) for n in CALIBRATION_METHODS} == {
+        calibrate.CalibrationMethod.MinMax,
+        calibrate.CalibrationMethod.Entropy,
+        calibrate.CalibrationMethod.Percentile,
+    }
+    with pytest.raises(ConfigError, match="unknown calibration method 'histogram'; choose one of: entropy, minmax"):
+        calibration_method("histogram")
