@@ -15,23 +15,18 @@ import numpy as np
 
 from exports.deps import require
 from exports.metadata import INPUT_NAME
+from pipeline.registry import Registry
 
-CALIBRATION_METHODS = ("percentile", "minmax", "entropy")
+# config name -> the member of ONNX Runtime's ``CalibrationMethod``
+CALIBRATION_METHODS: Registry[str] = Registry("calibration method")
+for _name, _member in (("percentile", "Percentile"), ("minmax", "MinMax"), ("entropy", "Entropy")):
+    CALIBRATION_METHODS.register(_member, name=_name)
 
 
 def calibration_method(name: str):
     """The ONNX Runtime ``CalibrationMethod`` for a config name."""
-    from pipeline.errors import ConfigError
-
-    calibrate = require("onnxruntime.quantization.calibrate")
-    table = {
-        "minmax": calibrate.CalibrationMethod.MinMax,
-        "entropy": calibrate.CalibrationMethod.Entropy,
-        "percentile": calibrate.CalibrationMethod.Percentile,
-    }
-    if name not in table:
-        raise ConfigError(f"unknown calibration method {name!r}; choose one of: {', '.join(CALIBRATION_METHODS)}")
-    return table[name]
+    member = CALIBRATION_METHODS.get(name)
+    return getattr(require("onnxruntime.quantization.calibrate").CalibrationMethod, member)
 
 
 def array_reader(images: np.ndarray, input_name: str = INPUT_NAME, batch: int = 32):

@@ -1,4 +1,7 @@
-"""Import optional backends on first use, with an install hint instead of an ImportError."""
+"""Import optional backends on first use, with an install hint instead of an ImportError.
+
+Part of the edge runtime (standard library only), so the runtime imports its backends the same way.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-from pipeline.errors import MissingDependencyError
+from .errors import MissingDependencyError
 
 # module -> (pip package, extra that provides it)
 _SOURCES = {

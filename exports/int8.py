@@ -25,6 +25,7 @@ import inspect
 import io
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,13 +33,13 @@ import numpy as np
 
 from exports.calibration import array_reader, calibration_method
 from exports.deps import require
+from exports.errors import MissingDependencyError
 from exports.metadata import INPUT_NAME, DeployMeta
 from exports.onnx_export import check_onnx, write_metadata
 from pipeline.atomic import atomic_write_text
-from pipeline.errors import ConfigError, MissingDependencyError
 from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
+from pipeline.registry import Registry
 
-INT8_TARGETS = ("tensorrt", "cpu")
 TENSORRT_OPS = ("Conv", "Gemm", "MatMul", "Add")
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -140,8 +141,7 @@ def quantize_int8(
     input_name: str = INPUT_NAME,
 ) -> Int8Result:
     """Write the Q/DQ INT8 version of the fp32 ONNX ``src`` to ``dst``, calibrated on ``images``."""
-    if target not in INT8_TARGETS:
-        raise ConfigError(f"unknown export.int8_target {target!r}; choose one of: {', '.join(INT8_TARGETS)}")
+    spec = INT8_TARGETS.get(target, "export.int8_target")
     quantization = require("onnxruntime.quantization")
     preprocess = require("onnxruntime.quantization.shape_inference")
     require_calibration_cache()
@@ -152,7 +152,7 @@ def quantize_int8(
     with tempfile.TemporaryDirectory(prefix="int8-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         preprocess.quant_pre_process(str(src), str(prepared))
-        options = _target_options(quantization, target, prepared)
+        options = spec.options(quantization, prepared)
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
             quantization.quantize_static(
                 str(prepared),
@@ -172,13 +172,15 @@ def quantize_int8(
     return Int8Result(key, cached is not None, cache.ranges_path(key))
 
 
-def _target_options(quantization, target: str, model: Path) -> dict:
-    if target == "cpu":
-        return {
-            "activation_type": quantization.QuantType.QUInt8,
-            "weight_type": quantization.QuantType.QInt8,
-            "extra_options": {"WeightSymmetric": True},
-        }
+def _cpu_options(quantization, model: Path) -> dict:
+    return {
+        "activation_type": quantization.QuantType.QUInt8,
+        "weight_type": quantization.QuantType.QInt8,
+        "extra_options": {"WeightSymmetric": True},
+    }
+
+
+def _tensorrt_options(quantization, model: Path) -> dict:
     onnx = require("onnx")
     op_types = sorted({n.op_type for n in onnx.load(str(model), load_external_data=False).graph.node})
     return {
@@ -197,6 +199,29 @@ def _target_options(quantization, target: str, model: Path) -> dict:
             "QDQDisableWeightAdjustForInt32Bias": True,
         },
     }
+
+
+@dataclass(frozen=True)
+class Int8Target:
+    """Who runs an INT8 model: its ONNX Runtime quantization options, and whether TensorRT builds it."""
+
+    name: str
+    description: str  # recorded in the model's metadata (``quantization``)
+    options: Callable[[object, Path], dict]  # (onnxruntime.quantization, prepared model) -> quantize_static kwargs
+    builds_engine: bool  # TensorRT accepts its Q/DQ nodes (checked by tensorrt_qdq_problems)
+
+
+INT8_TARGETS: Registry[Int8Target] = Registry("INT8 target")
+for _target in (
+    Int8Target(
+        "tensorrt",
+        "int8 Q/DQ, symmetric, per-channel weights (TensorRT explicit quantization)",
+        _tensorrt_options,
+        builds_engine=True,
+    ),
+    Int8Target("cpu", "int8 Q/DQ, uint8 activations (ONNX Runtime CPU; not for TensorRT)", _cpu_options, False),
+):
+    INT8_TARGETS.register(_target, name=_target.name)
 
 
 def tensorrt_qdq_problems(path: str | Path) -> list[str]:

@@ -1,14 +1,17 @@
 """The edge runtime: load an exported ``.onnx`` or a built ``.engine``, classify images.
 
 An app needs only the model file (and, for an engine, the ``.engine.json`` sidecar written beside
-it): the input size, normalization and class names travel with the model. This module imports
-numpy, Pillow and ONNX Runtime only; torch and TensorRT are needed only to run an ``.engine``.
+it): the input size, normalization and class names travel with the model. The runtime is the files
+named in :data:`EDGE_FILES`: they import numpy, Pillow and ONNX Runtime only (``requirements-edge.txt``)
+and each other by relative imports, so an app installs those three and copies the files into a package
+of its own name, without torch or the pipeline (README, "Edge runtime"). Running an ``.engine`` needs
+the full install with TensorRT.
 
     from exports.runtime import Classifier
 
-    model = Classifier.load("model.onnx")
-    for prediction in model.predict(["cat.jpg"], top_k=3)[0]:
-        print(prediction.label, prediction.probability)
+    with Classifier.load("model.onnx") as model:
+        for prediction in model.predict(["cat.jpg"], top_k=3)[0]:
+            print(prediction.label, prediction.probability)
 """
 
 from __future__ import annotations
@@ -19,20 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from exports.deps import require
-from exports.metadata import DeployMeta, MetadataError
-from pipeline.errors import PipelineError
+from .deps import require
+from .errors import EdgeError, ImageError, ModelFileError  # noqa: F401  (the runtime's errors, in one import)
+from .metadata import DeployMeta, MetadataError
+from .runners import BaseRunner, OnnxrtRunner
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-_ORT_LOAD_ERRORS = ("Fail", "InvalidProtobuf", "InvalidGraph", "NoSuchFile", "InvalidArgument", "NotImplemented")
-
-
-class ModelFileError(PipelineError):
-    """A model file that is missing, unreadable, or not exported by this pipeline."""
-
-
-class ImageError(PipelineError):
-    """An image file that is missing or cannot be decoded."""
+# The runtime on its own: what an app copies into a package of its own, and the packages it needs.
+EDGE_FILES = ("__init__.py", "deps.py", "errors.py", "metadata.py", "runners.py", "runtime.py")
+EDGE_REQUIREMENTS = "requirements-edge.txt"
 
 
 @dataclass(frozen=True)
@@ -95,11 +93,14 @@ def top_classes(logits: np.ndarray, k: int, meta: DeployMeta) -> list[list[Predi
 
 
 class Classifier:
-    """An image classifier behind ONNX Runtime (``.onnx``) or TensorRT (``.engine``)."""
+    """An image classifier behind a runner: ONNX Runtime (``.onnx``) or TensorRT (``.engine``).
 
-    def __init__(self, meta: DeployMeta, run, path: Path):
+    :meth:`load` activates the runner; :meth:`close` (or leaving a ``with`` block) releases it.
+    """
+
+    def __init__(self, meta: DeployMeta, runner: BaseRunner, path: Path):
         self.meta = meta
-        self._run = run
+        self.runner = runner
         self.path = path
 
     @classmethod
@@ -115,30 +116,25 @@ class Classifier:
 
     @classmethod
     def _load_onnx(cls, path: Path, provider: str, threads: int | None) -> Classifier:
-        from exports.ort import ort_session
-
         if provider not in PROVIDERS:
             raise ModelFileError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
-        state = require("onnxruntime.capi.onnxruntime_pybind11_state")
-        errors = tuple(getattr(state, name) for name in _ORT_LOAD_ERRORS if hasattr(state, name))
+        runner = OnnxrtRunner(path, PROVIDERS[provider], threads)
+        runner.activate()
         try:
-            session = ort_session(path, PROVIDERS[provider], threads)
-        except errors as exc:
-            first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise ModelFileError(f"{path} is not a loadable ONNX model ({first})") from None
-        try:
-            meta = DeployMeta.from_props(dict(session.get_modelmeta().custom_metadata_map), str(path))
+            meta = DeployMeta.from_props(runner.metadata(), str(path))
         except MetadataError as exc:
+            runner.deactivate()
             raise ModelFileError(str(exc)) from None
-
-        def run(batch: np.ndarray) -> np.ndarray:
-            return session.run([meta.output_name], {meta.input_name: batch})[0].astype(np.float32)
-
-        return cls(meta, run, path)
+        return cls(meta, runner, path)
 
     @classmethod
     def _load_engine(cls, path: Path) -> Classifier:
-        from exports.trt_engine import TrtRunner, unavailable_reason
+        try:
+            from .trt_engine import TrtRunner, unavailable_reason
+        except ImportError as exc:  # the runtime copied alone: engines need the pipeline's TensorRT support
+            raise ModelFileError(
+                f"cannot run TensorRT engine {path}: install kdiffusion-pipeline[tensorrt] ({exc})"
+            ) from None
 
         reason = unavailable_reason()
         if reason:
@@ -149,7 +145,22 @@ class Classifier:
         except MetadataError as exc:
             raise ModelFileError(str(exc)) from None
         runner.activate()
-        return cls(meta, runner.infer, path)
+        return cls(meta, runner, path)
+
+    def __enter__(self) -> Classifier:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the session (also done when the classifier is garbage collected)."""
+        self.runner.deactivate()
+
+    def __del__(self) -> None:
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.deactivate()
 
     def preprocess(self, images: Sequence) -> np.ndarray:
         """A batch from image paths or PIL images."""
@@ -157,7 +168,8 @@ class Classifier:
         return np.stack([preprocess(image, self.meta) for image in loaded])
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        return self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        feed = np.ascontiguousarray(batch, dtype=np.float32)
+        return self.runner.infer({self.meta.input_name: feed})[self.meta.output_name].astype(np.float32)
 
     def predict(self, images: Sequence, top_k: int = 5) -> list[list[Prediction]]:
         if top_k < 1:

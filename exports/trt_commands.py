@@ -11,12 +11,11 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from exports.metadata import INPUT_NAME, OUTPUT_NAME
+from exports.metadata import INPUT_NAME
+from exports.precisions import GOLDEN_OUTPUTS, PRECISIONS  # noqa: F401  (GOLDEN_OUTPUTS: the script's name too)
 from exports.trt_engine import BatchProfile
-from pipeline.checks import TOLERANCES
 
 GOLDEN_INPUTS = "golden_inputs.json"
-GOLDEN_OUTPUTS = "golden_outputs.json"
 
 
 # trtexec prints its version in its banner, e.g. [TensorRT v101300] for 10.13.0.
@@ -32,9 +31,8 @@ esac"""
 
 
 def golden_outputs_name(precision: str) -> str:
-    """fp32 and fp16 engines are checked against the fp32 PyTorch reference (as their ONNX gates are);
-    INT8 against ONNX Runtime running the same Q/DQ model, since its own gate needs labelled data."""
-    return "golden_outputs_int8.json" if precision == "int8" else GOLDEN_OUTPUTS
+    """The golden outputs an engine of ``precision`` is held to (see :mod:`exports.precisions`)."""
+    return PRECISIONS.get(precision, "precision").golden_outputs
 
 
 def engine_name(precision: str) -> str:
@@ -71,12 +69,13 @@ def trtexec_command(target: EngineTarget, profile: BatchProfile, workspace_mib: 
 def polygraphy_checks(precision: str) -> list[list[str]]:
     """Polygraphy commands that compare the engine with the golden outputs, per sample.
 
-    fp32: max |diff| within ``trt.fp32_max_abs`` (``--rtol 0`` makes Polygraphy's either-tolerance
-    rule a pure absolute bound) and the same top-1 class. fp16: cosine similarity per sample and the
-    same top-1 (with a handful of samples the >= 99 % agreement gate means all of them). int8: the
-    same top-1 class as ONNX Runtime on the same Q/DQ model; its accuracy gate needs labelled data
-    and runs in the pipeline's engine stage.
+    The comparisons are the precision's (:mod:`exports.precisions`). fp32: max |diff| within
+    ``trt.fp32_max_abs`` (``--rtol 0`` makes Polygraphy's either-tolerance rule a pure absolute bound) and
+    the same top-1 class. fp16: cosine similarity per sample and the same top-1 (with a handful of samples
+    the >= 99 % agreement gate means all of them). int8: the same top-1 class as ONNX Runtime on the same
+    Q/DQ model; its accuracy gate needs labelled data and runs in the pipeline's engine stage.
     """
+    spec = PRECISIONS.get(precision, "precision")
     base = [
         "polygraphy",
         "run",
@@ -87,15 +86,9 @@ def polygraphy_checks(precision: str) -> list[list[str]]:
         "--load-inputs",
         GOLDEN_INPUTS,
         "--load-outputs",
-        golden_outputs_name(precision),
+        spec.golden_outputs,
     ]
-    top1 = [*base, "--postprocess", f"{OUTPUT_NAME}:top-1", "--compare", "indices"]
-    if precision == "fp32":
-        return [[*base, "--atol", f"{TOLERANCES['trt.fp32_max_abs']:g}", "--rtol", "0"], top1]
-    if precision == "fp16":
-        cosine = TOLERANCES["onnx.fp16_min_cosine"]
-        return [[*base, "--compare", "cosine_similarity", "--cosine-similarity-threshold", f"{cosine:g}"], top1]
-    return [top1]
+    return [[*base, *compare] for compare in spec.polygraphy_compare]
 
 
 def build_script(targets: list[EngineTarget], profile: BatchProfile, workspace_mib: int) -> str:

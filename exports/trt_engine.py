@@ -22,6 +22,7 @@ import numpy as np
 
 from exports.deps import is_installed, require
 from exports.metadata import INPUT_NAME, OUTPUT_NAME, DeployMeta
+from exports.runners import BaseRunner
 from pipeline.atomic import atomic_write_bytes
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.hashing import sha256_bytes, sha256_file
@@ -261,28 +262,23 @@ def write_engine(
     return sidecar
 
 
-class TrtRunner:
-    """Runs a plan file on the current CUDA device, after the preflight.
+class TrtRunner(BaseRunner):
+    """Runs a plan file on the current CUDA device, after the preflight (the runner contract of
+    :mod:`exports.runners`).
 
-    Buffers are torch CUDA tensors; inputs are split into chunks the profile accepts. Usable as a
-    context manager; ``infer`` maps a float32 NCHW batch to float32 logits.
+    Buffers are torch CUDA tensors; inputs are split into chunks the profile accepts, and a chunk
+    shorter than ``min_batch`` is zero-padded. ``warnings`` holds what the preflight noticed.
     """
 
     def __init__(self, engine_path: str | Path, device: int = 0):
+        super().__init__(f"trt:{Path(engine_path).name}")
         self.engine_path = Path(engine_path)
         self.sidecar = EngineSidecar.load(sidecar_path(self.engine_path))
         self.device = device
         self.warnings: list[str] = []
         self.engine = self.context = self.stream = None
 
-    def __enter__(self) -> TrtRunner:
-        self.activate()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.deactivate()
-
-    def activate(self) -> None:
+    def _activate(self) -> None:
         trt = require("tensorrt")
         import torch
 
@@ -295,15 +291,15 @@ class TrtRunner:
             raise EngineMismatchError(f"TensorRT could not deserialize {self.engine_path}; rebuild the engine")
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream(self.device)
+        self.input_names, self.output_names = (self.sidecar.input_name,), (self.sidecar.output_name,)
 
-    def deactivate(self) -> None:
-        self.context = self.engine = self.stream = None
+    def _deactivate(self) -> None:
+        self.context = self.engine = self.stream = None  # execution context before engine: TensorRT's order
 
-    def infer(self, images: np.ndarray) -> np.ndarray:
-        if self.context is None:
-            raise RuntimeError("call activate() (or use the runner as a context manager) before infer()")
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = feed[self.sidecar.input_name]
         outs = [self._run(images[start:stop]) for start, stop in self.sidecar.profile.chunks(len(images))]
-        return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+        return {self.sidecar.output_name: np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)}
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         trt = require("tensorrt")

@@ -7,7 +7,7 @@ read them from here and the manifests record them.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 Op = Literal["<=", ">=", "=="]
@@ -79,3 +79,34 @@ class Check:
     @classmethod
     def from_dict(cls, data: dict) -> Check:
         return cls(**data)
+
+
+@dataclass
+class GateResult:
+    """What a group of gates found: the checks, figures for the manifest, a section for the stage's report,
+    and notes (e.g. why a gate could not be measured). Truthy when every check passed.
+
+    Gates return one each and the stage merges them, instead of passing ``(checks, metrics, report)`` tuples.
+    """
+
+    checks: list[Check] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def merge(self, other: GateResult, section: str | None = None) -> GateResult:
+        """Add ``other`` to this result; its report goes under ``section`` (merged with what is there) or,
+        without one, into the top level. Returns ``self``, so merges chain."""
+        self.checks += other.checks
+        self.metrics.update(other.metrics)
+        target = self.report if section is None else self.report.setdefault(section, {})
+        target.update(other.report)
+        self.notes += other.notes
+        return self
+
+    @property
+    def note(self) -> str:
+        return "; ".join(self.notes)
+
+    def __bool__(self) -> bool:
+        return all(self.checks)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from exports.errors import EdgeError
 from pipeline.errors import ConfigError, PipelineError, one_line
 
 
@@ -267,8 +268,8 @@ def predict(images, model, top_k, provider, as_json):
     """Classify IMAGE... with an exported model (the edge runtime, exports.runtime)."""
     from exports.runtime import Classifier
 
-    classifier = Classifier.load(model, provider=provider)
-    results = classifier.predict(list(images), top_k=top_k)
+    with Classifier.load(model, provider=provider) as classifier:
+        results = classifier.predict(list(images), top_k=top_k)
     if as_json:
         rows = [{"image": str(i), "top": [vars(p) for p in preds]} for i, preds in zip(images, results)]
         click.echo(json.dumps(rows, indent=2))
@@ -281,7 +282,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit status (user errors print one line, never a traceback)."""
     try:
         cli.main(args=argv, prog_name="python -m pipeline", standalone_mode=False)
-    except PipelineError as exc:
+    except (PipelineError, EdgeError) as exc:
         rank = f"[rank {os.environ.get('RANK')}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
         _echo_err(f"error: {rank}{one_line(exc)}")
         return exc.exit_code

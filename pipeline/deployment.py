@@ -16,6 +16,7 @@ import torch
 from torchvision.transforms import v2
 
 from exports.metadata import DeployMeta
+from exports.precisions import PRECISIONS
 from exports.trt_engine import BatchProfile
 from pipeline.config import Config
 from pipeline.data import Transformed
@@ -23,7 +24,7 @@ from pipeline.progress import progress_bar
 from pipeline.stagekit import bundle
 from pipeline.training import make_loader
 
-ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+ONNX_FILES = {name: spec.onnx_file for name, spec in PRECISIONS.items()}  # precision -> exported file
 REPORT = "report.json"
 
 

@@ -1,7 +1,8 @@
 """Errors a user can cause, each with the exit status the CLI gives it.
 
 Library code raises these; only the CLI turns them into a one-line message and an exit status, so a
-user mistake never ends in a traceback.
+user mistake never ends in a traceback. The edge runtime has its own base class,
+:class:`exports.errors.EdgeError` (a missing optional package is one), which the CLI reports the same way.
 """
 
 from __future__ import annotations
@@ -27,17 +28,6 @@ class CheckpointError(PipelineError):
 
 class DatasetError(PipelineError):
     """A dataset that is missing, incomplete, or does not match its recorded checksum."""
-
-
-class MissingDependencyError(PipelineError):
-    """An optional package is not installed; the message names the pip extra that provides it."""
-
-    def __init__(self, package: str, extra: str | None = None, cause: BaseException | None = None):
-        hint = f"pip install 'kdiffusion-pipeline[{extra}]'" if extra else f"pip install {package}"
-        detail = f" ({cause})" if cause else ""
-        super().__init__(f"{package} is required for this step but is not importable{detail}; install it with: {hint}")
-        self.package = package
-        self.extra = extra
 
 
 class CheckFailedError(PipelineError):

@@ -40,11 +40,14 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, what: str | None = None) -> T:
+        """The object named ``name``; ``what`` names the setting in the error (default: the registry's kind)."""
         try:
             return self._items[name]
-        except KeyError:
-            raise ConfigError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}") from None
+        except (KeyError, TypeError):  # TypeError: an unhashable value from a config file
+            raise ConfigError(
+                f"unknown {what or self.kind} {name!r}; choose one of: {', '.join(self.names())}"
+            ) from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

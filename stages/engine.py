@@ -17,22 +17,19 @@ from pathlib import Path
 import numpy as np
 
 from exports.golden import load_inputs, load_outputs
-from exports.metadata import PRECISIONS, DeployMeta
+from exports.metadata import DeployMeta
 from exports.onnx_export import read_metadata
-from exports.trt_commands import GOLDEN_INPUTS, engine_name, golden_outputs_name
+from exports.precisions import PRECISIONS, Precision
+from exports.runners import infer_array
+from exports.trt_commands import GOLDEN_INPUTS, engine_name
 from exports.trt_engine import TrtRunner, build_engine, current_platform, sidecar_path, unavailable_reason, write_engine
-from pipeline.checks import Check
+from pipeline.checks import Check, GateResult
 from pipeline.compare import diff_stats, top1_accuracy
 from pipeline.config import Config
-from pipeline.deployment import ONNX_FILES, REPORT, engine_profile, eval_batches, label_mismatch, read_report
+from pipeline.deployment import REPORT, engine_profile, eval_batches, label_mismatch, read_report
 from pipeline.errors import ConfigError
 from pipeline.stagekit import data_params, write_json
 from stages.base import Stage, StageContext, StageResult, register_stage
-
-INT8_CPU_ONLY = (
-    "the INT8 model for the ONNX Runtime CPU (export.int8_target=cpu) has uint8 activations, which TensorRT "
-    "does not accept; export with export.int8_target=tensorrt for an INT8 engine"
-)
 
 
 def cuda_index(device: str) -> int | None:
@@ -54,15 +51,13 @@ class EngineStage(Stage):
         return ("export",)
 
     def validate(self, cfg: Config) -> None:
-        if cfg.engine.precision not in PRECISIONS:
-            raise ConfigError(
-                f"unknown engine.precision {cfg.engine.precision!r}; choose one of: {', '.join(PRECISIONS)}"
-            )
+        spec = PRECISIONS.get(cfg.engine.precision, "engine.precision")
         engine_profile(cfg, 1)
         if cfg.engine.workspace_mib < 1:
             raise ConfigError("engine.workspace_mib must be at least 1")
-        if cfg.engine.precision == "int8" and cfg.export.int8_target != "tensorrt":
-            raise ConfigError(INT8_CPU_ONLY)
+        refusal = spec.why_no_engine(cfg.export)
+        if refusal:
+            raise ConfigError(refusal)
 
     def params(self, cfg: Config) -> dict:
         params = dataclasses.asdict(cfg.engine)
@@ -75,7 +70,8 @@ class EngineStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         cfg, export = ctx.cfg, ctx.inputs["export"]
         precision = cfg.engine.precision
-        onnx_path = self._onnx_for(precision, export, cfg)
+        spec = PRECISIONS.get(precision, "engine.precision")
+        onnx_path = self._onnx_for(spec, export, cfg)
         index = cuda_index(cfg.device)
         if index is None:
             return StageResult(
@@ -101,105 +97,75 @@ class EngineStage(Stage):
         write_engine(plan, engine_path, onnx_path, precision, profile, cfg.engine.workspace_mib, meta, platform)
 
         golden = load_inputs(export.path(GOLDEN_INPUTS), meta.input_name)
-        runner_name, expected = load_outputs(export.path(golden_outputs_name(precision)), meta.output_name)
+        runner_name, expected = load_outputs(export.path(spec.golden_outputs), meta.output_name)
         with TrtRunner(engine_path, index) as runner:
-            per_sample = np.concatenate([runner.infer(golden[i : i + 1]) for i in range(len(golden))])
-            batched = runner.infer(golden)
+            per_sample = np.concatenate([infer_array(runner, golden[i : i + 1]) for i in range(len(golden))])
+            batched = infer_array(runner, golden)
             for warning in runner.warnings:
                 ctx.log(f"[engine] warning: {warning}")
             stats = diff_stats(expected, per_sample)
-            checks = golden_checks(precision, stats)
-            metrics = {
-                "engine_max_abs": stats["max_abs"],
-                "engine_min_cosine": stats["min_cosine"],
-                "batch_max_abs": diff_stats(per_sample, batched)["max_abs"],
-                "engine_bytes": len(plan),
-            }
-            report = {
-                "platform": dataclasses.asdict(platform),
-                "profile": dataclasses.asdict(profile),
-                "golden": {"reference": runner_name, "samples": len(golden), **stats},
-                "batch_consistency": diff_stats(per_sample, batched),
-            }
-            note = ""
-            if precision == "int8":
-                int8_checks, int8_metrics, note = self._int8_accuracy(ctx, runner, meta, export.path(REPORT))
-                checks += int8_checks
-                metrics.update(int8_metrics)
-                report["int8"] = int8_metrics
-        report["sidecar"] = sidecar_path(engine_path).name
-        write_json(ctx.out / REPORT, report)
-        return StageResult(checks=checks, metrics=metrics, reason=note)
-
-    @staticmethod
-    def _onnx_for(precision: str, export, cfg: Config) -> Path:
-        exported = {a.path for a in export.manifest.outputs}
-        if ONNX_FILES[precision] not in exported:
-            raise ConfigError(
-                f"engine.precision={precision} but the export stage made no {precision} ONNX; "
-                f"add it with --set 'export.precisions=[fp32,{precision}]' and rerun export"
+            result = GateResult(
+                spec.engine_gate(stats),
+                {
+                    "engine_max_abs": stats["max_abs"],
+                    "engine_min_cosine": stats["min_cosine"],
+                    "batch_max_abs": diff_stats(per_sample, batched)["max_abs"],
+                    "engine_bytes": len(plan),
+                },
+                {
+                    "platform": dataclasses.asdict(platform),
+                    "profile": dataclasses.asdict(profile),
+                    "golden": {"reference": runner_name, "samples": len(golden), **stats},
+                    "batch_consistency": diff_stats(per_sample, batched),
+                },
             )
-        if precision == "int8" and export.manifest.params.get("int8_target") != "tensorrt":
-            raise ConfigError(INT8_CPU_ONLY)
-        return export.path(ONNX_FILES[precision])
+            if spec.engine_accuracy_gate:
+                result.merge(self._accuracy(ctx, spec.name, runner, meta, export.path(REPORT)), section=spec.name)
+        result.report["sidecar"] = sidecar_path(engine_path).name
+        write_json(ctx.out / REPORT, result.report)
+        return StageResult(checks=result.checks, metrics=result.metrics, reason=result.note)
 
     @staticmethod
-    def _int8_accuracy(ctx: StageContext, runner: TrtRunner, meta: DeployMeta, export_report: Path):
-        """The INT8 gate proper: top-1 drop against the fp32 accuracy the export stage measured."""
+    def _onnx_for(spec: Precision, export, cfg: Config) -> Path:
+        exported = {a.path for a in export.manifest.outputs}
+        if spec.onnx_file not in exported:
+            raise ConfigError(
+                f"engine.precision={spec.name} but the export stage made no {spec.name} ONNX; "
+                f"add it with --set 'export.precisions=[fp32,{spec.name}]' and rerun export"
+            )
+        as_exported = dataclasses.replace(cfg.export, int8_target=export.manifest.params.get("int8_target"))
+        refusal = spec.why_no_engine(as_exported)
+        if refusal:
+            raise ConfigError(refusal)
+        return export.path(spec.onnx_file)
+
+    @staticmethod
+    def _accuracy(ctx: StageContext, precision: str, runner: TrtRunner, meta: DeployMeta, export_report: Path):
+        """The precision's gate proper: top-1 drop against the fp32 accuracy the export stage measured."""
         cfg = ctx.cfg
-        fp32_top1 = read_report(export_report).get("gates", {}).get("int8", {}).get("fp32_top1")
+        fp32_top1 = read_report(export_report).get("gates", {}).get(precision, {}).get("fp32_top1")
         mismatch = label_mismatch(cfg, meta)
         if mismatch or fp32_top1 is None:
             why = mismatch or "the export stage has no fp32 accuracy for this data"
-            return [], {"int8_gate": "skipped"}, f"int8 accuracy gate skipped: {why}"
+            skipped = {f"{precision}_gate": "skipped"}
+            return GateResult(metrics=skipped, report=skipped, notes=[f"{precision} accuracy gate skipped: {why}"])
         logits, labels = [], []
         for images, batch_labels in eval_batches(cfg, meta, cfg.export.eval_samples):
-            logits.append(runner.infer(images))
+            logits.append(infer_array(runner, images))
             labels.append(batch_labels)
         top1 = top1_accuracy(np.concatenate(logits), np.concatenate(labels))
         drop = fp32_top1 - top1
         check = Check.gate(
-            "trt_int8_top1_drop",
-            "top-1 ONNX fp32 - top-1 TensorRT int8 (pt)",
+            f"trt_{precision}_top1_drop",
+            f"top-1 ONNX fp32 - top-1 TensorRT {precision} (pt)",
             drop,
-            "onnx.int8_top1_drop_pt",
-            detail=f"fp32 {fp32_top1:.2f}%, TensorRT int8 {top1:.2f}%",
+            f"onnx.{precision}_top1_drop_pt",
+            detail=f"fp32 {fp32_top1:.2f}%, TensorRT {precision} {top1:.2f}%",
         )
-        return [check], {"trt_int8_top1": top1, "trt_int8_top1_drop_pt": drop}, ""
+        figures = {f"trt_{precision}_top1": top1, f"trt_{precision}_top1_drop_pt": drop}
+        return GateResult([check], figures, dict(figures))
 
 
 def golden_checks(precision: str, stats: dict) -> list[Check]:
     """The engine's gate on the golden samples: the matching ONNX row of design §2."""
-    if precision == "fp32":
-        return [
-            Check.gate("trt_fp32_max_abs", "max |TensorRT - golden|", stats["max_abs"], "trt.fp32_max_abs"),
-            Check.gate(
-                "trt_top1_agreement", "fraction of equal argmax", stats["top1_agreement"], "onnx.top1_agreement", ">="
-            ),
-        ]
-    if precision == "fp16":
-        return [
-            Check.gate(
-                "trt_fp16_min_cosine",
-                "min per-sample cosine vs golden",
-                stats["min_cosine"],
-                "onnx.fp16_min_cosine",
-                ">=",
-            ),
-            Check.gate(
-                "trt_fp16_top1_agreement",
-                "fraction of equal argmax",
-                stats["top1_agreement"],
-                "onnx.fp16_top1_agreement",
-                ">=",
-            ),
-        ]
-    return [
-        Check.gate(
-            "trt_int8_top1_agreement",
-            "fraction of equal argmax vs ONNX Runtime int8",
-            stats["top1_agreement"],
-            "trt.int8_top1_agreement",
-            ">=",
-        )
-    ]
+    return PRECISIONS.get(precision, "engine.precision").engine_gate(stats)

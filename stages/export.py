@@ -13,6 +13,7 @@ says so instead of passing it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -20,16 +21,18 @@ import numpy as np
 import torch
 
 from exports.calibration import CALIBRATION_METHODS
-from exports.fp16 import FP16_MAX, convert_fp16
+from exports.fp16 import FP16_MAX
 from exports.golden import save_inputs, save_outputs
-from exports.int8 import INT8_TARGETS, CalibrationCache, copy_ranges, quantize_int8, tensorrt_qdq_problems
-from exports.metadata import PRECISIONS, DeployMeta
+from exports.int8 import INT8_TARGETS
+from exports.metadata import PRECISIONS as ORDER
+from exports.metadata import DeployMeta
 from exports.onnx_export import export_onnx, exporter_name
-from exports.ort import ort_run, ort_session
-from exports.trt_commands import GOLDEN_INPUTS, GOLDEN_OUTPUTS, EngineTarget, build_script, golden_outputs_name
+from exports.precisions import PRECISIONS, Conversion
+from exports.runners import OnnxrtRunner, infer_array
+from exports.trt_commands import GOLDEN_INPUTS, GOLDEN_OUTPUTS, EngineTarget, build_script
 from pipeline.checkpoint import ModelMeta
-from pipeline.checks import TOLERANCES, Check
-from pipeline.compare import allclose_fraction, diff_stats, top1_accuracy
+from pipeline.checks import TOLERANCES, Check, GateResult
+from pipeline.compare import allclose_fraction, diff_stats
 from pipeline.config import Config
 from pipeline.data.transforms import eval_preprocess_spec
 from pipeline.deployment import ONNX_FILES, REPORT, deploy_transform, engine_profile, eval_batches, label_mismatch
@@ -42,7 +45,7 @@ from pipeline.stagekit import FUSED_CHECKPOINT, batched_logits, bundle, data_par
 from stages.base import Stage, StageContext, StageResult, register_stage
 
 BUILD_SCRIPT = "build_engine.sh"
-CALIBRATION_RANGES = "int8_calibration.json"
+ORT_BATCH = 256  # samples per ONNX Runtime call in the checks
 
 
 def deploy_meta(
@@ -84,18 +87,10 @@ def calibration_images(cfg: Config, meta: DeployMeta) -> np.ndarray:
 
 
 def validate_export(cfg: Config) -> None:
-    unknown = sorted(set(cfg.export.precisions) - set(PRECISIONS))
-    if unknown:
-        raise ConfigError(f"unknown export precision {unknown[0]!r}; choose from: {', '.join(PRECISIONS)}")
-    if cfg.export.int8_target not in INT8_TARGETS:
-        raise ConfigError(
-            f"unknown export.int8_target {cfg.export.int8_target!r}; choose one of: {', '.join(INT8_TARGETS)}"
-        )
-    if cfg.export.calibration_method not in CALIBRATION_METHODS:
-        raise ConfigError(
-            f"unknown calibration method {cfg.export.calibration_method!r}; "
-            f"choose one of: {', '.join(CALIBRATION_METHODS)}"
-        )
+    for precision in cfg.export.precisions:
+        PRECISIONS.get(precision)
+    INT8_TARGETS.get(cfg.export.int8_target, "export.int8_target")
+    CALIBRATION_METHODS.get(cfg.export.calibration_method)
     if not 0 < cfg.export.fp16_safe_max <= FP16_MAX:
         raise ConfigError(f"export.fp16_safe_max must be in (0, {FP16_MAX:g}], got {cfg.export.fp16_safe_max:g}")
     for key in ("golden_samples", "parity_samples", "calibration_samples", "eval_samples"):
@@ -153,55 +148,56 @@ class ExportStage(Stage):
         )
         ctx.log(f"[export] wrote {fp32.name} (opset {cfg.export.opset}, dynamo={cfg.export.dynamo})")
 
-        checks, metrics, report = fp32_checks(model, fp32, cfg, base)
+        result = fp32_checks(model, fp32, cfg, base)
         golden = first_test_images(cfg, base, cfg.export.golden_samples)
         reference = batched_logits(model, torch.from_numpy(golden), torch.device("cpu")).numpy()
         save_inputs(golden, ctx.out / GOLDEN_INPUTS)
         save_outputs(reference, ctx.out / GOLDEN_OUTPUTS, runner="pytorch-fp32")
 
-        reduced = [p for p in PRECISIONS if p != "fp32" and p in cfg.export.precisions]
-        notes = []
+        reduced = [PRECISIONS.get(p) for p in ORDER if p != "fp32" and p in cfg.export.precisions]
         if reduced:
             calibration = calibration_images(cfg, base)
-            report["calibration"] = {"split": "train", "samples": len(calibration)}
+            result.report["calibration"] = {"split": "train", "samples": len(calibration)}
             files = {"fp32": fp32}
-            if "fp16" in reduced:
-                files["fp16"], kept = export_fp16(ctx, cfg, meta, source, calibration)
-                report["fp16"] = {"guard": cfg.export.fp16_guard, "kept_fp32": kept}
-                metrics["fp16_nodes_kept_fp32"] = len(kept)
-            if "int8" in reduced:
-                files["int8"], int8_checks, int8_info = export_int8(ctx, cfg, meta, source, calibration)
-                checks += int8_checks
-                report["int8"] = int8_info
-            gate_checks, gate_metrics, gate_report, note = reduced_precision_gates(cfg, base, files)
-            checks += gate_checks
-            metrics.update(gate_metrics)
-            report["gates"] = gate_report
-            notes += [note] if note else []
-            if "int8" in files:
-                int8_golden = ort_run(ort_session(files["int8"]), golden)
-                save_outputs(int8_golden, ctx.out / golden_outputs_name("int8"), runner="onnxrt-int8")
+            for spec in reduced:
+                files[spec.name] = ctx.out / spec.onnx_file
+                job = Conversion(
+                    fp32,
+                    files[spec.name],
+                    calibration,
+                    cfg.export,
+                    Path(cfg.export.calibration_cache or ctx.store.root / ".cache" / "calibration"),
+                    lambda precision, how: deploy_meta(meta, source, cfg, precision, how),
+                    ctx.log,
+                )
+                result.merge(spec.convert(job), section=spec.name)
+            result.merge(reduced_precision_gates(cfg, base, files), section="gates")
+            for spec in reduced:
+                if spec.golden_from_onnx:
+                    with OnnxrtRunner(files[spec.name]) as runner:
+                        outputs = infer_array(runner, golden, ORT_BATCH)
+                    save_outputs(outputs, ctx.out / spec.golden_outputs, runner=f"onnxrt-{spec.name}")
 
         targets = [
-            EngineTarget(p, ONNX_FILES[p])
-            for p in PRECISIONS
-            if p == "fp32" or (p in reduced and (p != "int8" or cfg.export.int8_target == "tensorrt"))
+            EngineTarget(p, PRECISIONS.get(p).onnx_file)
+            for p in ORDER
+            if (p == "fp32" or p in cfg.export.precisions) and not PRECISIONS.get(p).why_no_engine(cfg.export)
         ]
         script = ctx.out / BUILD_SCRIPT
         script.write_text(build_script(targets, profile, cfg.engine.workspace_mib))
         script.chmod(0o755)
-        write_json(ctx.out / REPORT, report)
-        return StageResult(checks=checks, metrics=metrics, reason="; ".join(notes))
+        write_json(ctx.out / REPORT, result.report)
+        return StageResult(checks=result.checks, metrics=result.metrics, reason=result.note)
 
 
-def fp32_checks(model: torch.nn.Module, path: Path, cfg: Config, meta: DeployMeta) -> tuple[list[Check], dict, dict]:
+def fp32_checks(model: torch.nn.Module, path: Path, cfg: Config, meta: DeployMeta) -> GateResult:
     """ORT CPU against the fused PyTorch model, and a sample alone against the same sample in a batch."""
     images = first_test_images(cfg, meta, cfg.export.parity_samples)
     reference = batched_logits(model, torch.from_numpy(images), torch.device("cpu")).numpy()
-    session = ort_session(path)
-    candidate = ort_run(session, images)
+    with OnnxrtRunner(path) as runner:
+        candidate = infer_array(runner, images, ORT_BATCH)
+        single = np.concatenate([infer_array(runner, images[i : i + 1]) for i in range(min(len(images), 8))])
     stats = diff_stats(reference, candidate)
-    single = np.concatenate([ort_run(session, images[i : i + 1]) for i in range(min(len(images), 8))])
     batch_stats = diff_stats(candidate[: len(single)], single)
     checks = [
         Check.gate("onnx_fp32_max_abs", "max |ORT - PyTorch|", stats["max_abs"], "onnx.fp32_max_abs"),
@@ -225,123 +221,24 @@ def fp32_checks(model: torch.nn.Module, path: Path, cfg: Config, meta: DeployMet
         "parity": {"inputs": f"{cfg.data.dataset} test split", "samples": len(images), "fp32": stats},
         "batch": batch_stats,
     }
-    return checks, metrics, report
+    return GateResult(checks, metrics, report)
 
 
-def export_fp16(ctx: StageContext, cfg: Config, meta: ModelMeta, source: Path, calibration: np.ndarray):
-    guard = f"overflow guard: nodes above |x| > {cfg.export.fp16_safe_max:g} kept fp32"
-    quantization = "fp16 via onnxconverter-common, fp32 I/O, " + (guard if cfg.export.fp16_guard else "no guard")
-    path = ctx.out / ONNX_FILES["fp16"]
-    kept = convert_fp16(
-        ctx.out / ONNX_FILES["fp32"],
-        path,
-        calibration if cfg.export.fp16_guard else None,
-        cfg.export.fp16_safe_max,
-        deploy_meta(meta, source, cfg, "fp16", quantization),
-    )
-    ctx.log(f"[export] wrote {path.name} ({len(kept)} nodes kept in fp32 by the overflow guard)")
-    return path, kept
-
-
-def export_int8(ctx: StageContext, cfg: Config, meta: ModelMeta, source: Path, calibration: np.ndarray):
-    target = cfg.export.int8_target
-    quantization = (
-        "int8 Q/DQ, symmetric, per-channel weights (TensorRT explicit quantization)"
-        if target == "tensorrt"
-        else "int8 Q/DQ, uint8 activations (ONNX Runtime CPU; not for TensorRT)"
-    )
-    cache_dir = Path(cfg.export.calibration_cache or ctx.store.root / ".cache" / "calibration")
-    path = ctx.out / ONNX_FILES["int8"]
-    result = quantize_int8(
-        ctx.out / ONNX_FILES["fp32"],
-        path,
-        calibration,
-        CalibrationCache(cache_dir),
-        deploy_meta(meta, source, cfg, "int8", quantization),
-        method=cfg.export.calibration_method,
-        target=target,
-    )
-    copy_ranges(result, ctx.out / CALIBRATION_RANGES)
-    ctx.log(
-        f"[export] wrote {path.name} ({target} target; calibration cache "
-        f"{'hit' if result.cache_hit else 'miss'}, key {result.key.digest[:12]})"
-    )
-    checks = []
-    info = {"target": target, "cache_hit": result.cache_hit, "key": result.key.to_dict()}
-    if target == "tensorrt":
-        problems = tensorrt_qdq_problems(path)
-        info["tensorrt_qdq_problems"] = problems
-        detail = f"e.g. {problems[0]}" if problems else ""
-        checks.append(
-            Check.gate(
-                "int8_qdq_tensorrt",
-                "Q/DQ nodes TensorRT rejects",
-                len(problems),
-                "onnx.int8_qdq_violations",
-                detail=detail,
-            )
-        )
-    return path, checks, info
-
-
-def fp16_gate(reference: np.ndarray, candidate: np.ndarray) -> tuple[list[Check], dict]:
-    """fp16 against fp32 on the same images: cosine per sample (min over the set) and top-1 agreement."""
-    stats = diff_stats(reference, candidate)
-    checks = [
-        Check.gate(
-            "onnx_fp16_min_cosine", "min per-sample cosine vs fp32", stats["min_cosine"], "onnx.fp16_min_cosine", ">="
-        ),
-        Check.gate(
-            "onnx_fp16_top1_agreement",
-            "fraction of equal argmax vs fp32",
-            stats["top1_agreement"],
-            "onnx.fp16_top1_agreement",
-            ">=",
-        ),
-    ]
-    return checks, stats
-
-
-def int8_gate(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> tuple[Check, dict]:
-    """INT8 top-1 accuracy drop against fp32, in points, on labelled images."""
-    acc32, acc8 = top1_accuracy(reference, labels), top1_accuracy(candidate, labels)
-    check = Check.gate(
-        "onnx_int8_top1_drop",
-        "top-1 fp32 - top-1 int8 (pt)",
-        acc32 - acc8,
-        "onnx.int8_top1_drop_pt",
-        detail=f"fp32 {acc32:.2f}%, int8 {acc8:.2f}%",
-    )
-    return check, {"fp32_top1": acc32, "int8_top1": acc8, "int8_top1_drop_pt": acc32 - acc8}
-
-
-def reduced_precision_gates(cfg: Config, meta: DeployMeta, files: dict[str, Path]):
-    """One pass over the evaluation set through every exported precision, then their gates."""
-    sessions = {p: ort_session(path) for p, path in files.items()}
+def reduced_precision_gates(cfg: Config, meta: DeployMeta, files: dict[str, Path]) -> GateResult:
+    """One pass over the evaluation set through every exported precision, then each one's gate against fp32."""
     logits: dict[str, list[np.ndarray]] = {p: [] for p in files}
     labels = []
-    for images, batch_labels in eval_batches(cfg, meta, cfg.export.eval_samples):
-        labels.append(batch_labels)
-        for p, session in sessions.items():
-            logits[p].append(ort_run(session, images))
+    with contextlib.ExitStack() as active:
+        runners = {p: active.enter_context(OnnxrtRunner(path)) for p, path in files.items()}
+        for images, batch_labels in eval_batches(cfg, meta, cfg.export.eval_samples):
+            labels.append(batch_labels)
+            for p, runner in runners.items():
+                logits[p].append(infer_array(runner, images, ORT_BATCH))
     labels_all = np.concatenate(labels)
     out = {p: np.concatenate(chunks) for p, chunks in logits.items()}
-    checks, metrics, report, note = [], {}, {"eval_samples": len(labels_all)}, ""
-    if "fp16" in out:
-        fp16_checks, stats = fp16_gate(out["fp32"], out["fp16"])
-        checks += fp16_checks
-        metrics["fp16_min_cosine"] = stats["min_cosine"]
-        report["fp16"] = stats
-    if "int8" in out:
-        report["int8"] = {"vs_fp32": diff_stats(out["fp32"], out["int8"])}
-        mismatch = label_mismatch(cfg, meta)
-        if mismatch:
-            note = f"int8 accuracy gate skipped: {mismatch}, so the test labels cannot score the model"
-            report["int8"]["accuracy_gate"] = f"skipped: {note}"
-            metrics["int8_gate"] = "skipped"
-        else:
-            check, figures = int8_gate(out["fp32"], out["int8"], labels_all)
-            checks.append(check)
-            metrics.update(figures)
-            report["int8"].update(figures)
-    return checks, metrics, report, note
+    mismatch = label_mismatch(cfg, meta)
+    result = GateResult(report={"eval_samples": len(labels_all)})
+    for p in files:
+        if p != "fp32":
+            result.merge(PRECISIONS.get(p).onnx_gate(out["fp32"], out[p], labels_all, mismatch), section=p)
+    return result

@@ -86,7 +86,7 @@ def test_models_json_gives_every_model_with_its_100_class_parameter_count(capsys
 
 def test_a_missing_optional_package_names_its_install_command():
     from exports.deps import require
-    from pipeline.errors import MissingDependencyError
+    from exports.errors import MissingDependencyError
 
     with pytest.raises(MissingDependencyError, match=r"tensorrt.*pip install 'kdiffusion-pipeline\[tensorrt\]'"):
         require("tensorrt.no_such_submodule_here")

@@ -208,7 +208,7 @@ def test_build_and_run_a_real_engine(tmp_path):
     import torch
 
     from exports.onnx_export import export_onnx
-    from exports.ort import ort_run, ort_session
+    from exports.runners import infer_array, run_onnx
     from exports.trt_engine import TrtRunner, build_engine, current_platform, write_engine
 
     torch.manual_seed(0)
@@ -223,9 +223,11 @@ def test_build_and_run_a_real_engine(tmp_path):
     write_engine(plan, engine, onnx_path, "fp32", profile, 256, META, current_platform())
     images = np.random.default_rng(0).standard_normal((11, 3, 32, 32)).astype(np.float32)
     with TrtRunner(engine) as runner:
-        out = runner.infer(images)  # chunks of 8 and 3
-        single = runner.infer(images[:1])  # below min_batch: zero-padded to 2
-    expected = ort_run(ort_session(onnx_path), images)
+        assert runner.input_names == ("input",) and runner.output_names == ("logits",)
+        out = runner.infer({"input": images})["logits"]  # chunks of 8 and 3
+        single = infer_array(runner, images[:1])  # below min_batch: zero-padded to 2
+    assert not runner.is_active and runner.context is None and runner.engine is None  # released on exit
+    expected = run_onnx(onnx_path, images)
     assert np.abs(out - expected).max() <= 1e-3
     assert np.abs(single - expected[:1]).max() <= 1e-3
 
@@ -239,9 +241,10 @@ def test_onnxruntime_cuda_provider_is_really_used(tmp_path):
     import torch
 
     from exports.onnx_export import export_onnx
-    from exports.ort import ort_session
+    from exports.runners import OnnxrtRunner
 
     path = export_onnx(
         torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)), tmp_path / "m.onnx", 2, 18, False
     )
-    assert ort_session(path, "CUDAExecutionProvider").get_providers()[0] == "CUDAExecutionProvider"
+    with OnnxrtRunner(path, "CUDAExecutionProvider") as runner:
+        assert runner.session.get_providers()[0] == "CUDAExecutionProvider"

@@ -22,12 +22,13 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from exports.errors import ProviderError
 from exports.fp16 import convert_fp16
 from exports.int8 import CalibrationCache, calibration_key, quantize_int8, tensorrt_qdq_problems
 from exports.metadata import DeployMeta, MetadataError
 from exports.onnx_export import export_onnx, read_metadata
-from exports.ort import ProviderError, ort_run, ort_session
-from stages.export import fp16_gate, int8_gate
+from exports.precisions import fp16_gate, int8_gate
+from exports.runners import OnnxrtRunner, infer_array, run_onnx
 
 SIZE = 16
 CLASSES = 3
@@ -111,7 +112,7 @@ def data():
 def test_hand_built_model_is_exact(onnx_models, data):
     _, test, labels = data
     for name in ("ok", "int8_broken", "fp16_broken"):
-        logits = ort_run(ort_session(onnx_models[name]), test)
+        logits = run_onnx(onnx_models[name], test)
         assert (logits.argmax(1) == labels).all(), name
 
 
@@ -124,9 +125,9 @@ def test_dynamo_export_has_fixed_names_dynamic_batch_and_metadata(tmp_path, data
     assert [o.name for o in proto.graph.output] == ["logits"]
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
     assert proto.opset_import[0].version == 18
-    session = ort_session(path)
-    for batch in (1, 5):
-        assert ort_run(session, test[:batch]).shape == (batch, CLASSES)
+    with OnnxrtRunner(path) as runner:
+        for batch in (1, 5):
+            assert infer_array(runner, test[:batch]).shape == (batch, CLASSES)
     meta = DeployMeta.from_props(read_metadata(path))
     assert meta == META
     assert meta.class_name(2) == "blue"
@@ -147,23 +148,23 @@ def test_session_refuses_a_provider_it_cannot_use(onnx_models):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("CUDA provider is available here; the refusal needs a machine without it")
     with pytest.raises(ProviderError, match="CUDAExecutionProvider is not available; available: .*CPU"):
-        ort_session(onnx_models["ok"], "CUDAExecutionProvider")
+        OnnxrtRunner(onnx_models["ok"], "CUDAExecutionProvider").activate()
 
 
 def test_fp16_guard_keeps_overflowing_nodes_in_fp32(onnx_models, data, tmp_path):
     calibration, test, _ = data
     src = onnx_models["fp16_broken"]
-    reference = ort_run(ort_session(src), test)
+    reference = run_onnx(src, test)
 
     kept = convert_fp16(src, tmp_path / "guarded.onnx", calibration, 16384.0, META)
     assert {"/conv1/Conv", "/conv2/Conv"} <= set(kept)  # the huge activation's producer and its consumer
-    checks, _ = fp16_gate(reference, ort_run(ort_session(tmp_path / "guarded.onnx"), test))
-    assert all(checks), [c.describe() for c in checks]
+    result = fp16_gate(reference, run_onnx(tmp_path / "guarded.onnx", test))
+    assert result, [c.describe() for c in result.checks]
 
     assert convert_fp16(src, tmp_path / "unguarded.onnx", None, 16384.0, META) == []
-    checks, stats = fp16_gate(reference, ort_run(ort_session(tmp_path / "unguarded.onnx"), test))
-    assert not checks[0], "without the guard the activation overflows fp16 and the cosine gate must fail"
-    assert stats["min_cosine"] < 0.999
+    result = fp16_gate(reference, run_onnx(tmp_path / "unguarded.onnx", test))
+    assert not result.checks[0], "without the guard the activation overflows fp16 and the cosine gate must fail"
+    assert result.report["min_cosine"] == result.metrics["fp16_min_cosine"] < 0.999
 
 
 def test_fp16_guard_keeps_guarded_weights_fp32_in_dynamo_graphs(data, tmp_path):
@@ -175,8 +176,8 @@ def test_fp16_guard_keeps_guarded_weights_fp32_in_dynamo_graphs(data, tmp_path):
     types = {t.name: t.data_type for t in onnx.load(str(tmp_path / "m16.onnx")).graph.initializer}
     assert types["conv1.weight"] == types["conv2.weight"] == onnx.TensorProto.FLOAT
     assert types["fc.weight"] == onnx.TensorProto.FLOAT16
-    checks, _ = fp16_gate(ort_run(ort_session(src), test), ort_run(ort_session(tmp_path / "m16.onnx"), test))
-    assert all(checks), [c.describe() for c in checks]
+    result = fp16_gate(run_onnx(src, test), run_onnx(tmp_path / "m16.onnx", test))
+    assert result, [c.describe() for c in result.checks]
 
 
 def test_fp16_of_a_normal_model_converts_everything(onnx_models, data, tmp_path):
@@ -187,10 +188,7 @@ def test_fp16_of_a_normal_model_converts_everything(onnx_models, data, tmp_path)
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # fp32 I/O kept
     assert DeployMeta.from_props(read_metadata(tmp_path / "m.onnx")) == META
-    checks, _ = fp16_gate(
-        ort_run(ort_session(onnx_models["ok"]), test), ort_run(ort_session(tmp_path / "m.onnx"), test)
-    )
-    assert all(checks)
+    assert fp16_gate(run_onnx(onnx_models["ok"], test), run_onnx(tmp_path / "m.onnx", test))
 
 
 def test_int8_gate_passes_the_normal_model_and_fails_the_broken_one(onnx_models, data, tmp_path):
@@ -201,11 +199,9 @@ def test_int8_gate_passes_the_normal_model_and_fails_the_broken_one(onnx_models,
         dst = tmp_path / f"{name}.int8.onnx"
         quantize_int8(onnx_models[name], dst, calibration, cache, META)
         assert tensorrt_qdq_problems(dst) == []
-        check, figures = int8_gate(
-            ort_run(ort_session(onnx_models[name]), test), ort_run(ort_session(dst), test), labels
-        )
-        assert figures["fp32_top1"] == 100.0
-        verdicts[name] = check
+        result = int8_gate(run_onnx(onnx_models[name], test), run_onnx(dst, test), labels)
+        assert result.metrics["fp32_top1"] == 100.0 and len(result.checks) == 1
+        verdicts[name] = result.checks[0]
     assert verdicts["ok"], verdicts["ok"].describe()
     assert not verdicts["int8_broken"], "one huge channel crushes the others under per-tensor INT8 scales"
     assert verdicts["int8_broken"].value > 10
@@ -217,8 +213,8 @@ def test_histogram_calibration_takes_any_number_of_images(onnx_models, data, tmp
     calibration, test, labels = data
     dst = tmp_path / "m.int8.onnx"
     quantize_int8(onnx_models["ok"], dst, calibration[:43], CalibrationCache(tmp_path / "cache"), META, method)
-    check, _ = int8_gate(ort_run(ort_session(onnx_models["ok"]), test), ort_run(ort_session(dst), test), labels)
-    assert check, check.describe()
+    result = int8_gate(run_onnx(onnx_models["ok"], test), run_onnx(dst, test), labels)
+    assert result, [c.describe() for c in result.checks]
 
 
 def test_int8_for_tensorrt_is_symmetric_qdq_with_per_channel_weights(onnx_models, data, tmp_path):

@@ -16,7 +16,7 @@ from PIL import Image
 from exports.golden import load_inputs, load_outputs
 from exports.metadata import DeployMeta
 from exports.onnx_export import read_metadata
-from exports.ort import ort_run, ort_session
+from exports.runners import run_onnx
 from pipeline.checkpoint import ModelMeta, save_checkpoint
 from pipeline.cli import run_cli
 from pipeline.models import build_model
@@ -127,10 +127,10 @@ def test_golden_files_hold_the_reference(exported):
     images = load_inputs(folder / "golden_inputs.json")
     runner, reference = load_outputs(folder / "golden_outputs.json")
     assert images.shape == (4, 3, 32, 32) and runner == "pytorch-fp32"
-    assert np.abs(ort_run(ort_session(folder / "model.onnx"), images) - reference).max() <= 1e-4
+    assert np.abs(run_onnx(folder / "model.onnx", images) - reference).max() <= 1e-4
     runner, int8 = load_outputs(folder / "golden_outputs_int8.json")
     assert runner == "onnxrt-int8"
-    np.testing.assert_allclose(ort_run(ort_session(folder / "model.int8.onnx"), images), int8, atol=1e-6)
+    np.testing.assert_allclose(run_onnx(folder / "model.int8.onnx", images), int8, atol=1e-6)
 
 
 def test_rerun_reuses_the_calibration_cache(exported):

@@ -321,7 +321,7 @@ def test_fused_family_exports_to_onnx_with_ort_parity_and_tensorrt_int8(tmp_path
     from exports.int8 import CalibrationCache, quantize_int8, tensorrt_qdq_problems
     from exports.metadata import DeployMeta
     from exports.onnx_export import export_onnx
-    from exports.ort import ort_run, ort_session
+    from exports.runners import run_onnx
 
     torch.manual_seed(0)
     student = _calibrating(build_model(student_name, CLASSES, SIZE))
@@ -333,11 +333,11 @@ def test_fused_family_exports_to_onnx_with_ort_parity_and_tensorrt_int8(tmp_path
     images = np.random.default_rng(0).standard_normal((8, 3, SIZE, SIZE)).astype(np.float32)
     with torch.no_grad():
         expected = fused(torch.from_numpy(images)).numpy()
-    got = ort_run(ort_session(path), images)
+    got = run_onnx(path, images)
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
     int8 = quantize_int8(path, tmp_path / "m.int8.onnx", images, CalibrationCache(tmp_path / "cache"), meta)
     assert tensorrt_qdq_problems(tmp_path / "m.int8.onnx") == []
-    assert ort_run(ort_session(tmp_path / "m.int8.onnx"), images).shape == expected.shape
+    assert run_onnx(tmp_path / "m.int8.onnx", images).shape == expected.shape
     assert int8.ranges.exists()
 
 

@@ -3,9 +3,13 @@ and clear errors for files it cannot use."""
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +19,17 @@ from PIL import Image
 
 from exports.metadata import DeployMeta
 from exports.onnx_export import export_onnx
-from exports.ort import ort_run, ort_session
-from exports.runtime import Classifier, ImageError, ModelFileError, load_image, preprocess, top_classes
+from exports.runners import run_onnx
+from exports.runtime import (
+    EDGE_FILES,
+    EDGE_REQUIREMENTS,
+    Classifier,
+    ImageError,
+    ModelFileError,
+    load_image,
+    preprocess,
+    top_classes,
+)
 from stages.export import deploy_transform
 
 META = DeployMeta(
@@ -74,7 +87,7 @@ def test_top_k_on_saved_images(model_file, images):
     for preds in results:
         assert len(preds) == 2 and preds[0].probability >= preds[1].probability > 0
     batch = classifier.preprocess([images["red.png"]])
-    logits = ort_run(ort_session(model_file), batch)
+    logits = run_onnx(model_file, batch)
     assert results[0][0].index == int(logits[0].argmax())
     assert results[0][0].probability == pytest.approx(float(np.exp(logits[0]).max() / np.exp(logits[0]).sum()))
     assert len(classifier.predict([images["red.png"]], top_k=10)[0]) == 3  # k is capped at the class count
@@ -130,3 +143,76 @@ def test_files_it_cannot_use_are_clear_errors(tmp_path, model_file):
     classifier = Classifier.load(model_file)
     assert classifier.preprocess([small]).shape == (1, 3, 32, 32)  # resized up to the crop
     json.dumps([vars(p) for p in classifier.predict([small])[0]])  # predictions serialize
+
+
+def _edge_imports(path: Path) -> tuple[set[str], set[str]]:
+    """(top-level packages imported absolutely, sibling modules imported relatively) by one runtime file."""
+    absolute, relative = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            absolute.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            relative.add((node.module or "").split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            absolute.add(node.module.split(".")[0])
+    return absolute, relative
+
+
+def test_the_edge_files_import_only_each_other_and_the_edge_requirements():
+    allowed = set(sys.stdlib_module_names) | {"numpy", "PIL", "onnxruntime"}
+    siblings = {name.removesuffix(".py") for name in EDGE_FILES} | {"trt_engine"}  # an engine needs the full install
+    for name in EDGE_FILES:
+        absolute, relative = _edge_imports(ROOT / "exports" / name)
+        assert absolute <= allowed, f"exports/{name} imports {sorted(absolute - allowed)}"
+        assert relative <= siblings, f"exports/{name} imports {sorted(relative - siblings)}"
+    requirements = (ROOT / "exports" / EDGE_REQUIREMENTS).read_text().split()
+    assert sorted(r.split(">")[0] for r in requirements) == ["numpy", "onnxruntime", "pillow"]
+
+
+@pytest.mark.slow
+def test_the_runtime_installs_and_classifies_alone_in_a_fresh_venv(tmp_path, model_file, images):
+    """An edge app's route (README, "Edge runtime"): a plain venv (no system site-packages, so no torch), the
+    edge requirements from pip, the runtime's files copied into the app under a name of its own."""
+    venv = tmp_path / "venv"
+    made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=300)
+    python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if made.returncode != 0 or not python.exists():
+        pytest.skip(f"cannot create a virtual environment here: {made.stderr.strip()[-300:]}")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["PYTHONNOUSERSITE"] = "1"
+    pip = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", EDGE_REQUIREMENTS],
+        cwd=ROOT / "exports",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if pip.returncode != 0:
+        pytest.skip(f"pip cannot install the edge requirements here (no index or cache?): {pip.stderr.strip()[-300:]}")
+    app = tmp_path / "app"
+    (app / "edge_rt").mkdir(parents=True)
+    for name in EDGE_FILES:
+        shutil.copy(ROOT / "exports" / name, app / "edge_rt" / name)
+    shutil.copy(model_file, app / "model.onnx")
+    shutil.copy(images["blue.jpg"], app / "blue.jpg")
+    (app / "main.py").write_text(
+        textwrap.dedent(
+            """
+            import importlib.util, sys
+            from edge_rt.runtime import Classifier, ModelFileError
+            assert importlib.util.find_spec("torch") is None, "torch is importable in the edge venv"
+            with Classifier.load("model.onnx") as model:
+                top = model.predict(["blue.jpg"], top_k=2)[0]
+            print(top[0].label, len(top))
+            try:
+                Classifier.load("missing.onnx")
+            except ModelFileError as exc:
+                print("error:", exc)
+            assert not {"torch", "pipeline", "exports"} & set(sys.modules), "the runtime pulled in the pipeline"
+            """
+        )
+    )
+    done = subprocess.run([str(python), "main.py"], cwd=app, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["blue 2", "error: model file missing.onnx does not exist"]

@@ -1,0 +1,155 @@
+"""One inference contract for every backend: Polygraphy's runner, names to arrays.
+
+A runner is cheap to build and does its work in :meth:`BaseRunner.activate` (load the model, open the
+session); :meth:`BaseRunner.infer` maps ``{input name: array}`` to ``{output name: array}``;
+:meth:`BaseRunner.deactivate` releases the session. Used as a context manager it is released on exit,
+even on an error. Subclasses implement only ``_activate``, ``_infer`` and ``_deactivate``; the public
+methods own the state checks and the input validation, so every backend behaves the same.
+
+    with OnnxrtRunner("model.onnx") as runner:
+        logits = runner.infer({"input": batch})["logits"]
+
+Part of the edge runtime: numpy and, when activated, ONNX Runtime only. The TensorRT runner lives in
+``exports.trt_engine`` and follows the same contract.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .deps import require
+from .errors import ModelFileError, ProviderError, RunnerStateError
+
+# ONNX Runtime's exceptions for a file it cannot load (they have no common base class but RuntimeError)
+_ORT_LOAD_ERRORS = ("Fail", "InvalidProtobuf", "InvalidGraph", "NoSuchFile", "InvalidArgument", "NotImplemented")
+
+
+class BaseRunner:
+    """The contract; see the module docstring. ``inference_time`` is the seconds the last ``infer`` took."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.is_active = False
+        self.inference_time: float | None = None
+        self.input_names: tuple[str, ...] = ()
+        self.output_names: tuple[str, ...] = ()
+
+    def __enter__(self) -> BaseRunner:
+        self.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:
+        if self.is_active:
+            raise RunnerStateError(f"runner {self.name} is already active")
+        self._activate()
+        self.is_active = True
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.is_active:
+            raise RunnerStateError(f"call activate() on runner {self.name} (or use it in a with block) before infer()")
+        missing = sorted(set(self.input_names) - set(feed))
+        unknown = sorted(set(feed) - set(self.input_names))
+        if missing or unknown:
+            raise ValueError(
+                f"runner {self.name} takes inputs {list(self.input_names)}; missing {missing}, unknown {unknown}"
+            )
+        start = time.perf_counter()
+        outputs = self._infer(feed)
+        self.inference_time = time.perf_counter() - start
+        return outputs
+
+    def deactivate(self) -> None:
+        """Release the session; a no-op on a runner that is not active."""
+        if self.is_active:
+            self.is_active = False
+            self._deactivate()
+
+    def __del__(self) -> None:
+        if getattr(self, "is_active", False):
+            warnings.warn(f"runner {self.name} was never deactivated; use it in a with block", ResourceWarning, 2)
+
+    def _activate(self) -> None:
+        """Load the model; set ``input_names`` and ``output_names``."""
+        raise NotImplementedError
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _deactivate(self) -> None:
+        raise NotImplementedError
+
+
+def infer_array(runner: BaseRunner, batch: np.ndarray, max_batch: int | None = None) -> np.ndarray:
+    """The first output for ``batch`` fed to the first input, in chunks of at most ``max_batch`` samples:
+    the single-input, single-output shape of a classifier."""
+    step = max_batch or max(len(batch), 1)
+    name, out = runner.input_names[0], runner.output_names[0]
+    chunks = [runner.infer({name: batch[i : i + step]})[out] for i in range(0, len(batch), step)]
+    return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
+
+
+class OnnxrtRunner(BaseRunner):
+    """An ONNX Runtime session on exactly ``provider``.
+
+    ONNX Runtime would otherwise fall back to the CPU quietly; here an unavailable provider, or a session
+    that does not use it, is a :class:`ProviderError`. A file ONNX Runtime cannot load is a
+    :class:`ModelFileError`.
+    """
+
+    def __init__(self, path: str | Path, provider: str = "CPUExecutionProvider", threads: int | None = None):
+        super().__init__(f"onnxrt:{Path(path).name}")
+        self.path = Path(path)
+        self.provider = provider
+        self.threads = threads
+        self.session = None
+
+    def metadata(self) -> dict[str, str]:
+        """The model's ``metadata_props`` (where the pipeline writes its deployment metadata)."""
+        if self.session is None:
+            raise RunnerStateError(f"activate runner {self.name} before reading its metadata")
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def _activate(self) -> None:
+        ort = require("onnxruntime")
+        available = ort.get_available_providers()
+        if self.provider not in available:
+            raise ProviderError(
+                f"ONNX Runtime provider {self.provider} is not available; available: {', '.join(available)}"
+            )
+        if not self.path.is_file():
+            raise ModelFileError(f"model file {self.path} does not exist")
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        state = require("onnxruntime.capi.onnxruntime_pybind11_state")
+        load_errors = tuple(getattr(state, name) for name in _ORT_LOAD_ERRORS if hasattr(state, name))
+        try:
+            session = ort.InferenceSession(str(self.path), sess_options=options, providers=[self.provider])
+        except load_errors as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ModelFileError(f"{self.path} is not a loadable ONNX model ({first})") from None
+        used = session.get_providers()
+        if not used or used[0] != self.provider:
+            raise ProviderError(f"ONNX Runtime asked for {self.provider} but the session uses {used}")
+        self.session = session
+        self.input_names = tuple(i.name for i in session.get_inputs())
+        self.output_names = tuple(o.name for o in session.get_outputs())
+
+    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(list(self.output_names), feed)))
+
+    def _deactivate(self) -> None:
+        self.session = None  # the last reference: ONNX Runtime frees the session and its arena here
+
+
+def run_onnx(path: str | Path, batch: np.ndarray, provider: str = "CPUExecutionProvider") -> np.ndarray:
+    """One call: the first output of the ONNX model at ``path`` for ``batch``, the session released after."""
+    with OnnxrtRunner(path, provider) as runner:
+        return infer_array(runner, batch)

@@ -1,0 +1,112 @@
+"""The precision and INT8-target registries (exports.precisions, exports.int8) and the gate result object."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from exports.int8 import INT8_TARGETS
+from exports.metadata import PRECISIONS as ORDER
+from exports.precisions import GOLDEN_OUTPUTS, PRECISIONS, int8_gate
+from exports.trt_commands import golden_outputs_name, polygraphy_checks
+from pipeline.checks import Check, GateResult
+from pipeline.config import Config
+from pipeline.deployment import ONNX_FILES
+from pipeline.errors import ConfigError
+
+
+def test_gate_results_merge_into_sections():
+    ok, bad = Check.of("a", "m", 1.0, 2.0), Check.of("b", "m", 3.0, 2.0)
+    total = GateResult([ok], {"x": 1}, {"top": 1})
+    assert total
+    merged = total.merge(GateResult([bad], {"y": 2}, {"k": 1}, ["first"]), section="fp16")
+    assert merged is total and not total
+    total.merge(GateResult(report={"k2": 2}, notes=["second"]), section="fp16").merge(GateResult(report={"z": 0}))
+    assert total.checks == [ok, bad] and total.metrics == {"x": 1, "y": 2}
+    assert total.report == {"top": 1, "fp16": {"k": 1, "k2": 2}, "z": 0}
+    assert total.note == "first; second"
+
+
+def test_every_precision_is_complete_and_the_file_names_come_from_the_registry():
+    assert set(PRECISIONS.names()) == set(ORDER) and ORDER[0] == "fp32"
+    assert {name: PRECISIONS.get(name).onnx_file for name in ORDER} == ONNX_FILES
+    assert len(set(ONNX_FILES.values())) == len(ORDER)
+    for name in ORDER:
+        spec = PRECISIONS.get(name)
+        assert spec.name == name and spec.polygraphy_compare
+        assert (spec.convert is None) == (spec.onnx_gate is None) == (name == "fp32")
+        assert golden_outputs_name(name) == spec.golden_outputs
+        assert [cmd[-len(c) :] for cmd, c in zip(polygraphy_checks(name), spec.polygraphy_compare)] == [
+            list(c) for c in spec.polygraphy_compare
+        ]
+    assert PRECISIONS.get("fp32").golden_outputs == PRECISIONS.get("fp16").golden_outputs == GOLDEN_OUTPUTS
+    assert PRECISIONS.get("int8").golden_outputs != GOLDEN_OUTPUTS
+
+
+@pytest.mark.parametrize(
+    "lookup, message",
+    [
+        (lambda: PRECISIONS.get("int4"), "unknown export precision 'int4'; choose one of: fp16, fp32, int8"),
+        (lambda: PRECISIONS.get("bf16", "engine.precision"), "unknown engine.precision 'bf16'; choose one of: fp16"),
+        (lambda: INT8_TARGETS.get("gpu", "export.int8_target"), "unknown export.int8_target 'gpu'; choose one of: cpu"),
+        (lambda: PRECISIONS.get(["fp32"]), r"unknown export precision \['fp32'\]"),  # a list from a config file
+    ],
+)
+def test_unknown_names_are_config_errors_from_the_registries(lookup, message):
+    with pytest.raises(ConfigError, match=message):
+        lookup()
+
+
+def test_only_a_tensorrt_int8_target_builds_an_engine():
+    export = Config().export
+    for precision in ("fp32", "fp16"):
+        assert PRECISIONS.get(precision).why_no_engine(export) == ""
+    int8 = PRECISIONS.get("int8")
+    export.int8_target = "tensorrt"
+    assert int8.why_no_engine(export) == "" and int8.engine_accuracy_gate
+    export.int8_target = "cpu"
+    assert "uint8 activations, which TensorRT does not accept" in int8.why_no_engine(export)
+    assert [t for t in INT8_TARGETS if INT8_TARGETS.get(t).builds_engine] == ["tensorrt"]
+
+
+def test_int8_targets_choose_their_activation_type(tmp_path):
+    import onnx
+    import onnxruntime.quantization as quantization
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+    )
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    cpu = INT8_TARGETS.get("cpu").options(quantization, tmp_path / "m.onnx")
+    trt = INT8_TARGETS.get("tensorrt").options(quantization, tmp_path / "m.onnx")
+    assert cpu["activation_type"] == quantization.QuantType.QUInt8
+    assert trt["activation_type"] == quantization.QuantType.QInt8 and trt["extra_options"]["ActivationSymmetric"]
+    assert trt["extra_options"]["OpTypesToExcludeOutputQuantization"] == ["Relu"]
+
+
+def test_an_int8_gate_without_fitting_labels_is_skipped_with_a_note():
+    logits = np.eye(3, dtype=np.float32)
+    skipped = int8_gate(logits, logits, np.arange(3), "dataset x has 10 classes, the model 3")
+    assert skipped.checks == [] and skipped.metrics == {"int8_gate": "skipped"}
+    assert skipped.note.startswith("int8 accuracy gate skipped: dataset x has 10 classes")
+    measured = int8_gate(logits, logits, np.arange(3))
+    assert [c.name for c in measured.checks] == ["onnx_int8_top1_drop"] and measured.metrics["int8_top1_drop_pt"] == 0
+
+
+def test_calibration_methods_come_from_a_registry():
+    import onnxruntime.quantization.calibrate as calibrate
+
+    from exports.calibration import CALIBRATION_METHODS, calibration_method
+
+    assert calibration_method("minmax") == calibrate.CalibrationMethod.MinMax
+    assert {calibration_method(n) for n in CALIBRATION_METHODS} == {
+        calibrate.CalibrationMethod.MinMax,
+        calibrate.CalibrationMethod.Entropy,
+        calibrate.CalibrationMethod.Percentile,
+    }
+    with pytest.raises(ConfigError, match="unknown calibration method 'histogram'; choose one of: entropy, minmax"):
+        calibration_method("histogram")

@@ -1,0 +1,126 @@
+"""The runner contract (exports.runners): activate / infer names to arrays / deactivate, one behaviour for
+every backend, sessions released on exit; and the Classifier that stands on it releases its session."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+
+from exports.errors import ModelFileError, RunnerStateError
+from exports.metadata import DeployMeta
+from exports.onnx_export import export_onnx
+from exports.runners import BaseRunner, OnnxrtRunner, infer_array, run_onnx
+from exports.runtime import Classifier
+
+META = DeployMeta("affine", 3, 8, [0.5] * 3, [0.25] * 3, 8, 8, class_names=["a", "b", "c"])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)).eval()
+    path = export_onnx(net, tmp_path_factory.mktemp("runners") / "m.onnx", 8, 18, False, META)
+    return net, path
+
+
+def _images(n: int) -> np.ndarray:
+    return np.random.default_rng(n).standard_normal((n, 3, 8, 8)).astype(np.float32)
+
+
+def test_onnxrt_runner_maps_names_to_arrays_and_releases_its_session(model):
+    net, path = model
+    images = _images(5)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(images)).numpy()
+    runner = OnnxrtRunner(path)
+    assert not runner.is_active and runner.session is None  # building is cheap: nothing loaded yet
+    with runner:
+        assert runner.is_active and runner.input_names == ("input",) and runner.output_names == ("logits",)
+        outputs = runner.infer({"input": images})
+        assert set(outputs) == {"logits"}
+        np.testing.assert_allclose(outputs["logits"], expected, atol=1e-5)
+        assert runner.inference_time is not None and runner.inference_time >= 0
+        np.testing.assert_allclose(infer_array(runner, images, max_batch=2), expected, atol=1e-5)  # 2 + 2 + 1
+    assert not runner.is_active and runner.session is None
+    np.testing.assert_allclose(run_onnx(path, images), expected, atol=1e-5)
+
+
+def test_the_contract_refuses_misuse(model):
+    _, path = model
+    runner = OnnxrtRunner(path)
+    with pytest.raises(RunnerStateError, match="before infer"):
+        runner.infer({"input": _images(1)})
+    with runner:
+        with pytest.raises(RunnerStateError, match="already active"):
+            runner.activate()
+        with pytest.raises(ValueError, match=r"takes inputs \['input'\]; missing \['input'\], unknown \['x'\]"):
+            runner.infer({"x": _images(1)})
+    runner.deactivate()  # a second deactivate is a no-op
+
+
+def test_a_session_is_released_when_the_block_fails(model):
+    _, path = model
+    runner = OnnxrtRunner(path)
+    with pytest.raises(KeyError), runner:
+        raise KeyError("app error")
+    assert not runner.is_active and runner.session is None
+
+
+def test_files_onnx_runtime_cannot_load_are_model_file_errors(tmp_path):
+    with pytest.raises(ModelFileError, match="does not exist"):
+        OnnxrtRunner(tmp_path / "none.onnx").activate()
+    (tmp_path / "junk.onnx").write_text("not a model")
+    runner = OnnxrtRunner(tmp_path / "junk.onnx")
+    with pytest.raises(ModelFileError, match="is not a loadable ONNX model"):
+        runner.activate()
+    assert not runner.is_active
+
+
+class Doubler(BaseRunner):
+    """A backend written against the contract alone: only the three hooks."""
+
+    def __init__(self):
+        super().__init__("doubler")
+        self.calls: list[str] = []
+
+    def _activate(self):
+        self.calls.append("activate")
+        self.input_names, self.output_names = ("x",), ("y",)
+
+    def _infer(self, feed):
+        return {"y": feed["x"] * 2}
+
+    def _deactivate(self):
+        self.calls.append("deactivate")
+
+
+def test_a_subclass_gets_the_whole_contract_from_three_hooks():
+    runner = Doubler()
+    with runner as active:
+        assert active is runner
+        np.testing.assert_array_equal(infer_array(runner, np.arange(5.0), max_batch=2), np.arange(5.0) * 2)
+    assert runner.calls == ["activate", "deactivate"]
+
+
+def test_a_runner_left_active_warns_when_collected():
+    runner = Doubler()
+    runner.activate()
+    with pytest.warns(ResourceWarning, match="never deactivated"):
+        del runner
+        gc.collect()
+
+
+def test_classifier_releases_its_session(model):
+    _, path = model
+    with Classifier.load(path) as classifier:
+        runner = classifier.runner
+        assert runner.is_active and classifier.logits(_images(2)).shape == (2, 3)
+    assert not runner.is_active and runner.session is None
+    classifier = Classifier.load(path)
+    runner = classifier.runner
+    del classifier  # an app that never calls close(): collecting the classifier releases the session
+    gc.collect()
+    assert not runner.is_active and runner.session is None
