@@ -80,6 +80,10 @@ def run(
     finally:
         if outcomes:
             click.echo(summary_table(outcomes, Path(out)))
+    if names == ORDER and os.environ.get("RANK", "0") == "0":  # `run all`: one page with everything (rank 0)
+        from pipeline.report import write_report
+
+        click.echo(f"report: {write_report(out)}")
 
 
 def summary_table(outcomes, out: Path) -> str:
@@ -221,6 +225,12 @@ def predict(images, model, top_k, provider, as_json):
         return
     for image, preds in zip(images, results):
         click.echo(f"{image}: " + ", ".join(f"{p.label} {p.probability:.3f}" for p in preds))
+
+
+from pipeline.cli_experiments import compare, report, sweep  # noqa: E402 - commands defined beside this module
+
+for _command in (sweep, compare, report):
+    cli.add_command(_command)
 
 
 def run_cli(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from exports.calibration import CALIBRATION_METHODS
 from exports.fp16 import FP16_MAX, convert_fp16
 from exports.golden import save_inputs, save_outputs
 from exports.int8 import INT8_TARGETS, CalibrationCache, copy_ranges, quantize_int8, tensorrt_qdq_problems
+from exports.latency import onnx_latency
 from exports.metadata import PRECISIONS, DeployMeta
 from exports.onnx_export import export_onnx, exporter_name
 from exports.ort import ort_run, ort_session
@@ -235,6 +236,8 @@ class ExportStage(Stage):
         script = ctx.out / BUILD_SCRIPT
         script.write_text(build_script(targets, profile, cfg.engine.workspace_mib))
         script.chmod(0o755)
+        made = {p: ctx.out / f for p, f in ONNX_FILES.items() if (ctx.out / f).is_file()}
+        report["latency"] = {p: onnx_latency(path, meta.input_size) for p, path in made.items()}  # ORT CPU, batch 1
         write_json(ctx.out / REPORT, report)
         return StageResult(checks=checks, metrics=metrics, reason="; ".join(notes))
 
