@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import CheckFailedError, ConfigError, PipelineError
 
 STAGE_CHOICES = ("all", "teacher", "train", "fuse", "verify", "export", "engine")
 
@@ -74,16 +74,20 @@ def run(
         raise ConfigError("--checkpoint is for `run export` (a student made elsewhere), optionally with `engine`")
     cfg = load_config(preset or ("default" if config_file is None else None), config_file, sets, log=_echo_err)
     out = out or Path("runs") / (preset or cfg.name)
-    outcomes = []
+    outcomes, failed = [], None
     try:
         run_stages(cfg, out, names, force=force, log=_echo_err, on_outcome=outcomes.append)
+    except CheckFailedError as exc:  # a failed gate: its report is the first thing to read
+        failed = exc
     finally:
         if outcomes:
             click.echo(summary_table(outcomes, Path(out)))
-    if names == ORDER and os.environ.get("RANK", "0") == "0":  # `run all`: one page with everything (rank 0)
+    if names == ORDER and outcomes and os.environ.get("RANK", "0") == "0":  # `run all`: one page with everything
         from pipeline.report import write_report
 
         click.echo(f"report: {write_report(out)}")
+    if failed:
+        raise failed
 
 
 def summary_table(outcomes, out: Path) -> str:

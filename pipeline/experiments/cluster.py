@@ -9,6 +9,7 @@ skips what finished.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,8 +21,12 @@ from pipeline.errors import ConfigError, MissingDependencyError
 from pipeline.experiments.scheduler import Task, pipeline_env
 
 
-def execute_task(argv: list[str], log: str, env: dict[str, str], gpus: int, torchrun: bool) -> int:
-    """The job body: ``python -m pipeline ARGV`` (through torchrun over ``gpus`` GPUs if asked); its exit status."""
+def execute_task(argv: list[str], log: str, extra_env: dict[str, str], gpus: int, torchrun: bool) -> int:
+    """The job body: ``python -m pipeline ARGV`` (through torchrun over ``gpus`` GPUs if asked); its exit status.
+
+    The job keeps the environment the scheduler gave it (its GPUs, SLURM variables) plus ``extra_env``.
+    """
+    env = {**os.environ, **extra_env}
     if torchrun:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
         command += ["-m", "pipeline", *argv]
@@ -107,7 +112,8 @@ class SubmititBackend:
 
     def start(self, task: Task, slot: int) -> _Job:
         threads = str(self.options.cpus_per_task)
-        env = pipeline_env({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PIPELINE_PROGRESS": "0"}
+        env["PYTHONPATH"] = pipeline_env()["PYTHONPATH"]  # this code first, on the shared filesystem
         if hasattr(self.executor, "update_parameters"):
             self.executor.update_parameters(**self._name(task))
         job = self.executor.submit(

@@ -205,6 +205,7 @@ def run_tasks(
     pending = list(tasks)
     running: dict[int, tuple[Task, Handle, float]] = {}
     durations: list[float] = []
+    stale: set[str] = set()
 
     def finish(result: TaskResult) -> None:
         results[result.name] = result
@@ -245,10 +246,12 @@ def run_tasks(
                     pending.remove(task)
                     finish(TaskResult(task.name, "blocked", None, 0.0, f"{task.after} did not finish"))
                     continue
-                if is_up_to_date(task.folder, task.argv, code):
-                    pending.remove(task)
-                    finish(TaskResult(task.name, "up to date", 0))
-                    continue
+                if task.name not in stale:  # re-hashing outputs is not free: decide once per task
+                    if is_up_to_date(task.folder, task.argv, code):
+                        pending.remove(task)
+                        finish(TaskResult(task.name, "up to date", 0))
+                        continue
+                    stale.add(task.name)
                 free = [s for s in range(backend.slots) if s not in running]
                 if not free:
                     break
