@@ -191,3 +191,30 @@ def test_cluster_options_are_checked(tmp_path):
 
     with pytest.raises(ConfigError, match="--torchrun needs"):
         ClusterOptions(torchrun=True).check()
+
+
+def test_slurm_jobs_ask_for_the_options_given(tmp_path):
+    pytest.importorskip("submitit", reason="submitit is the cluster extra")
+    from submitit.slurm.slurm import _make_sbatch_string  # submitit's own sbatch writer (private, stable for years)
+
+    from pipeline.experiments.cluster import ClusterOptions, slurm_parameters
+
+    options = ClusterOptions(partition="gpu", time_min=30, gpus_per_task=2, cpus_per_task=8, mem_gb=32, torchrun=True)
+    script = _make_sbatch_string(command="true", folder=str(tmp_path / "%j"), **slurm_parameters(options))
+    for line in ("--partition=gpu", "--time=30", "--gpus-per-node=2", "--cpus-per-task=8", "--mem=32GB", "--nodes=1"):
+        assert f"#SBATCH {line}" in script
+
+
+def test_slurm_without_slurm_is_a_one_line_user_error(tmp_path, capsys):
+    import shutil
+
+    from pipeline.cli import run_cli
+
+    if shutil.which("srun"):
+        pytest.skip("this machine has SLURM")
+    pytest.importorskip("submitit", reason="submitit is the cluster extra")
+    sets = [a for s in TINY_SETS for a in ("--set", s)]
+    assert run_cli(["sweep", "--out", str(tmp_path), "--cluster", "slurm", "--method", "kd", *sets]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --cluster slurm needs SLURM") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cells").exists()

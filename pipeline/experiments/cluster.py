@@ -66,7 +66,19 @@ def make_executor(folder: Path, cluster: str, options: ClusterOptions) -> Any:
         executor = submitit.LocalExecutor(folder=folder / "%j")
         executor.update_parameters(timeout_min=options.time_min)
         return executor
-    executor = submitit.SlurmExecutor(folder=folder / "%j")
+    try:
+        executor = submitit.SlurmExecutor(folder=folder / "%j")
+    except RuntimeError as exc:  # submitit looks for srun: not a SLURM login node
+        raise ConfigError(
+            f"--cluster slurm needs SLURM's commands on this machine ({exc}); "
+            "run the sweep from a login node, or try the path here with --cluster submitit-local"
+        ) from None
+    executor.update_parameters(**slurm_parameters(options))
+    return executor
+
+
+def slurm_parameters(options: ClusterOptions) -> dict[str, Any]:
+    """submitit ``SlurmExecutor`` parameters for one cell per job on one node."""
     params: dict[str, Any] = {
         "time": options.time_min,
         "cpus_per_task": options.cpus_per_task,
@@ -80,8 +92,7 @@ def make_executor(folder: Path, cluster: str, options: ClusterOptions) -> Any:
         params["gpus_per_node"] = options.gpus_per_task
     if options.mem_gb:
         params["mem"] = f"{options.mem_gb}GB"
-    executor.update_parameters(**params)
-    return executor
+    return params
 
 
 class _Job:
