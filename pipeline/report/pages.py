@@ -287,6 +287,10 @@ def sweep_page(root: Path) -> str:
                 "No cell has trained yet.",
             ),
         ),
-        ("Grid", f"<pre>{esc(json.dumps(sweep.to_dict(), indent=1))}</pre>"),
+        (
+            "Grid",
+            f"<details><summary>sweep.json: every cell's command</summary><pre>"
+            f"{esc(json.dumps(sweep.to_dict(), indent=1))}</pre></details>",
+        ),
     ]
     return page(f"Sweep {root.resolve().name}", f"{root.resolve()} · {len(sweep.cells)} cells", sections)
