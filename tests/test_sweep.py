@@ -218,3 +218,11 @@ def test_slurm_without_slurm_is_a_one_line_user_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --cluster slurm needs SLURM") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cells").exists()
+
+
+def test_a_paper_preset_without_its_teacher_is_refused_before_anything_runs(tmp_path):
+    preset = "cifar100-resnet32x4-shufflev1"
+    with pytest.raises(ConfigError, match="imports its resnet32x4 teacher: pass --teacher-checkpoint"):
+        expand_grid(tmp_path, [preset], None, ["kd"], [0], [])
+    trained = expand_grid(tmp_path, [preset], None, ["kd"], [0, 1], ["teacher.source=train"])
+    assert len(trained.teachers) == 1 and all("teacher.source=import" in c.args for c in trained.cells)

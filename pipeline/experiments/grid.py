@@ -217,6 +217,11 @@ def expand_grid(
                     args = [*source, *[a for s in cell_sets for a in ("--set", s)], "--method", method]
                     args += ["--seed", str(seed)]
                     key = None
+                    if cfg.teacher.source == "import" and not cfg.teacher.checkpoint:
+                        raise ConfigError(
+                            f"{label!r} imports its {cfg.teacher.arch} teacher: pass --teacher-checkpoint FILE, "
+                            "or train it once for every cell with --set teacher.source=train"
+                        )
                     if not cfg.teacher.checkpoint:
                         tseed = seeds[0] if teacher_seed is None and seeds else teacher_seed
                         tcfg = load_config(
