@@ -167,9 +167,9 @@ def fit(
     with speed.backend_flags(training, device):
         try:
             trainer = _Trainer(
-                distiller, train_loader, val_loader, cfg, training, device, scratch, log, desc, seed, logdir
+                distiller, train_loader, val_loader, cfg, training, device, scratch, log, desc, seed, logdir,
+                test_loader,
             )
-            trainer.test_loader = test_loader
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
                 raise
@@ -191,6 +191,7 @@ class _Trainer:
         desc: str,
         seed: int,
         logdir: Path | None,
+        test_loader: DataLoader | None = None,
     ):
         self.world = world()
         self.distiller, self.train_loader, self.val_loader = distiller, train_loader, val_loader
@@ -210,7 +211,7 @@ class _Trainer:
         self.scaler = speed.grad_scaler(training, device)
 
         self.history = History()
-        self.test_loader: DataLoader | None = None
+        self.test_loader = test_loader
         self.epoch = self.step = self.global_step = 0
         self.partial: dict = {}
         self._resume()
