@@ -226,3 +226,13 @@ def test_a_paper_preset_without_its_teacher_is_refused_before_anything_runs(tmp_
         expand_grid(tmp_path, [preset], None, ["kd"], [0], [])
     trained = expand_grid(tmp_path, [preset], None, ["kd"], [0, 1], ["teacher.source=train"])
     assert len(trained.teachers) == 1 and all("teacher.source=import" in c.args for c in trained.cells)
+
+
+def test_a_cluster_job_can_start_the_cell_under_torchrun(tmp_path):
+    from pipeline.experiments.cluster import execute_task
+
+    log = tmp_path / "job.log"
+    assert execute_task(["sweep", "--help"], str(log), {"PIPELINE_PROGRESS": "0"}, gpus=1, torchrun=True) == 0
+    text = log.read_text()
+    assert "-m torch.distributed.run --standalone --nproc_per_node=1 -m pipeline sweep --help" in text
+    assert "Run a grid of ordinary runs" in text
