@@ -236,3 +236,12 @@ def test_a_cluster_job_can_start_the_cell_under_torchrun(tmp_path):
     text = log.read_text()
     assert "-m torch.distributed.run --standalone --nproc_per_node=1 -m pipeline sweep --help" in text
     assert "Run a grid of ordinary runs" in text
+
+
+def test_the_shared_teacher_is_trained_with_the_first_seed_or_the_one_asked_for(tmp_path):
+    def teacher_seed(**kwargs) -> str:
+        (teacher,) = expand_grid(tmp_path, [], None, ["kd"], [3, 4], TINY_SETS, **kwargs).teachers
+        return teacher.args[teacher.args.index("--seed") + 1]
+
+    assert teacher_seed() == "3"
+    assert teacher_seed(teacher_seed=7) == "7"

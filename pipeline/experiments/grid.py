@@ -207,15 +207,21 @@ def expand_grid(
         source = ["--preset", preset] if preset else []
         source += ["--config", str(config)] if config else []
         label = preset or (config.stem if config else "default")
+
+        def resolve(overrides: list[str], preset=preset) -> Config:
+            return load_config(preset or ("default" if config is None else None), config, overrides)
+
         for combo in itertools.product(*[[(key, v) for v in values] for key, values in axes]):
             cell_sets = fixed + [f"{key}={value}" for key, value in combo]
-            base = load_config(preset or ("default" if config is None else None), config, cell_sets)
+            set_args = [a for s in cell_sets for a in ("--set", s)]
+            base = resolve(cell_sets)
+            # One teacher for every method and seed of this combination: trained with --teacher-seed, else the
+            # first seed of the grid, else the config's seed.
+            tseed = teacher_seed if teacher_seed is not None else seeds[0] if seeds else base.seed
             for method in methods or [base.student.method]:
                 for seed in seeds or [base.seed]:
-                    overrides = [*cell_sets, f"student.method={method}", f"seed={seed}"]
-                    cfg = load_config(preset or ("default" if config is None else None), config, overrides)
-                    args = [*source, *[a for s in cell_sets for a in ("--set", s)], "--method", method]
-                    args += ["--seed", str(seed)]
+                    cfg = resolve([*cell_sets, f"student.method={method}", f"seed={seed}"])
+                    args = [*source, *set_args, "--method", method, "--seed", str(seed)]
                     key = None
                     if cfg.teacher.source == "import" and not cfg.teacher.checkpoint:
                         raise ConfigError(
@@ -223,15 +229,8 @@ def expand_grid(
                             "or train it once for every cell with --set teacher.source=train"
                         )
                     if not cfg.teacher.checkpoint:
-                        tseed = seeds[0] if teacher_seed is None and seeds else teacher_seed
-                        tcfg = load_config(
-                            preset or ("default" if config is None else None),
-                            config,
-                            [*cell_sets, f"seed={cfg.seed if tseed is None else tseed}"],
-                        )
-                        key = teacher_key(tcfg)
-                        tsets = [a for s in cell_sets for a in ("--set", s)]
-                        targs = ("run", "teacher", *source, *tsets, "--seed", str(tcfg.seed))
+                        key = teacher_key(resolve([*cell_sets, f"seed={tseed}"]))
+                        targs = ("run", "teacher", *source, *set_args, "--seed", str(tseed))
                         teachers.setdefault(key, TeacherRun(key, targs))
                         args += ["--teacher-checkpoint", str(teachers[key].checkpoint(root).resolve())]
                         args += ["--set", "teacher.source=import"]
