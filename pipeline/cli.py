@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from pipeline.cli_experiments import compare, report, sweep
 from pipeline.errors import CheckFailedError, ConfigError, PipelineError
 
 STAGE_CHOICES = ("all", "teacher", "train", "fuse", "verify", "export", "engine")
@@ -231,9 +232,7 @@ def predict(images, model, top_k, provider, as_json):
         click.echo(f"{image}: " + ", ".join(f"{p.label} {p.probability:.3f}" for p in preds))
 
 
-from pipeline.cli_experiments import compare, report, sweep  # noqa: E402 - commands defined beside this module
-
-for _command in (sweep, compare, report):
+for _command in (sweep, compare, report):  # the experiment commands, defined in their own module
     cli.add_command(_command)
 
 
