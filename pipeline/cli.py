@@ -83,7 +83,7 @@ def run(
     finally:
         if outcomes:
             click.echo(summary_table(outcomes, Path(out)))
-    if names == ORDER and outcomes and os.environ.get("RANK", "0") == "0":  # `run all`: one page with everything
+    if (not stages or "all" in stages) and outcomes and os.environ.get("RANK", "0") == "0":  # `run all`: the report
         from pipeline.report import write_report
 
         click.echo(f"report: {write_report(out)}")

@@ -30,8 +30,7 @@ def sha256_json(obj: object) -> str:
     return sha256_bytes(canonical_json(obj).encode())
 
 
-_PRESENTATION_ONLY = {"pipeline/cli.py", "pipeline/__main__.py", "pipeline/cli_experiments.py"}
-_PRESENTATION_PACKAGES = ("pipeline/experiments/", "pipeline/report/")  # sweeps, tables, reports: they only read runs
+_PRESENTATION_ONLY = {"pipeline/cli.py", "pipeline/__main__.py"}
 
 
 def code_version() -> str:
@@ -50,8 +49,7 @@ def code_version() -> str:
         # Located, not imported: this low-level module must not import the layers above it.
         root = Path(importlib.util.find_spec(package).origin).parent
         for source in sorted(root.rglob("*.py")):
-            name = source.relative_to(root.parent).as_posix()
-            if name in _PRESENTATION_ONLY or name.startswith(_PRESENTATION_PACKAGES):
+            if source.relative_to(root.parent).as_posix() in _PRESENTATION_ONLY:
                 continue
             digest.update(str(source.relative_to(root.parent)).encode())
             digest.update(source.read_bytes())

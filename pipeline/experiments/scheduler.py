@@ -18,8 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol, TextIO
 
-from pipeline.experiments.state import is_up_to_date, mark_finished
-from pipeline.hashing import code_version
+from pipeline.experiments.state import is_up_to_date, mark_finished, sources_digest
 
 
 @dataclass
@@ -199,7 +198,7 @@ def run_tasks(
     A failed task does not stop the others; tasks that depend on it are ``blocked``. On Ctrl-C the
     running tasks are stopped (they keep their resume state) and the interrupt is re-raised.
     """
-    code = code_version()
+    code = sources_digest()
     status = status or StatusLine(len(tasks))
     results: dict[str, TaskResult] = {}
     pending = list(tasks)

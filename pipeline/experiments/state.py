@@ -1,22 +1,45 @@
 """Whether a sweep task (a cell or a shared teacher run) is finished and still up to date.
 
 When a task's run exits 0, the sweep writes a small record beside its manifests: the arguments it ran
-with, the code version, each stage's fingerprint and the hash of the teacher file it imported. A
-rerun of the sweep skips the task only while all of these still hold and every output re-hashes;
+with, a hash of the project's sources, each stage's fingerprint and the hash of the teacher file it
+imported. A rerun of the sweep skips the task only while all of these still hold and every output re-hashes;
 anything else is handed back to ``python -m pipeline run``, which reruns only its stale stages and
 resumes training from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.hashing import code_version, sha256_file
+from pipeline.hashing import sha256_file
 from pipeline.store import RunStore
 
 RECORD = "sweep-task.json"
+_PACKAGES = ("pipeline", "stages", "exports")
+_READERS = ("pipeline/experiments/", "pipeline/report/", "pipeline/cli")  # they read runs; they make none
+
+
+def sources_digest() -> str:
+    """One hash of every project source that can change a run (the sweep and report code left out).
+
+    Coarser than the runner's own per-stage code check on purpose: any change sends the task back to
+    ``python -m pipeline run``, which then decides stage by stage what is really stale.
+    """
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for package in _PACKAGES:
+        spec = importlib.util.find_spec(package)
+        root = Path(spec.origin).parent if spec and spec.origin else None
+        for source in sorted(root.rglob("*.py")) if root else []:
+            name = source.relative_to(root.parent).as_posix()
+            if not name.startswith(_READERS):
+                digest.update(name.encode())
+                digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def _teacher_hash(args: list[str] | tuple[str, ...]) -> str:
@@ -31,7 +54,7 @@ def mark_finished(folder: Path, args: list[str] | tuple[str, ...]) -> None:
     store = RunStore(folder)
     record = {
         "args": list(args),
-        "code_version": code_version(),
+        "sources": sources_digest(),
         "fingerprints": {name: store.manifest(name).fingerprint for name in store.stages()},
         "teacher_sha256": _teacher_hash(args),
     }
@@ -46,7 +69,7 @@ def is_up_to_date(folder: Path, args: list[str] | tuple[str, ...], code: str | N
         record = json.loads((folder / RECORD).read_text())
     except (OSError, ValueError):
         return False
-    if record.get("args") != list(args) or record.get("code_version") != (code or code_version()):
+    if record.get("args") != list(args) or record.get("sources") != (code or sources_digest()):
         return False
     if record.get("teacher_sha256", "") != _teacher_hash(args):
         return False
