@@ -15,7 +15,8 @@ from pathlib import Path
 import click
 
 from exports.errors import EdgeError
-from pipeline.errors import ConfigError, PipelineError, one_line
+from pipeline.cli_experiments import compare, report, sweep
+from pipeline.errors import CheckFailedError, ConfigError, PipelineError, one_line
 
 
 def _echo_err(message: str) -> None:
@@ -98,12 +99,20 @@ def run(
     if checkpoint and not set(names) <= {"export", "engine"}:
         raise ConfigError("--checkpoint is for `run export` (a student made elsewhere), optionally with `engine`")
     out = out or Path("runs") / (preset or cfg.name)
-    outcomes = []
+    outcomes, failed = [], None
     try:
         run_stages(cfg, out, names, force=force, log=_echo_err, on_outcome=outcomes.append, keep=tuple(keep))
+    except CheckFailedError as exc:  # a failed gate: its report is the first thing to read
+        failed = exc
     finally:
         if outcomes:
             click.echo(summary_table(outcomes, Path(out)))
+    if (not stages or "all" in stages) and outcomes and os.environ.get("RANK", "0") == "0":  # `run all`: the report
+        from pipeline.report import write_report
+
+        click.echo(f"report: {write_report(out)}")
+    if failed:
+        raise failed
 
 
 def summary_table(outcomes, out: Path) -> str:
@@ -276,6 +285,10 @@ def predict(images, model, top_k, provider, as_json):
         return
     for image, preds in zip(images, results):
         click.echo(f"{image}: " + ", ".join(f"{p.label} {p.probability:.3f}" for p in preds))
+
+
+for _command in (sweep, compare, report):  # the experiment commands, defined in their own module
+    cli.add_command(_command)
 
 
 def run_cli(argv: list[str] | None = None) -> int:

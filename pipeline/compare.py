@@ -46,3 +46,14 @@ def allclose_fraction(reference, candidate, atol: float, rtol: float) -> float:
 def top1_accuracy(logits, labels) -> float:
     logits, labels = as_numpy(logits), np.asarray(labels)
     return 100.0 * float((logits.argmax(1) == labels).mean()) if len(labels) else 0.0
+
+
+def abs_diff_histogram(reference, candidate, bins: int = 24) -> dict:
+    """Counts of |candidate - reference| in log-spaced bins (exact zeros apart): small enough for a report."""
+    diff = np.abs(as_numpy(candidate) - as_numpy(reference)).ravel()
+    nonzero = diff[diff > 0]
+    low = int(np.floor(np.log10(nonzero.min()))) if nonzero.size else -8
+    high = max(int(np.ceil(np.log10(nonzero.max()))) if nonzero.size else -7, low + 1)
+    edges = np.logspace(low, high, bins + 1)
+    counts, _ = np.histogram(nonzero, edges)
+    return {"zeros": int(diff.size - nonzero.size), "edges": edges.tolist(), "counts": counts.tolist()}

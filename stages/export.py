@@ -24,6 +24,7 @@ from exports.calibration import CALIBRATION_METHODS
 from exports.fp16 import FP16_MAX
 from exports.golden import save_inputs, save_outputs
 from exports.int8 import INT8_TARGETS
+from exports.latency import onnx_latency
 from exports.metadata import PRECISIONS as ORDER
 from exports.metadata import DeployMeta
 from exports.onnx_export import export_onnx, exporter_name
@@ -186,6 +187,8 @@ class ExportStage(Stage):
         script = ctx.out / BUILD_SCRIPT
         script.write_text(build_script(targets, profile, cfg.engine.workspace_mib))
         script.chmod(0o755)
+        made = {p: ctx.out / f for p, f in ONNX_FILES.items() if (ctx.out / f).is_file()}
+        result.report["latency"] = {p: onnx_latency(path, meta.input_size) for p, path in made.items()}  # ORT CPU
         write_json(ctx.out / REPORT, result.report)
         return StageResult(checks=result.checks, metrics=result.metrics, reason=result.note)
 

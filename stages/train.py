@@ -62,6 +62,7 @@ class TrainStage(Stage):
             train_set = WithIndices(train_set)
         for note in distiller.notes():
             ctx.log(f"[train] {note}")
+        test_loader = make_loader(data.dataset("test"), cfg.data, train=False, device=device)
         history = fit(
             distiller,
             make_loader(
@@ -76,8 +77,8 @@ class TrainStage(Stage):
             seed=cfg.seed,
             training=cfg.training,
             logdir=ctx.logdir,
+            test_loader=test_loader,  # per-epoch test top-1 in history.json, for `compare --best`
         )
-        test_loader = make_loader(data.dataset("test"), cfg.data, train=False, device=device)
         student = distiller.student
         meta = ModelMeta.from_data(data.info, cfg.student.arch, reparam=distiller.reparam_settings())
         save_checkpoint(ctx.out / CHECKPOINT, student.state_dict(), meta)

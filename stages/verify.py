@@ -11,7 +11,7 @@ import contextlib
 import torch
 
 from pipeline.checks import Check
-from pipeline.compare import diff_stats, top1_accuracy
+from pipeline.compare import abs_diff_histogram, diff_stats, top1_accuracy
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.loading import load_model
@@ -78,6 +78,7 @@ class VerifyStage(Stage):
             "stats": stats,
             "top1_trained": top1_ref,
             "top1_fused": top1_fused,
+            "abs_diff_histogram": abs_diff_histogram(reference, candidate),  # for the HTML report
         }
         write_json(ctx.out / "report.json", report)
         return StageResult(

@@ -159,8 +159,12 @@ def fit(
     seed: int = 0,
     training: TrainingConfig | None = None,
     logdir: Path | None = None,
+    test_loader: DataLoader | None = None,
 ) -> History:
     """Train for ``cfg.epochs`` epochs, resuming from the state in ``scratch`` if there is one.
+
+    With ``test_loader`` each epoch's record also holds the test top-1, for reporting the best epoch
+    beside the last one (labelled as such); nothing is selected on it.
 
     ``train_loader`` must come from :func:`~pipeline.training.make_loader` (its sampler makes the data
     order resumable). Under torchrun every rank calls this; rank 0 alone writes the resume state and
@@ -173,7 +177,8 @@ def fit(
     with speed.backend_flags(training, device):
         try:
             trainer = _Trainer(
-                distiller, train_loader, val_loader, cfg, training, device, scratch, log, desc, seed, logdir
+                distiller, train_loader, val_loader, cfg, training, device, scratch, log, desc, seed, logdir,
+                test_loader,
             )
         except RuntimeError as exc:
             if not is_out_of_memory(exc):
@@ -196,6 +201,7 @@ class _Trainer:
         desc: str,
         seed: int,
         logdir: Path | None,
+        test_loader: DataLoader | None = None,
     ):
         self.world = world()
         self.distiller, self.train_loader, self.val_loader = distiller, train_loader, val_loader
@@ -215,6 +221,7 @@ class _Trainer:
         self.scaler = speed.grad_scaler(training, device)
 
         self.history = History()
+        self.test_loader = test_loader
         self.epoch = self.step = self.global_step = 0
         self.partial: dict = {}
         self._resume()
@@ -292,6 +299,9 @@ class _Trainer:
                     broadcast_buffers(self.distiller)  # every rank evaluates rank 0's model
                     val = evaluate(self.distiller.student, self.val_loader, self.device, f"{self.desc} val")
                     record.update({f"val_{k}": v for k, v in val.items()})
+                if self.test_loader is not None:
+                    test = evaluate(self.distiller.student, self.test_loader, self.device, f"{self.desc} test")
+                    record.update({f"test_{k}": v for k, v in test.items()})
                 self.history.epochs.append(record)
                 self.scheduler.step()
                 self.epoch, self.step, self.partial = self.epoch + 1, 0, {}

@@ -1,0 +1,181 @@
+"""The ``sweep``, ``compare`` and ``report`` commands: thin click wrappers over :mod:`pipeline.experiments`
+and :mod:`pipeline.report`, registered on the main group by :mod:`pipeline.cli`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from pipeline.errors import ConfigError
+
+
+def _ints(values: tuple[str, ...]) -> list[int]:
+    from pipeline.experiments.grid import split_list
+
+    try:
+        return [int(v) for v in split_list(values)]
+    except ValueError:
+        raise ConfigError(f"--seed takes integers (repeat it or give a comma list), got {', '.join(values)}") from None
+
+
+@click.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/sweep"),
+    show_default=True,
+    help="Sweep folder: cells/, teachers/, logs/ and sweep.json.",
+)
+@click.option("--preset", "presets", multiple=True, metavar="NAME[,NAME]", help="Preset(s); one axis of the grid.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")
+@click.option(
+    "--method", "methods", multiple=True, metavar="NAME[,NAME]", help="Methods; an axis (e.g. kd,dkd,vanilla)."
+)
+@click.option("--seed", "seeds", multiple=True, metavar="N[,N]", help="Seeds; an axis (e.g. 0,1,2).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=V[,V]",
+    help="Override for every cell; several comma-separated values make an axis.",
+)
+@click.option("--data-root", default=None, metavar="DIR", help="Folder holding the dataset.")
+@click.option("--device", default=None, help="auto, cpu, cuda (a local sweep gives each cell its own GPU).")
+@click.option("--teacher-checkpoint", default=None, metavar="FILE", help="Import this teacher in every cell.")
+@click.option("--teacher-seed", type=int, default=None, help="Seed of the shared teacher [default: the first seed].")
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Cells at a time on this machine [default: one per GPU, else 1].",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads per cell [default: the cores divided by --jobs].",
+)
+@click.option(
+    "--cluster",
+    type=click.Choice(["slurm", "submitit-local"]),
+    default=None,
+    help="Submit one job per cell through submitit (submitit-local: its LocalExecutor, for a dry run).",
+)
+@click.option("--partition", default=None, help="SLURM partition.")
+@click.option(
+    "--time",
+    "time_min",
+    type=click.IntRange(min=1),
+    default=240,
+    show_default=True,
+    help="SLURM time limit per cell, minutes.",
+)
+@click.option("--gpus-per-cell", type=click.IntRange(min=0), default=0, show_default=True, help="GPUs per SLURM job.")
+@click.option("--cpus-per-cell", type=click.IntRange(min=1), default=4, show_default=True, help="CPUs per SLURM job.")
+@click.option("--mem-gb", type=click.IntRange(min=1), default=None, help="Memory per SLURM job, GB.")
+@click.option("--torchrun", is_flag=True, help="Run each SLURM cell with torchrun over its --gpus-per-cell GPUs.")
+@click.option("--dry-run", is_flag=True, help="Print the cells and their commands; run nothing.")
+def sweep(
+    out,
+    presets,
+    config_file,
+    methods,
+    seeds,
+    overrides,
+    data_root,
+    device,
+    teacher_checkpoint,
+    teacher_seed,
+    jobs,
+    threads,
+    cluster,
+    partition,
+    time_min,
+    gpus_per_cell,
+    cpus_per_cell,
+    mem_gb,
+    torchrun,
+    dry_run,
+):
+    """Run a grid of ordinary runs: presets (or --config) x methods x seeds x --set axes.
+
+    Each cell is `run all` into OUT/cells/<name>; a teacher that cells need is trained once and imported
+    by every cell. Run the same command again to skip finished cells and resume the others.
+    """
+    from pipeline.experiments.grid import expand_grid, split_list
+    from pipeline.experiments.scheduler import LocalBackend, slots_for, visible_gpus
+    from pipeline.experiments.sweep import check_results, results_table, run_sweep, sweep_tasks
+
+    sets = list(overrides)
+    for key, value in (("data.root", data_root), ("device", device), ("teacher.checkpoint", teacher_checkpoint)):
+        if value is not None:
+            sets.append(f"{key}={json.dumps(str(Path(value).resolve()) if key != 'device' else value)}")
+    grid = expand_grid(out, split_list(presets), config_file, split_list(methods), _ints(seeds), sets, teacher_seed)
+    if dry_run:
+        for task in sweep_tasks(grid):
+            click.echo(f"{task.name}: python -m pipeline {' '.join(task.argv)}")
+        return
+    if cluster:
+        from pipeline.experiments.cluster import ClusterOptions, SubmititBackend, make_executor
+
+        options = ClusterOptions(partition, time_min, gpus_per_cell, cpus_per_cell, mem_gb, torchrun)
+        backend = SubmititBackend(make_executor(out.resolve() / "submitit", cluster.split("-")[-1], options), options)
+    else:
+        gpus = [] if device == "cpu" else visible_gpus()
+        backend = LocalBackend(slots_for(jobs, gpus), gpus, threads or 0)
+    click.echo(f"sweep: {len(grid.cells)} cells, {len(grid.teachers)} shared teacher(s) in {out}", err=True)
+    results = run_sweep(grid, backend)
+    click.echo(results_table(results))
+    check_results(results, out)
+    click.echo(f"compare: python -m pipeline compare {out}")
+
+
+@click.command()
+@click.argument(
+    "paths",
+    metavar="RUNS_OR_SWEEPS...",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
+@click.option(
+    "--best", is_flag=True, help="Also show the best-epoch test top-1 (labelled; the last epoch is the main figure)."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "markdown", "csv", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format.",
+)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file instead of stdout.")
+def compare(paths, best, fmt, output):
+    """The paper-shaped table: methods x teacher->student pairs, mean ± std of test top-1 over seeds,
+    Δ vs vanilla and KD, published figures, and per deployed model its size, FLOPs, latency and INT8 drop."""
+    from pipeline.report.table import build_comparison, render
+
+    text = render(build_comparison(list(paths)), fmt, best=best)
+    if output:
+        output.write_text(text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text)
+
+
+@click.command()
+@click.argument("path", metavar="RUN_OR_SWEEP", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="HTML file to write [default: RUN_OR_SWEEP/report.html].",
+)
+def report(path, output):
+    """One self-contained HTML page (no network): stages, checks, training curves, parity, latency, INT8 ranges;
+    for a sweep, the comparison table and accuracy vs latency."""
+    from pipeline.report import write_report
+
+    click.echo(str(write_report(path, output)))

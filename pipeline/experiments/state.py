@@ -1,0 +1,87 @@
+"""Whether a sweep task (a cell or a shared teacher run) is finished and still up to date.
+
+When a task's run exits 0, the sweep writes a small record beside its manifests: the arguments it ran
+with, a hash of the project's sources, each stage's fingerprint and the hash of the teacher file it
+imported. A rerun of the sweep skips the task only while all of these still hold and every output re-hashes;
+anything else is handed back to ``python -m pipeline run``, which reruns only its stale stages and
+resumes training from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.hashing import sha256_file
+from pipeline.store import RunStore
+
+RECORD = "sweep-task.json"
+_PACKAGES = ("pipeline", "stages", "exports")
+_READERS = ("pipeline/experiments/", "pipeline/report/", "pipeline/cli")  # they read runs; they make none
+
+
+def sources_digest() -> str:
+    """One hash of every project source that can change a run (the sweep and report code left out).
+
+    Coarser than the runner's own per-stage code check on purpose: any change sends the task back to
+    ``python -m pipeline run``, which then decides stage by stage what is really stale.
+    """
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for package in _PACKAGES:
+        spec = importlib.util.find_spec(package)
+        root = Path(spec.origin).parent if spec and spec.origin else None
+        for source in sorted(root.rglob("*.py")) if root else []:
+            name = source.relative_to(root.parent).as_posix()
+            if not name.startswith(_READERS):
+                digest.update(name.encode())
+                digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def _teacher_hash(args: list[str] | tuple[str, ...]) -> str:
+    if "--teacher-checkpoint" not in args:
+        return ""
+    path = Path(args[list(args).index("--teacher-checkpoint") + 1])
+    return sha256_file(path) if path.is_file() else "missing"
+
+
+def mark_finished(folder: Path, args: list[str] | tuple[str, ...]) -> None:
+    """Record a run that exited 0 (the run's own manifests are already committed)."""
+    store = RunStore(folder)
+    record = {
+        "args": list(args),
+        "sources": sources_digest(),
+        "fingerprints": {name: store.manifest(name).fingerprint for name in store.stages()},
+        "teacher_sha256": _teacher_hash(args),
+    }
+    tmp = folder / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(folder / RECORD)
+
+
+def is_up_to_date(folder: Path, args: list[str] | tuple[str, ...], code: str | None = None) -> bool:
+    """True when the task finished with these arguments and this code and nothing of it changed since."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    if record.get("args") != list(args) or record.get("sources") != (code or sources_digest()):
+        return False
+    if record.get("teacher_sha256", "") != _teacher_hash(args):
+        return False
+    store = RunStore(folder)
+    fingerprints = record.get("fingerprints") or {}
+    if not fingerprints or set(fingerprints) != set(store.stages()):
+        return False
+    try:
+        for name, fp in fingerprints.items():
+            manifest = store.manifest(name)
+            if manifest is None or manifest.fingerprint != fp or store.outputs_intact(name, manifest):
+                return False
+    except PipelineError:  # an unreadable or hand-edited manifest: let the run say what is wrong
+        return False
+    return True

@@ -1,0 +1,97 @@
+"""Reading what runs left behind: manifests, ``history.json`` and the stages' JSON reports.
+
+Nothing here recomputes a result; every figure comes from a file a stage wrote, so a run folder
+copied from another machine reports exactly what that machine measured.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+from pipeline.experiments.grid import is_sweep, read_sweep
+from pipeline.manifest import Manifest
+from pipeline.store import RunStore
+
+
+def _json(path: Path) -> dict | list | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class RunData:
+    """One run folder, as its files describe it."""
+
+    root: Path
+    manifests: dict[str, Manifest]  # in the order the stages ran
+    labels: dict = field(default_factory=dict)  # a sweep cell's preset, method, seed and axis values
+    name: str = ""
+
+    @classmethod
+    def read(cls, root: str | Path, labels: dict | None = None, name: str = "") -> RunData:
+        store = RunStore(root)
+        manifests = {stage: store.manifest(stage) for stage in store.stages()}
+        ordered = sorted(manifests.items(), key=lambda kv: (kv[1].meta.get("started", ""), kv[0]))
+        return cls(Path(root), dict(ordered), dict(labels or {}), name or Path(root).name)
+
+    def metric(self, stage: str, key: str):
+        m = self.manifests.get(stage)
+        return m.metrics.get(key) if m else None
+
+    def history(self, stage: str) -> list[dict]:
+        data = _json(self.root / stage / "history.json") if stage in self.manifests else None
+        return data if isinstance(data, list) else []
+
+    def stage_report(self, stage: str, name: str = "report.json") -> dict:
+        data = _json(self.root / stage / name) if stage in self.manifests else None
+        return data if isinstance(data, dict) else {}
+
+    @property
+    def method(self) -> str | None:
+        m = self.manifests.get("train")
+        return m.params.get("method") if m else self.labels.get("method")
+
+    @property
+    def seed(self):
+        m = self.manifests.get("train") or self.manifests.get("teacher")
+        return m.params.get("seed") if m else self.labels.get("seed")
+
+    @property
+    def pair(self) -> tuple[str, str, str] | None:
+        """(dataset, teacher, student) of a run that distilled a student."""
+        teacher, train = self.manifests.get("teacher"), self.manifests.get("train")
+        if not teacher or not train:
+            return None
+        return (train.params.get("data", {}).get("dataset", "?"), teacher.params["arch"], train.params["arch"])
+
+    @property
+    def teacher_sha256(self) -> str:
+        m = self.manifests.get("teacher")
+        return next((a.sha256 for a in m.outputs if a.path.endswith(".safetensors")), "") if m else ""
+
+    @property
+    def axes(self) -> dict:
+        """Sweep axis values other than preset, method and seed (they tell apart rows of one method)."""
+        return {k: v for k, v in self.labels.items() if k not in ("preset", "method", "seed")}
+
+
+def read_runs(paths: list[str | Path]) -> tuple[list[RunData], list[Path]]:
+    """Every run under ``paths`` (run folders or sweep folders) and the sweep folders among them."""
+    runs, sweeps = [], []
+    for path in map(Path, paths):
+        if is_sweep(path):
+            sweeps.append(path)
+            for cell in read_sweep(path).cells:
+                folder = cell.folder(path)
+                if RunStore(folder).stages():
+                    runs.append(RunData.read(folder, cell.labels, cell.name))
+        elif RunStore(path).stages():
+            runs.append(RunData.read(path))
+        else:
+            raise ConfigError(f"{path} is neither a run folder (stage manifests) nor a sweep folder (sweep.json)")
+    return runs, sweeps

@@ -1,0 +1,295 @@
+"""The paper-shaped comparison: methods x teacher->student pairs, mean ± std of test top-1 over seeds.
+
+The main figure is the last-epoch test top-1 (what the train stage measured on the final weights);
+the best epoch is shown only on request and labelled, since picking it looks at the test set. Beside
+each mean: the difference to the vanilla student and to KD of the same pair, and the figure the
+matching preset publishes. Per deployed model: parameters, FLOPs, ONNX latency per precision and the
+INT8 drop, each averaged over the seeds of the cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pipeline.report.collect import RunData, read_runs
+
+# Method name -> the row of a preset's `expected.top1` table that publishes it (others: the same name).
+_PUBLISHED_ROW = {
+    "vanilla": "student",
+    "reviewkd": "review",
+    "kdiffusion_multi": "multiple_layer_kdiffusion",
+    "kdiffusion_single": "single_layer_kdiffusion",
+    "kdiffusion_single_avg": "single_layer_average",
+}
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation (ddof 1) of one figure over seeds."""
+
+    values: list[float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else (0.0 if self.values else None)
+
+    def format(self, digits: int = 2) -> str:
+        if not self.values:
+            return "-"
+        spread = f" ± {self.std:.{digits}f}" if self.n > 1 else ""
+        return f"{self.mean:.{digits}f}{spread}"
+
+
+@dataclass
+class Entry:
+    """One (row, pair) cell of the table."""
+
+    row: str
+    pair: tuple[str, str, str]
+    top1: Stat
+    best: Stat
+    published: float | None = None
+    delta_vanilla: float | None = None
+    delta_kd: float | None = None
+    runs: list[str] = field(default_factory=list)
+    params: int | None = None
+    flops: int | None = None
+    latency_ms: dict[str, Stat] = field(default_factory=dict)
+    int8_drop: Stat = field(default_factory=lambda: Stat([]))
+
+
+@dataclass
+class Comparison:
+    rows: list[str]
+    pairs: list[tuple[str, str, str]]
+    entries: dict[tuple[str, tuple[str, str, str]], Entry]
+    sources: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def get(self, row: str, pair: tuple[str, str, str]) -> Entry | None:
+        return self.entries.get((row, pair))
+
+    def to_dict(self) -> dict:
+        out = []
+        for e in self.entries.values():
+            out.append(
+                {
+                    "method": e.row,
+                    "dataset": e.pair[0],
+                    "teacher": e.pair[1],
+                    "student": e.pair[2],
+                    "n": e.top1.n,
+                    "top1_last_mean": e.top1.mean,
+                    "top1_last_std": e.top1.std,
+                    "top1_last_values": e.top1.values,
+                    "top1_best_mean": e.best.mean,
+                    "top1_best_std": e.best.std,
+                    "delta_vs_vanilla": e.delta_vanilla,
+                    "delta_vs_kd": e.delta_kd,
+                    "published": e.published,
+                    "parameters": e.params,
+                    "flops": e.flops,
+                    "latency_ms": {p: s.mean for p, s in e.latency_ms.items()},
+                    "int8_drop_pt": e.int8_drop.mean,
+                    "runs": e.runs,
+                }
+            )
+        return {"sources": self.sources, "metric": METRIC, "entries": out, "notes": self.notes}
+
+
+METRIC = "test top-1 % of the final epoch, mean ± sample std over seeds"
+
+
+def row_name(run: RunData) -> str:
+    axes = ", ".join(f"{k}={v}" for k, v in sorted(run.axes.items()))
+    return f"{run.method} [{axes}]" if axes else str(run.method)
+
+
+@functools.lru_cache(maxsize=1)
+def _preset_tables() -> dict[tuple[str, str, str], tuple[dict, str | None]]:
+    """(dataset, teacher, student) -> (expected top-1 table, the row the kdiffusion method reproduces)."""
+    from pipeline.config import list_presets, load_config
+
+    tables = {}
+    for name in list_presets():
+        cfg = load_config(name)
+        table = cfg.expected.get("top1")
+        if isinstance(table, dict):
+            tables.setdefault(
+                (cfg.data.dataset, cfg.teacher.arch, cfg.student.arch), (table, cfg.expected.get("method"))
+            )
+    return tables
+
+
+def published(pair: tuple[str, str, str], method: str) -> float | None:
+    table, kdiffusion_row = _preset_tables().get(pair, ({}, None))
+    key = kdiffusion_row if method == "kdiffusion" else _PUBLISHED_ROW.get(method, method)
+    value = table.get(key) if key else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _best_top1(run: RunData) -> float | None:
+    values = [e["test_top1"] for e in run.history("train") if isinstance(e.get("test_top1"), int | float)]
+    return max(values) if values else None
+
+
+def build_comparison(paths: list[str | Path]) -> Comparison:
+    runs, _ = read_runs(paths)
+    groups: dict[tuple[str, tuple], list[RunData]] = {}
+    teachers: dict[tuple, dict[str, float]] = {}  # pair -> teacher sha -> top-1 (one figure per distinct teacher)
+    for run in runs:
+        pair = run.pair
+        if pair is None or run.metric("train", "test_top1") is None:
+            continue
+        groups.setdefault((row_name(run), pair), []).append(run)
+        top1 = run.metric("teacher", "test_top1")
+        if top1 is not None:
+            teachers.setdefault(pair, {})[run.teacher_sha256 or run.name] = float(top1)
+    pairs = list(dict.fromkeys(pair for _, pair in groups))
+    methods = list(dict.fromkeys(row for row, _ in groups))
+    rows = (
+        ["teacher"]
+        + [r for r in ("vanilla", "kd") if r in methods]
+        + [r for r in methods if r not in ("vanilla", "kd")]
+    )
+    entries: dict = {}
+    for pair, by_sha in teachers.items():
+        entries[("teacher", pair)] = Entry(
+            "teacher", pair, Stat(list(by_sha.values())), Stat([]), published(pair, "teacher")
+        )
+    for (row, pair), members in groups.items():
+        entry = Entry(
+            row,
+            pair,
+            Stat([float(r.metric("train", "test_top1")) for r in members]),
+            Stat([b for b in map(_best_top1, members) if b is not None]),
+            published(pair, members[0].method or ""),
+            runs=[str(r.root) for r in members],
+        )
+        entry.params = members[0].metric("fuse", "parameters")
+        entry.flops = members[0].metric("fuse", "flops")
+        for precision in PRECISIONS:
+            values = [r.stage_report("export").get("latency", {}).get(precision, {}).get("median_ms") for r in members]
+            values = [float(v) for v in values if isinstance(v, int | float)]
+            if values:
+                entry.latency_ms[precision] = Stat(values)
+        entry.int8_drop = Stat(
+            [float(v) for r in members if (v := r.metric("export", "int8_top1_drop_pt")) is not None]
+        )
+        entries[(row, pair)] = entry
+    for (row, pair), entry in entries.items():
+        if row == "teacher":
+            continue
+        for ref, attr in (("vanilla", "delta_vanilla"), ("kd", "delta_kd")):
+            other = entries.get((ref, pair))
+            if other and row != ref and other.top1.mean is not None:
+                setattr(entry, attr, entry.top1.mean - other.top1.mean)
+    notes = []
+    if any(e.top1.n and not e.best.n for (r, _), e in entries.items() if r != "teacher"):
+        notes.append("best epoch: not shown where history.json has no per-epoch test top-1")
+    return Comparison(rows, pairs, entries, [str(p) for p in paths], notes)
+
+
+def _pair_label(pair: tuple[str, str, str], pairs: list) -> str:
+    label = f"{pair[1]} -> {pair[2]}"
+    return f"{label} ({pair[0]})" if len({p[0] for p in pairs}) > 1 or pair[0] != "synthetic" else label
+
+
+def _delta(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def accuracy_rows(c: Comparison, best: bool) -> list[list[str]]:
+    header = ["method"]
+    for pair in c.pairs:
+        label = _pair_label(pair, c.pairs)
+        header += [f"{label}: top-1 (last)", "n", "Δ vanilla", "Δ KD", "published"]
+        if best:
+            header.append("top-1 (best epoch)")
+    rows = [header]
+    for row in c.rows:
+        line = [row]
+        for pair in c.pairs:
+            e = c.get(row, pair)
+            if e is None:
+                line += ["-"] * (6 if best else 5)
+                continue
+            published_value = "-" if e.published is None else f"{e.published:.2f}"
+            line += [e.top1.format(), str(e.top1.n), _delta(e.delta_vanilla), _delta(e.delta_kd), published_value]
+            if best:
+                line.append(e.best.format() + " (best)" if e.best.n else "-")
+        rows.append(line)
+    return rows
+
+
+def deployment_rows(c: Comparison) -> list[list[str]]:
+    header = ["pair", "method", "parameters", "FLOPs", *(f"ORT {p} ms" for p in PRECISIONS), "INT8 drop (pt)"]
+    rows = [header]
+    for pair in c.pairs:
+        for row in c.rows:
+            e = c.get(row, pair)
+            if e is None or row == "teacher":
+                continue
+            latency = [e.latency_ms[p].format(3) if p in e.latency_ms else "-" for p in PRECISIONS]
+            params = f"{e.params:,}" if isinstance(e.params, int) else "-"
+            flops = f"{e.flops / 1e6:.1f}M" if isinstance(e.flops, int | float) else "-"
+            rows.append([_pair_label(pair, c.pairs), row, params, flops, *latency, e.int8_drop.format()])
+    return rows
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _markdown(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in rows[1:]]
+    return "\n".join(lines)
+
+
+def _csv(c: Comparison) -> str:
+    buffer = io.StringIO()
+    entries = c.to_dict()["entries"]
+    fields = [k for k in entries[0] if k not in ("latency_ms", "runs", "top1_last_values")] if entries else []
+    writer = csv.writer(buffer)
+    writer.writerow([*fields, *(f"latency_{p}_ms" for p in PRECISIONS)])
+    for e in entries:
+        writer.writerow([*(e[k] for k in fields), *(e["latency_ms"].get(p) for p in PRECISIONS)])
+    return buffer.getvalue()
+
+
+def render(c: Comparison, fmt: str, best: bool = False) -> str:
+    """The comparison as ``table`` (terminal), ``markdown``, ``csv`` or ``json``."""
+    if fmt == "json":
+        return json.dumps(c.to_dict(), indent=2)
+    if fmt == "csv":
+        return _csv(c)
+    if not c.entries:
+        return "no finished runs with a trained student under " + ", ".join(c.sources)
+    table = _markdown if fmt == "markdown" else _aligned
+    footer = [f"top-1: {METRIC}; Δ: difference of means in points; published: the matching preset's figure"]
+    if best:
+        footer.append("best epoch: highest per-epoch test top-1 (selected on the test set; for reference only)")
+    footer += c.notes
+    parts = [table(accuracy_rows(c, best)), table(deployment_rows(c)), "\n".join(footer)]
+    return "\n\n".join(parts) + "\n"
+
+
+__all__ = ["Comparison", "Entry", "Stat", "asdict", "build_comparison", "published", "render"]

@@ -1,0 +1,103 @@
+"""The comparison table and the report on hand-made run folders: figures come from manifests, never recomputed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.manifest import Manifest
+from pipeline.report import write_report
+from pipeline.report.table import Stat, build_comparison, published, render
+from pipeline.store import RunStore, describe_file
+
+DATA = {"dataset": "cifar100"}
+
+
+def _stage(root: Path, stage: str, params: dict, metrics: dict, files: dict[str, str]) -> None:
+    store = RunStore(root)
+    staged = store.staging(stage)
+    for name, text in files.items():
+        (staged / name).write_text(text)
+    outputs = [describe_file(staged, name) for name in files]
+    store.commit(staged, Manifest(stage, "ok", params, [], outputs, [], "code", metrics=metrics))
+
+
+def fake_run(root: Path, method: str, seed: int, top1: float, history: list[float] = ()) -> Path:
+    _stage(
+        root,
+        "teacher",
+        {"arch": "resnet32x4", "data": DATA, "seed": 0},
+        {"test_top1": 79.0},
+        {"teacher.safetensors": "t"},
+    )
+    epochs = [{"epoch": i + 1, "loss/ce": 1.0 / (i + 1), "test_top1": v} for i, v in enumerate(history)]
+    _stage(
+        root,
+        "train",
+        {"arch": "ShuffleV1", "method": method, "seed": seed, "data": DATA},
+        {"test_top1": top1},
+        {"history.json": json.dumps(epochs)},
+    )
+    _stage(root, "fuse", {}, {"parameters": 949258, "flops": 38_000_000}, {"fused.txt": "f"})
+    return root
+
+
+def test_stat_is_mean_and_sample_std():
+    assert Stat([70.0, 72.0, 74.0]).format() == "72.00 ± 2.00"
+    assert Stat([71.5]).format() == "71.50" and Stat([]).format() == "-"
+
+
+def test_published_figures_come_from_the_matching_preset():
+    pair = ("cifar100", "resnet32x4", "ShuffleV1")
+    assert published(pair, "kdiffusion") == 78.14  # the preset's expected.method row
+    assert published(pair, "vanilla") == 70.50 and published(pair, "teacher") == 79.42
+    assert published(pair, "reviewkd") == 77.45 and published(pair, "kdiffusion_single") == 76.62
+    assert published(pair, "dkd") is None
+    assert published(("synthetic", "wrn_16_2", "mobile_half"), "kd") is None
+
+
+def test_comparison_groups_seeds_and_gives_deltas(tmp_path):
+    runs = [
+        fake_run(tmp_path / "v0", "vanilla", 0, 70.0),
+        fake_run(tmp_path / "v1", "vanilla", 1, 72.0),
+        fake_run(tmp_path / "k0", "kd", 0, 73.0, history=[60.0, 74.5, 73.0]),
+        fake_run(tmp_path / "k1", "kd", 1, 75.0, history=[61.0, 75.0, 75.0]),
+        fake_run(tmp_path / "d0", "kdiffusion", 0, 77.0),
+    ]
+    c = build_comparison(runs)
+    pair = ("cifar100", "resnet32x4", "ShuffleV1")
+    assert c.rows == ["teacher", "vanilla", "kd", "kdiffusion"] and c.pairs == [pair]
+    assert c.get("teacher", pair).top1.values == [79.0]  # one teacher file, counted once
+    kd = c.get("kd", pair)
+    assert kd.top1.mean == 74.0 and kd.top1.n == 2 and kd.delta_vanilla == pytest.approx(3.0)
+    assert kd.best.values == [74.5, 75.0]
+    diffusion = c.get("kdiffusion", pair)
+    assert diffusion.delta_kd == pytest.approx(3.0) and diffusion.published == 78.14
+    assert diffusion.params == 949258
+
+    table = render(c, "table", best=True)
+    assert "71.00 ± 1.41" in table and "+3.00" in table and "78.14" in table and "74.75 ± 0.35 (best)" in table
+    assert "top-1 (best epoch)" not in render(c, "table")  # only when asked
+    markdown = render(c, "markdown")
+    assert markdown.splitlines()[1].startswith("|---|")
+    entries = json.loads(render(c, "json"))["entries"]
+    assert {e["method"] for e in entries} == {"teacher", "vanilla", "kd", "kdiffusion"}
+    assert render(c, "csv").splitlines()[0].startswith("method,dataset,teacher,student,n,")
+
+
+def test_report_of_a_partial_run_says_what_is_missing(tmp_path):
+    run = fake_run(tmp_path / "run", "kd", 0, 73.0, history=[60.0, 73.0])
+    html = write_report(run).read_text()
+    assert html.startswith("<!DOCTYPE html>") and "Content-Security-Policy" in html
+    assert 'data-table="stages"' in html and 'data-plot="curves-train"' in html
+    assert "The verify stage has not run." in html and "The export stage has not run." in html
+    assert "<script" not in html and "http" not in html.replace("http-equiv", "")
+
+
+def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="neither a run folder"):
+        build_comparison([tmp_path])
