@@ -1,4 +1,4 @@
-"""Proxy accuracy of every distillation method on the built-in synthetic data: mean ± std over seeds.
+"""Accuracy of every distillation method on one recipe (synthetic or real data): mean ± std over seeds.
 
 One teacher is trained once (seed 0) and imported by every cell (``teacher.checkpoint``), so the
 methods differ only in how they distill. Each cell (method x seed) is a normal pipeline run of the
@@ -10,9 +10,14 @@ Warm-ups are given in epochs of the 240-epoch CIFAR recipe (20 for DKD and Revie
 run would never finish them, so by default a method's ``warmup_epochs`` is scaled to the same fraction
 of the run (``--warmup-fraction``, 20/240) unless the method's options set it.
 
+With ``--step-cost`` the table also gives each method's training-step time as a ratio to vanilla,
+measured by ``bench_methods.py``'s interleaved rounds on the recipe's pair, batch and class count.
+Finished cells are recorded in ``<work>/cells.json``, so a resumed table neither reruns nor rechecks them.
+
 Usage:
     python benchmarks/proxy_methods.py [--preset default] [--set KEY=VALUE ...] [--methods kd dkd ...]
         [--variant LABEL METHOD '{"arg": 1}' ...] [--seeds 0 1 2] [--work runs/proxy-methods] [--write FILE]
+        [--device cpu|cuda] [--step-cost] [--title TEXT]
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from method_rows import add_row_options, rows
 
 from pipeline.config import load_config
+from pipeline.data import load_data
 from pipeline.distill import METHODS
 from pipeline.runner import run_stages
 from pipeline.store import RunStore
@@ -53,7 +59,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads [default: torch's].")
     parser.add_argument("--work", type=Path, default=Path("runs/proxy-methods"), help="Folder for the runs.")
     parser.add_argument("--write", type=Path, default=None, help="Markdown file to write the table to.")
+    parser.add_argument("--device", default=None, help="Run every cell on this device [default: the preset's].")
+    parser.add_argument("--step-cost", action="store_true", help="Also time each method's training step.")
+    parser.add_argument("--title", default="Proxy accuracy of the distillation methods (synthetic data)")
     return parser.parse_args(argv)
+
+
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    return [*args.overrides, *([f"device={args.device}"] if args.device else [])]
+
+
+class CellLog:
+    """Finished cells (label/seed -> result) in a JSON file, written after each cell."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.cells: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def get(self, label: str, seed: int, options: dict) -> dict | None:
+        cell = self.cells.get(f"{label}/seed{seed}")
+        return cell if cell is not None and cell["options"] == options else None
+
+    def put(self, label: str, seed: int, cell: dict) -> None:
+        self.cells[f"{label}/seed{seed}"] = cell
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.cells, indent=1, sort_keys=True))
+        tmp.replace(self.path)
+
+
+def step_costs(args: argparse.Namespace, cfg, which: list[tuple[str, str, dict]]) -> dict[str, float]:
+    """Median training-step seconds per row (bench_methods.py's interleaved rounds), cached in ``--work``."""
+    from bench_methods import measure_times
+
+    cache = args.work / "step_cost.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    device = args.device or ("cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu")
+    data = load_data(cfg.data, cfg.seed)
+    bench_args = argparse.Namespace(
+        teacher=cfg.teacher.arch,
+        student=cfg.student.arch,
+        classes=data.info.num_classes,
+        batch_size=cfg.data.batch_size,
+        samples=len(data.source("train")),  # CRD scores against its whole bank: the training split's size
+        steps=5,
+        rounds=3,
+        warmup=2,
+        device=device,
+    )
+    times = {label: statistics.median(v) for label, v in measure_times(bench_args, which).items()}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(times, indent=1))
+    return times
 
 
 
@@ -64,10 +122,10 @@ def with_scaled_warmup(method: str, options: dict, epochs: int, fraction: float)
 
 
 def run_cell(args, label: str, method: str, options: dict, seed: int, teacher_path: Path) -> dict:
-    base = load_config(args.preset, None, args.overrides)
+    base = load_config(args.preset, None, base_overrides(args))
     options = with_scaled_warmup(method, options, base.student.optim.epochs, args.warmup_fraction)
     sets = [
-        *args.overrides,
+        *base_overrides(args),
         f"seed={seed}",
         f"student.method={method}",
         f"student.method_args={json.dumps(options)}",
@@ -92,24 +150,45 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {std:.2f}"
 
 
-def report(args, argv, cfg, teacher_top1: float, results: dict, seconds: float) -> str:
+def _training_images(cfg) -> str:
+    if cfg.data.dataset == "synthetic":
+        return f"{cfg.data.synthetic.train_size} synthetic training images"
+    share = f"a seeded {cfg.data.train_subset}-image share of" if cfg.data.train_subset else "all of"
+    return f"{share} the {cfg.data.dataset} training split ({cfg.data.val_fraction:.0%} of it held out as val)"
+
+
+def _device(args, cfg) -> str:
+    device = args.device or cfg.device
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.get_device_name(0)
+    return "CPU"
+
+
+def report(args, argv, cfg, teacher_top1: float, results: dict, seconds: float, costs: dict | None = None) -> str:
+    optim = cfg.student.optim
     lines = [
-        "# Proxy accuracy of the distillation methods (synthetic data)",
+        f"# {args.title}",
         "",
         f"- date: {date.today().isoformat()}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} intra-op threads",
+        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, device {_device(args, cfg)}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads",
         f"- command: `python benchmarks/proxy_methods.py {' '.join(argv)}`",
         f"- setting: preset `{args.preset}` ({cfg.teacher.arch} -> {cfg.student.arch}, "
-        f"{cfg.data.synthetic.train_size} synthetic training images, {cfg.student.optim.epochs} student epochs); "
+        f"{_training_images(cfg)}, {optim.epochs} student epochs at LR {optim.lr}, batch {cfg.data.batch_size}); "
         f"one teacher (seed 0, test top-1 {teacher_top1:.2f}%) imported by every cell",
         f"- figures: last-epoch student, top-1 % on the test split, mean ± sample std over seeds {args.seeds}; "
         "val is the held-out slice of the training split",
         f"- warm-ups scaled to {args.warmup_fraction:.4f} of the run where a method has one",
-        f"- total wall time: {seconds / 60:.1f} min",
+        f"- total wall time: {seconds / 60:.1f} min (this invocation; a resumed table counts only its own part)",
+        *(
+            ["- step: median training-step time (forward, backward, SGD) over 3 interleaved rounds of 5 steps"]
+            if costs
+            else []
+        ),
         "",
-        "| method | test top-1 | val top-1 | per seed (test) | s per cell | options |",
-        "|---|---:|---:|---|---:|---|",
+        "| method | test top-1 | val top-1 | per seed (test) | s per cell | options |"
+        + (" step (ms) | x vanilla |" if costs else ""),
+        "|---|---:|---:|---|---:|---|" + ("---:|---:|" if costs else ""),
     ]
     for label, cells in results.items():
         tests = [c["test"] for c in cells]
@@ -117,7 +196,10 @@ def report(args, argv, cfg, teacher_top1: float, results: dict, seconds: float) 
         per_seed = ", ".join(f"{v:.2f}" for v in tests)
         secs = statistics.mean(c["seconds"] for c in cells)
         options = json.dumps(cells[0]["options"]) if cells[0]["options"] else ""
-        lines.append(f"| {label} | {_mean_std(tests)} | {_mean_std(vals)} | {per_seed} | {secs:.0f} | {options} |")
+        row = f"| {label} | {_mean_std(tests)} | {_mean_std(vals)} | {per_seed} | {secs:.0f} | {options} |"
+        if costs:
+            row += f" {costs[label] * 1e3:.0f} | {costs[label] / costs['vanilla']:.2f} |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 
@@ -127,17 +209,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tic = time.perf_counter()
-    cfg = load_config(args.preset, None, [*args.overrides, "seed=0", "teacher.checkpoint=null"])
+    cfg = load_config(args.preset, None, [*base_overrides(args), "seed=0", "teacher.checkpoint=null"])
     run_stages(cfg, args.work / "teacher", ("teacher",), log=lambda line: print(line, file=sys.stderr))
     teacher_manifest = RunStore(args.work / "teacher").manifest("teacher")
     teacher_path = (args.work / "teacher" / "teacher" / TEACHER_CHECKPOINT).resolve()
+    which = rows(args)
+    costs = step_costs(args, cfg, which) if args.step_cost else None
+    done = CellLog(args.work / "cells.json")
     results: dict[str, list[dict]] = {}
-    for label, method, options in rows(args):
+    for label, method, options in which:
         for seed in args.seeds:
-            cell = run_cell(args, label, method, options, seed, teacher_path)
+            cell = done.get(label, seed, options)
+            if cell is None:
+                cell = run_cell(args, label, method, options, seed, teacher_path)
+                done.put(label, seed, cell)
             results.setdefault(label, []).append(cell)
             print(f"{label} seed {seed}: test {cell['test']:.2f}%, {cell['seconds']:.0f}s", flush=True)
-    text = report(args, argv, cfg, teacher_manifest.metrics["test_top1"], results, time.perf_counter() - tic)
+    text = report(args, argv, cfg, teacher_manifest.metrics["test_top1"], results, time.perf_counter() - tic, costs)
     print(text)
     if args.write:
         args.write.parent.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from exports.int8 import INT8_TARGETS, CalibrationCache, copy_ranges, quantize_i
 from exports.metadata import PRECISIONS, DeployMeta
 from exports.onnx_export import export_onnx, exporter_name
 from exports.ort import ort_run, ort_session
+from exports.runtime import as_gray
 from exports.trt_commands import GOLDEN_INPUTS, GOLDEN_OUTPUTS, EngineTarget, build_script, golden_outputs_name
 from exports.trt_engine import BatchProfile
 from pipeline.checkpoint import ModelMeta
@@ -68,6 +69,7 @@ def deploy_meta(
         crop=spec["crop"],
         class_names=list(meta.class_names),
         recipe=meta.recipe,
+        color=meta.color,
         precision=precision,
         quantization=quantization,
         source_sha256=sha256_file(source),
@@ -81,6 +83,7 @@ def deploy_transform(meta: DeployMeta) -> v2.Compose:
     edge runtime computes."""
     return v2.Compose(
         [
+            *([as_gray] if meta.color == "gray" else []),
             v2.Resize(meta.resize, antialias=True),  # before ToImage: PIL images are resized by PIL, as the
             v2.CenterCrop(meta.crop),  # edge runtime does (exports.runtime.preprocess)
             v2.ToImage(),

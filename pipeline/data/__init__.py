@@ -33,6 +33,7 @@ class DataInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     recipe: Literal["cifar", "imagenet"]
+    color: Literal["rgb", "gray"] = "rgb"  # gray: three equal channels; deployed models convert photos to grayscale
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ MINIMUMS = {
     "prefetch_factor": 1,
     "num_classes": 2,
     "image_size": 8,
+    "train_subset": 2,
 }
 
 
@@ -105,11 +107,12 @@ def _check_val_fraction(value: float) -> None:
 class DataBundle:
     """The three splits of one dataset; ``dataset(split, augment)`` gives a ready torch Dataset."""
 
-    def __init__(self, raw: RawData, val_fraction: float, seed: int):
+    def __init__(self, raw: RawData, val_fraction: float, seed: int, train_subset: int | None = None):
         _check_val_fraction(val_fraction)
         self.raw = raw
         self.info = raw.info
         order = torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(seed)).tolist()
+        order = order[:train_subset] if train_subset else order  # a quick run's seeded share of the split
         n_val = round(len(order) * val_fraction)
         self._indices = {"val": sorted(order[:n_val]), "train": sorted(order[n_val:])}
 
@@ -123,7 +126,7 @@ class DataBundle:
 
 
 def _load_builtin() -> None:
-    from pipeline.data import cifar, folders, synthetic  # noqa: F401
+    from pipeline.data import cifar, folders, idx, synthetic  # noqa: F401
 
 
 def dataset_names() -> list[str]:
@@ -135,4 +138,4 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     """Build the named dataset; the held-out split depends only on ``seed`` and the dataset size."""
     _load_builtin()
     raw = DATASETS.get(cfg.dataset)(cfg)
-    return DataBundle(raw, cfg.val_fraction, seed)
+    return DataBundle(raw, cfg.val_fraction, seed, cfg.train_subset)
