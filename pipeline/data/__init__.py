@@ -94,6 +94,9 @@ def check_data_config(cfg: DataConfig) -> None:
         if value is not None and value < minimum:
             raise ConfigError(f"data.{key} must be at least {minimum}, got {value}")
     _check_val_fraction(cfg.val_fraction)
+    from pipeline.data.small_images import check_recipe_options
+
+    check_recipe_options(cfg)
     for key in ("train_size", "test_size"):
         if getattr(cfg.synthetic, key) < 1:
             raise ConfigError(f"data.synthetic.{key} must be at least 1, got {getattr(cfg.synthetic, key)}")
@@ -138,4 +141,9 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     """Build the named dataset; the held-out split depends only on ``seed`` and the dataset size."""
     _load_builtin()
     raw = DATASETS.get(cfg.dataset)(cfg)
+    if cfg.recipe not in ("auto", raw.info.recipe):
+        raise ConfigError(
+            f"dataset {cfg.dataset} is trained with the {raw.info.recipe} recipe; data.recipe={cfg.recipe} applies "
+            "to folder datasets (imagefolder, imagenet100)"
+        )
     return DataBundle(raw, cfg.val_fraction, seed, cfg.train_subset)
