@@ -78,7 +78,7 @@ class CellLog:
 
     def get(self, label: str, seed: int, options: dict) -> dict | None:
         cell = self.cells.get(f"{label}/seed{seed}")
-        return cell if cell is not None and cell["options"] == options else None
+        return cell if cell is not None and cell.get("row") == options else None
 
     def put(self, label: str, seed: int, cell: dict) -> None:
         self.cells[f"{label}/seed{seed}"] = cell
@@ -216,14 +216,14 @@ def main(argv: list[str] | None = None) -> None:
     which = rows(args)
     costs = step_costs(args, cfg, which) if args.step_cost else None
     done = CellLog(args.work / "cells.json")
-    results: dict[str, list[dict]] = {}
-    for label, method, options in which:
-        for seed in args.seeds:
+    results: dict[str, list[dict]] = {label: [] for label, _, _ in which}
+    for seed in args.seeds:  # seed-major: an interrupted table still has every method's first seeds
+        for label, method, options in which:
             cell = done.get(label, seed, options)
             if cell is None:
-                cell = run_cell(args, label, method, options, seed, teacher_path)
+                cell = {**run_cell(args, label, method, options, seed, teacher_path), "row": options}
                 done.put(label, seed, cell)
-            results.setdefault(label, []).append(cell)
+            results[label].append(cell)
             print(f"{label} seed {seed}: test {cell['test']:.2f}%, {cell['seconds']:.0f}s", flush=True)
     text = report(args, argv, cfg, teacher_manifest.metrics["test_top1"], results, time.perf_counter() - tic, costs)
     print(text)
