@@ -3,8 +3,8 @@
 A thin front for ``proxy_methods.py`` (one teacher trained once, every method and seed a resumable cell,
 mean ± std of test and held-out val top-1, step cost, wall time), choosing the recipe by device:
 
-- ``--device cpu`` (default): preset ``fmnist-wrn_16_2-mobile_half``, a seeded 2,400-image share of the
-  training split, 3 student epochs; sized to about 25 minutes on a quiet 2-core machine;
+- ``--device cpu`` (default): preset ``fmnist-wrn_16_2-mobile_half``, a seeded 2,000-image share of the
+  training split, 2 student epochs (see docs/bench-fmnist.md for its cost);
 - ``--device cuda``: preset ``fmnist-wrn_16_2-mobile_half-full``, all 60,000 training images, 60 epochs.
 
 Usage:
