@@ -70,22 +70,51 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 
 
 class CellLog:
-    """Finished cells (label/seed -> result) in a JSON file, written after each cell."""
+    """Finished cells as one JSON file each in ``<work>/cells/``, plus claim files, so an interrupted table
+    resumes by cell and several processes (``--threads 1`` each) can share one table's cells."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.cells: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, label: str, seed: int, suffix: str) -> Path:
+        return self.folder / f"{label}-seed{seed}.{suffix}"
 
     def get(self, label: str, seed: int, options: dict) -> dict | None:
-        cell = self.cells.get(f"{label}/seed{seed}")
+        path = self._path(label, seed, "json")
+        cell = json.loads(path.read_text()) if path.is_file() else None
         return cell if cell is not None and cell.get("row") == options else None
 
+    def claim(self, label: str, seed: int) -> bool:
+        """Whether this process may run the cell: nobody else alive is running it."""
+        path = self._path(label, seed, "claim")
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = int(path.read_text() or 0)
+            if owner and owner != os.getpid() and _alive(owner):
+                return False
+            path.write_text(str(os.getpid()))  # left by a process that died: take it over
+            return True
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+
     def put(self, label: str, seed: int, cell: dict) -> None:
-        self.cells[f"{label}/seed{seed}"] = cell
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.cells, indent=1, sort_keys=True))
-        tmp.replace(self.path)
+        tmp = self._path(label, seed, "tmp")
+        tmp.write_text(json.dumps(cell, indent=1, sort_keys=True))
+        tmp.replace(self._path(label, seed, "json"))
+        self._path(label, seed, "claim").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def step_costs(args: argparse.Namespace, cfg, which: list[tuple[str, str, dict]]) -> dict[str, float]:
@@ -103,9 +132,9 @@ def step_costs(args: argparse.Namespace, cfg, which: list[tuple[str, str, dict]]
         classes=data.info.num_classes,
         batch_size=cfg.data.batch_size,
         samples=len(data.source("train")),  # CRD scores against its whole bank: the training split's size
-        steps=5,
+        steps=3,
         rounds=3,
-        warmup=2,
+        warmup=1,
         device=device,
     )
     times = {label: statistics.median(v) for label, v in measure_times(bench_args, which).items()}
@@ -181,7 +210,7 @@ def report(args, argv, cfg, teacher_top1: float, results: dict, seconds: float, 
         f"- warm-ups scaled to {args.warmup_fraction:.4f} of the run where a method has one",
         f"- total wall time: {seconds / 60:.1f} min (this invocation; a resumed table counts only its own part)",
         *(
-            ["- step: median training-step time (forward, backward, SGD) over 3 interleaved rounds of 5 steps"]
+            ["- step: median training-step time (forward, backward, SGD) over 3 interleaved rounds of 3 steps"]
             if costs
             else []
         ),
@@ -191,9 +220,14 @@ def report(args, argv, cfg, teacher_top1: float, results: dict, seconds: float, 
         "|---|---:|---:|---|---:|---|" + ("---:|---:|" if costs else ""),
     ]
     for label, cells in results.items():
+        if not cells:
+            lines.append(f"| {label} | - | - | not run yet | - | |" + (" - | - |" if costs else ""))
+            continue
         tests = [c["test"] for c in cells]
         vals = [c["val"] for c in cells]
         per_seed = ", ".join(f"{v:.2f}" for v in tests)
+        if len(cells) < len(args.seeds):
+            per_seed += f" (only {len(cells)} of {len(args.seeds)} seeds)"
         secs = statistics.mean(c["seconds"] for c in cells)
         options = json.dumps(cells[0]["options"]) if cells[0]["options"] else ""
         row = f"| {label} | {_mean_std(tests)} | {_mean_std(vals)} | {per_seed} | {secs:.0f} | {options} |"
@@ -215,16 +249,17 @@ def main(argv: list[str] | None = None) -> None:
     teacher_path = (args.work / "teacher" / "teacher" / TEACHER_CHECKPOINT).resolve()
     which = rows(args)
     costs = step_costs(args, cfg, which) if args.step_cost else None
-    done = CellLog(args.work / "cells.json")
-    results: dict[str, list[dict]] = {label: [] for label, _, _ in which}
+    done = CellLog(args.work / "cells")
     for seed in args.seeds:  # seed-major: an interrupted table still has every method's first seeds
         for label, method, options in which:
-            cell = done.get(label, seed, options)
-            if cell is None:
+            if done.get(label, seed, options) is None and done.claim(label, seed):
                 cell = {**run_cell(args, label, method, options, seed, teacher_path), "row": options}
                 done.put(label, seed, cell)
-            results[label].append(cell)
-            print(f"{label} seed {seed}: test {cell['test']:.2f}%, {cell['seconds']:.0f}s", flush=True)
+                print(f"{label} seed {seed}: test {cell['test']:.2f}%, {cell['seconds']:.0f}s", flush=True)
+    results = {label: [c for s in args.seeds if (c := done.get(label, s, options))] for label, _, options in which}
+    missing = sum(len(args.seeds) - len(cells) for cells in results.values())
+    if missing:
+        print(f"{missing} cells are not finished (running elsewhere, or interrupted): the table shows the rest")
     text = report(args, argv, cfg, teacher_manifest.metrics["test_top1"], results, time.perf_counter() - tic, costs)
     print(text)
     if args.write:
