@@ -1,15 +1,19 @@
 """The real-data evidence table: every distillation method x 3 seeds on Fashion-MNIST.
 
 A thin front for ``proxy_methods.py`` (one teacher trained once, every method and seed a resumable cell,
-mean ± std of test and held-out val top-1, step cost, wall time), choosing the recipe by device:
+mean ± std of test and held-out val top-1, each cell's training throughput and wall time; ``--step-cost``
+adds bench_methods.py's interleaved step timing), choosing the recipe by device:
 
 - ``--device cpu`` (default): preset ``fmnist-wrn_16_2-mobile_half``, a seeded 2,000-image share of the
   training split, 2 student epochs (see docs/bench-fmnist.md for its cost);
 - ``--device cuda``: preset ``fmnist-wrn_16_2-mobile_half-full``, all 60,000 training images, 60 epochs.
 
 Usage:
-    python benchmarks/fmnist_methods.py [--device cpu|cuda] [--threads 2] [--work runs/fmnist-methods]
+    python benchmarks/fmnist_methods.py [--device cpu|cuda] [--threads 1] [--work runs/fmnist-methods]
         [--write docs/bench-fmnist.md] [any other proxy_methods.py option]
+
+Several processes given the same ``--work`` share the cells (each claims the next free one), so on a
+2-core machine two ``--threads 1`` processes finish the table in about half the time.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         argv += ["--work", f"runs/fmnist-methods-{device.split(':')[0]}"]
     if "--title" not in argv:
         argv += ["--title", TITLE]
-    proxy_methods.main(["--step-cost", *argv] if "--step-cost" not in argv else argv)
+    proxy_methods.main(argv)
 
 
 if __name__ == "__main__":

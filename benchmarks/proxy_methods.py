@@ -164,7 +164,9 @@ def run_cell(args, label: str, method: str, options: dict, seed: int, teacher_pa
     tic = time.perf_counter()
     run_stages(cfg, args.work / f"{label}-seed{seed}", ("teacher", "train"), log=lambda _: None)
     manifest = RunStore(args.work / f"{label}-seed{seed}").manifest("train")
+    history = json.loads((args.work / f"{label}-seed{seed}" / "train" / "history.json").read_text())
     return {
+        "images_per_s": statistics.mean(e["images_per_s"] for e in history if "images_per_s" in e),
         "test": manifest.metrics["test_top1"],
         "val": manifest.metrics.get("val_top1"),
         "seconds": manifest.meta.get("duration_s", time.perf_counter() - tic),
@@ -209,19 +211,23 @@ def report(args, argv, cfg, teacher_top1: float, results: dict, seconds: float, 
         "val is the held-out slice of the training split",
         f"- warm-ups scaled to {args.warmup_fraction:.4f} of the run where a method has one",
         f"- total wall time: {seconds / 60:.1f} min (this invocation; a resumed table counts only its own part)",
+        "- train img/s: the cells' own training throughput (mean over epochs and seeds); step x vanilla is its "
+        "inverse ratio to vanilla's, the step cost as the cells measured it",
         *(
             ["- step: median training-step time (forward, backward, SGD) over 3 interleaved rounds of 3 steps"]
             if costs
             else []
         ),
         "",
-        "| method | test top-1 | val top-1 | per seed (test) | s per cell | options |"
+        "| method | test top-1 | val top-1 | per seed (test) | s per cell | train img/s | step x vanilla | options |"
         + (" step (ms) | x vanilla |" if costs else ""),
-        "|---|---:|---:|---|---:|---|" + ("---:|---:|" if costs else ""),
+        "|---|---:|---:|---|---:|---:|---:|---|" + ("---:|---:|" if costs else ""),
     ]
+    vanilla = results.get("vanilla") or []
+    base_ips = statistics.mean(c["images_per_s"] for c in vanilla) if vanilla else None
     for label, cells in results.items():
         if not cells:
-            lines.append(f"| {label} | - | - | not run yet | - | |" + (" - | - |" if costs else ""))
+            lines.append(f"| {label} | - | - | not run yet | - | - | - | |" + (" - | - |" if costs else ""))
             continue
         tests = [c["test"] for c in cells]
         vals = [c["val"] for c in cells]
@@ -230,7 +236,10 @@ def report(args, argv, cfg, teacher_top1: float, results: dict, seconds: float, 
             per_seed += f" (only {len(cells)} of {len(args.seeds)} seeds)"
         secs = statistics.mean(c["seconds"] for c in cells)
         options = json.dumps(cells[0]["options"]) if cells[0]["options"] else ""
-        row = f"| {label} | {_mean_std(tests)} | {_mean_std(vals)} | {per_seed} | {secs:.0f} | {options} |"
+        ips = statistics.mean(c["images_per_s"] for c in cells)
+        ratio = f"{base_ips / ips:.2f}" if base_ips else "-"
+        row = f"| {label} | {_mean_std(tests)} | {_mean_std(vals)} | {per_seed} | {secs:.0f} | {ips:.1f} | {ratio} "
+        row += f"| {options} |"
         if costs:
             row += f" {costs[label] * 1e3:.0f} | {costs[label] / costs['vanilla']:.2f} |"
         lines.append(row)

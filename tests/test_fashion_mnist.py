@@ -193,3 +193,50 @@ def test_fmnist_presets_name_their_pair():
         _, teacher, student = name.split("-")[:3]
         assert (cfg.data.dataset, cfg.teacher.arch, cfg.student.arch) == ("fashion_mnist", teacher, student)
         assert cfg.teacher.source == "train"
+
+
+# --- the whole pipeline on real images ------------------------------------------------------------------
+
+
+@debian_only
+@pytest.mark.slow
+@pytest.mark.xdist_group("fmnist-e2e")
+def test_real_images_through_export_pass_every_gate(tmp_path):
+    """A few hundred real images, one epoch each for teacher and student, through fuse, verify and export
+    (fp32, fp16, INT8 gates on 2,000 real test images): every check passes, accuracy is far above chance."""
+    from pipeline.cli import run_cli
+    from pipeline.store import RunStore
+
+    sets = [
+        "data.train_subset=640",
+        "data.batch_size=32",
+        "teacher.arch=resnet20",
+        "teacher.optim.epochs=1",
+        "teacher.optim.milestones=[]",
+        "student.arch=resnet20",
+        "student.method=kd",
+        "student.optim.epochs=1",
+        "student.optim.lr=0.05",
+        "student.optim.milestones=[]",
+        "verify.samples=256",
+        "export.eval_samples=2000",
+        "export.calibration_samples=256",
+        "export.parity_samples=32",
+    ]
+    out = tmp_path / "run"
+    args = ["run", "all", "--preset", "fmnist-wrn_16_2-mobile_half", "--out", str(out)]
+    assert run_cli([*args, *[a for s in sets for a in ("--set", s)]]) == 0
+    store = RunStore(out)
+    for stage in ("teacher", "train", "fuse", "verify", "export"):
+        manifest = store.manifest(stage)
+        assert manifest.status == "ok", (stage, manifest.reason)
+        assert all(manifest.checks), [c.describe() for c in manifest.checks if not c]
+    names = {c.name for c in store.manifest("export").checks}
+    assert any("int8" in n for n in names) and any("fp16" in n for n in names)
+    assert store.manifest("teacher").metrics["test_top1"] > 40.0  # chance is 10%
+    assert store.manifest("train").metrics["test_top1"] > 40.0
+    engine = store.manifest("engine")
+    if engine.status == "skipped":
+        from exports.trt_engine import unavailable_reason
+
+        assert engine.reason == unavailable_reason()
