@@ -7,8 +7,8 @@ kept as a uint8 CHW tensor, and then trained with the CIFAR recipe (pad-4 random
 tensor path of :class:`~pipeline.data.transforms.CifarTransform`.
 
 Decoding a PNG costs more than the whole CIFAR augmentation, so a small folder is decoded once, into
-memory, the first time the data is loaded (``data.cache``: ``auto`` caches when the decoded split fits
-in :data:`AUTO_CACHE_BYTES`; ``memory`` always; ``off`` decodes on every read, in the loader workers).
+memory, the first time the data is loaded (``data.cache``: ``auto`` caches when the decoded splits fit
+in :data:`AUTO_CACHE_BYTES`; ``always``; ``never``: decode on every read, in the loader workers).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pipeline.data.synthetic import TensorImages
 from pipeline.errors import ConfigError
 
 RECIPES = ("auto", "cifar", "imagenet")
-CACHE_MODES = ("auto", "memory", "off")
+CACHE_MODES = ("auto", "always", "never")
 SMALL_SIZE = 32  # the CIFAR recipe's input size when data.image_size is not set
 AUTO_CACHE_BYTES = 2 * 2**30  # decoded uint8 bytes of both splits below which data.cache=auto caches
 
@@ -73,7 +73,7 @@ def with_small_image_recipe(raw: RawData, cfg: DataConfig) -> RawData:
     size = cfg.image_size or SMALL_SIZE
     train, test = FittedImages(raw.train, size), FittedImages(raw.test, size)
     decoded_bytes = (len(train) + len(test)) * 3 * size * size
-    if cfg.cache == "memory" or (cfg.cache == "auto" and decoded_bytes <= AUTO_CACHE_BYTES):
+    if cfg.cache == "always" or (cfg.cache == "auto" and decoded_bytes <= AUTO_CACHE_BYTES):
         train, test = decode_all(train), decode_all(test)
     info = DataInfo(**{**raw.info.__dict__, "input_size": size, "recipe": "cifar"})
     return RawData(train, test, info)
