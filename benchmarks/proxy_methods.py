@@ -159,6 +159,7 @@ def run_cell(args, label: str, method: str, options: dict, seed: int, teacher_pa
         f"student.method={method}",
         f"student.method_args={json.dumps(options)}",
         f"teacher.checkpoint={json.dumps(str(teacher_path))}",
+        "teacher.source=import",  # presets that train their teacher say source=train
     ]
     cfg = load_config(args.preset, None, sets)
     tic = time.perf_counter()
