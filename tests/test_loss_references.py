@@ -234,3 +234,14 @@ def test_crd_nce_matches_contrastloss():
     log_d0 = torch.log((m * pn) / (scores[:, 1:] + m * pn + eps))
     reference = (-(log_d1.sum() + log_d0.sum()) / scores.shape[0]).item()
     _close(nce_loss(scores, n_data), reference)
+
+
+def test_at_pairs_stages_from_the_shallow_end_as_the_official_codes():
+    """RepDistiller and mdistiller zip the stage lists: MobileNetV2-half's 2x2 stage has no WRN-16-2 partner."""
+    from pipeline.distill.at import AT
+    from pipeline.models import build_model
+
+    student, teacher = build_model("mobile_half", 10), build_model("wrn_16_2", 10)
+    at = AT(student, teacher)
+    assert at.student_taps == list(student.info.stages[:3])
+    assert at.teacher_taps == list(teacher.info.stages)
