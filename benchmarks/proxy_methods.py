@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--write", type=Path, default=None, help="Markdown file to write the table to.")
     parser.add_argument("--device", default=None, help="Run every cell on this device [default: the preset's].")
     parser.add_argument("--step-cost", action="store_true", help="Also time each method's training step.")
+    parser.add_argument("--teacher", type=Path, default=None, help="Use this teacher run folder; do not train one.")
     parser.add_argument("--title", default="Proxy accuracy of the distillation methods (synthetic data)")
     return parser.parse_args(argv)
 
@@ -254,9 +255,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     tic = time.perf_counter()
     cfg = load_config(args.preset, None, [*base_overrides(args), "seed=0", "teacher.checkpoint=null"])
-    run_stages(cfg, args.work / "teacher", ("teacher",), log=lambda line: print(line, file=sys.stderr))
-    teacher_manifest = RunStore(args.work / "teacher").manifest("teacher")
-    teacher_path = (args.work / "teacher" / "teacher" / TEACHER_CHECKPOINT).resolve()
+    teacher_run = args.teacher or args.work / "teacher"
+    if args.teacher is None:
+        run_stages(cfg, teacher_run, ("teacher",), log=lambda line: print(line, file=sys.stderr))
+    teacher_manifest = RunStore(teacher_run).manifest("teacher")
+    teacher_path = (teacher_run / "teacher" / TEACHER_CHECKPOINT).resolve()
     which = rows(args)
     costs = step_costs(args, cfg, which) if args.step_cost else None
     done = CellLog(args.work / "cells")
