@@ -1,9 +1,9 @@
 """Accuracy of every distillation method on one recipe (synthetic or real data): mean ± std over seeds.
 
-One teacher is trained once (seed 0) and imported by every cell (``teacher.checkpoint``), so the
-methods differ only in how they distill. Each cell (method x seed) is a normal pipeline run of the
-``teacher`` (import) and ``train`` stages in its own folder under ``--work``, so an interrupted table
-resumes where it stopped. The figure is the last epoch's student evaluated on the test split (never a
+One teacher is trained once (seed 0) and shared by every cell, so the methods differ only in how they
+distill. Each cell (method x seed) is a normal pipeline run of the ``train`` stage in its own folder
+under ``--work``, upon a copy of the teacher stage's artifacts, so an interrupted table resumes where it
+stopped. The figure is the last epoch's student evaluated on the test split (never a
 checkpoint picked on it), with the held-out validation accuracy beside it.
 
 Warm-ups are given in epochs of the 240-epoch CIFAR recipe (20 for DKD and ReviewKD); a short proxy
@@ -27,6 +27,7 @@ import inspect
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -41,10 +42,9 @@ from method_rows import add_row_options, rows
 
 from pipeline.config import load_config
 from pipeline.data import load_data
-from pipeline.distill import METHODS
+from pipeline.distill import METHODS, method_names
 from pipeline.runner import run_stages
 from pipeline.store import RunStore
-from stages.teacher import CHECKPOINT as TEACHER_CHECKPOINT
 
 RECIPE_WARMUP_FRACTION = 20 / 240  # mdistiller's DKD/ReviewKD warm-up over the CIFAR recipe's epochs
 
@@ -146,12 +146,15 @@ def step_costs(args: argparse.Namespace, cfg, which: list[tuple[str, str, dict]]
 
 
 def with_scaled_warmup(method: str, options: dict, epochs: int, fraction: float) -> dict:
+    method_names()  # registers the built-in methods
     if "warmup_epochs" in options or "warmup_epochs" not in inspect.signature(METHODS.get(method).__init__).parameters:
         return options
     return {**options, "warmup_epochs": round(fraction * epochs, 4)}
 
 
-def run_cell(args, label: str, method: str, options: dict, seed: int, teacher_path: Path) -> dict:
+def run_cell(args, label: str, method: str, options: dict, seed: int, teacher_run: Path) -> dict:
+    """One method x seed: the ``train`` stage in its own run folder, upon a copy of the shared teacher stage
+    (the runner re-hashes it as any upstream artifact), so the teacher is neither retrained nor re-scored."""
     base = load_config(args.preset, None, base_overrides(args))
     options = with_scaled_warmup(method, options, base.student.optim.epochs, args.warmup_fraction)
     sets = [
@@ -159,20 +162,23 @@ def run_cell(args, label: str, method: str, options: dict, seed: int, teacher_pa
         f"seed={seed}",
         f"student.method={method}",
         f"student.method_args={json.dumps(options)}",
-        f"teacher.checkpoint={json.dumps(str(teacher_path))}",
-        "teacher.source=import",  # presets that train their teacher say source=train
     ]
     cfg = load_config(args.preset, None, sets)
+    cell = args.work / f"{label}-seed{seed}"
+    if not (cell / "teacher" / "manifest.json").is_file():
+        shutil.rmtree(cell / "teacher", ignore_errors=True)
+        shutil.copytree(teacher_run / "teacher", cell / "teacher")
     tic = time.perf_counter()
-    run_stages(cfg, args.work / f"{label}-seed{seed}", ("teacher", "train"), log=lambda _: None)
-    manifest = RunStore(args.work / f"{label}-seed{seed}").manifest("train")
-    history = json.loads((args.work / f"{label}-seed{seed}" / "train" / "history.json").read_text())
+    run_stages(cfg, cell, ("train",), log=lambda _: None)
+    manifest = RunStore(cell).manifest("train")
+    history = json.loads((cell / "train" / "history.json").read_text())
     return {
         "images_per_s": statistics.mean(e["images_per_s"] for e in history if "images_per_s" in e),
         "test": manifest.metrics["test_top1"],
         "val": manifest.metrics.get("val_top1"),
         "seconds": manifest.meta.get("duration_s", time.perf_counter() - tic),
         "options": options,
+        "seed": seed,
     }
 
 
@@ -259,14 +265,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.teacher is None:
         run_stages(cfg, teacher_run, ("teacher",), log=lambda line: print(line, file=sys.stderr))
     teacher_manifest = RunStore(teacher_run).manifest("teacher")
-    teacher_path = (teacher_run / "teacher" / TEACHER_CHECKPOINT).resolve()
     which = rows(args)
     costs = step_costs(args, cfg, which) if args.step_cost else None
     done = CellLog(args.work / "cells")
     for seed in args.seeds:  # seed-major: an interrupted table still has every method's first seeds
         for label, method, options in which:
             if done.get(label, seed, options) is None and done.claim(label, seed):
-                cell = {**run_cell(args, label, method, options, seed, teacher_path), "row": options}
+                cell = {**run_cell(args, label, method, options, seed, teacher_run), "row": options}
                 done.put(label, seed, cell)
                 print(f"{label} seed {seed}: test {cell['test']:.2f}%, {cell['seconds']:.0f}s", flush=True)
     results = {label: [c for s in args.seeds if (c := done.get(label, s, options))] for label, _, options in which}
