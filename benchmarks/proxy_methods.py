@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="Run every cell on this device [default: the preset's].")
     parser.add_argument("--step-cost", action="store_true", help="Also time each method's training step.")
     parser.add_argument("--teacher", type=Path, default=None, help="Use this teacher run folder; do not train one.")
+    parser.add_argument("--report-only", action="store_true", help="Write the table from finished cells; run none.")
     parser.add_argument("--title", default="Proxy accuracy of the distillation methods (synthetic data)")
     return parser.parse_args(argv)
 
@@ -185,7 +186,9 @@ def run_cell(args, label: str, method: str, options: dict, seed: int, teacher_ru
 def _mean_std(values: list[float]) -> str:
     if not values or any(v is None for v in values):
         return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    if len(values) == 1:
+        return f"{values[0]:.2f} (1 seed)"
+    std = statistics.stdev(values)
     return f"{statistics.mean(values):.2f} ± {std:.2f}"
 
 
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     tic = time.perf_counter()
     cfg = load_config(args.preset, None, [*base_overrides(args), "seed=0", "teacher.checkpoint=null"])
     teacher_run = args.teacher or args.work / "teacher"
-    if args.teacher is None:
+    if args.teacher is None and not args.report_only:
         run_stages(cfg, teacher_run, ("teacher",), log=lambda line: print(line, file=sys.stderr))
     teacher_manifest = RunStore(teacher_run).manifest("teacher")
     which = rows(args)
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     done = CellLog(args.work / "cells")
     for seed in args.seeds:  # seed-major: an interrupted table still has every method's first seeds
         for label, method, options in which:
-            if done.get(label, seed, options) is None and done.claim(label, seed):
+            if not args.report_only and done.get(label, seed, options) is None and done.claim(label, seed):
                 cell = {**run_cell(args, label, method, options, seed, teacher_run), "row": options}
                 done.put(label, seed, cell)
                 print(f"{label} seed {seed}: test {cell['test']:.2f}%, {cell['seconds']:.0f}s", flush=True)
