@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 PRECISIONS = ("fp32", "fp16", "int8")
+COLORS = ("rgb", "gray")
 _REQUIRED = ("arch", "num_classes", "input_size", "mean", "std", "resize", "crop")
 
 
@@ -24,8 +25,9 @@ class MetadataError(ValueError):
 class DeployMeta:
     """Everything needed to feed the model and name its outputs.
 
-    Preprocessing follows the evaluation transform: resize the shorter side to ``resize``, center
-    crop ``crop`` x ``crop``, scale to [0, 1], subtract ``mean`` and divide by ``std`` per channel.
+    Preprocessing follows the evaluation transform: for ``color == "gray"`` convert to grayscale (kept as
+    three equal channels), resize the shorter side to ``resize``, center crop ``crop`` x ``crop``, scale to
+    [0, 1], subtract ``mean`` and divide by ``std`` per channel.
     """
 
     arch: str
@@ -37,6 +39,7 @@ class DeployMeta:
     crop: int
     class_names: list[str] = field(default_factory=list)
     recipe: str = ""
+    color: str = "rgb"  # rgb | gray (the model was trained on grayscale images as three equal channels)
     precision: str = "fp32"
     quantization: str = ""  # how reduced precision was made (and for which backend)
     source_sha256: str = ""
@@ -69,6 +72,8 @@ class DeployMeta:
         meta = cls(**values)
         if len(meta.mean) != 3 or len(meta.std) != 3 or min(meta.std) <= 0:
             raise MetadataError(f"{where} has malformed normalization (mean={meta.mean}, std={meta.std})")
+        if meta.color not in COLORS:
+            raise MetadataError(f"{where} has unknown color {meta.color!r}; expected one of: {', '.join(COLORS)}")
         if meta.class_names and len(meta.class_names) != meta.num_classes:
             raise MetadataError(f"{where} names {len(meta.class_names)} classes but has {meta.num_classes} outputs")
         return meta

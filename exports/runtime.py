@@ -53,10 +53,20 @@ def load_image(path: str | Path):
         raise ImageError(f"{path} is not a readable image ({exc})") from None
 
 
-def preprocess(image, meta: DeployMeta) -> np.ndarray:
-    """``3 x crop x crop`` float32, as the evaluation transform makes it: shorter side resized to
-    ``resize`` (bilinear, antialiased), center crop, scale to [0, 1], normalize."""
+def as_gray(image):
+    """A PIL image as grayscale in three equal channels (ITU-R 601-2 luma, as PIL computes it); other
+    inputs (tensors already in the model's form) pass unchanged."""
     image_module = require("PIL.Image")
+    return image.convert("L").convert("RGB") if isinstance(image, image_module.Image) else image
+
+
+def preprocess(image, meta: DeployMeta) -> np.ndarray:
+    """``3 x crop x crop`` float32, as the evaluation transform makes it: grayscale if the model was
+    trained on it, shorter side resized to ``resize`` (bilinear, antialiased), center crop, scale to
+    [0, 1], normalize."""
+    image_module = require("PIL.Image")
+    if meta.color == "gray":
+        image = as_gray(image)
     width, height = image.size
     if min(width, height) != meta.resize:
         # the long side truncates, as torchvision's Resize does

@@ -39,6 +39,7 @@ class ModelMeta:
     form: Form = "train"  # "train": as trained (may hold m-branch blocks); "fused": deploy form
     reparam: dict = field(default_factory=dict)  # m-branch settings used in training, {} when none
     recipe: str = "cifar"
+    color: str = "rgb"  # "gray": trained on grayscale images replicated to three channels
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -52,6 +53,7 @@ class ModelMeta:
             std=list(info.std),
             class_names=list(info.class_names),
             recipe=info.recipe,
+            color=info.color,
             **kwargs,
         )
 

@@ -44,6 +44,9 @@ class DataConfig:
     workers: int | None = None  # loader processes; None: 0 for the in-memory synthetic set, else auto_workers()
     prefetch_factor: int = 4  # batches each worker keeps ready (with workers > 0)
     val_fraction: float = 0.1  # held-out part of the training split, for tuning; never the test set
+    recipe: str = "auto"  # auto: the dataset's own | cifar: 32 px recipe for a folder of small images | imagenet
+    cache: str = "auto"  # folders with recipe=cifar: auto (decode once into memory when small) | always | never
+    train_subset: int | None = None  # use only N seeded images of the training split (val cut from them); None: all
     verify_checksums: bool = True  # refuse dataset files whose md5 differs from the official release
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

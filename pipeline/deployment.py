@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 
 from exports.metadata import DeployMeta
 from exports.precisions import PRECISIONS
+from exports.runtime import as_gray
 from exports.trt_engine import BatchProfile
 from pipeline.config import Config
 from pipeline.data import Transformed
@@ -33,6 +34,7 @@ def deploy_transform(meta: DeployMeta) -> v2.Compose:
     edge runtime computes."""
     return v2.Compose(
         [
+            *([as_gray] if meta.color == "gray" else []),
             v2.Resize(meta.resize, antialias=True),  # before ToImage: PIL images are resized by PIL, as the
             v2.CenterCrop(meta.crop),  # edge runtime does (exports.runtime.preprocess)
             v2.ToImage(),

@@ -26,7 +26,7 @@ FUSED_CHECKPOINT = "student_fused.safetensors"  # fuse -> verify, export
 def data_params(cfg: Config) -> dict:
     """The data settings that change what a model sees (loader workers and the like excluded)."""
     data = dataclasses.asdict(cfg.data)
-    for key in ("workers", "prefetch_factor", "eval_batch_size"):
+    for key in ("workers", "prefetch_factor", "eval_batch_size", "cache"):
         data.pop(key)
     if cfg.data.dataset != "synthetic":
         data.pop("synthetic")

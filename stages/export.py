@@ -63,6 +63,7 @@ def deploy_meta(
         crop=spec["crop"],
         class_names=list(meta.class_names),
         recipe=meta.recipe,
+        color=meta.color,
         precision=precision,
         quantization=quantization,
         source_sha256=sha256_file(source),

@@ -6,7 +6,7 @@ from pipeline.cli import run_cli
 from pipeline.config import list_presets, load_config
 from pipeline.models import build_model, count_parameters, list_models
 
-PAPER = [name for name in list_presets() if name != "default"]
+PAPER = [name for name in list_presets() if name != "default" and not name.startswith("fmnist-")]
 CIFAR = [name for name in PAPER if name.startswith("cifar100-")]
 IN100 = [name for name in PAPER if name.startswith("in100-")]
 

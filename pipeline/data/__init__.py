@@ -33,6 +33,7 @@ class DataInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     recipe: Literal["cifar", "imagenet"]
+    color: Literal["rgb", "gray"] = "rgb"  # gray: three equal channels; deployed models convert photos to grayscale
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ MINIMUMS = {
     "prefetch_factor": 1,
     "num_classes": 2,
     "image_size": 8,
+    "train_subset": 2,
 }
 MAXIMUMS = {
     "batch_size": 1 << 20,
@@ -91,6 +93,7 @@ MAXIMUMS = {
     "prefetch_factor": 1024,
     "num_classes": 1 << 20,
     "image_size": 8192,
+    "train_subset": 100_000_000,
 }
 SYNTHETIC_MAX = {"train_size": 10_000_000, "test_size": 10_000_000, "seed": 2**32 - 1}
 
@@ -112,6 +115,9 @@ def check_data_config(cfg: DataConfig) -> None:
             f"--data-root / data.root is set ({cfg.root}) but the dataset is 'synthetic', which reads no files; "
             "name your dataset with --set data.dataset=cifar100|imagenet100|imagefolder, or drop --data-root"
         )
+    from pipeline.data.small_images import check_recipe_options
+
+    check_recipe_options(cfg)
 
 
 def _check_val_fraction(value: float) -> None:
@@ -122,11 +128,12 @@ def _check_val_fraction(value: float) -> None:
 class DataBundle:
     """The three splits of one dataset; ``dataset(split, augment)`` gives a ready torch Dataset."""
 
-    def __init__(self, raw: RawData, val_fraction: float, seed: int):
+    def __init__(self, raw: RawData, val_fraction: float, seed: int, train_subset: int | None = None):
         _check_val_fraction(val_fraction)
         self.raw = raw
         self.info = raw.info
         order = torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(seed)).tolist()
+        order = order[:train_subset] if train_subset else order  # a quick run's seeded share of the split
         n_val = round(len(order) * val_fraction)
         self._indices = {"val": sorted(order[:n_val]), "train": sorted(order[n_val:])}
 
@@ -140,7 +147,7 @@ class DataBundle:
 
 
 def _load_builtin() -> None:
-    from pipeline.data import cifar, folders, synthetic  # noqa: F401
+    from pipeline.data import cifar, folders, idx, synthetic  # noqa: F401
 
 
 def dataset_names() -> list[str]:
@@ -152,4 +159,9 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     """Build the named dataset; the held-out split depends only on ``seed`` and the dataset size."""
     _load_builtin()
     raw = DATASETS.get(cfg.dataset)(cfg)
-    return DataBundle(raw, cfg.val_fraction, seed)
+    if cfg.recipe not in ("auto", raw.info.recipe):
+        raise ConfigError(
+            f"dataset {cfg.dataset} is trained with the {raw.info.recipe} recipe; data.recipe={cfg.recipe} applies "
+            "to folder datasets (imagefolder, imagenet100)"
+        )
+    return DataBundle(raw, cfg.val_fraction, seed, cfg.train_subset)

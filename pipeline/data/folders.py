@@ -140,7 +140,7 @@ def imagefolder(cfg: DataConfig) -> RawData:
         )
     train = _folder(root / "train", classes, allow_empty=False, what=what)
     test = _folder(evaluation, classes, allow_empty=True, what=what)
-    return RawData(train, test, _info("imagefolder", classes, cfg))
+    return _with_recipe(RawData(train, test, _info("imagefolder", classes, cfg)), cfg)
 
 
 @DATASETS.register(name="imagenet100")
@@ -158,4 +158,11 @@ def imagenet100(cfg: DataConfig) -> RawData:
                 f"expected {_LAYOUT[what]}"
             )
         splits[split] = _folder(folder, classes, allow_empty=False, what=what)
-    return RawData(splits["train"], splits["val"], _info("imagenet100", classes, cfg))
+    return _with_recipe(RawData(splits["train"], splits["val"], _info("imagenet100", classes, cfg)), cfg)
+
+
+def _with_recipe(raw: RawData, cfg: DataConfig) -> RawData:
+    """The ImageNet recipe unless ``data.recipe=cifar`` asks for the small-image one."""
+    from pipeline.data.small_images import with_small_image_recipe
+
+    return with_small_image_recipe(raw, cfg) if cfg.recipe == "cifar" else raw

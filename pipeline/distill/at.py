@@ -10,6 +10,13 @@ mdistiller ``AT.P 2``, ``CE_WEIGHT 1.0``, ``FEAT_WEIGHT 1000.0``). The paper's `
 zoo's taps are pre-activation; RepDistiller reads post-ReLU features, where ``|A| = A``, so the maps (and the
 tuned weight) differ from theirs in that negative pre-activations count too.
 Different spatial sizes are pooled to the smaller one, as mdistiller does.
+
+Stages are paired from the shallow end, as both official codes do (``zip(feat_s[1:-1], feat_t[1:-1])``
+in RepDistiller, ``zip(feats[1:], ...)`` in mdistiller): when one network has more stages, its deepest
+extra ones are left out. Pairing from the deep end instead (the other feature methods' default here)
+brought in MobileNetV2-half's 2x2 stage against WRN-16-2; with ``mean`` over 4 positions and weight 1000
+its gradient was about 150x cross-entropy's at the start of training (benchmarks/diagnose_losses.py,
+docs/bench-fmnist.md), and AT fell to chance on the synthetic recipe at LR 0.05.
 """
 
 from __future__ import annotations
@@ -22,7 +29,12 @@ from torch import Tensor, nn
 
 from pipeline.distill import register_method
 from pipeline.distill.base import WEIGHT, Bound, Distiller
-from pipeline.distill.features import aligned_pairs, match_spatial, stage_taps, tapped_forward
+from pipeline.distill.features import match_spatial, stage_taps, tapped_forward
+
+
+def shallow_pairs(num_student: int, num_teacher: int) -> list[tuple[int, int]]:
+    """(student stage, teacher stage) pairs matched from the shallowest stage, as the official codes' ``zip``."""
+    return [(i, i) for i in range(min(num_student, num_teacher))]
 
 
 def attention_map(feat: Tensor, p: float) -> Tensor:
@@ -52,7 +64,7 @@ class AT(Distiller):
         if p <= 0:
             raise ValueError(f"p must be positive, got {p}")
         s_taps, t_taps = stage_taps(student, "at"), stage_taps(teacher, "at")
-        pairs = aligned_pairs(len(s_taps), len(t_taps))
+        pairs = shallow_pairs(len(s_taps), len(t_taps))
         self.student_taps = [s_taps[i] for i, _ in pairs]
         self.teacher_taps = [t_taps[j] for _, j in pairs]
         self.p = p
