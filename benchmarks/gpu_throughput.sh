@@ -15,14 +15,8 @@ py=${PYTHON:-python3}
 cores=$(nproc)
 workers=$((cores > 10 ? 8 : (cores > 2 ? cores - 2 : 1)))
 
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log, report the exit status
-    local name=$1 limit=$2
-    shift 2
-    local tic=$SECONDS
-    timeout "$limit" "$@" >"$out/$name.log" 2>&1
-    local rc=$?
-    echo "== $name: exit $rc in $((SECONDS - tic)) s" | tee -a "$out/summary.txt"
-}
+# shellcheck source=benchmarks/gpu_step.sh
+source "$(dirname "$0")/gpu_step.sh"
 
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
