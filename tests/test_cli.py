@@ -72,6 +72,7 @@ def test_presets_json_lists_every_preset_with_its_pair(capsys):
     assert rows["cifar100-resnet32x4-shufflev1"]["expected"]
 
 
+@pytest.mark.slow
 def test_models_json_gives_every_model_with_its_100_class_parameter_count(capsys):
     from pipeline.models import list_models
 

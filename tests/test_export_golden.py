@@ -84,6 +84,7 @@ def test_engine_check_commands_pass_on_matching_outputs(exported):
         assert "PASSED" in done.stdout
 
 
+@pytest.mark.slow
 def test_engine_top1_check_fails_when_another_class_wins(exported, tmp_path):
     folder, onnx_path, _, reference = exported
     for name in ("model.onnx", "golden_inputs.json"):

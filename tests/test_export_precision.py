@@ -116,6 +116,7 @@ def test_hand_built_model_is_exact(onnx_models, data):
         assert (logits.argmax(1) == labels).all(), name
 
 
+@pytest.mark.slow
 def test_dynamo_export_has_fixed_names_dynamic_batch_and_metadata(tmp_path, data):
     _, test, _ = data
     path = export_onnx(channel_reader(), tmp_path / "m.onnx", SIZE, 18, True, META)

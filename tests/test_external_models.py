@@ -41,6 +41,7 @@ STUDENTS = [
     ("torchvision:mobilenet_v2", 3),
     ("torchvision:resnet18", 3),
 ]
+SLOW = {"timm:mobileone_s0"}  # over 3 s on 2 CPU cores
 
 
 def _calibrating(model: nn.Module) -> nn.Module:
@@ -168,7 +169,9 @@ def test_transformer_and_layernorm_taps_are_nchw_maps(name, layouts):
     assert "no BatchNorm" in model.info.extra["skipped_sites"][0]
 
 
-@pytest.mark.parametrize("student_name, n_sites", STUDENTS)
+@pytest.mark.parametrize(
+    "student_name, n_sites", [pytest.param(*s, marks=pytest.mark.slow) if s[0] in SLOW else s for s in STUDENTS]
+)
 def test_kdiffusion_branches_trains_and_fuses_back_to_the_vanilla_model(teacher, student_name, n_sites):
     torch.manual_seed(0)
     student = _calibrating(build_model(student_name, CLASSES, SIZE))
@@ -295,6 +298,7 @@ def _export_only(tmp_path, extra: list[str]) -> int:
     )
 
 
+@pytest.mark.slow
 def test_export_only_on_a_timm_train_script_checkpoint(tmp_path):
     assert _export_only(tmp_path, ["export.precisions=[fp32]", "export.parity_samples=8"]) == 0
     from pipeline.manifest import Manifest

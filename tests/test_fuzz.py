@@ -234,6 +234,7 @@ def _mutate(data, path: list, value):
     return [*data[:index], _mutate(data[index], path[1:], value), *data[index + 1 :]]
 
 
+@pytest.mark.slow
 @FUZZ
 @given(
     stage=st.sampled_from([s for s in ORDER]),

@@ -22,6 +22,7 @@ def _tiny_args(tiny_overrides) -> list[str]:
     return [a for item in tiny_overrides for a in ("--set", item)]
 
 
+@pytest.mark.slow
 def test_sigint_in_a_background_job_stops_the_run_with_130(tmp_path, tiny_overrides):
     """A shell starts background jobs with SIGINT ignored; the run must still stop when it gets one."""
     out = tmp_path / "run"
@@ -73,6 +74,7 @@ def test_sigint_during_startup_is_130_not_death_by_signal(tmp_path, delay):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_sigint_during_verify_exits_130_and_commits_nothing(tmp_path, tiny_overrides, monkeypatch, capsys):
     import stages.verify
 

@@ -16,6 +16,7 @@ from pipeline.reparam import fuse_model
 from stages.fuse import count_flops
 
 STUDENTS = [n for n in list_models() if model_info(n).family == "cifar" and model_info(n).reparam_sites]
+SLOW = {"ResNet50"}  # over 3 s on 2 CPU cores
 CLASSES = 5
 SIZE = 16
 
@@ -33,7 +34,7 @@ def test_the_usual_students_are_covered():
     }
 
 
-@pytest.mark.parametrize("arch", STUDENTS)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in SLOW else a for a in STUDENTS])
 def test_distilled_student_fuses_to_the_vanilla_student(arch):
     torch.manual_seed(0)
     teacher = build_model("resnet20", CLASSES)
@@ -67,6 +68,7 @@ def test_distilled_student_fuses_to_the_vanilla_student(arch):
     assert stats["top1_agreement"] == 1.0
 
 
+@pytest.mark.slow
 def test_pipeline_trains_fuses_and_verifies_a_kdiffusion_student(tmp_path, tiny_overrides):
     from pipeline.config import load_config
     from pipeline.runner import run_stages

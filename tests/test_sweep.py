@@ -228,6 +228,7 @@ def test_a_paper_preset_without_its_teacher_is_refused_before_anything_runs(tmp_
     assert len(trained.teachers) == 1 and all("teacher.source=import" in c.args for c in trained.cells)
 
 
+@pytest.mark.slow
 def test_a_cluster_job_can_start_the_cell_under_torchrun(tmp_path):
     from pipeline.experiments.cluster import execute_task
 
