@@ -47,6 +47,7 @@ class DataConfig:
     recipe: str = "auto"  # auto: the dataset's own | cifar: 32 px recipe for a folder of small images | imagenet
     cache: str = "auto"  # folders with recipe=cifar: auto (decode once into memory when small) | always | never
     train_subset: int | None = None  # use only N seeded images of the training split (val cut from them); None: all
+    split_seed: int | None = None  # seeds the val split and train_subset; None: the run's seed
     verify_checksums: bool = True  # refuse dataset files whose md5 differs from the official release
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
@@ -112,6 +113,7 @@ class TrainingConfig:
     find_unused_parameters: bool = False  # DDP: for methods whose modules skip some steps
     tensorboard: bool = True  # event files in <run>/tensorboard/<stage>/
     log_every: int = 20  # steps between TensorBoard loss points
+    test_each_epoch: bool = True  # score the test split after every student epoch (for `compare --best`)
     # GPU step overhead (docs/bench-training.md, "Step overhead"); all off by default:
     device_data: bool = False  # training split on the device, crop/flip/normalize there (synthetic, cifar100)
     defer_metrics: bool = False  # read losses (and check them for NaN) every log_every steps, not every step

@@ -167,9 +167,6 @@ def preflight(store: RunStore, cfg: Config, names: list[str] | tuple[str, ...]) 
             check_current(req, artifacts.manifest, cfg, store)
 
 
-DATA_KEYS = ("data", "seed")  # the settings that decide what data a stage's result was made from
-
-
 def check_current(stage: str, manifest: Manifest, cfg: Config, store: RunStore) -> None:
     """Refuse an upstream stage made from other data than this run's (a teacher trained on another dataset,
     data seed or split seed): reusing it would silently mix two experiments.
@@ -177,9 +174,9 @@ def check_current(stage: str, manifest: Manifest, cfg: Config, store: RunStore) 
     Only the data settings are compared, and only where both sides have them. Other upstream settings stay
     the upstream stage's own business, as before: ``run engine`` need not repeat every export option.
     """
-    wanted = json.loads(json.dumps(get_stage(stage).params(cfg), default=str))
-    old = {k: manifest.params[k] for k in DATA_KEYS if k in manifest.params and k in wanted}
-    changed = _differences(old, {k: wanted[k] for k in old})
+    old = _data_identity(manifest.params)
+    new = _data_identity(json.loads(json.dumps(get_stage(stage).params(cfg), default=str)))
+    changed = _differences(old, new)  # keys both sides have
     if not changed:
         return
     shown = "; ".join(changed[:3]) + ("; ..." if len(changed) > 3 else "")
@@ -187,6 +184,23 @@ def check_current(stage: str, manifest: Manifest, cfg: Config, store: RunStore) 
         f"stage {stage!r} in {store.root} was made from other data ({shown}); run it again with these settings "
         f"(`python -m pipeline run {stage} ... --out {store.root}`) or choose another --out"
     )
+
+
+def _data_identity(params: dict) -> dict:
+    """What decides the images a stage's result was made from: the data settings and the seed of the split
+    (``data.split_seed``, or the run's seed when unset). The run's seed alone also seeds initialization and
+    augmentation, which an upstream stage may differ in."""
+    identity: dict = {}
+    data = params.get("data")
+    split_seed = None
+    if isinstance(data, dict):
+        identity["data"] = {k: v for k, v in data.items() if k != "split_seed"}
+        split_seed = data.get("split_seed")
+    if split_seed is None:
+        split_seed = params.get("seed")
+    if split_seed is not None:
+        identity["split seed"] = split_seed
+    return identity
 
 
 def _differences(old: object, new: object, key: str = "") -> list[str]:

@@ -28,6 +28,8 @@ def data_params(cfg: Config) -> dict:
     data = dataclasses.asdict(cfg.data)
     for key in ("workers", "prefetch_factor", "eval_batch_size", "cache"):
         data.pop(key)
+    if data["split_seed"] is None:  # the default: absent, so fingerprints made before the setting still hold
+        data.pop("split_seed")
     if cfg.data.dataset != "synthetic":
         data.pop("synthetic")
     return data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 
 from pipeline.checkpoint import ModelMeta, save_checkpoint
 from pipeline.config import Config
@@ -14,7 +15,7 @@ from pipeline.errors import CheckpointError
 from pipeline.loading import load_model
 from pipeline.models import build_model, count_parameters
 from pipeline.stagekit import STUDENT_CHECKPOINT, TEACHER_CHECKPOINT, bundle, data_params, training_params, write_json
-from pipeline.training import check_optim, evaluate, fit, make_loader
+from pipeline.training import History, check_optim, evaluate, fit, make_loader
 from stages.base import Stage, StageContext, StageResult, register_stage
 
 CHECKPOINT = STUDENT_CHECKPOINT
@@ -77,7 +78,8 @@ class TrainStage(Stage):
             seed=cfg.seed,
             training=cfg.training,
             logdir=ctx.logdir,
-            test_loader=test_loader,  # per-epoch test top-1 in history.json, for `compare --best`
+            # per-epoch test top-1 in history.json, for `compare --best`; each pass costs a test-split evaluation
+            test_loader=test_loader if cfg.training.test_each_epoch else None,
         )
         student = distiller.student
         meta = ModelMeta.from_data(data.info, cfg.student.arch, reparam=distiller.reparam_settings())
@@ -85,10 +87,16 @@ class TrainStage(Stage):
         write_json(ctx.out / "history.json", history.epochs)
         return StageResult(
             metrics={
-                "test_top1": evaluate(student, test_loader, device, desc="student test")["top1"],
+                "test_top1": _final_test_top1(history, student, test_loader, device),
                 "teacher_test_top1": ctx.inputs["teacher"].manifest.metrics.get("test_top1"),
                 "val_top1": history.last.get("val_top1"),
                 "train_parameters": count_parameters(student),
                 "vanilla_parameters": vanilla_params,
             }
         )
+
+
+def _final_test_top1(history: History, student: nn.Module, loader, device: torch.device) -> float:
+    """The last epoch's test score is that of the final weights: reuse it rather than score them twice."""
+    last = history.last.get("test_top1")
+    return last if last is not None else evaluate(student, loader, device, desc="student test")["top1"]

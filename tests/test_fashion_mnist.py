@@ -136,6 +136,17 @@ def test_train_subset_is_a_seeded_share_with_val_cut_from_it(tmp_path):
     assert again.source("train").indices == train.indices
 
 
+def test_a_pinned_split_seed_gives_every_run_seed_the_same_share_and_split(tmp_path):
+    write_idx_set(tmp_path, n_train=200)
+
+    def split(seed: int, **extra) -> tuple[list[int], list[int]]:
+        bundle = load_data(_cfg(tmp_path, verify_checksums=False, train_subset=50, **extra), seed=seed)
+        return bundle.source("train").indices, bundle.source("val").indices
+
+    assert split(1) != split(2)  # unset: the run's seed draws the share
+    assert split(1, split_seed=0) == split(2, split_seed=0) == split(0)
+
+
 @debian_only
 def test_debian_copy_passes_the_content_check():
     bundle = load_data(DataConfig(dataset="fashion_mnist", workers=0))  # the default root is Debian's folder

@@ -65,6 +65,7 @@ OPTIONS = [
     (["--set", "data.batch_size=1000000000000"], "data.batch_size must be at least 1 and at most"),
     (["--set", "data.synthetic.train_size=1000000000000"], "data.synthetic.train_size must be"),
     (["--set", f"data.synthetic.seed={2**40}"], "data.synthetic.seed must be"),
+    (["--set", "data.split_seed=-1"], "data.split_seed must be at least 0"),
     (["--set", f"verify.samples={2**70}"], "out of range"),
     (["--set", "teacher=null"], "teacher is null; give its settings or leave it out"),
     (["--set", "teacher.optim=null"], "teacher.optim is null"),

@@ -218,6 +218,17 @@ def test_changed_data_settings_make_the_upstream_stage_stale(run, capsys):
     assert (out / "train" / "manifest.json").read_text() == before
 
 
+def test_a_pinned_split_seed_lets_another_seed_reuse_the_teacher(run, capsys):
+    """The run's seed draws the val split unless data.split_seed pins it; only the split decides the data."""
+    out, args = run
+    assert run_cli(["run", "train", "--out", str(out), *args, "--set", "seed=1"]) == 2
+    assert "split seed: 0 -> 1" in _error(capsys)
+    pinned = ["--set", "seed=1", "--set", "data.split_seed=0"]
+    assert run_cli(["run", "train", "--out", str(out), *args, *pinned]) == 0
+    assert run_cli(["run", "train", "--out", str(out), *args, "--set", "data.split_seed=1"]) == 2
+    assert "split seed: 0 -> 1" in _error(capsys)
+
+
 def test_every_stage_records_the_digest_of_what_it_consumed(made):
     out, _ = made
     store = RunStore(out)

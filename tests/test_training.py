@@ -292,3 +292,28 @@ def test_check_optim_names_each_unusable_setting(change, message):
     check_optim(OptimConfig(), "student.optim")
     with pytest.raises(ConfigError, match=f"^student.optim: {message}"):
         check_optim(dataclasses.replace(OptimConfig(), **change), "student.optim")
+
+
+@pytest.mark.slow
+def test_per_epoch_test_scores_are_optional_and_do_not_change_the_final_figure(tmp_path, tiny_overrides):
+    """``training.test_each_epoch=false`` only drops the per-epoch test passes: same weights, same test top-1."""
+    import json
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.runner import run_stages
+    from pipeline.store import RunStore
+
+    sets = [*tiny_overrides, "student.optim.epochs=2"]
+    run_stages(load_config("default", None, sets), tmp_path / "each", ("teacher", "train"), log=lambda _: None)
+    (tmp_path / "last").mkdir()
+    shutil.copytree(tmp_path / "each" / "teacher", tmp_path / "last" / "teacher")
+    cfg = load_config("default", None, [*sets, "training.test_each_epoch=false"])
+    run_stages(cfg, tmp_path / "last", ("train",), log=lambda _: None)
+
+    each, last = RunStore(tmp_path / "each"), RunStore(tmp_path / "last")
+    history = json.loads((tmp_path / "each" / "train" / "history.json").read_text())
+    assert [("test_top1" in e) for e in history] == [True, True]
+    assert not any("test_top1" in e for e in json.loads((tmp_path / "last" / "train" / "history.json").read_text()))
+    assert each.manifest("train").metrics["test_top1"] == history[-1]["test_top1"]
+    assert last.manifest("train").metrics["test_top1"] == each.manifest("train").metrics["test_top1"]

@@ -85,6 +85,7 @@ MINIMUMS = {
     "num_classes": 2,
     "image_size": 8,
     "train_subset": 2,
+    "split_seed": 0,
 }
 MAXIMUMS = {
     "batch_size": 1 << 20,
@@ -94,6 +95,7 @@ MAXIMUMS = {
     "num_classes": 1 << 20,
     "image_size": 8192,
     "train_subset": 100_000_000,
+    "split_seed": 2**32 - 1,
 }
 SYNTHETIC_MAX = {"train_size": 10_000_000, "test_size": 10_000_000, "seed": 2**32 - 1}
 
@@ -156,7 +158,11 @@ def dataset_names() -> list[str]:
 
 
 def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
-    """Build the named dataset; the held-out split depends only on ``seed`` and the dataset size."""
+    """Build the named dataset; the held-out split (and ``train_subset``'s share) depends only on the dataset
+    size and ``data.split_seed``, or the run's ``seed`` when that is unset.
+
+    Pinning ``split_seed`` lets runs of several seeds share one split, so a teacher trained at one seed
+    never saw another seed's val images."""
     _load_builtin()
     raw = DATASETS.get(cfg.dataset)(cfg)
     if cfg.recipe not in ("auto", raw.info.recipe):
@@ -164,4 +170,5 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
             f"dataset {cfg.dataset} is trained with the {raw.info.recipe} recipe; data.recipe={cfg.recipe} applies "
             "to folder datasets (imagefolder, imagenet100)"
         )
-    return DataBundle(raw, cfg.val_fraction, seed, cfg.train_subset)
+    split_seed = seed if cfg.split_seed is None else cfg.split_seed
+    return DataBundle(raw, cfg.val_fraction, split_seed, cfg.train_subset)
