@@ -317,3 +317,5 @@ def test_per_epoch_test_scores_are_optional_and_do_not_change_the_final_figure(t
     assert not any("test_top1" in e for e in json.loads((tmp_path / "last" / "train" / "history.json").read_text()))
     assert each.manifest("train").metrics["test_top1"] == history[-1]["test_top1"]
     assert last.manifest("train").metrics["test_top1"] == each.manifest("train").metrics["test_top1"]
+    weights = [(tmp_path / run / "train" / "student.safetensors").read_bytes() for run in ("each", "last")]
+    assert weights[0] == weights[1]  # the extra test passes draw no random numbers the training uses
