@@ -12,11 +12,11 @@ from pipeline.data import Transformed, WithIndices
 from pipeline.data.synthetic import TensorImages
 from pipeline.data.transforms import build_transform
 from pipeline.errors import ConfigError
-from pipeline.training import RESUME_FILE, NonFiniteLossError, build_optimizer, fit, make_loader
+from pipeline.training import RESUME_FILE, NonFiniteLossError, build_optimizer, make_loader
 from pipeline.training.device_data import DeviceLoader, batch_draws, crop_flip, sample_draws
 from pipeline.training.speed import check_training
 from pipeline.training.state import load_state
-from tests.trainkit import DATA, OPTIM, Scripted, TinyNet, tiny_data
+from tests.trainkit import DATA, TinyNet, fit_scripted, tiny_data
 
 CPU = torch.device("cpu")
 
@@ -97,24 +97,6 @@ def test_device_data_refuses_datasets_it_cannot_hold(data):
             make_loader(dataset, DATA, train=True, on_device=True)
 
 
-def _train(data, training: TrainingConfig, scratch=None, fail_at=0, failure="crash", logdir=None, on_device=False):
-    torch.manual_seed(0)
-    distiller = Scripted(TinyNet(), fail_at, failure)
-    history = fit(
-        distiller,
-        make_loader(data.dataset("train", augment=True), DATA, train=True, seed=3, on_device=on_device),
-        make_loader(data.dataset("val"), DATA, train=False),
-        OPTIM,
-        CPU,
-        scratch=scratch,
-        log=lambda _: None,
-        seed=3,
-        training=training,
-        logdir=logdir,
-    )
-    return distiller, history
-
-
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -129,8 +111,8 @@ def _scalars(logdir, tag: str) -> list[tuple[int, float]]:
 
 
 def test_deferred_metric_reads_give_the_same_weights_and_curves(data, tmp_path):
-    every_step, history = _train(data, TrainingConfig(log_every=2, checkpoint_every=0), logdir=tmp_path / "a")
-    deferred, deferred_history = _train(
+    every_step, history = fit_scripted(data, TrainingConfig(log_every=2, checkpoint_every=0), logdir=tmp_path / "a")
+    deferred, deferred_history = fit_scripted(
         data, TrainingConfig(log_every=2, checkpoint_every=0, defer_metrics=True), logdir=tmp_path / "b"
     )
     assert _same_weights(every_step.student, deferred.student)
@@ -148,7 +130,7 @@ def test_deferred_metric_reads_give_the_same_weights_and_curves(data, tmp_path):
 def test_deferred_reads_still_stop_a_non_finite_loss_before_any_checkpoint_holds_it(data, tmp_path):
     training = TrainingConfig(log_every=3, checkpoint_every=0, defer_metrics=True)
     with pytest.raises(NonFiniteLossError) as info:
-        _train(data, training, scratch=tmp_path, fail_at=5, failure="nan")
+        fit_scripted(data, training, scratch=tmp_path, fail_at=5, failure="nan")
     message = str(info.value)
     assert "non-finite loss term 'aux' in epoch 2, steps 1-3 (global steps 4-6;" in message
     assert "aux=nan" in message and str(tmp_path / RESUME_FILE) in message
@@ -159,15 +141,15 @@ def test_deferred_reads_still_stop_a_non_finite_loss_before_any_checkpoint_holds
 
 def test_resume_with_device_data_and_deferred_reads_is_bit_exact(data, tmp_path):
     training = TrainingConfig(checkpoint_every=2, log_every=2, defer_metrics=True)
-    reference, ref_history = _train(data, training, on_device=True)
+    reference, ref_history = fit_scripted(data, training, on_device=True)
     with pytest.raises(KeyboardInterrupt):  # killed in step 6; the checkpoint holds the state after step 4
-        _train(data, training, scratch=tmp_path, fail_at=6, on_device=True)
+        fit_scripted(data, training, scratch=tmp_path, fail_at=6, on_device=True)
     assert load_state(tmp_path / RESUME_FILE)["global_step"] == 4
-    resumed, history = _train(data, training, scratch=tmp_path, on_device=True)
+    resumed, history = fit_scripted(data, training, scratch=tmp_path, on_device=True)
     assert resumed.calls == 2
     assert _same_weights(resumed.student, reference.student)
     assert [r["loss/ce"] for r in history.epochs] == [r["loss/ce"] for r in ref_history.epochs]
-    plain, _ = _train(data, training)  # the DataLoader path draws other crops: other weights
+    plain, _ = fit_scripted(data, training)  # the DataLoader path draws other crops: other weights
     assert not _same_weights(plain.student, reference.student)
 
 

@@ -22,7 +22,7 @@ from pipeline.training import (
 from pipeline.training.data import EpochSampler, SeededSamples, ShardSampler
 from pipeline.training.speed import backend_flags, check_training, convert_sync_batchnorm, restore_batchnorm
 from pipeline.training.state import load_state
-from tests.trainkit import DATA, OPTIM, Scripted, TinyNet, tiny_data
+from tests.trainkit import DATA, OPTIM, Scripted, TinyNet, fit_scripted, tiny_data
 
 CPU = torch.device("cpu")
 
@@ -33,22 +33,16 @@ def data():
 
 
 def _train(data, scratch=None, fail_at=0, failure="crash", workers=0, training=None, logdir=None, optim=OPTIM):
-    torch.manual_seed(0)
-    distiller = Scripted(TinyNet(), fail_at, failure)
-    cfg = DataConfig(**{**DATA.__dict__, "workers": workers})
-    history = fit(
-        distiller,
-        make_loader(data.dataset("train", augment=True), cfg, train=True, seed=3),
-        make_loader(data.dataset("val"), cfg, train=False),
-        optim,
-        CPU,
+    return fit_scripted(
+        data,
+        training or TrainingConfig(checkpoint_every=2),
         scratch=scratch,
-        log=lambda _: None,
-        seed=3,
-        training=training or TrainingConfig(checkpoint_every=2),
+        fail_at=fail_at,
+        failure=failure,
         logdir=logdir,
+        optim=optim,
+        data_cfg=DataConfig(**{**DATA.__dict__, "workers": workers}),
     )
-    return distiller, history
 
 
 def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 from pipeline.config import DataConfig, OptimConfig, SyntheticConfig
 from pipeline.data import DataBundle, load_data
 from pipeline.distill.base import Distiller
+from pipeline.training import History, fit, make_loader
 
 DATA = DataConfig(batch_size=16, num_classes=4, synthetic=SyntheticConfig(train_size=60, test_size=16))
 OPTIM = OptimConfig(epochs=2, lr=0.05, milestones=[1])  # 3 steps per epoch: 54 training samples, batch 16
@@ -64,3 +65,34 @@ class Scripted(Distiller):
 @functools.cache
 def tiny_data() -> DataBundle:
     return load_data(DATA, seed=0)
+
+
+def fit_scripted(
+    data: DataBundle,
+    training,
+    *,
+    scratch=None,
+    fail_at: int = 0,
+    failure: str = "crash",
+    logdir=None,
+    optim: OptimConfig = OPTIM,
+    data_cfg: DataConfig = DATA,
+    on_device: bool = False,
+) -> tuple[Scripted, History]:
+    """A Scripted TinyNet through the real loop and loaders on the CPU (seed 3), so a resumed or re-configured
+    run can be compared with a reference run of the same call."""
+    torch.manual_seed(0)
+    distiller = Scripted(TinyNet(), fail_at, failure)
+    history = fit(
+        distiller,
+        make_loader(data.dataset("train", augment=True), data_cfg, train=True, seed=3, on_device=on_device),
+        make_loader(data.dataset("val"), data_cfg, train=False),
+        optim,
+        torch.device("cpu"),
+        scratch=scratch,
+        log=lambda _: None,
+        seed=3,
+        training=training,
+        logdir=logdir,
+    )
+    return distiller, history
