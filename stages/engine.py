@@ -24,7 +24,7 @@ from exports.runners import infer_array
 from exports.trt_commands import GOLDEN_INPUTS, engine_name
 from exports.trt_engine import TrtRunner, build_engine, current_platform, sidecar_path, unavailable_reason, write_engine
 from pipeline.checks import Check, GateResult
-from pipeline.compare import diff_stats, top1_accuracy
+from pipeline.compare import diff_stats, tie_figures, top1_accuracy
 from pipeline.config import Config
 from pipeline.deployment import REPORT, engine_profile, eval_batches, label_mismatch, read_report
 from pipeline.errors import ConfigError
@@ -109,6 +109,7 @@ class EngineStage(Stage):
                 {
                     "engine_max_abs": stats["max_abs"],
                     "engine_min_cosine": stats["min_cosine"],
+                    **tie_figures(stats, "engine"),  # the tie-aware top-1 agreement and its figures
                     "batch_max_abs": diff_stats(per_sample, batched)["max_abs"],
                     "engine_bytes": len(plan),
                 },

@@ -11,7 +11,7 @@ import contextlib
 import torch
 
 from pipeline.checks import Check
-from pipeline.compare import abs_diff_histogram, diff_stats, top1_accuracy
+from pipeline.compare import abs_diff_histogram, diff_stats, tie_detail, top1_accuracy
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.loading import load_model
@@ -66,7 +66,12 @@ class VerifyStage(Stage):
             Check.gate("logits_max_abs", "max |fused - trained|", stats["max_abs"], "fuse.logits_max_abs"),
             Check.gate("logits_rel_fro", "‖fused - trained‖F / ‖trained‖F", stats["rel_fro"], "fuse.logits_rel_fro"),
             Check.gate(
-                "top1_agreement", "fraction of equal argmax", stats["top1_agreement"], "fuse.top1_agreement", ">="
+                "top1_agreement",
+                "fraction of equal argmax, near-ties excused",
+                stats["top1_agreement"],
+                "fuse.top1_agreement",
+                ">=",
+                detail=tie_detail(stats),
             ),
             Check.gate(
                 "top1_delta", "|top1 fused - top1 trained| (pt)", abs(top1_fused - top1_ref), "fuse.top1_delta_pt"

@@ -94,7 +94,7 @@ def test_every_precision_is_a_checked_artifact(exported):
         "report.json",
     } <= names
     checks = {c.name for c in manifest.checks}
-    assert {"onnx_fp32_max_abs", "batch_consistency", "onnx_fp16_min_cosine", "int8_qdq_tensorrt"} <= checks
+    assert {"onnx_fp32_allclose", "batch_consistency", "onnx_fp16_min_cosine", "int8_qdq_tensorrt"} <= checks
     folder = out / "export"
     for name, precision in (("model.onnx", "fp32"), ("model.fp16.onnx", "fp16"), ("model.int8.onnx", "int8")):
         meta = DeployMeta.from_props(read_metadata(folder / name))
@@ -153,7 +153,7 @@ def test_fp16_gate_fails_a_model_that_overflows_without_the_guard(exported, caps
     assert manifest.status == "failed"
     assert manifest.output("model.onnx")  # fp32 still passed; the failed manifest records everything
     failed = {c.name for c in manifest.checks if not c}
-    assert "onnx_fp16_min_cosine" in failed and "onnx_fp32_max_abs" not in failed
+    assert "onnx_fp16_min_cosine" in failed and "onnx_fp32_allclose" not in failed
 
     assert run_cli([*args, *_args("export.precisions=[fp32,fp16]")]) == 0  # the guard keeps the node in fp32
     report = json.loads((out / "export" / "report.json").read_text())

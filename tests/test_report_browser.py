@@ -80,7 +80,7 @@ def test_run_all_writes_a_report_that_opens_cleanly_in_chromium(sweep_dir, tmp_p
         tables={"stages", "checks", "metrics", "verify", "parity", "latency", "calibration", "environment"},
         plots={"curves-train", "verify-histogram", "latency", "calibration"},
     )
-    for check in ("logits_max_abs", "onnx_fp32_max_abs", "onnx_fp16_min_cosine", "onnx_int8_top1_drop"):
+    for check in ("logits_max_abs", "onnx_fp32_allclose", "onnx_fp16_min_cosine", "onnx_int8_top1_drop"):
         assert check in dom  # every check with its value and threshold
 
 
