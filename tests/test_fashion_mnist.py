@@ -212,25 +212,26 @@ def test_fmnist_presets_name_their_pair():
 @debian_only
 @pytest.mark.slow
 def test_real_images_through_export_pass_every_gate(tmp_path):
-    """A few hundred real images, one epoch each for teacher and student, through fuse, verify and export
-    (fp32, fp16, INT8 gates on 2,000 real test images): every check passes, accuracy is above chance."""
+    """A few hundred real images, three epochs each for teacher and student, through fuse, verify and export
+    (fp32, fp16, INT8 gates on 2,000 real test images): every check passes, accuracy is well above chance."""
     from pipeline.cli import run_cli
     from pipeline.store import RunStore
 
     sets = [
         "data.train_subset=640",
-        # 72 steps of 8 at a moderate LR: fewer, larger steps left BatchNorm's running statistics behind the
-        # weights, and the eval-mode model near chance
-        "data.batch_size=8",
+        # 120 steps of 16 at a moderate LR, cosine: far enough from chance that the bounds below hold on any
+        # processor's kernels (one epoch of batch 8 gave 17.9-25 % by processor, against a bound of 20)
+        "data.batch_size=16",
         "teacher.arch=resnet20",
-        "teacher.optim.epochs=1",
+        "teacher.optim.epochs=3",
         "teacher.optim.lr=0.02",
         "teacher.optim.milestones=[]",
         "student.arch=resnet20",
         "student.method=kd",
-        "student.optim.epochs=1",
+        "student.optim.epochs=3",
         "student.optim.lr=0.02",
         "student.optim.milestones=[]",
+        "training.test_each_epoch=false",
         "verify.samples=256",
         "export.eval_samples=2000",
         "export.calibration_samples=256",
@@ -246,10 +247,11 @@ def test_real_images_through_export_pass_every_gate(tmp_path):
         assert all(manifest.checks), [c.describe() for c in manifest.checks if not c]
     names = {c.name for c in store.manifest("export").checks}
     assert any("int8" in n for n in names) and any("fp16" in n for n in names)
-    # chance is 10%; one pass over 576 images leaves these from-scratch models at about 25% (measured 23.1
-    # and 25.2 on the development machine), so the bound is twice chance
-    assert store.manifest("teacher").metrics["test_top1"] > 20.0
-    assert store.manifest("train").metrics["test_top1"] > 20.0
+    # Chance is 10 %. Measured on an AMD EPYC (Zen 4) under three kernel paths, ATEN_CPU_CAPABILITY default
+    # (AVX-512) / avx2 (+ ONEDNN_MAX_CPU_ISA=AVX2) / default (no SIMD, + SSE41): teacher 59.5 / 60.6 / 59.6,
+    # student 48.2 to 51.8, INT8 drop -0.25 to 0.45 points. The bound, three times chance, leaves 18 points.
+    assert store.manifest("teacher").metrics["test_top1"] > 30.0
+    assert store.manifest("train").metrics["test_top1"] > 30.0
     engine = store.manifest("engine")
     if engine.status == "skipped":
         from exports.trt_engine import unavailable_reason
