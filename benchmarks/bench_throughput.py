@@ -10,7 +10,8 @@ One run times, side by side on the same device and data, images/s of:
 - ``all``: every option above; ``all+cuda_graphs`` (CUDA only) and ``all+channels_last`` on top of it.
 
 ``peer`` and ``all`` (and ``all+channels_last`` in bf16) run at every batch size; ``before`` and the
-single options run at the ``--ablation-batch`` only, on the first pair, to keep a GPU pass short.
+single options run at the ``--ablation-batch`` only, in the first precision, on the first pair, to keep a GPU
+pass short.
 Every figure is the second epoch's images/s (the first pays for warm-up), data loading included, with
 random weights on synthetic 32x32 data (100 classes): throughput only, no accuracy.
 
@@ -170,7 +171,7 @@ def plan(args: argparse.Namespace) -> list[Cell]:
                         loops.append("all+channels_last")
                     if args.device.startswith("cuda"):
                         loops.append("all+cuda_graphs")
-                    if number == 0 and batch == args.ablation_batch:
+                    if number == 0 and batch == args.ablation_batch and precision == precisions[0]:
                         loops += ABLATION
                     if not method.startswith("kdiffusion") and "+batched_chain" in loops:
                         loops.remove("+batched_chain")  # a KDiffusion option: KD would time `before` again

@@ -1,44 +1,114 @@
 #!/usr/bin/env bash
-# What only a CUDA machine can show, in one short pass (at most about 9 minutes: the sum of the step limits below):
-#   1. the tests marked gpu/tensorrt (AMP, channels_last, torch.compile, deterministic resume, TF32-off fusion);
-#   2. the default run end to end on the GPU, fp32 and bf16+channels_last, with its manifests;
-#   3. the mixed-precision training benchmark (fp32 vs bf16 vs channels_last+bf16, KDiffusion vs KD);
-#   4. the whole test suite with a GPU present (tests must not assume a CPU-only machine).
-# Logs land in $1 (default: gpu-checks/). Each step has its own time limit so that one hang costs only its share.
-# With a second argument `throughput`, it runs the training-throughput pass instead (benchmarks/gpu_throughput.sh:
-# peer loop vs ours and each step-overhead option, under 8 minutes on an H200), a device call of its own.
-# Usage: bash benchmarks/gpu_checks.sh [OUT_DIR] [throughput]
+# Every GPU measurement of the project in one pass that stops itself inside a budget (default 500 s, under the
+# 9 minutes one lent GPU call allows), keeping what it finished:
+#   1. preflight: versions, GPU, CPU, the project importable, the data present (fails in seconds, not minutes);
+#   2. throughput.md: our training loop vs the plain peer loop, KD and KDiffusion, batch 64 and 256, fp32 and
+#      bf16 (+ channels_last), and each step-overhead option's own effect at batch 64 (bench_throughput.py);
+#   3. profile.md: wall vs kernel time and launches per step at batch 64 (profile_step.py);
+#   4. the full-data Fashion-MNIST rows: a sweep of vanilla, KD and KDiffusion x 3 seeds on all 60,000 training
+#      images (preset fmnist-wrn_16_2-mobile_half-gpu), the teacher trained once there (fmnist.md, fmnist.json, the sweep's report), while
+#   5. the tests marked gpu/tensorrt run beside it (they assert no timings, so sharing the GPU is harmless).
+# The step limits are cut to what is left of the budget; a cut step keeps its partial tables. Everything lands in
+# OUT: small text files plus results.tar.gz (manifests, histories, logs, reports; no weights).
+#
+# Usage: bash benchmarks/gpu_checks.sh [OUT_DIR] [--rehearse]
+#   --rehearse: the same steps on the CPU in a minute or two (tiny sizes), so a typo never costs a GPU call;
+#               CI runs it (tests/test_gpu_checks_rehearsal.py).
+# Environment: PYTHON (default python3), GPU_CHECKS_BUDGET (seconds), FMNIST_ROOT (the four IDX files;
+#              default .fmnist/ when present, else Debian's /usr/share/datasets/fashion-mnist).
 set -uo pipefail
 out=${1:-gpu-checks}
-if [[ ${2:-} == throughput ]]; then
-    exec bash "$(dirname "$0")/gpu_throughput.sh" "$out"
-fi
+rehearse=0
+[[ ${2:-} == --rehearse || ${1:-} == --rehearse ]] && rehearse=1
+[[ $out == --rehearse ]] && out=gpu-checks
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PIPELINE_PROGRESS=0
+out=$(cd "$out" && pwd)
+cd "$root" || exit 2
+export PYTHONUNBUFFERED=1 PIPELINE_PROGRESS=0 PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
-runs=$(mktemp -d)  # fresh run folders: a rerun of this script times every stage again
 cores=$(nproc)
+budget=${GPU_CHECKS_BUDGET:-500}
+start=$SECONDS
+runs=$(mktemp -d)  # fresh run folders: a rerun of this script times every stage again
+data=${FMNIST_ROOT:-$([[ -d .fmnist ]] && echo "$root/.fmnist" || echo /usr/share/datasets/fashion-mnist)}
 
 # shellcheck source=benchmarks/gpu_step.sh
-source "$(dirname "$0")/gpu_step.sh"
+source "$here/gpu_step.sh"
+
+if ((rehearse)); then
+    device=cpu
+    workers=0
+    tp=(--quick --variants peer,all,+fused_sgd)
+    prof=(--device cpu --teacher resnet20 --student resnet20 --steps 3 --batch 16)
+    sweep_set=(--set training.tensorboard=false --set data.workers=0 --set data.train_subset=240 --set data.batch_size=32 --set teacher.optim.epochs=1
+        --set student.optim.epochs=1 --set verify.samples=32 --set export.eval_samples=64
+        --set export.calibration_samples=32 --set export.parity_samples=16)
+    jobs=1
+    seeds=0
+    limits=(30 90 90 300 120)
+else
+    device=cuda
+    workers=$((cores > 10 ? 8 : (cores > 2 ? cores - 2 : 1)))
+    tp=(--device cuda --workers "$workers" --pairs resnet32x4:ShuffleV1
+        --variants peer,all,all+channels_last,before,+inference_mode,+batched_chain,+device_data,+defer_metrics,+fused_sgd)
+    prof=(--device cuda --batch 64)
+    sweep_set=(--set training.tensorboard=false)
+    jobs=9
+    seeds=0,1,2
+    limits=(30 170 30 270 150)
+fi
 
 {
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-    "$py" -c "import torch, onnxruntime as ort; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
-'| onnxruntime', ort.__version__, ort.get_available_providers())"
-    "$py" -c "import tensorrt; print('tensorrt', tensorrt.__version__)" 2>/dev/null || echo "tensorrt: not installed"
+    echo "date $(date -u +%FT%TZ); budget ${budget}s; rehearse=$rehearse"
+    lscpu | grep -E '^(Model name|CPU\(s\)):' | tr -s ' '
+    grep -o -w -E 'avx2|avx512f|avx512_bf16|amx_tile' /proc/cpuinfo | sort -u | tr '\n' ' '; echo
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 } >"$out/summary.txt" 2>&1
-cat "$out/summary.txt"
 
-step tests-gpu 150 "$py" -m pytest -q -rs -p no:cacheprovider -m "gpu or tensorrt" tests
-step run-fp32 90 "$py" -m pipeline run all --out "$runs/fp32" --device cuda
-step run-bf16 90 "$py" -m pipeline run all --out "$runs/bf16" --device cuda \
-    --set training.amp=bf16 --set training.channels_last=true
-for run in fp32 bf16; do
-    "$py" -m pipeline inspect "$runs/$run" >>"$out/run-$run.log" 2>&1
-done
-step bench-gpu 120 "$py" benchmarks/bench_ddp.py gpu --teacher resnet32x4 --student ShuffleV1 \
-    --methods kdiffusion,kd --modes fp32,bf16,channels_last+bf16 --batch 512 --steps 15 --workers $((cores > 2 ? cores - 2 : 1)) --repeats 2
-step tests-all 100 "$py" -m pytest -q -n $((cores < 12 ? cores : 12)) -p no:cacheprovider tests
-tail -n 25 "$out"/*.log
+step preflight "${limits[0]}" "$py" - "$device" "$data" <<'EOF'
+import sys, platform
+import torch, torchvision, timm, onnx, onnxruntime, onnxconverter_common, polygraphy
+import pipeline.cli, stages.export, exports.fp16  # the project itself, from this checkout
+from pipeline.data import idx
+device, data = sys.argv[1:3]
+print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda,
+      "| torchvision", torchvision.__version__, "| timm", timm.__version__, "| onnx", onnx.__version__,
+      "| onnxruntime", onnxruntime.__version__, onnxruntime.get_available_providers())
+if device == "cuda":
+    assert torch.cuda.is_available(), "CUDA is not available"
+    print("gpu", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+missing = [f for f in idx.FILES.values() if not any((__import__("pathlib").Path(data) / n).is_file() for n in (f, f + ".gz"))]
+assert not missing, f"Fashion-MNIST files missing under {data}: {missing}"
+EOF
+cat "$out/preflight.log" >>"$out/summary.txt"
+if ! grep -q "== preflight: exit 0" "$out/summary.txt"; then
+    echo "preflight failed; nothing else runs" | tee -a "$out/summary.txt"
+    cat "$out/preflight.log"
+    exit 1
+fi
+
+step throughput "$(limit "${limits[1]}" 240)" "$py" benchmarks/bench_throughput.py "${tp[@]}" --out "$out/throughput.md"
+step profile "$(limit "${limits[2]}" 200)" "$py" benchmarks/profile_step.py "${prof[@]}" --out "$out/profile.md"
+
+# The sweep and the GPU tests share the machine; the sweep is given what is left of the budget less packing time.
+sweep_limit=$(limit "${limits[3]}" 25)
+step fmnist-sweep "$sweep_limit" "$py" -m pipeline sweep --preset fmnist-wrn_16_2-mobile_half-gpu \
+    --data-root "$data" --method vanilla,kd,kdiffusion --seed "$seeds" \
+    --device "$device" --jobs "$jobs" --out "$runs/fmnist" "${sweep_set[@]}" &
+sweep_pid=$!
+step tests-gpu "$(limit "${limits[4]}" 30)" "$py" -m pytest -q -rs -p no:cacheprovider -m "gpu or tensorrt" tests
+wait "$sweep_pid"
+
+"$py" -m pipeline compare "$runs/fmnist" --format markdown --output "$out/fmnist.md" >>"$out/compare.log" 2>&1
+"$py" -m pipeline compare "$runs/fmnist" --format json --output "$out/fmnist.json" >>"$out/compare.log" 2>&1
+"$py" -m pipeline report "$runs/fmnist" --output "$runs/fmnist/report.html" >>"$out/compare.log" 2>&1
+cp "$runs/fmnist/logs"/*.log "$out/" 2>/dev/null
+tar -czf "$out/results.tar.gz" -C "$runs" --exclude='*.safetensors' --exclude='*.onnx' --exclude='*.pt' \
+    --exclude='*.npz' --exclude=tensorboard --exclude=.scratch --exclude=.cache fmnist -C "$out" \
+    $(cd "$out" && ls ./summary.txt ./*.log ./*.md ./*.json 2>/dev/null) 2>>"$out/compare.log"
+echo "== total: $((SECONDS - start)) s of ${budget} s" | tee -a "$out/summary.txt"
+tail -n 3 "$out"/*.log
+cat "$out"/*.md 2>/dev/null
 cat "$out/summary.txt"

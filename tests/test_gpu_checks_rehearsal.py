@@ -1,0 +1,49 @@
+"""The GPU check script rehearsed on the CPU: every step it runs on a lent GPU runs here for a few steps, so the
+one GPU call a session may get never fails on a typo, a renamed option or a missing file."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from pipeline.data import idx
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBIAN = Path(idx.FASHION_MNIST.default_root)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (DEBIAN / "train-images-idx3-ubyte.gz").is_file(),
+        reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)",
+    ),
+]
+
+
+def test_every_step_of_the_gpu_script_runs_in_its_cpu_rehearsal(tmp_path):
+    out = tmp_path / "checks"
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECKS_BUDGET": "600", "FMNIST_ROOT": str(DEBIAN)}
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_checks.sh"), str(out), "--rehearse"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    summary = (out / "summary.txt").read_text()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    steps = dict(re.findall(r"^== ([\w-]+): (.*)$", summary, re.M))
+    assert set(steps) >= {"preflight", "throughput", "profile", "fmnist-sweep", "tests-gpu", "total"}, summary
+    for name in ("preflight", "throughput", "profile", "fmnist-sweep", "tests-gpu"):
+        assert steps[name].startswith("exit 0 "), f"{name}: {steps[name]}\n{(out / f'{name}.log').read_text()[-3000:]}"
+    assert "| peer |" in (out / "throughput.md").read_text()
+    table = (out / "fmnist.md").read_text()
+    for method in ("vanilla", "kd", "kdiffusion"):
+        assert re.search(rf"^\| {method} \|", table, re.M), table
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+    assert any(n.endswith("train/manifest.json") for n in names) and "./summary.txt" in names
+    assert not any(n.endswith((".safetensors", ".onnx")) for n in names)  # weights stay on the GPU machine
