@@ -15,7 +15,8 @@
 #   --rehearse: the same steps on the CPU in a minute or two (tiny sizes), so a typo never costs a GPU call;
 #               CI runs it (tests/test_gpu_checks_rehearsal.py).
 # Environment: PYTHON (default python3), GPU_CHECKS_BUDGET (seconds), FMNIST_ROOT (the four IDX files;
-#              default .fmnist/ when present, else Debian's /usr/share/datasets/fashion-mnist).
+#              default .fmnist/ when present, else Debian's /usr/share/datasets/fashion-mnist), GPU_CHECKS_ONLY
+#              (comma-separated step names, to finish what a cut pass left), FMNIST_METHODS (vanilla,kd,kdiffusion).
 set -uo pipefail
 out=${1:-gpu-checks}
 rehearse=0
@@ -32,6 +33,7 @@ cores=$(nproc)
 budget=${GPU_CHECKS_BUDGET:-500}
 start=$SECONDS
 runs=$(mktemp -d)  # fresh run folders: a rerun of this script times every stage again
+methods=${FMNIST_METHODS:-vanilla,kd,kdiffusion}
 data=${FMNIST_ROOT:-$([[ -d .fmnist ]] && echo "$root/.fmnist" || echo /usr/share/datasets/fashion-mnist)}
 
 # shellcheck source=benchmarks/gpu_step.sh
@@ -53,11 +55,11 @@ else
     workers=$((cores > 10 ? 8 : (cores > 2 ? cores - 2 : 1)))
     tp=(--device cuda --workers "$workers" --pairs resnet32x4:ShuffleV1
         --variants peer,all,all+channels_last,before,+inference_mode,+batched_chain,+device_data,+defer_metrics,+fused_sgd)
-    prof=(--device cuda --batch 64)
+    prof=(--device cuda --batch 64 --steps 10)
     sweep_set=(--set training.tensorboard=false)
     jobs=9
     seeds=0,1,2
-    limits=(30 170 30 270 150)
+    limits=(30 170 90 270 150)
 fi
 
 {
@@ -95,7 +97,7 @@ step profile "$(limit "${limits[2]}" 200)" "$py" benchmarks/profile_step.py "${p
 # The sweep and the GPU tests share the machine; the sweep is given what is left of the budget less packing time.
 sweep_limit=$(limit "${limits[3]}" 25)
 step fmnist-sweep "$sweep_limit" "$py" -m pipeline sweep --preset fmnist-wrn_16_2-mobile_half-gpu \
-    --data-root "$data" --method vanilla,kd,kdiffusion --seed "$seeds" \
+    --data-root "$data" --method "$methods" --seed "$seeds" \
     --device "$device" --jobs "$jobs" --out "$runs/fmnist" "${sweep_set[@]}" &
 sweep_pid=$!
 step tests-gpu "$(limit "${limits[4]}" 30)" "$py" -m pytest -q -rs -p no:cacheprovider -m "gpu or tensorrt" tests
@@ -105,6 +107,7 @@ wait "$sweep_pid"
 "$py" -m pipeline compare "$runs/fmnist" --format json --output "$out/fmnist.json" >>"$out/compare.log" 2>&1
 "$py" -m pipeline report "$runs/fmnist" --output "$runs/fmnist/report.html" >>"$out/compare.log" 2>&1
 cp "$runs/fmnist/logs"/*.log "$out/" 2>/dev/null
+cp "$runs"/fmnist/teachers/*/teacher/teacher.safetensors "$out/" 2>/dev/null  # the shared teacher, to import elsewhere
 tar -czf "$out/results.tar.gz" -C "$runs" --exclude='*.safetensors' --exclude='*.onnx' --exclude='*.pt' \
     --exclude='*.npz' --exclude=tensorboard --exclude=.scratch --exclude=.cache fmnist -C "$out" \
     $(cd "$out" && ls ./summary.txt ./*.log ./*.md ./*.json 2>/dev/null) 2>>"$out/compare.log"

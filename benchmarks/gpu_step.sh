@@ -1,10 +1,15 @@
 # Sourced by benchmarks/gpu_checks.sh. `step NAME SECONDS COMMAND...` runs COMMAND with a time limit, logs it to
 # $out/NAME.log and appends its exit status and duration to $out/summary.txt (so one hang costs only its share);
-# a limit of 0 skips the step and says so. `limit WANTED RESERVE` prints WANTED cut to what is left of $budget
+# a limit of 0 skips the step and says so, as does a name
+# missing from GPU_CHECKS_ONLY when that is set. `limit WANTED RESERVE` prints WANTED cut to what is left of $budget
 # (counted from $start) after keeping RESERVE seconds for the steps after it.
 step() {
     local name=$1 limit=$2
     shift 2
+    if [[ -n ${GPU_CHECKS_ONLY:-} && ",$GPU_CHECKS_ONLY," != *",$name,"* ]]; then
+        echo "== $name: not selected (GPU_CHECKS_ONLY=$GPU_CHECKS_ONLY)" | tee -a "$out/summary.txt"
+        return 0
+    fi
     if ((limit <= 0)); then
         echo "== $name: skipped, the budget is spent" | tee -a "$out/summary.txt"
         return 0
