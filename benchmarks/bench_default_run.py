@@ -16,6 +16,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from pipeline.machine import describe_cpu
 from stages import stage_order
 
 
@@ -42,7 +43,7 @@ def main() -> None:
         "# Default run wall time",
         "",
         f"- date: {date.today().isoformat()}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, no GPU",
+        f"- machine: {describe_cpu()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, no GPU",
         f"- command: `python benchmarks/bench_default_run.py --repeats {args.repeats}` "
         "(each repeat: `python -m pipeline run all` into a fresh folder, process start included)",
         "",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import random
 import statistics
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exports.onnx_export import export_onnx
 from exports.runners import OnnxrtRunner
+from pipeline.machine import describe_cpu
 from pipeline.models import build_model, count_parameters, model_info
 from pipeline.reparam import fuse_model
 from pipeline.reparam.multibranch import apply_multibranch
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     args = parser.parse_args()
 
-    print(f"ONNX Runtime CPU provider, {args.threads or 'default'} intra-op threads, {platform.machine()}")
+    print(f"ONNX Runtime CPU provider, {args.threads or 'default'} intra-op threads, {describe_cpu()}")
     print(
         f"median over {args.rounds} rounds of >= {args.runs} inferences and >= {args.round_seconds} s; "
         f"fused = KDiffusion student (m={args.m}, mixed kernels) after fusion\n"

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -33,6 +32,7 @@ import torch
 from exports.runners import OnnxrtRunner
 from pipeline.config import load_config
 from pipeline.loading import load_model
+from pipeline.machine import describe_cpu
 from pipeline.runner import run_stages
 from stages.export import ONNX_FILES
 
@@ -173,7 +173,7 @@ def main() -> None:
         row["speedup_b32_vs_eager_fused"] = row["batch32_img_s"] / base["batch32_img_s"]
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": describe_cpu(),
         "threads": args.threads,
         "student": meta.arch,
         "input_size": meta.input_size,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import sys
@@ -34,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.distill import build_distiller
+from pipeline.machine import describe_cpu
 from pipeline.models import build_model
 
 VARIANTS = ("kdiffusion_single_avg", "kdiffusion_single", "kdiffusion_multi", "kdiffusion")
@@ -144,7 +144,7 @@ def main() -> None:
     kd = figures[("kd", 0)]
     print(
         f"teacher {args.teacher} -> student {args.student}, batch {args.batch} at {args.size} px, "
-        f"{torch.get_num_threads()} torch threads, {platform.machine()}, torch {torch.__version__}"
+        f"{describe_cpu(torch.get_num_threads())}, torch {torch.__version__}"
     )
     print(f"{args.rounds} rounds x {args.steps} steps per configuration\n")
     print(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from method_rows import add_row_options, rows
 
 from pipeline.distill import build_distiller
+from pipeline.machine import describe_cpu
 from pipeline.models import build_model
 
 
@@ -160,7 +160,7 @@ def report(args: argparse.Namespace, argv: list[str], times: dict, memory: dict)
         "# Training-step cost of the distillation methods",
         "",
         f"- date: {date.today().isoformat()}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, device {device}, "
+        f"- machine: {describe_cpu()}, {os.cpu_count()} CPU cores, device {device}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads",
         f"- command: `python benchmarks/bench_methods.py {' '.join(argv)}`",
         f"- pair: teacher {args.teacher} -> student {args.student}, batch {args.batch_size}, {args.classes} classes, "

@@ -241,14 +241,15 @@ def report(setup: Setup, args: argparse.Namespace, header: str) -> str:
 
 
 def _machine(device: str) -> str:
-    import platform
 
     import torch
 
     version = f"torch {torch.__version__}"
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(torch.device(device))}, {version} (CUDA {torch.version.cuda})"
-    return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} thread(s), {version}"
+    from pipeline.machine import describe_cpu
+
+    return f"CPU: {describe_cpu(torch.get_num_threads())}, {version}"
 
 
 def main() -> None:

@@ -26,7 +26,6 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -43,6 +42,7 @@ from method_rows import add_row_options, rows
 from pipeline.config import load_config
 from pipeline.data import load_data
 from pipeline.distill import METHODS, method_names
+from pipeline.machine import describe_cpu
 from pipeline.runner import run_stages
 from pipeline.store import RunStore
 
@@ -215,7 +215,7 @@ def report(args, argv, cfg, teacher_top1: float, results: dict, seconds: float, 
         f"# {args.title}",
         "",
         f"- date: {date.today().isoformat()}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores, device {_device(args, cfg)}, "
+        f"- machine: {describe_cpu()}, {os.cpu_count()} CPU cores, device {_device(args, cfg)}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads",
         f"- command: `python benchmarks/proxy_methods.py {' '.join(argv)}`",
         f"- setting: preset `{args.preset}` ({cfg.teacher.arch} -> {cfg.student.arch}, "

@@ -29,6 +29,7 @@ from pipeline.atomic import atomic_write_text
 from pipeline.checks import Check
 from pipeline.errors import ArtifactError
 from pipeline.hashing import canonical_json, sha256_json
+from pipeline.machine import cpu_record
 
 SCHEMA_VERSION = 2
 KEY_ENV = "KDPIPE_MANIFEST_KEY"
@@ -269,4 +270,5 @@ def environment() -> dict:
             env["gpu"] = torch.cuda.get_device_name()
             env["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
         env["torch_threads"] = torch.get_num_threads()
+    env.update(cpu_record())
     return env

@@ -11,6 +11,14 @@ import torch
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
+
+def pytest_report_header(config) -> str:
+    """Which kernels this run's figures come from: trained results differ in the last bits by processor."""
+    from pipeline.machine import describe_cpu
+
+    return f"cpu: {describe_cpu(torch.get_num_threads())}; torch {torch.__version__}"
+
+
 TINY = [
     "data.synthetic.train_size=160",
     "data.synthetic.test_size=64",

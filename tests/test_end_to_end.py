@@ -8,7 +8,7 @@ from pipeline.cli import run_cli
 from pipeline.store import RunStore
 from stages import stage_order
 
-pytestmark = [pytest.mark.xdist_group("e2e"), pytest.mark.slow]  # one shared run of every stage
+pytestmark = [pytest.mark.xdist_group("e2e"), pytest.mark.slow, pytest.mark.accuracy]  # one shared run of every stage
 ORDER = stage_order()
 
 

@@ -30,6 +30,8 @@ from exports.onnx_export import export_onnx, read_metadata
 from exports.precisions import fp16_gate, int8_gate
 from exports.runners import OnnxrtRunner, infer_array, run_onnx
 
+pytestmark = pytest.mark.accuracy  # verdicts on trained or converted models (CI reruns these under AVX2)
+
 SIZE = 16
 CLASSES = 3
 

@@ -23,7 +23,7 @@ from pipeline.models import build_model
 from pipeline.reparam import fuse_model
 from pipeline.store import RunStore
 
-pytestmark = pytest.mark.xdist_group("export-stage")
+pytestmark = [pytest.mark.xdist_group("export-stage"), pytest.mark.accuracy]  # gates on a trained student
 
 DATA = [
     "data.synthetic.train_size=120",

@@ -25,6 +25,8 @@ from pipeline.reparam import fuse_model
 from pipeline.reparam.multibranch import MultiBranchConvBN, multibranch_blocks
 from pipeline.runner import validate
 
+pytestmark = pytest.mark.accuracy  # verdicts on trained or converted models (CI reruns these under AVX2)
+
 SIZE = 32
 CLASSES = 5
 TEACHER = "timm:resnet10t"

@@ -211,6 +211,7 @@ def test_fmnist_presets_name_their_pair():
 
 @debian_only
 @pytest.mark.slow
+@pytest.mark.accuracy
 def test_real_images_through_export_pass_every_gate(tmp_path):
     """A few hundred real images, three epochs each for teacher and student, through fuse, verify and export
     (fp32, fp16, INT8 gates on 2,000 real test images): every check passes, accuracy is well above chance."""

@@ -37,8 +37,12 @@ def test_every_step_of_the_gpu_script_runs_in_its_cpu_rehearsal(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     steps = dict(re.findall(r"^== ([\w-]+): (.*)$", summary, re.M))
     assert set(steps) >= {"preflight", "throughput", "profile", "fmnist-sweep", "tests-gpu", "total"}, summary
-    for name in ("preflight", "throughput", "profile", "fmnist-sweep", "tests-gpu"):
-        assert steps[name].startswith("exit 0 "), f"{name}: {steps[name]}\n{(out / f'{name}.log').read_text()[-3000:]}"
+    # A one-epoch model on 64 test images may fail its INT8 gate (exit 1) by processor: the rehearsal checks that
+    # every cell runs through every stage, not the verdicts; the table below needs each cell's trained student.
+    allowed = {"preflight": "0", "throughput": "0", "profile": "0", "tests-gpu": "0", "fmnist-sweep": "01"}
+    for name, codes in allowed.items():
+        log = (out / f"{name}.log").read_text()[-3000:]
+        assert steps[name].split()[:2] in [["exit", c] for c in codes], f"{name}: {steps[name]}\n{log}"
     assert "| peer |" in (out / "throughput.md").read_text()
     table = (out / "fmnist.md").read_text()
     for method in ("vanilla", "kd", "kdiffusion"):

@@ -34,6 +34,7 @@ def test_the_usual_students_are_covered():
     }
 
 
+@pytest.mark.accuracy
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in SLOW else a for a in STUDENTS])
 def test_distilled_student_fuses_to_the_vanilla_student(arch):
     torch.manual_seed(0)
@@ -69,6 +70,7 @@ def test_distilled_student_fuses_to_the_vanilla_student(arch):
 
 
 @pytest.mark.slow
+@pytest.mark.accuracy
 def test_pipeline_trains_fuses_and_verifies_a_kdiffusion_student(tmp_path, tiny_overrides):
     from pipeline.config import load_config
     from pipeline.runner import run_stages

@@ -70,6 +70,7 @@ def test_registry_has_every_baseline():
     assert set(method_names()) >= {"vanilla", "kd", "fitnet", "at", "vid", "ofd", "reviewkd", "crd", "dkd"}
 
 
+@pytest.mark.accuracy
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_loss_is_finite_and_decreases_on_a_fixed_batch(name, teacher, batch):
     distiller = make(name, teacher).train()
@@ -133,6 +134,7 @@ def test_distillation_loss_is_zero_when_the_student_is_the_teacher(name, teacher
 
 
 @pytest.mark.slow  # 66 s here (2 CPU cores, one thread)
+@pytest.mark.accuracy
 def test_exported_students_have_exactly_the_vanilla_parameters(tmp_path, tiny_cfg):
     """train + fuse through the runner for every method; both artifacts match the vanilla student's."""
     from pipeline.checkpoint import read_meta

@@ -23,7 +23,7 @@ import pytest
 from tests.browser import chromium, is_blank, open_page
 from tests.conftest import TINY
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("subprocess")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("subprocess"), pytest.mark.accuracy]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import TINY
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("subprocess")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("subprocess"), pytest.mark.accuracy]
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ["default-vanilla-seed0", "default-vanilla-seed1", "default-kd-seed0", "default-kd-seed1"]
 

@@ -24,6 +24,8 @@ from pipeline.checks import TOLERANCES
 from pipeline.compare import allclose_fraction, diff_stats
 from stages.export import fp32_parity_gate
 
+pytestmark = pytest.mark.accuracy  # verdicts on trained or converted models (CI reruns these under AVX2)
+
 N, C = 50, 10  # one flip in 50 is 0.98, under the fp16 gate's 0.99
 
 

@@ -1,0 +1,65 @@
+"""The processor a figure was measured on: model, the vector extensions that pick PyTorch's and oneDNN's CPU
+kernels, and the kernel path in use. The same seed gives results that differ in the last bits between AVX2,
+AVX-512 and AMX kernels, and training turns that into points of accuracy, so every figure names them."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")  # the ones that change which kernels run
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # set to force a kernel path
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    model, flags = "", frozenset()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not model:
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = frozenset(value.split())
+                    break
+    except OSError:  # not Linux: the platform module's name is all there is
+        pass
+    return model or platform.processor() or platform.machine(), flags
+
+
+def cpu_model() -> str:
+    return _cpuinfo()[0]
+
+
+def cpu_isa() -> list[str]:
+    """Which of :data:`ISA_FLAGS` the processor has (empty where /proc/cpuinfo is unreadable)."""
+    return [f for f in ISA_FLAGS if f in _cpuinfo()[1]]
+
+
+def cpu_record() -> dict:
+    """For manifests: model, ISA flags, PyTorch's kernel path (when torch is loaded) and any forced path."""
+    record: dict = {"cpu": cpu_model(), "cpu_isa": cpu_isa()}
+    if "torch" in sys.modules:
+        import torch
+
+        record["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    forced = {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}
+    if forced:
+        record["kernel_env"] = forced
+    return record
+
+
+def describe_cpu(threads: int | None = None) -> str:
+    """One line for a benchmark table or a test report header."""
+    record = cpu_record()
+    text = f"{record['cpu']} ({' '.join(record['cpu_isa']) or 'no AVX2'})"
+    if threads is not None:
+        text += f", {threads} thread(s)"
+    if "torch_cpu_capability" in record:
+        text += f", torch kernels {record['torch_cpu_capability']}"
+    if "kernel_env" in record:
+        text += " forced by " + " ".join(f"{k}={v}" for k, v in record["kernel_env"].items())
+    return text
