@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from exports.fp16 import convert_fp16
+from exports.calibration import activation_ranges
+from exports.fp16 import FP16_MAX, convert_fp16, overflow_nodes
 from exports.int8 import INT8_TARGETS, CalibrationCache, copy_ranges, quantize_int8, tensorrt_qdq_problems
-from exports.metadata import OUTPUT_NAME, DeployMeta
+from exports.metadata import INPUT_NAME, OUTPUT_NAME, DeployMeta
 from pipeline.checks import TOLERANCES, Check, GateResult
 from pipeline.compare import diff_stats, tie_detail, tie_figures, top1_accuracy
 from pipeline.registry import Registry
@@ -107,13 +108,29 @@ def int8_gate(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, 
 
 
 def convert_to_fp16(job: Conversion) -> GateResult:
+    """fp16 ONNX; without the overflow guard, a gate on the nodes whose fp32 activations on the calibration
+    images leave fp16's range. The output gate cannot see such an overflow on a CPU: ONNX Runtime's x86
+    provider computes fp16 nodes in fp32, while an fp16 engine stores those activations in fp16 (as inf)."""
     s = job.settings
     guard = f"overflow guard: nodes above |x| > {s.fp16_safe_max:g} kept fp32"
     quantization = "fp16 via onnxconverter-common, fp32 I/O, " + (guard if s.fp16_guard else "no guard")
     calibration = job.calibration if s.fp16_guard else None
     kept = convert_fp16(job.fp32, job.dst, calibration, s.fp16_safe_max, job.meta("fp16", quantization))
     job.log(f"[export] wrote {job.dst.name} ({len(kept)} nodes kept in fp32 by the overflow guard)")
-    return GateResult(metrics={"fp16_nodes_kept_fp32": len(kept)}, report={"guard": s.fp16_guard, "kept_fp32": kept})
+    out = GateResult(metrics={"fp16_nodes_kept_fp32": len(kept)}, report={"guard": s.fp16_guard, "kept_fp32": kept})
+    if not s.fp16_guard:
+        over = overflow_nodes(job.fp32, activation_ranges(job.fp32, job.calibration, INPUT_NAME), FP16_MAX)
+        out.report["overflow_nodes"] = over
+        out.checks.append(
+            Check.gate(
+                "onnx_fp16_range",
+                f"fp16 nodes whose activations exceed {FP16_MAX:g} on calibration images",
+                len(over),
+                "onnx.fp16_overflow_nodes",
+                detail=f"e.g. {over[0]}; keep export.fp16_guard=true" if over else "",
+            )
+        )
+    return out
 
 
 def convert_to_int8(job: Conversion) -> GateResult:

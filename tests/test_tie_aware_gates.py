@@ -18,10 +18,11 @@ from torch import nn
 from exports.fp16 import FP16_MAX, convert_fp16
 from exports.metadata import DeployMeta
 from exports.onnx_export import export_onnx
-from exports.precisions import PRECISIONS, fp16_gate, int8_gate
+from exports.precisions import PRECISIONS, Conversion, convert_to_fp16, fp16_gate, int8_gate
 from exports.runners import run_onnx
 from pipeline.checks import TOLERANCES
 from pipeline.compare import allclose_fraction, diff_stats
+from pipeline.config import ExportConfig
 from stages.export import fp32_parity_gate
 
 pytestmark = pytest.mark.accuracy  # verdicts on trained or converted models (CI reruns these under AVX2)
@@ -225,6 +226,27 @@ def test_a_real_fp16_overflow_fails_the_fp16_gate_and_the_guard_fixes_it(tmp_pat
     assert {"/up/Conv", "/Mul"} <= set(kept)  # the conv that writes the huge activation and its reader
     result = fp16_gate(reference, run_node_by_node(tmp_path / "guarded.onnx", images))
     assert result, [c.describe() for c in result.checks]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("guard", [False, True])
+def test_the_export_catches_an_activation_overflow_that_a_cpu_run_cannot_show(tmp_path, guard):
+    """On the x86 CPU provider the unguarded fp16 model's outputs pass the output gate (fp16 nodes run in
+    fp32), so the conversion itself must fail on activations past 65504; with the guard there is none."""
+    gen = torch.Generator().manual_seed(1)
+    calibration = torch.randn(32, 3, SIZE, SIZE, generator=gen).numpy()
+    src = export_onnx(Overflow().eval(), tmp_path / "m.onnx", SIZE, 18, False, META)
+    settings = ExportConfig(fp16_guard=guard)
+    job = Conversion(src, tmp_path / "fp16.onnx", calibration, settings, tmp_path, lambda p, q: META, lambda _: None)
+    result = convert_to_fp16(job)
+    if guard:
+        assert not result.checks and "/up/Conv" in result.report["kept_fp32"]
+        return
+    (check,) = result.checks
+    assert check.name == "onnx_fp16_range" and not check and check.value >= 1
+    assert "/up/Conv" in result.report["overflow_nodes"]
+    images = torch.randn(16, 3, SIZE, SIZE, generator=gen).numpy()
+    assert fp16_gate(run_onnx(src, images), run_onnx(job.dst, images))  # what a CPU run alone would conclude
 
 
 # --- the element rule and the fp32 parity gate ---------------------------------------------------------
