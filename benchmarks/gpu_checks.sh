@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the project in one pass that stops itself inside a budget (default 500 s, under the
+# Every GPU measurement of the project in one pass that stops itself inside a budget (default 520 s, under the
 # 9 minutes one lent GPU call allows), keeping what it finished:
 #   1. preflight: versions, GPU, CPU, the project importable, the data present (fails in seconds, not minutes);
 #   2. throughput.md: our training loop vs the plain peer loop, KD and KDiffusion, batch 64 and 256, fp32 and
-#      bf16 (+ channels_last), and each step-overhead option's own effect at batch 64 (bench_throughput.py);
+#      bf16 (+ channels_last); with GPU_CHECKS_ABLATION=1 each step-overhead option's own effect at batch 64;
 #   3. profile.md: wall vs kernel time and launches per step at batch 64 (profile_step.py);
 #   4. the full-data Fashion-MNIST rows: a sweep of vanilla, KD and KDiffusion x 3 seeds on all 60,000 training
-#      images (preset fmnist-wrn_16_2-mobile_half-gpu), the teacher trained once there (fmnist.md, fmnist.json, the sweep's report), while
+#      images (preset fmnist-wrn_16_2-mobile_half-gpu), the teacher trained once there (fmnist.md, fmnist.json,
+#      the sweep's report, and the teacher's weights to import elsewhere), while
 #   5. the tests marked gpu/tensorrt run beside it (they assert no timings, so sharing the GPU is harmless).
 # The step limits are cut to what is left of the budget; a cut step keeps its partial tables. Everything lands in
 # OUT: small text files plus results.tar.gz (manifests, histories, logs, reports; no weights).
@@ -30,7 +31,7 @@ cd "$root" || exit 2
 export PYTHONUNBUFFERED=1 PIPELINE_PROGRESS=0 PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
 cores=$(nproc)
-budget=${GPU_CHECKS_BUDGET:-500}
+budget=${GPU_CHECKS_BUDGET:-520}
 start=$SECONDS
 runs=$(mktemp -d)  # fresh run folders: a rerun of this script times every stage again
 methods=${FMNIST_METHODS:-vanilla,kd,kdiffusion}
@@ -53,13 +54,15 @@ if ((rehearse)); then
 else
     device=cuda
     workers=$((cores > 10 ? 8 : (cores > 2 ? cores - 2 : 1)))
-    tp=(--device cuda --workers "$workers" --pairs resnet32x4:ShuffleV1
-        --variants peer,all,all+channels_last,before,+inference_mode,+batched_chain,+device_data,+defer_metrics,+fused_sgd)
+    # peer vs ours only (115 s on an H200); GPU_CHECKS_ABLATION=1 adds each option's own effect (+50 s)
+    variants=peer,all,all+channels_last
+    ((${GPU_CHECKS_ABLATION:-0})) && variants+=,before,+inference_mode,+batched_chain,+device_data,+defer_metrics,+fused_sgd
+    tp=(--device cuda --workers "$workers" --pairs resnet32x4:ShuffleV1 --variants "$variants")
     prof=(--device cuda --batch 64 --steps 10)
     sweep_set=(--set training.tensorboard=false)
     jobs=9
     seeds=0,1,2
-    limits=(30 170 90 270 150)
+    limits=(30 170 60 330 150)  # the sweep took 34 s (teacher) + about 290 s (9 cells sharing the GPU) on an H200
 fi
 
 {
