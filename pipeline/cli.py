@@ -267,24 +267,69 @@ def methods():
         click.echo(f"{name:22s} {doc[0] if doc else ''}")
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+
+def image_files(paths: tuple[Path, ...], recursive: bool) -> list[tuple[Path, Exception | None]]:
+    """Each path, or a folder's image files in sorted order; a folder without any is an error in its place."""
+    from exports.runtime import ImageError
+
+    found: list[tuple[Path, Exception | None]] = []
+    for path in paths:
+        if not path.is_dir():
+            found.append((path, None))
+            continue
+        walk = path.rglob("*") if recursive else path.iterdir()
+        files = [(p, None) for p in sorted(walk) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        where = "or below it" if recursive else "(--recursive to descend)"
+        found += files or [(path, ImageError(f"{path} holds no image files {where}"))]
+    return found
+
+
+PREDICT_BATCH = 8  # images per inference call: a folder need not fit in memory, nor in an engine's largest batch
+
+
 @cli.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", required=True, type=click.Path(dir_okay=False, path_type=Path), help=".onnx or .engine file.")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Classes to show per image.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="For .onnx.")
-@click.option("--json", "as_json", is_flag=True, help="Print the predictions as JSON.")
-def predict(images, model, top_k, provider, as_json):
-    """Classify IMAGE... with an exported model (the edge runtime, exports.runtime)."""
-    from exports.runtime import Classifier
+@click.option("--recursive", "-r", is_flag=True, help="Also classify the images in the folders' subfolders.")
+@click.option("--json", "as_json", is_flag=True, help="Print the predictions (and per-image errors) as JSON.")
+def predict(images, model, top_k, provider, recursive, as_json):
+    """Classify IMAGE... (files, or folders of images in sorted order) with an exported model (exports.runtime).
 
+    Every readable image is answered; each one that is not gets one line on stderr, and the exit status is 2.
+    """
+    from exports.runtime import Classifier, ImageError, load_image
+
+    items, rows, failed = image_files(images, recursive), [], 0
     with Classifier.load(model, provider=provider) as classifier:
-        results = classifier.predict(list(images), top_k=top_k)
+        for start in range(0, len(items), PREDICT_BATCH):
+            chunk: list[tuple[str, object]] = []  # (name, a loaded image or the error that stopped it)
+            for path, problem in items[start : start + PREDICT_BATCH]:
+                try:
+                    if problem is not None:
+                        raise problem
+                    chunk.append((str(path), load_image(path)))
+                except ImageError as exc:
+                    chunk.append((str(path), exc))
+            good = [image for _, image in chunk if not isinstance(image, Exception)]
+            answers = iter(classifier.predict(good, top_k=top_k) if good else [])
+            for name, image in chunk:
+                if isinstance(image, Exception):
+                    failed += 1
+                    _echo_err(f"error: {one_line(image)}")
+                    rows.append({"image": name, "error": one_line(image)})
+                    continue
+                preds = next(answers)
+                rows.append({"image": name, "top": [vars(p) for p in preds]})
+                if not as_json:
+                    click.echo(f"{name}: " + ", ".join(f"{p.label} {p.probability:.3f}" for p in preds))
     if as_json:
-        rows = [{"image": str(i), "top": [vars(p) for p in preds]} for i, preds in zip(images, results)]
         click.echo(json.dumps(rows, indent=2))
-        return
-    for image, preds in zip(images, results):
-        click.echo(f"{image}: " + ", ".join(f"{p.label} {p.probability:.3f}" for p in preds))
+    if failed:
+        raise ImageError(f"{failed} of {len(items)} images could not be classified (listed above)")
 
 
 for _command in (sweep, compare, report):  # the experiment commands, defined in their own module

@@ -77,3 +77,42 @@ def test_predict_errors_exit_2_with_one_line(files, args, message, capsys, monke
     err = capsys.readouterr().err
     assert message in err
     assert "Traceback" not in err
+
+
+def test_predict_answers_every_good_image_and_fails_at_the_end(files, capsys):
+    """One unreadable image must not cost the good ones their answer: each failure is one stderr line, exit 2."""
+    good, bad = str(files / "blue.png"), str(files / "notes.txt")
+    assert run_cli(["predict", good, bad, good, "--model", str(files / "model.onnx")]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [line for line in out.splitlines() if line.startswith(f"{good}: blue ")]
+    assert len(out.splitlines()) == 2
+    assert f"error: {bad} is not a readable image" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "error: 1 of 3 images could not be classified (listed above)"
+
+
+def test_predict_json_lists_errors_per_image(files, capsys):
+    argv = ["predict", str(files / "notes.txt"), str(files / "blue.png"), "--model", str(files / "model.onnx")]
+    assert run_cli([*argv, "--json"]) == 2
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in rows] == [str(files / "notes.txt"), str(files / "blue.png")]
+    assert "is not a readable image" in rows[0]["error"] and "top" not in rows[0]
+    assert rows[1]["top"][0]["label"] == "blue" and "error" not in rows[1]
+
+
+def test_predict_reads_a_folder_in_sorted_order(files, tmp_path, capsys):
+    """A folder's image files are classified in sorted order (other files skipped); --recursive descends."""
+    blue = (files / "blue.png").read_bytes()
+    for name in ("b.png", "a.png", "sub/c.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(blue)
+    (tmp_path / "readme.txt").write_text("not an image")
+    model = str(files / "model.onnx")
+    assert run_cli(["predict", str(tmp_path), "--model", model]) == 0
+    shown = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    assert shown == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert run_cli(["predict", str(tmp_path), "--model", model, "--recursive"]) == 0
+    shown = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    assert shown == [str(tmp_path / "a.png"), str(tmp_path / "b.png"), str(tmp_path / "sub" / "c.png")]
+    (tmp_path / "empty").mkdir()
+    assert run_cli(["predict", str(tmp_path / "empty"), "--model", model]) == 2
+    assert "holds no image files" in capsys.readouterr().err
