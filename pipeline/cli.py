@@ -152,16 +152,19 @@ def inspect(run_dir, as_json):
     from pipeline.errors import ArtifactError
     from pipeline.runner import code_status
     from pipeline.store import RunStore
+    from stages import stage_order
 
     store = RunStore(run_dir)
-    names = store.stages()
+    order = {name: i for i, name in enumerate(stage_order())}
+    names = sorted(store.stages(), key=lambda n: (order.get(n, len(order)), n))  # the run reads top to bottom
     if not names:
         raise ConfigError(f"{run_dir} holds no stage manifests; is it a run folder?")
     audits = {name: store.audit(name) for name in names}
     problems = [p for _, found in audits.values() for p in found]
     manifests = {name: m for name, (m, _) in audits.items() if m is not None}
     if as_json:
-        click.echo(json.dumps({n: m.to_dict() for n, m in manifests.items()}, indent=2, sort_keys=True))
+        sorted_keys = {n: json.loads(json.dumps(m.to_dict(), sort_keys=True)) for n, m in manifests.items()}
+        click.echo(json.dumps(sorted_keys, indent=2))  # stages in pipeline order, each manifest's keys sorted
     else:
         for name, (m, found) in audits.items():
             if m is None:

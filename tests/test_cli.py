@@ -110,3 +110,19 @@ def test_unusable_numbers_are_refused_before_any_stage(setting, message, tmp_pat
     err = capsys.readouterr().err
     assert message in err and "running" not in err
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_inspect_lists_stages_in_pipeline_order(tmp_path, capsys):
+    """A run reads top to bottom: teacher first, engine last, in the text and in the JSON."""
+    from pipeline.manifest import Manifest
+    from pipeline.store import RunStore
+    from stages import stage_order
+
+    store = RunStore(tmp_path)
+    for stage in sorted(stage_order()):
+        store.commit(store.staging(stage), Manifest(stage, "ok", {}, [], [], [], "code"))
+    assert run_cli(["inspect", str(tmp_path)]) == 0
+    shown = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert shown == list(stage_order())
+    assert run_cli(["inspect", str(tmp_path), "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)) == list(stage_order())
