@@ -10,4 +10,12 @@ if __name__ == "__main__":
         from pipeline.cli import main
     except KeyboardInterrupt:
         sys.exit(130)
+    except ImportError as exc:  # click or another core package is missing: the CLI's one line, without the CLI
+        from pipeline.errors import missing_dependency
+
+        message = missing_dependency(exc)
+        if message is None:
+            raise
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
     main()

@@ -16,7 +16,7 @@ import click
 
 from exports.errors import EdgeError
 from pipeline.cli_experiments import compare, report, sweep
-from pipeline.errors import CheckFailedError, ConfigError, PipelineError, one_line
+from pipeline.errors import CheckFailedError, ConfigError, PipelineError, missing_dependency, one_line
 
 
 def _echo_err(message: str) -> None:
@@ -359,6 +359,12 @@ def run_cli(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         _echo_err("interrupted; finished stages are kept, the running one left no artifact")
         return 130
+    except ImportError as exc:  # torch or another core package is missing or broken: say what to install
+        message = missing_dependency(exc)
+        if message is None:
+            raise
+        _echo_err(f"error: {message}")
+        return 2
     return 0
 
 

@@ -7,6 +7,8 @@ user mistake never ends in a traceback. The edge runtime has its own base class,
 
 from __future__ import annotations
 
+import contextlib
+
 
 class PipelineError(Exception):
     """Base class: a problem with what the user asked for, stated with its fix."""
@@ -49,3 +51,109 @@ def one_line(exc: BaseException | str) -> str:
         name, sep, message = last.partition(": ")
         return message if sep and name.endswith(type(exc).__name__) else last
     return " ".join(line.strip() for line in lines)
+
+
+class UnsupportedModelError(PipelineError):
+    """A model that a converter or runtime (timm, torch.onnx, onnx, ONNX Runtime, onnxconverter-common) cannot
+    handle: exporting it needs another model, setting or library version, not a rerun."""
+
+
+# Where an exception raised inside a conversion step means "this library cannot handle this model".
+LIBRARY_PACKAGES = (
+    "timm",
+    "onnx",
+    "onnxruntime",
+    "onnxconverter_common",
+    "onnxscript",
+    "torch.onnx",
+    "torch.export",
+    "torch._export",
+)
+_CAUSE_LIMIT = 300
+
+
+def raised_in_library(exc: BaseException, packages: tuple[str, ...] = LIBRARY_PACKAGES) -> str | None:
+    """The module of ``packages`` that raised ``exc`` (its class's module, else its innermost frame's), or None.
+
+    Only these count: an exception raised in our own code (a bug) keeps its traceback.
+    """
+
+    def ours(module: str) -> bool:
+        return any(module == p or module.startswith(f"{p}.") for p in packages)
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    frame_module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    for module in (type(exc).__module__, frame_module):
+        if ours(module):
+            return module
+    return None
+
+
+@contextlib.contextmanager
+def library_errors(stage: str, step: str, model: str):
+    """Turn an exception that timm, torch.onnx, onnx or ONNX Runtime raises inside ``step`` into one line
+    (:class:`UnsupportedModelError`, exit status 2) naming the stage, the step, the model and the cause.
+
+    Our own errors, interrupts, memory and disk errors, and exceptions raised outside those libraries (bugs)
+    pass through unchanged.
+    """
+    try:
+        yield
+    except (PipelineError, OSError, MemoryError):
+        raise
+    except Exception as exc:
+        where = raised_in_library(exc)
+        if where is None or hasattr(exc, "exit_code"):  # not a library's, or already a one-line error (EdgeError)
+            raise
+        cause = one_line(exc) or "(no message)"
+        if len(cause) > _CAUSE_LIMIT:
+            cause = cause[: _CAUSE_LIMIT - 3] + "..."
+        raise UnsupportedModelError(
+            f"{stage}: {step} of {model} failed: {type(exc).__name__}: {cause} (raised in {where})"
+        ) from exc
+
+
+# The packages every command needs (pyproject.toml's dependencies): module -> what to install.
+CORE_DEPENDENCIES = {
+    "torch": "torch>=2.4",
+    "torchvision": "torchvision>=0.19",
+    "timm": "timm>=1.0.9",
+    "onnx": "onnx>=1.17",
+    "onnxruntime": "onnxruntime>=1.27",
+    "onnxscript": "onnxscript>=0.2",
+    "onnxconverter_common": "onnxconverter-common>=1.14",
+    "polygraphy": "polygraphy>=0.49",
+    "safetensors": "safetensors>=0.4.3",
+    "click": "click>=8.1",
+    "yaml": "pyyaml>=6.0",
+    "tqdm": "tqdm>=4.66",
+    "numpy": "numpy>=1.26",
+    "PIL": "pillow>=10.0",
+    "tensorboard": "tensorboard>=2.16",
+    "matplotlib": "matplotlib>=3.8",
+}
+
+
+def missing_dependency(exc: ImportError) -> str | None:
+    """The one-line error for a core package that is missing or broken, or ``None`` when the failed import is
+    not one of them (a bug in the project, which keeps its traceback).
+
+    A broken package (torch without its CUDA libraries) raises a plain ImportError with no ``name``, so the
+    package is also read from the frames the error passed through, deepest first.
+    """
+    modules = [exc.name or ""]
+    tb = exc.__traceback__
+    while tb is not None:
+        modules.insert(1, str(tb.tb_frame.f_globals.get("__name__", "")))
+        tb = tb.tb_next
+    for module in modules:
+        root = module.split(".")[0]
+        if root in CORE_DEPENDENCIES:
+            detail = one_line(f"{type(exc).__name__}: {exc}")[:200]
+            return (
+                f"{root} is not installed or cannot be imported ({detail}); "
+                f"install it with: pip install '{CORE_DEPENDENCIES[root]}'"
+            )
+    return None

@@ -126,3 +126,24 @@ def test_inspect_lists_stages_in_pipeline_order(tmp_path, capsys):
     assert shown == list(stage_order())
     assert run_cli(["inspect", str(tmp_path), "--json"]) == 0
     assert list(json.loads(capsys.readouterr().out)) == list(stage_order())
+
+
+@pytest.mark.parametrize("package", ["torch", "click"])
+def test_a_core_package_that_does_not_import_is_one_line(package, tmp_path):
+    """An install whose torch (or click, imported before the CLI exists) is broken gets the fix, not a traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("raise ImportError('libsomething.so: cannot open shared object')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "methods"], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"error: {package} is not installed or cannot be imported (")
+    assert f"; install it with: pip install '{package}>=" in done.stderr
