@@ -93,19 +93,13 @@ def fuse_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Re-parameterize the model's own multi-branch blocks, replace every module that implements ``fuse()``,
     then fold the remaining BatchNorms.
 
-    Blocks that re-parameterize themselves in place (timm's RepVGG and MobileOne blocks, ``reparameterize()``)
-    run first, after any m-branch block inside them has been turned back into the conv + BatchNorm they expect.
+    Blocks that re-parameterize themselves in place (timm's RepVGG, MobileOne and FastViT blocks,
+    ``reparameterize()``) run first, outermost first, after any m-branch block inside them has been turned back
+    into the conv + BatchNorm they expect.
     """
     model = model if inplace else copy.deepcopy(model)
     model.eval()
-    hosts = [name for name, m in model.named_modules() if callable(getattr(m, "reparameterize", None))]
-    for host in hosts:
-        for name, module in list(model.get_submodule(host).named_modules()):
-            if callable(getattr(module, "fuse_conv_bn", None)):
-                conv, bn = module.fuse_conv_bn()
-                model.set_submodule(f"{host}.{name}", conv)
-                model.set_submodule(module.norm_path, bn)
-        model.get_submodule(host).reparameterize()
+    reparameterize_blocks(model)
     targets = [name for name, m in model.named_modules() if name and callable(getattr(m, "fuse", None))]
     # Outermost first; a fused parent removes its children, which are then skipped.
     for name in targets:
@@ -116,3 +110,33 @@ def fuse_model(model: nn.Module, inplace: bool = False) -> nn.Module:
         if callable(getattr(module, "fuse", None)):
             model.set_submodule(name, module.fuse())
     return fold_batchnorm(model, inplace=True)
+
+
+def reparameterize_blocks(model: nn.Module) -> int:
+    """Call ``reparameterize()`` on every module that has one, outermost first (in place); returns how many ran.
+
+    A block's own ``reparameterize()`` may remove or replace its children (timm's ``RepMixer`` re-parameterizes
+    its ``mixer`` and ``norm`` and then deletes them), so the module list is collected again after each call and
+    only modules still in the model are visited, as timm's ``reparameterize_model`` does. A child that survives
+    its parent's call is visited too; timm's blocks return early when already re-parameterized.
+    """
+    done: dict[int, nn.Module] = {}  # holds the visited modules, so a new module can never reuse an id
+    while True:
+        host = next(
+            (
+                (name, m)
+                for name, m in model.named_modules()
+                if id(m) not in done and callable(getattr(m, "reparameterize", None))
+            ),
+            None,
+        )
+        if host is None:
+            return len(done)
+        path, module = host
+        done[id(module)] = module
+        for name, inner in list(module.named_modules()):
+            if callable(getattr(inner, "fuse_conv_bn", None)):
+                conv, bn = inner.fuse_conv_bn()
+                model.set_submodule(f"{path}.{name}" if path else name, conv)
+                model.set_submodule(inner.norm_path, bn)
+        module.reparameterize()
