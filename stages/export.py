@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ from pipeline.compare import allclose_fraction, diff_stats, tie_detail
 from pipeline.config import Config
 from pipeline.data.transforms import eval_preprocess_spec
 from pipeline.deployment import ONNX_FILES, REPORT, deploy_transform, engine_profile, eval_batches, label_mismatch
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, library_errors
 from pipeline.hashing import sha256_file
 from pipeline.loading import foreign_meta, load_any_model
 from pipeline.progress import progress_bar
@@ -141,16 +142,20 @@ class ExportStage(Stage):
         model, meta = load_any_model(
             source, lambda: foreign_meta(cfg.student.arch, bundle(cfg).info, cfg.data.image_size), ctx.log
         )
+        step = functools.partial(library_errors, "export", model=meta.arch)  # a library's failure: one line
         if meta.form != "fused":
-            model = fuse_model(model)
+            with step("re-parameterization and BatchNorm folding"):
+                model = fuse_model(model)
         profile = engine_profile(cfg, meta.input_size)
         base = deploy_meta(meta, source, cfg)
-        fp32 = export_onnx(
-            model, ctx.out / ONNX_FILES["fp32"], meta.input_size, cfg.export.opset, cfg.export.dynamo, base
-        )
+        with step(f"ONNX export (opset {cfg.export.opset}, dynamo={cfg.export.dynamo})"):
+            fp32 = export_onnx(
+                model, ctx.out / ONNX_FILES["fp32"], meta.input_size, cfg.export.opset, cfg.export.dynamo, base
+            )
         ctx.log(f"[export] wrote {fp32.name} (opset {cfg.export.opset}, dynamo={cfg.export.dynamo})")
 
-        result = fp32_checks(model, fp32, cfg, base)
+        with step("the ONNX Runtime fp32 check"):
+            result = fp32_checks(model, fp32, cfg, base)
         golden = first_test_images(cfg, base, cfg.export.golden_samples)
         reference = batched_logits(model, torch.from_numpy(golden), torch.device("cpu")).numpy()
         save_inputs(golden, ctx.out / GOLDEN_INPUTS)
@@ -172,11 +177,13 @@ class ExportStage(Stage):
                     lambda precision, how: deploy_meta(meta, source, cfg, precision, how),
                     ctx.log,
                 )
-                result.merge(spec.convert(job), section=spec.name)
-            result.merge(reduced_precision_gates(cfg, base, files), section="gates")
+                with step(f"{spec.name} conversion"):
+                    result.merge(spec.convert(job), section=spec.name)
+            with step("the ONNX Runtime evaluation of " + "/".join(files)):
+                result.merge(reduced_precision_gates(cfg, base, files), section="gates")
             for spec in reduced:
                 if spec.golden_from_onnx:
-                    with OnnxrtRunner(files[spec.name]) as runner:
+                    with step(f"the {spec.name} golden outputs"), OnnxrtRunner(files[spec.name]) as runner:
                         outputs = infer_array(runner, golden, ORT_BATCH)
                     save_outputs(outputs, ctx.out / spec.golden_outputs, runner=f"onnxrt-{spec.name}")
 
@@ -189,7 +196,8 @@ class ExportStage(Stage):
         script.write_text(build_script(targets, profile, cfg.engine.workspace_mib))
         script.chmod(0o755)
         made = {p: ctx.out / f for p, f in ONNX_FILES.items() if (ctx.out / f).is_file()}
-        result.report["latency"] = {p: onnx_latency(path, meta.input_size) for p, path in made.items()}  # ORT CPU
+        with step("the ONNX Runtime latency measurement"):
+            result.report["latency"] = {p: onnx_latency(path, meta.input_size) for p, path in made.items()}  # ORT CPU
         write_json(ctx.out / REPORT, result.report)
         return StageResult(checks=result.checks, metrics=result.metrics, reason=result.note)
 

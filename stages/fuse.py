@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.checkpoint import ModelMeta, save_checkpoint
 from pipeline.checks import Check
 from pipeline.config import Config
+from pipeline.errors import library_errors
 from pipeline.loading import build_for_meta, load_model
 from pipeline.models import count_parameters
 from pipeline.reparam import fuse_model
@@ -78,7 +79,8 @@ class FuseStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         student, meta = load_model(ctx.inputs["train"].path(STUDENT_CHECKPOINT))
-        fused = fuse_model(student)
+        with library_errors("fuse", "re-parameterization and BatchNorm folding", meta.arch):  # one line
+            fused = fuse_model(student)
         fused_meta = dataclasses.replace(meta, form="fused")
         checks, metrics = fuse_checks(fused, fused_meta)
         blocks = block_checks(student, meta.input_size)
