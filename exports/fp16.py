@@ -10,7 +10,9 @@ likely to overflow on some input outside it.
 from __future__ import annotations
 
 import math
+import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,19 @@ def overflow_nodes(onnx_path: str | Path, ranges: dict[str, float], safe_max: fl
     return flagged
 
 
+@dataclass(frozen=True)
+class Fp16Result:
+    """Which nodes a conversion kept in fp32, and why."""
+
+    guard: list[str]  # the overflow guard's: their activations leave the fp16-safe range
+    converter: list[str] = field(default_factory=list)  # converting them made the converter write an invalid graph
+    converter_errors: list[str] = field(default_factory=list)  # the checker's message behind each retry
+
+    @property
+    def kept(self) -> list[str]:
+        return [*self.guard, *self.converter]
+
+
 def convert_fp16(
     src: str | Path,
     dst: str | Path,
@@ -44,19 +59,66 @@ def convert_fp16(
     meta: DeployMeta,
     input_name: str = INPUT_NAME,
 ) -> list[str]:
-    """Write the fp16 version of ``src`` to ``dst``; returns the nodes kept in fp32 by the guard.
+    """Write the fp16 version of ``src`` to ``dst``; returns every node kept in fp32 (:func:`fp16_model`)."""
+    return fp16_model(src, dst, calibration, safe_max, meta, input_name).kept
 
-    ``calibration=None`` turns the guard off (every convertible node becomes fp16).
+
+def fp16_model(
+    src: str | Path,
+    dst: str | Path,
+    calibration: np.ndarray | None,
+    safe_max: float,
+    meta: DeployMeta,
+    input_name: str = INPUT_NAME,
+) -> Fp16Result:
+    """Write the fp16 version of ``src`` to ``dst``, valid by the full ONNX checker, or raise.
+
+    ``calibration=None`` turns the overflow guard off (every convertible node becomes fp16). onnxconverter-common
+    can write an invalid graph (a ``Cast`` to float of a bool tensor gets an fp16 output type, as in timm's
+    EdgeNeXt); the nodes the checker names are then kept in fp32 and the conversion is retried, up to
+    :data:`MAX_RETRIES` times. A graph that stays invalid, or an error that names no node, is an
+    :class:`pipeline.errors.UnsupportedModelError` naming the model and the cause; ``dst`` is then not written.
     """
     onnx = require("onnx")
-    float16 = require("onnxconverter_common.float16")
-    if not 0 < safe_max <= FP16_MAX:
-        from pipeline.errors import ConfigError
+    from pipeline.errors import ConfigError, UnsupportedModelError
 
+    if not 0 < safe_max <= FP16_MAX:
         raise ConfigError(f"export.fp16_safe_max must be in (0, {FP16_MAX:g}], got {safe_max:g}")
-    kept = []
+    guard = []
     if calibration is not None:
-        kept = overflow_nodes(src, activation_ranges(src, calibration, input_name), safe_max)
+        guard = overflow_nodes(src, activation_ranges(src, calibration, input_name), safe_max)
+    dst = Path(dst)
+    partial = dst.with_name(dst.name + ".partial")
+    converter: list[str] = []
+    errors: list[str] = []
+    try:
+        for _ in range(MAX_RETRIES + 1):
+            onnx.save(_converted(src, [*guard, *converter]), str(partial))
+            write_metadata(partial, meta)
+            problem = invalid_graph(partial)
+            if problem is None:
+                partial.replace(dst)
+                return Fp16Result(guard, converter, errors)
+            errors.append(problem)
+            named = [n for n in invalid_nodes(problem) if n not in guard and n not in converter]
+            if not named:
+                break
+            converter.extend(named)
+        raise UnsupportedModelError(
+            f"export: fp16 conversion of {meta.arch} writes an invalid ONNX graph even with "
+            f"{len(converter)} node(s) kept in fp32 ({_clip(errors[-1])}); export without fp16 "
+            "(--set 'export.precisions=[fp32,int8]')"
+        )
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+MAX_RETRIES = 16  # conversions retried with more nodes kept in fp32
+
+
+def _converted(src: str | Path, block: list[str]):
+    onnx = require("onnx")
+    float16 = require("onnxconverter_common.float16")
     model = onnx.load(str(src))
     # The dynamo exporter annotates initializers with value_info; onnxconverter-common then takes them for
     # fp16 activations and converts the weights of guarded nodes too. Initializers carry their own type.
@@ -66,10 +128,30 @@ def convert_fp16(
     model.graph.value_info.extend(kept_info)
     with warnings.catch_warnings():  # one warning per tiny weight rounded to fp16's smallest normal value
         warnings.simplefilter("ignore", UserWarning)
-        model = float16.convert_float_to_float16(
-            model, keep_io_types=True, node_block_list=kept, max_finite_val=FP16_MAX
+        return float16.convert_float_to_float16(
+            model, keep_io_types=True, node_block_list=list(block), max_finite_val=FP16_MAX
         )
-    onnx.save(model, str(dst))
-    write_metadata(dst, meta)
-    check_onnx(dst)
-    return kept
+
+
+def invalid_graph(path: str | Path) -> str | None:
+    """Why the full ONNX checker (shape and type inference included) refuses ``path``, or None."""
+    onnx = require("onnx")
+    try:
+        check_onnx(path)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        return " ".join(str(exc).split())
+    return None
+
+
+# How onnx names a node in its checker and inference errors.
+_NODE_NAMES = (re.compile(r"node name: ([^)\s]+)\)"), re.compile(r"Bad node spec for node\. Name: (\S+)"))
+
+
+def invalid_nodes(message: str) -> list[str]:
+    """The node names in an ONNX checker or shape-inference message, in order, without repeats."""
+    found = [m.group(1) for pattern in _NODE_NAMES for m in pattern.finditer(message)]
+    return list(dict.fromkeys(found))
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

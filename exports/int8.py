@@ -37,6 +37,7 @@ from exports.errors import MissingDependencyError
 from exports.metadata import INPUT_NAME, DeployMeta
 from exports.onnx_export import check_onnx, write_metadata
 from pipeline.atomic import atomic_write_text
+from pipeline.errors import UnsupportedModelError, one_line
 from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
 from pipeline.registry import Registry
 
@@ -121,6 +122,7 @@ class Int8Result:
     key: CalibrationKey
     cache_hit: bool
     ranges: Path  # the cached range file that was used
+    preprocess: str = ""  # how pre-processing fell back ('' when ONNX Runtime's full pre-processing ran)
 
 
 def require_calibration_cache() -> None:
@@ -143,7 +145,6 @@ def quantize_int8(
     """Write the Q/DQ INT8 version of the fp32 ONNX ``src`` to ``dst``, calibrated on ``images``."""
     spec = INT8_TARGETS.get(target, "export.int8_target")
     quantization = require("onnxruntime.quantization")
-    preprocess = require("onnxruntime.quantization.shape_inference")
     require_calibration_cache()
     calibrate = calibration_method(method)
     key = calibration_key(src, images, method, target)
@@ -151,7 +152,7 @@ def quantize_int8(
     cache.folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="int8-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        preprocess.quant_pre_process(str(src), str(prepared))
+        fallback = preprocess(src, prepared, meta.arch)
         options = spec.options(quantization, prepared)
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
             quantization.quantize_static(
@@ -169,7 +170,38 @@ def quantize_int8(
         cache.record(key)
     write_metadata(dst, meta)
     check_onnx(dst)
-    return Int8Result(key, cached is not None, cache.ranges_path(key))
+    return Int8Result(key, cached is not None, cache.ranges_path(key), fallback)
+
+
+def preprocess(src: str | Path, dst: str | Path, model: str) -> str:
+    """ONNX Runtime's quantization pre-processing of ``src`` into ``dst``; returns '' or how it fell back.
+
+    Its symbolic shape inference gives up on some graphs ("Incomplete symbolic shape inference", as on timm's
+    HRNet); the pre-processing then runs again with ONNX's own shape inference only, which is what quantization
+    needs from it. Failing that too is an :class:`UnsupportedModelError` naming the model and both causes.
+    ONNX Runtime writes what it inferred into the current folder when it gives up, so it runs in ``dst``'s.
+    """
+    shape_inference = require("onnxruntime.quantization.shape_inference")
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    with contextlib.chdir(dst.parent):
+        try:
+            shape_inference.quant_pre_process(str(src), str(dst))
+            return ""
+        except (OSError, MemoryError):
+            raise
+        except Exception as exc:  # recorded in the report and the log, and retried below
+            first = f"{type(exc).__name__}: {one_line(exc)}"
+        try:
+            shape_inference.quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+        except (OSError, MemoryError):
+            raise
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"export: INT8 pre-processing of {model} failed: ONNX Runtime's symbolic shape inference "
+                f"({first}), then with ONNX shape inference only ({type(exc).__name__}: {one_line(exc)}); "
+                "export without int8 (--set 'export.precisions=[fp32,fp16]')"
+            ) from exc
+    return f"symbolic shape inference failed ({first}); pre-processed with ONNX shape inference only"
 
 
 def _cpu_options(quantization, model: Path) -> dict:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from exports.calibration import activation_ranges
-from exports.fp16 import FP16_MAX, convert_fp16, overflow_nodes
+from exports.fp16 import FP16_MAX, fp16_model, overflow_nodes
 from exports.int8 import INT8_TARGETS, CalibrationCache, copy_ranges, quantize_int8, tensorrt_qdq_problems
 from exports.metadata import INPUT_NAME, OUTPUT_NAME, DeployMeta
 from pipeline.checks import TOLERANCES, Check, GateResult
@@ -115,9 +115,15 @@ def convert_to_fp16(job: Conversion) -> GateResult:
     guard = f"overflow guard: nodes above |x| > {s.fp16_safe_max:g} kept fp32"
     quantization = "fp16 via onnxconverter-common, fp32 I/O, " + (guard if s.fp16_guard else "no guard")
     calibration = job.calibration if s.fp16_guard else None
-    kept = convert_fp16(job.fp32, job.dst, calibration, s.fp16_safe_max, job.meta("fp16", quantization))
-    job.log(f"[export] wrote {job.dst.name} ({len(kept)} nodes kept in fp32 by the overflow guard)")
+    made = fp16_model(job.fp32, job.dst, calibration, s.fp16_safe_max, job.meta("fp16", quantization))
+    kept, fallback = made.guard, made.converter
+    also = f"; {len(fallback)} where the converter wrote an invalid graph: {', '.join(fallback)}" if fallback else ""
+    job.log(f"[export] wrote {job.dst.name} ({len(kept)} nodes kept in fp32 by the overflow guard{also})")
     out = GateResult(metrics={"fp16_nodes_kept_fp32": len(kept)}, report={"guard": s.fp16_guard, "kept_fp32": kept})
+    if fallback:  # nodes onnxconverter-common could not convert into a valid graph (exports.fp16.fp16_model)
+        out.metrics["fp16_nodes_kept_fp32_converter"] = len(fallback)
+        out.report["kept_fp32_converter"] = fallback
+        out.report["converter_errors"] = made.converter_errors
     if not s.fp16_guard:
         over = overflow_nodes(job.fp32, activation_ranges(job.fp32, job.calibration, INPUT_NAME), FP16_MAX)
         out.report["overflow_nodes"] = over
@@ -153,6 +159,9 @@ def convert_to_int8(job: Conversion) -> GateResult:
         f"{'hit' if result.cache_hit else 'miss'}, key {result.key.digest[:12]})"
     )
     out = GateResult(report={"target": target.name, "cache_hit": result.cache_hit, "key": result.key.to_dict()})
+    if result.preprocess:
+        job.log(f"[export] int8 pre-processing: {result.preprocess}")
+        out.report["preprocess"] = result.preprocess
     if target.builds_engine:
         problems = tensorrt_qdq_problems(job.dst)
         out.report["tensorrt_qdq_problems"] = problems
