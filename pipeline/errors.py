@@ -96,12 +96,12 @@ def library_errors(stage: str, step: str, model: str):
     """Turn an exception that timm, torch.onnx, onnx or ONNX Runtime raises inside ``step`` into one line
     (:class:`UnsupportedModelError`, exit status 2) naming the stage, the step, the model and the cause.
 
-    Our own errors, interrupts, memory and disk errors, and exceptions raised outside those libraries (bugs)
-    pass through unchanged.
+    Our own errors, interrupts, memory and disk errors, a failed import (the CLI names the package to install),
+    and exceptions raised outside those libraries (bugs) pass through unchanged.
     """
     try:
         yield
-    except (PipelineError, OSError, MemoryError):
+    except (PipelineError, OSError, MemoryError, ImportError):
         raise
     except Exception as exc:
         where = raised_in_library(exc)

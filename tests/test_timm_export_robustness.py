@@ -1,0 +1,279 @@
+"""Exports that used to end in a traceback (issue 25): each fix on the smallest model or graph that shows it.
+
+* a block whose own ``reparameterize()`` deletes a child that also re-parameterizes (timm's FastViT ``RepMixer``);
+* an fp16 conversion that writes an invalid graph (a ``Cast`` of a bool tensor to float, as in timm's EdgeNeXt);
+* ONNX Runtime's quantization pre-processing giving up ("Incomplete symbolic shape inference", timm's HRNet);
+* any other exception of timm, onnx or ONNX Runtime inside a step: one line naming the stage, model and cause.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from exports.fp16 import fp16_model, invalid_nodes
+from exports.int8 import CalibrationCache, quantize_int8
+from exports.metadata import DeployMeta
+from exports.onnx_export import check_onnx
+from exports.runners import run_onnx
+from pipeline.errors import PipelineError, UnsupportedModelError, library_errors
+from pipeline.reparam import fuse_model
+
+SIZE = 8
+META = DeployMeta("toy:graph", 3, SIZE, [0.0] * 3, [1.0] * 3, SIZE, SIZE)
+
+
+# --- the fusion walk: a block's reparameterize() removes children the walk had listed ---
+
+
+class Branch(nn.Module):
+    """A re-parameterizable leaf: conv + scaled identity -> one conv (guarded against a second call, as timm's)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.scale = nn.Parameter(torch.tensor(0.5))
+        self.reparam_conv: nn.Conv2d | None = None
+        self.calls = 0
+
+    def forward(self, x):
+        return self.reparam_conv(x) if self.reparam_conv is not None else self.conv(x) + self.scale * x
+
+    def reparameterize(self):
+        self.calls += 1
+        if self.reparam_conv is not None:
+            return
+        conv = nn.Conv2d(self.conv.in_channels, self.conv.out_channels, 3, padding=1)
+        identity = torch.zeros_like(self.conv.weight)
+        identity[torch.arange(identity.shape[0]), torch.arange(identity.shape[0]), 1, 1] = 1.0
+        conv.weight.data = self.conv.weight + self.scale * identity
+        conv.bias.data = self.conv.bias.clone()
+        self.reparam_conv = conv
+        del self.conv
+
+
+class Mixer(nn.Module):
+    """Like timm's RepMixer: re-parameterizes both children, merges them into one conv, then deletes them."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.mixer, self.norm = Branch(channels), Branch(channels)
+        self.keep = Branch(channels)  # survives its parent's reparameterize(), which calls it (a second call no-ops)
+
+    def forward(self, x):
+        if hasattr(self, "merged"):
+            return self.keep(self.merged(x))
+        return self.keep(x + self.mixer(x) - self.norm(x))
+
+    def reparameterize(self):
+        self.mixer.reparameterize()
+        self.norm.reparameterize()
+        self.keep.reparameterize()
+        merged = nn.Conv2d(self.mixer.reparam_conv.in_channels, self.mixer.reparam_conv.out_channels, 3, padding=1)
+        identity = torch.zeros_like(merged.weight)
+        identity[torch.arange(identity.shape[0]), torch.arange(identity.shape[0]), 1, 1] = 1.0
+        merged.weight.data = identity + self.mixer.reparam_conv.weight - self.norm.reparam_conv.weight
+        merged.bias.data = self.mixer.reparam_conv.bias - self.norm.reparam_conv.bias
+        del self.mixer, self.norm
+        self.merged = merged
+
+
+def test_fusion_survives_a_reparameterize_that_deletes_children():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), Mixer(4)).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = model(x)
+    fused = fuse_model(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), expected, atol=1e-5, rtol=1e-5)
+    assert not hasattr(fused[2], "mixer") and not hasattr(fused[2], "norm")
+    assert isinstance(fused[1], nn.Identity)  # the BatchNorm is still folded after the walk
+    assert fused[2].keep.reparam_conv is not None and fused[2].keep.calls == 2  # parent's call, then its own (no-op)
+    assert isinstance(model[2].mixer, Branch), "fuse_model must not modify its input by default"
+
+
+@pytest.mark.slow
+def test_timm_fastvit_fuses_to_the_same_function():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("fastvit_t8", num_classes=20).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        got = fuse_model(model)(x)
+    assert (got - expected).abs().max() <= 1e-4 * max(1.0, expected.abs().max().item())
+
+
+# --- fp16: the converter writes an invalid graph; the nodes the checker names stay fp32 ---
+
+
+def _bool_cast_graph(path) -> str:
+    """x + cumsum(float(not(x > 0))): onnxconverter-common types the Cast's output fp16 but keeps ``to=float``."""
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])
+    nodes = [
+        helper.make_node("Greater", ["input", "zero"], ["positive"], name="greater"),
+        helper.make_node("Not", ["positive"], ["mask"], name="not"),
+        helper.make_node("Cast", ["mask"], ["mask_float"], name="bool_to_float", to=TensorProto.FLOAT),
+        helper.make_node("CumSum", ["mask_float", "axis"], ["count"], name="cumsum"),
+        helper.make_node("Mul", ["count", "input"], ["scaled"], name="mul"),
+        helper.make_node("Add", ["input", "scaled"], ["logits"], name="add"),
+    ]
+    inits = [numpy_helper.from_array(np.zeros((), np.float32), "zero"), numpy_helper.from_array(np.int64(1), "axis")]
+    graph = helper.make_graph(nodes, "bool_cast", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    check_onnx(path)
+    return str(path)
+
+
+def test_fp16_keeps_the_nodes_the_converter_breaks_in_fp32(tmp_path):
+    src = _bool_cast_graph(tmp_path / "m.onnx")
+    result = fp16_model(src, tmp_path / "m16.onnx", None, 16384.0, META)
+    assert result.guard == [] and result.converter == ["bool_to_float"]
+    assert "bool_to_float" in result.converter_errors[0]
+    check_onnx(tmp_path / "m16.onnx")
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    np.testing.assert_allclose(run_onnx(tmp_path / "m16.onnx", x), run_onnx(src, x), rtol=2e-3, atol=2e-3)
+    assert not (tmp_path / "m16.onnx.partial").exists()
+
+
+def test_fp16_that_stays_invalid_is_one_line_naming_the_model(tmp_path, monkeypatch):
+    import exports.fp16 as fp16
+
+    convert = fp16._converted
+    monkeypatch.setattr(fp16, "_converted", lambda src, block: convert(src, []))  # ignores the block list
+    src = _bool_cast_graph(tmp_path / "m.onnx")
+    with pytest.raises(UnsupportedModelError, match=r"fp16 conversion of toy:graph .*bool_to_float") as err:
+        fp16_model(src, tmp_path / "m16.onnx", None, 16384.0, META)
+    assert "\n" not in str(err.value) and err.value.exit_code == 2
+    assert not (tmp_path / "m16.onnx").exists() and not (tmp_path / "m16.onnx.partial").exists()
+
+
+def test_invalid_nodes_reads_both_onnx_message_forms():
+    message = "(op_type:Cast, node name: a): [TypeInferenceError] x (op_type:Add, node name: b): y (node name: a)"
+    assert invalid_nodes(message) == ["a", "b"]
+    assert invalid_nodes("==> Context: Bad node spec for node. Name: c OpType: Cast") == ["c"]
+    assert invalid_nodes("no node here") == []
+
+
+# --- int8: ONNX Runtime's symbolic shape inference gives up ---
+
+
+def _conv_graph(path) -> str:
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4, SIZE, SIZE])
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["logits"], name="relu"),
+    ]
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "conv", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)]
+    )
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _failing_symbolic_inference(monkeypatch, also_without: bool = False) -> list[bool]:
+    """quant_pre_process raising as ONNX Runtime does on HRNet (and, with ``also_without``, in any mode)."""
+    from onnxruntime.quantization import shape_inference
+
+    original, calls = shape_inference.quant_pre_process, []
+
+    def pre_process(src, dst, skip_symbolic_shape=False, **kwargs):
+        calls.append(skip_symbolic_shape)
+        if also_without or not skip_symbolic_shape:
+            raise Exception("Incomplete symbolic shape inference")
+        return original(src, dst, skip_symbolic_shape=skip_symbolic_shape, **kwargs)
+
+    monkeypatch.setattr(shape_inference, "quant_pre_process", pre_process)
+    return calls
+
+
+def test_int8_falls_back_to_onnx_shape_inference(tmp_path, monkeypatch):
+    calls = _failing_symbolic_inference(monkeypatch)
+    src = _conv_graph(tmp_path / "m.onnx")
+    images = np.random.default_rng(1).standard_normal((8, 3, SIZE, SIZE)).astype(np.float32)
+    result = quantize_int8(src, tmp_path / "m8.onnx", images, CalibrationCache(tmp_path / "cache"), META)
+    assert calls == [False, True]
+    assert "Incomplete symbolic shape inference" in result.preprocess
+    assert "ONNX shape inference only" in result.preprocess
+    assert run_onnx(tmp_path / "m8.onnx", images).shape == (8, 4, SIZE, SIZE)
+
+
+def test_int8_preprocessing_that_fails_both_ways_is_one_line(tmp_path, monkeypatch):
+    _failing_symbolic_inference(monkeypatch, also_without=True)
+    src = _conv_graph(tmp_path / "m.onnx")
+    images = np.zeros((4, 3, SIZE, SIZE), np.float32)
+    with pytest.raises(UnsupportedModelError, match=r"INT8 pre-processing of toy:graph failed") as err:
+        quantize_int8(src, tmp_path / "m8.onnx", images, CalibrationCache(tmp_path / "cache"), META)
+    assert "\n" not in str(err.value) and err.value.exit_code == 2
+
+
+# --- any other library exception inside a step: one line with stage, step, model and cause ---
+
+
+def test_library_exception_becomes_one_line_with_stage_step_and_model():
+    ort = pytest.importorskip("onnxruntime")
+    with pytest.raises(UnsupportedModelError) as err, library_errors("export", "fp16 conversion", "timm:x"):
+        ort.InferenceSession(b"not a model\nat all", providers=["CPUExecutionProvider"])
+    message = str(err.value)
+    assert message.startswith("export: fp16 conversion of timm:x failed: ") and "(raised in onnxruntime" in message
+    assert "\n" not in message and err.value.exit_code == 2
+
+
+def test_our_own_errors_and_bugs_keep_their_type():
+    with pytest.raises(ZeroDivisionError), library_errors("export", "step", "m"):  # a bug here: traceback
+        _ = 1 / 0
+    with pytest.raises(OSError), library_errors("export", "step", "m"):  # a full disk: the runner's one line
+        raise OSError(28, "No space left on device")
+    lazy_import = type("LazyImportError", (ImportError,), {"__module__": "onnxruntime.tools"})  # as if ORT's
+    with pytest.raises(ImportError), library_errors("export", "step", "m"):  # the CLI names the package to install
+        raise lazy_import("No module named 'sympy'", name="sympy")
+    with pytest.raises(PipelineError, match="^already one line$"), library_errors("export", "step", "m"):
+        raise PipelineError("already one line")
+
+
+@pytest.mark.slow
+def test_cli_reports_an_fp16_failure_in_one_line(tmp_path, monkeypatch, capsys):
+    """The export-only path end to end: a conversion that cannot be made is `error: ...` and exit status 2."""
+    import safetensors.torch
+
+    import exports.fp16 as fp16
+    from pipeline.cli import run_cli
+    from pipeline.models import build_model
+
+    def broken(src, block):
+        raise onnx.checker.ValidationError("converter crashed")
+
+    monkeypatch.setattr(fp16, "_converted", broken)
+    torch.manual_seed(0)
+    safetensors.torch.save_file(build_model("timm:resnet10t", 4, 32).state_dict(), str(tmp_path / "m.safetensors"))
+    sets = [
+        "student.arch=timm:resnet10t",
+        "data.image_size=32",
+        "data.num_classes=4",
+        "data.synthetic.train_size=64",
+        "data.synthetic.test_size=32",
+        "export.calibration_samples=16",
+        "export.parity_samples=8",
+        "export.precisions=[fp32,fp16]",
+    ]
+    argv = ["run", "export", "--checkpoint", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "run")]
+    code = run_cli([*argv, *[x for s in sets for x in ("--set", s)]])
+    err = capsys.readouterr().err
+    line = next(line for line in err.splitlines() if line.startswith("error:"))
+    assert code == 2 and "Traceback" not in err
+    assert line.startswith("error: export: fp16 conversion of timm:resnet10t failed: ValidationError: converter")
