@@ -24,6 +24,7 @@ import contextlib
 import inspect
 import io
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -183,7 +184,7 @@ def preprocess(src: str | Path, dst: str | Path, model: str) -> str:
     """
     shape_inference = require("onnxruntime.quantization.shape_inference")
     src, dst = Path(src).resolve(), Path(dst).resolve()
-    with contextlib.chdir(dst.parent):
+    with _working_folder(dst.parent):
         try:
             shape_inference.quant_pre_process(str(src), str(dst))
             return ""
@@ -202,6 +203,17 @@ def preprocess(src: str | Path, dst: str | Path, model: str) -> str:
                 "export without int8 (--set 'export.precisions=[fp32,fp16]')"
             ) from exc
     return f"symbolic shape inference failed ({first}); pre-processed with ONNX shape inference only"
+
+
+@contextlib.contextmanager
+def _working_folder(folder: Path):
+    """``contextlib.chdir`` (Python 3.11+) for Python 3.10."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def _cpu_options(quantization, model: Path) -> dict:
