@@ -9,6 +9,11 @@ others; nothing else in the project can reach it. The set is computed from the i
 - importing ``a.b.c`` runs ``a/__init__.py`` and ``a/b/__init__.py`` too, so those count as well;
 - ``from package import name`` counts ``package.name`` when it is a module.
 
+A source is hashed by its code, not its bytes: the :func:`ast.dump` of its syntax tree without comments
+(absent from the tree) and without docstrings and other bare string statements (they run no code), so
+editing either reruns nothing. Line numbers are not in the dump, so moving code by adding comment lines
+does not count either. The dump's shape is Python's, so a new Python version may change every digest once.
+
 Computed rather than declared because a declared list goes stale silently the day someone adds an import;
 the graph cannot. What the graph cannot see (a data file a module reads, a behaviour change of a
 dependency) is covered by the stage's explicit ``version``. Editing ``exports/`` therefore leaves
@@ -26,9 +31,11 @@ from pathlib import Path
 __all__ = [
     "PROJECT_PACKAGES",
     "changed_files",
+    "code_digest",
     "import_closure",
     "project_imports",
     "project_modules",
+    "project_sources",
     "source_hashes",
     "stage_code_version",
 ]
@@ -122,8 +129,34 @@ def import_closure(module: str, root: Path | None = None) -> dict[str, Path]:
 
 
 def source_hashes(module: str, root: Path | None = None) -> dict[str, str]:
-    """Project-relative path -> sha256 of every source in ``module``'s import closure."""
-    return {_relative(name, path): _sha256(path) for name, path in import_closure(module, root).items()}
+    """Project-relative path -> :func:`code_digest` of every source in ``module``'s import closure."""
+    return {_relative(name, path): code_digest(path) for name, path in import_closure(module, root).items()}
+
+
+def project_sources(root: Path | None = None) -> dict[str, str]:
+    """Project-relative path -> :func:`code_digest` of every source of the project's packages."""
+    return {_relative(name, path): code_digest(path) for name, path in _module_files(root).items()}
+
+
+def code_digest(path: Path) -> str:
+    """sha256 of the file's code: its syntax tree without comments and docstrings (see the module docstring)."""
+    return _code_digest(str(path), _sha256(path))
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_digest(path: str, digest: str) -> str:
+    tree = ast.parse(Path(path).read_bytes(), filename=path)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list):
+            node.body = [statement for statement in body if not _is_bare_string(statement)]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
+def _is_bare_string(statement: ast.stmt) -> bool:
+    """A docstring, or a string left after an attribute as its doc: a statement that runs no code."""
+    value = statement.value if isinstance(statement, ast.Expr) else None
+    return isinstance(value, ast.Constant) and isinstance(value.value, str)
 
 
 def _sha256(path: Path) -> str:

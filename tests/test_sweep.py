@@ -134,6 +134,18 @@ def test_failures_do_not_stop_the_others_and_are_listed_with_status_and_last_lin
         check_results(results, tmp_path)
 
 
+def test_sources_digest_follows_the_runners_code_digests_less_the_readers(monkeypatch):
+    from pipeline.experiments import state
+
+    files = {"pipeline/a.py": "1", "pipeline/report/pages.py": "2"}
+    monkeypatch.setattr(state, "project_sources", lambda: files)
+    before = state.sources_digest()
+    files["pipeline/report/pages.py"] = "3"  # the report only reads runs
+    assert state.sources_digest() == before
+    files["pipeline/a.py"] = "4"
+    assert state.sources_digest() != before
+
+
 def test_a_finished_task_is_skipped_until_its_record_no_longer_holds(tmp_path):
     from pipeline.manifest import Manifest
     from pipeline.store import RunStore, describe_file

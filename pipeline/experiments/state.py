@@ -13,12 +13,12 @@ import hashlib
 import json
 from pathlib import Path
 
+from pipeline.code_version import project_sources
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
 from pipeline.store import RunStore
 
 RECORD = "sweep-task.json"
-_PACKAGES = ("pipeline", "stages", "exports")
 _READERS = ("pipeline/experiments/", "pipeline/report/", "pipeline/cli")  # they read runs; they make none
 
 
@@ -26,19 +26,14 @@ def sources_digest() -> str:
     """One hash of every project source that can change a run (the sweep and report code left out).
 
     Coarser than the runner's own per-stage code check on purpose: any change sends the task back to
-    ``python -m pipeline run``, which then decides stage by stage what is really stale.
+    ``python -m pipeline run``, which then decides stage by stage what is really stale. Each source counts by
+    the same code digest as the runner's (comments and docstrings left out), so editing them reruns nothing.
     """
-    import importlib.util
-
+    files = project_sources()
     digest = hashlib.sha256()
-    for package in _PACKAGES:
-        spec = importlib.util.find_spec(package)
-        root = Path(spec.origin).parent if spec and spec.origin else None
-        for source in sorted(root.rglob("*.py")) if root else []:
-            name = source.relative_to(root.parent).as_posix()
-            if not name.startswith(_READERS):
-                digest.update(name.encode())
-                digest.update(source.read_bytes())
+    for name in sorted(files):
+        if not name.startswith(_READERS):
+            digest.update(f"{name}\0{files[name]}\n".encode())
     return digest.hexdigest()
 
 
