@@ -83,7 +83,7 @@ def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     import torch
 
     from pipeline.data import check_data_config, dataset_names
-    from pipeline.distill import check_method_args, method_names
+    from pipeline.distill.catalog import check_method_args, method_names
     from pipeline.errors import ConfigError
     from pipeline.models import check_model_name
     from pipeline.training.distributed import check_device

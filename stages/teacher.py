@@ -9,7 +9,7 @@ import torch
 from pipeline.checkpoint import ModelMeta, save_checkpoint
 from pipeline.config import Config
 from pipeline.data import DataBundle
-from pipeline.distill import build_distiller
+from pipeline.distill.vanilla import Vanilla
 from pipeline.errors import ConfigError
 from pipeline.loading import load_foreign_weights
 from pipeline.models import build_model, list_models, model_info
@@ -53,7 +53,7 @@ class TeacherStage(Stage):
         if "checkpoint" in ctx.external:
             metrics.update(import_teacher(ctx, model, data))
         else:
-            distiller = build_distiller("vanilla", model, None)
+            distiller = Vanilla(model)
             history = fit(
                 distiller,
                 make_loader(

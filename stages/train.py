@@ -10,7 +10,7 @@ from torch import nn
 from pipeline.checkpoint import ModelMeta, save_checkpoint
 from pipeline.config import Config
 from pipeline.data import WithIndices
-from pipeline.distill import build_distiller
+from pipeline.distill.catalog import build_distiller
 from pipeline.errors import CheckpointError
 from pipeline.loading import load_model
 from pipeline.models import build_model, count_parameters

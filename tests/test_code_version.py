@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.code_version import changed_files, import_closure, source_hashes, stage_code_version
+from pipeline.code_version import changed_files, code_digest, import_closure, source_hashes, stage_code_version
 from stages import get_stage, stage_order
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -71,6 +71,93 @@ def test_changed_files_names_edits_additions_and_removals():
     assert changed_files({"a": "1"}, {}) == ["a (removed)"]
 
 
+def test_code_digest_ignores_comments_docstrings_and_layout(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text(
+        '"""Doc."""\n\nX = 1\n\n\nclass A:\n    """Doc."""\n\n    y = 2\n    """Of y."""\n\n'
+        "    def f(self):\n        return 3\n"
+    )
+    before = code_digest(path)
+    path.write_text(
+        '"""Other doc."""\n# a comment\nX = 1  # one\n\nclass A:\n    y = 2\n\n    def f(self):\n'
+        '        """Said."""\n        # why\n        return 3\n'
+    )
+    assert code_digest(path) == before
+    path.write_text(path.read_text().replace("return 3", "return 4"))
+    assert code_digest(path) != before
+
+
+def _copy_project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    for package in ("pipeline", "stages", "exports"):
+        shutil.copytree(PROJECT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return project
+
+
+def _edit_comments_and_docstrings(path: Path) -> None:
+    """Edit the module docstring, a function's docstring and add comments; the code stays the same."""
+    _edit_docstring(path)
+    text = path.read_text().replace('    """', '    """Edited. ', 1)
+    path.write_text(text.replace("\nimport ", "\n# A comment.\nimport ", 1) + "# The end.\n")
+
+
+def _edit_code(path: Path) -> None:
+    path.write_text(path.read_text() + "\nEDITED = True\n")
+
+
+def test_a_method_edit_reaches_train_and_its_consumers_never_teacher(tmp_path, monkeypatch):
+    from pipeline import runner
+    from pipeline.manifest import Manifest
+
+    project = _copy_project(tmp_path)
+    modules = {name: type(get_stage(name)).__module__ for name in stage_order()}
+    assert "pipeline/distill/crd.py" not in source_hashes(modules["teacher"], project)
+
+    def stage_code(stage):
+        files = source_hashes(type(stage).__module__, project)
+        return stage_code_version(files, stage.version), files
+
+    built = {name: stage_code(get_stage(name)) for name in modules}
+    crd = project / "pipeline" / "distill" / "crd.py"
+    _edit_comments_and_docstrings(crd)
+    assert crd.read_text() != (PROJECT / "pipeline" / "distill" / "crd.py").read_text()
+    assert {name: stage_code(get_stage(name)) for name in modules} == built
+
+    _edit_code(crd)
+    now = {name: stage_code(get_stage(name))[0] for name in modules}
+    assert now["train"] != built["train"][0]
+    assert now["teacher"] == built["teacher"][0]
+    # inspect: the stale stage names the file that changed, the teacher is unchanged.
+    monkeypatch.setattr(runner, "stage_code", stage_code)
+    for name in ("teacher", "train"):
+        code, files = built[name]
+        status = runner.code_status(Manifest(name, "ok", {}, {}, [], [], code, code_files=files))
+        expected = "unchanged since built" if name == "teacher" else "changed since built: pipeline/distill/crd.py"
+        assert status == expected, (name, status)
+
+
+def test_stages_reach_the_methods_only_through_the_catalog():
+    """``pipeline.distill`` hands out the by-name API lazily, out of the import graph's sight (see its docstring).
+
+    A module a stage runs that took it from there would leave the methods out of the stage's fingerprint; only
+    ``pipeline.config`` does, and it only drops a preset's method options, which the stage's params record.
+    """
+    import ast
+
+    from pipeline.distill import CATALOG
+
+    for stage in stage_order():
+        for name, path in import_closure(type(get_stage(stage)).__module__).items():
+            hidden = {
+                alias.name
+                for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.module == "pipeline.distill"
+                for alias in node.names
+                if alias.name in CATALOG
+            }
+            assert not hidden or name == "pipeline.config", (stage, name, hidden)
+
+
 def _closure_files(stage: str) -> set[str]:
     return set(source_hashes(type(get_stage(stage)).__module__))
 
@@ -116,17 +203,34 @@ def _edit_docstring(path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_editing_exports_reruns_only_export_and_engine_and_keep_holds_a_stage(tmp_path):
+def test_run_all_reruns_what_a_code_edit_reaches_and_keep_holds_a_stage(tmp_path):
     from tests.conftest import TINY
 
-    project = tmp_path / "project"
-    for package in ("pipeline", "stages", "exports"):
-        shutil.copytree(PROJECT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    project = _copy_project(tmp_path)
     args = ["--out", "run", *(a for item in (*TINY, "export.precisions=[fp32]") for a in ("--set", item))]
     first = _run(project, "run", "all", *args)
     assert first.returncode == 0, first.stderr
 
-    _edit_docstring(project / "exports" / "onnx_export.py")
+    # Comments and docstrings are not code: editing them reruns nothing.
+    crd = project / "pipeline" / "distill" / "crd.py"
+    _edit_comments_and_docstrings(crd)
+    _edit_comments_and_docstrings(project / "exports" / "onnx_export.py")
+    docs = _run(project, "run", "all", *args)
+    assert docs.returncode == 0, docs.stderr
+    for name in ("teacher", "train", "fuse", "verify", "export"):
+        assert f"[{name}] up to date" in docs.stderr, docs.stderr
+
+    # A method's code is train's, never the teacher's.
+    _edit_code(crd)
+    code = _code_lines(_run(project, "inspect", "run").stdout)
+    assert code["teacher"] == "code: unchanged since built"
+    assert code["train"] == "code: changed since built: pipeline/distill/crd.py"
+    method = _run(project, "run", "all", *args)
+    assert method.returncode == 0, method.stderr
+    assert "[teacher] up to date" in method.stderr
+    assert "[train] running (code_changed: pipeline/distill/crd.py)" in method.stderr
+
+    _edit_code(project / "exports" / "onnx_export.py")
     inspect = _run(project, "inspect", "run")
     assert inspect.returncode == 0, inspect.stderr
     code = _code_lines(inspect.stdout)
@@ -145,7 +249,7 @@ def test_editing_exports_reruns_only_export_and_engine_and_keep_holds_a_stage(tm
     assert f"[engine] running ({why})" in second.stderr
 
     # The training loop is the teacher's code too; --keep holds the teacher across the change on purpose.
-    _edit_docstring(project / "pipeline" / "training" / "loop.py")
+    _edit_code(project / "pipeline" / "training" / "loop.py")
     third = _run(project, "run", "teacher", "train", "--keep", "teacher", *args)
     assert third.returncode == 0, third.stderr
     assert "teacher  ok (kept)" in third.stdout

@@ -4,18 +4,20 @@ A method is a :class:`Distiller`: it owns the student, a frozen teacher kept in 
 training-only modules (bridges, regressors, memory banks). ``forward(images, targets)`` returns the
 student's logits and a dict of named, already weighted losses whose sum is the training objective.
 Features come from forward hooks, so the student's own ``forward`` stays plain.
+
+The contract lives in :mod:`~pipeline.distill.base`, cross-entropy training in :mod:`~pipeline.distill.vanilla`
+and the by-name API in :mod:`~pipeline.distill.catalog`, which imports every method. Importing this package
+(or any module in it) loads no method, so the ``teacher`` stage does not depend on their code. The by-name
+names are still importable from here, loaded on first use with :func:`importlib.import_module`, which the
+import graph does not see: a stage that builds a method by name imports ``pipeline.distill.catalog`` itself
+(a test checks that every stage does).
 """
 
 from __future__ import annotations
 
-import inspect
-import math
+import importlib
 
-from torch import nn
-
-from pipeline.distill.base import Bound, Distiller
-from pipeline.errors import ConfigError
-from pipeline.registry import Registry
+from pipeline.distill.base import Bound, Distiller, register_method
 
 __all__ = [
     "METHODS",
@@ -23,114 +25,18 @@ __all__ = [
     "Distiller",
     "build_distiller",
     "check_method_args",
+    "method_names",
     "method_options",
     "option_types",
     "register_method",
 ]
 
-METHODS: Registry[type[Distiller]] = Registry("method")
-register_method = METHODS.register
+CATALOG = ("METHODS", "build_distiller", "check_method_args", "method_names", "method_options", "option_types")
 
 
-def _load_methods() -> None:
-    from pipeline.distill import at, crd, dkd, fitnet, kd, kdiffusion, ofd, reviewkd, vid  # noqa: F401
-
-
-def method_names() -> list[str]:
-    _load_methods()
-    return METHODS.names()
-
-
-def build_distiller(
-    name: str, student: nn.Module, teacher: nn.Module | None, args: dict | None = None, num_samples: int | None = None
-) -> Distiller:
-    """Instantiate method ``name`` with ``args`` (from ``student.method_args``), checking the names first.
-
-    ``num_samples`` (the training set's size) goes to methods with ``needs_indices`` (memory banks).
-    """
-    cls = check_method_args(name, args)
-    args = dict(args or {})
-    if cls.requires_teacher and teacher is None:
-        raise ConfigError(f"method {name!r} needs a teacher")
-    if cls.needs_indices:
-        if num_samples is None or num_samples < 1:
-            raise ConfigError(f"method {name!r} keeps per-sample state and needs the training set's size")
-        args["num_samples"] = num_samples
-    try:
-        return cls(student, teacher, **args)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"method {name!r}: {exc}") from None
-
-
-def method_options(name: str) -> set[str]:
-    """The option names method ``name`` accepts in ``student.method_args``."""
-    _load_methods()
-    injected = ("self", "student", "teacher", "num_samples")
-    return {
-        p.name
-        for p in inspect.signature(METHODS.get(name).__init__).parameters.values()
-        if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in injected
-    }
-
-
-_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
-
-
-def option_types(name: str) -> dict[str, type]:
-    """Each option's type, from the annotations of the method's ``__init__`` (or its default's type)."""
-    _load_methods()
-    types = {}
-    for param in inspect.signature(METHODS.get(name).__init__).parameters.values():
-        if param.name in method_options(name):
-            annotation = param.annotation
-            kind = _TYPES.get(annotation, annotation) if isinstance(annotation, str) else annotation
-            if kind is inspect.Parameter.empty:
-                kind = type(param.default)
-            types[param.name] = kind
-    return types
-
-
-def check_method_args(name: str, args: dict | None) -> type[Distiller]:
-    """The method class, once ``args`` are known options with values of the right type and range; no model is
-    built.
-
-    The runner calls this before any stage runs, so a typo in ``method_args`` never costs a teacher run.
-    """
-    accepted = method_options(name)
-    cls = METHODS.get(name)
-    args = dict(args or {})
-    unknown = sorted(set(args) - accepted)
-    if unknown:
-        raise ConfigError(
-            f"method {name!r} has no option {str(unknown[0])[:60]!r}; "
-            f"its options: {', '.join(sorted(accepted)) or 'none'}"
-        )
-    kinds = option_types(name)
-    for key, value in args.items():
-        problem = _option_problem(kinds[key], cls.option_bounds.get(key), value)
-        if problem:
-            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-            raise ConfigError(f"method {name!r}: option {key} {problem}, got {shown}")
-    try:
-        cls.check_args(args)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"method {name!r}: {exc}") from None
-    return cls
-
-
-def _option_problem(kind: type, bound: Bound | None, value: object) -> str:
-    """Why ``value`` is not a valid option of type ``kind`` within ``bound``, or ``""``."""
-    if kind is bool:
-        return "" if isinstance(value, bool) else "must be true or false"
-    if kind is str:
-        return "" if isinstance(value, str) else "must be a string"
-    if kind in (int, float):
-        is_number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not is_number or (kind is int and not isinstance(value, int)):
-            return f"must be {'an integer' if kind is int else 'a number'}"
-        if isinstance(value, int) and abs(value) > 2**53:
-            return "is out of range"
-        if not math.isfinite(value):
-            return "must be a finite number"
-        return bound.problem(value) if bound else ""
-    return ""
+def __getattr__(name: str) -> object:
+    """The names of :mod:`pipeline.distill.catalog`, every method loaded (``METHODS`` too: never half filled)."""
+    if name not in CATALOG:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    catalog = importlib.import_module("pipeline.distill.catalog")
+    return getattr(catalog, name)

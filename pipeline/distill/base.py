@@ -1,4 +1,8 @@
-"""The distiller contract shared by every method."""
+"""The distiller contract shared by every method, and the registry methods join by name.
+
+Imports no method: a stage that only needs the contract (``teacher`` trains with the vanilla one) must not
+depend on every method's code (pipeline.code_version); ``pipeline.distill.catalog`` loads them all.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+
+from pipeline.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -116,3 +122,7 @@ class Distiller(nn.Module):
 
     def losses(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+
+METHODS: Registry[type[Distiller]] = Registry("method")
+register_method = METHODS.register

@@ -1,4 +1,4 @@
-"""Cross-entropy training and classic logit distillation.
+"""Classic logit distillation.
 
 KD: G. Hinton, O. Vinyals, J. Dean, "Distilling the Knowledge in a Neural Network", 2015.
 """
@@ -19,22 +19,6 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_p = F.log_softmax(student_logits / temperature, dim=1)
     log_q = F.log_softmax(teacher_logits / temperature, dim=1)
     return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True) * temperature**2
-
-
-@register_method(name="vanilla")
-class Vanilla(Distiller):
-    """The student alone, trained with cross-entropy (also how the teacher stage trains a teacher)."""
-
-    requires_teacher = False
-    option_bounds: ClassVar[dict[str, Bound]] = {"ce_weight": WEIGHT}
-
-    def __init__(self, student, teacher=None, ce_weight: float = 1.0):
-        super().__init__(student, None)
-        self.ce_weight = ce_weight
-
-    def losses(self, images, targets):
-        logits = self.student(images)
-        return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets)}
 
 
 @register_method(name="kd")

@@ -193,7 +193,7 @@ def expand_grid(
     teacher_seed: int | None = None,
 ) -> Sweep:
     """The sweep's cells and the teachers they share; every cell's config is resolved (and so checked) here."""
-    from pipeline.distill import method_names
+    from pipeline.distill.catalog import method_names
 
     root = Path(root)
     unknown = [m for m in methods if m not in method_names()]
