@@ -16,7 +16,7 @@ from pipeline.training import RESUME_FILE, NonFiniteLossError, build_optimizer, 
 from pipeline.training.device_data import DeviceLoader, batch_draws, crop_flip, sample_draws
 from pipeline.training.speed import check_training
 from pipeline.training.state import load_state
-from tests.trainkit import DATA, TinyNet, fit_scripted, tiny_data
+from tests.trainkit import DATA, TinyNet, count_compiled_calls, fit_scripted, tiny_data
 
 CPU = torch.device("cpu")
 
@@ -171,6 +171,14 @@ def test_every_sgd_implementation_makes_the_same_update(impl):
         results[name] = copy.state_dict()
     for key, value in results["auto"].items():
         torch.testing.assert_close(results[impl][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_runs_the_student_through_the_compiled_callable(data, monkeypatch):
+    counts = count_compiled_calls(monkeypatch, compile_for_real=False)
+    fit_scripted(data, TrainingConfig())
+    assert counts == []  # the option off compiles nothing
+    distiller, _ = fit_scripted(data, TrainingConfig(compile=True))
+    assert len(counts) == 1 and counts[0] >= distiller.calls > 0  # the student (no teacher), on every step
 
 
 @pytest.mark.parametrize(

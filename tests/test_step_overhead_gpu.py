@@ -57,12 +57,20 @@ def _fit(data, training: TrainingConfig, scratch=None, fail_at=0, distiller=None
     return distiller, history
 
 
-def test_cuda_graphs_with_every_step_option_train(data):
+def test_cuda_graphs_with_every_step_option_train(data, monkeypatch):
     training = TrainingConfig(cuda_graphs=True, defer_metrics=True, optimizer_impl="fused", log_every=2)
     torch.manual_seed(0)
     distiller = build_distiller("vanilla", TinyNet(), None)
     keys = set(distiller.state_dict())
+    replay, replays = torch.cuda.CUDAGraph.replay, []
+
+    def counted(graph):
+        replays.append(graph)
+        return replay(graph)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counted)
     distiller, history = _fit(data, training, distiller=distiller)
+    assert replays  # the steps ran as captured CUDA graphs, not op by op
     assert len(history.epochs) == OPTIM.epochs and math.isfinite(history.last["loss/ce"])
     assert set(distiller.state_dict()) == keys
     assert all(torch.isfinite(p).all() for p in distiller.parameters())

@@ -11,7 +11,7 @@ import torch
 from pipeline.config import OptimConfig, TrainingConfig
 from pipeline.training import RESUME_FILE, fit, make_loader
 from pipeline.training.state import load_state
-from tests.trainkit import DATA, OPTIM, Scripted, TinyNet, tiny_data
+from tests.trainkit import DATA, OPTIM, Scripted, TinyNet, count_compiled_calls, tiny_data
 
 pytestmark = [
     pytest.mark.gpu,
@@ -58,8 +58,10 @@ def test_bf16_with_channels_last(data):
     assert math.isfinite(history.last["loss/ce"])
 
 
-def test_compile_keeps_state_dict_keys(data):
+def test_compile_keeps_state_dict_keys(data, monkeypatch):
+    counts = count_compiled_calls(monkeypatch)
     distiller, history = _fit(data, TrainingConfig(compile=True))
+    assert len(counts) == 1 and counts[0] >= distiller.calls > 0  # the compiled student ran every step
     assert set(distiller.student.state_dict()) == set(TinyNet().state_dict())
     assert math.isfinite(history.last["loss/ce"])
 

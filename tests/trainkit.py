@@ -62,6 +62,30 @@ class Scripted(Distiller):
         return logits, {"ce": fp32, "aux": 0.0 * logits.float().mean() + bad}
 
 
+def count_compiled_calls(monkeypatch, compile_for_real: bool = True) -> list[int]:
+    """Wrap what ``torch.compile`` returns in a call counter: one entry per compile request, its calls so far.
+
+    Lets a test tell that compiled code ran, not only that ``training.compile`` was accepted (a loop that ignored
+    the option would pass any test of its results). ``compile_for_real=False`` hands back the callable
+    uncompiled, so the routing is checked on a CPU without a compiler toolchain's minutes.
+    """
+    real, counts = torch.compile, []
+
+    def spy(fn, **kwargs):
+        compiled = real(fn, **kwargs) if compile_for_real else fn
+        counts.append(0)
+        index = len(counts) - 1
+
+        def counted(*args, **kw):
+            counts[index] += 1
+            return compiled(*args, **kw)
+
+        return counted
+
+    monkeypatch.setattr(torch, "compile", spy)
+    return counts
+
+
 @functools.cache
 def tiny_data() -> DataBundle:
     return load_data(DATA, seed=0)
