@@ -93,7 +93,8 @@ def run(
     if out is not None:
         check_path(out, "--out")  # before it becomes a Path: Path("") is the current folder
         out = Path(out)
-    cfg = load_config(preset or ("default" if config_file is None else None), config_file, sets, log=_echo_err)
+    default = "default" if config_file is None else None
+    cfg = load_config(preset if preset is not None else default, config_file, sets, log=_echo_err)
     order = stage_order()
     names = order if not stages or "all" in stages else tuple(name for name in order if name in stages)
     if checkpoint and not set(names) <= {"export", "engine"}:

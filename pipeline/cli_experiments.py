@@ -105,10 +105,13 @@ def sweep(
     Each cell is `run all` into OUT/cells/<name>; a teacher that cells need is trained once and imported
     by every cell. Run the same command again to skip finished cells and resume the others.
     """
+    from pipeline.config import check_preset_name
     from pipeline.experiments.grid import expand_grid, split_list
     from pipeline.experiments.scheduler import LocalBackend, slots_for, visible_gpus
     from pipeline.experiments.sweep import check_results, results_table, run_sweep, sweep_tasks
 
+    for name in presets:
+        check_preset_name(name.replace(",", " "))  # "" or ",": split_list would drop it and sweep the default
     sets = list(overrides)
     for key, value in (("data.root", data_root), ("device", device), ("teacher.checkpoint", teacher_checkpoint)):
         if value is not None:

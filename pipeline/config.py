@@ -184,8 +184,15 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def check_preset_name(name: str) -> None:
+    """An empty name is a mistake, not a request for the default preset (``--preset "$PRESET"`` unset)."""
+    if not name.strip():
+        raise ConfigError("--preset is empty; give a name that `presets` lists, or leave it out")
+
+
 def preset_data(name: str) -> dict:
     # Looked up by name, never joined onto a path: `--preset ../../x` must not read a file outside the presets.
+    check_preset_name(name)
     if name not in list_presets():
         shown = name if len(name) <= 80 else name[:77] + "..."
         raise ConfigError(f"unknown preset {shown!r}; choose one of: {', '.join(list_presets())}")
@@ -201,7 +208,7 @@ def load_config(
 ) -> Config:
     """Resolve a config; ``log`` receives notes such as method options dropped by a method switch."""
     layers: list[dict] = []
-    if preset:
+    if preset is not None:
         layers.append(preset_data(preset))
     if file is not None:
         path = Path(file)

@@ -28,6 +28,10 @@ CONFIG_FILES = {
     "empty": (b"", "must hold a non-empty mapping"),
     "absolute-name": (b"name: /tmp/elsewhere\n", "must be a plain folder name"),
     "dotdot-name": (b"name: ../../elsewhere\n", "must be a plain folder name"),
+    "null-section": (b"teacher:\n", "teacher is null; give its settings or leave it out"),
+    "null-subsection": (b"teacher: {optim: null}\n", "teacher.optim is null"),
+    "list-section": (b"data: [1, 2]\n", "data must be a mapping, got [1, 2]"),
+    "number-section": (b"student: 3\n", "student must be a mapping, got 3"),
 }
 
 
@@ -47,6 +51,10 @@ OPTIONS = [
     (["--preset", "p" * 300], "unknown preset 'ppppp"),
     (["--preset", "../../x"], "unknown preset '../../x'"),
     (["--preset", "../presets/default"], "unknown preset"),
+    (["--preset", ""], "--preset is empty; give a name that `presets` lists, or leave it out"),
+    (["--preset", " "], "--preset is empty"),
+    (["--set", "data=[1, 2]"], "data must be a mapping, got [1, 2]"),
+    (["--set", "teacher=3"], "teacher must be a mapping, got 3"),
     (["--teacher-checkpoint", "/" + "c" * 100_000], "teacher.checkpoint is too long for a file path"),
     (["--teacher-checkpoint", ""], "teacher.checkpoint is empty"),
     (["--data-root", ""], "data.root is empty"),
@@ -143,3 +151,10 @@ def _refused(argv: list[str], message: str, tmp_path, capsys) -> None:
     assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
     assert "running" not in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("presets", [[""], [","], ["default", " "]])
+def test_an_empty_preset_name_is_refused_by_sweep_too(presets, tmp_path, capsys):
+    """`sweep --preset ''` must not quietly sweep the default preset either."""
+    argv = ["sweep", *(a for p in presets for a in ("--preset", p)), "--dry-run", "--out", str(tmp_path / "run")]
+    _refused(argv, "--preset is empty", tmp_path, capsys)
