@@ -1,0 +1,525 @@
+"""Support matrix: one small model of every timm family and every torchvision classifier, exported.
+
+For each model a random-weight checkpoint with 20 classes is written (the model built exactly as the
+pipeline builds ``timm:NAME`` / ``torchvision:NAME``, so the state dict loads strictly), then the
+export-only path runs on it as a subprocess with a per-model timeout::
+
+    python -m pipeline run export --checkpoint M.safetensors --set student.arch=timm:NAME \\
+        --set data.image_size=64 --set 'export.precisions=[fp32,fp16,int8]' --out <work>
+
+and the verdict of each precision (the export manifest's checks), the ONNX Runtime latency (the export
+report's ``latency``) and, for a failure, the one-line ``error: ...`` are recorded. Exit status 1 is a
+gate that failed, 2 a model refused as unsupported (one line), anything else or a ``Traceback`` on
+stderr is a traceback: a bug.
+
+A timm *family* is the timm module a model is registered in (``timm.models._registry._model_to_module``,
+e.g. ``resnet``, ``efficientnet``, ``vision_transformer``); its representative is the variant with the
+fewest parameters (counted on the meta device, 20 classes; ``test_*`` models are left out where the
+family has another). A torchvision classifier is every name of
+``torchvision.models.list_models(module=torchvision.models)``; its family is its builder's module.
+
+Inputs are 64 px, or the pretrained config's size for a model with a fixed input size; where 64 px
+fails with an error (not a gate), the model is tried again at its pretrained config's size (224 for
+torchvision) and both attempts are recorded.
+
+Resumable: results go to ``<out>/results.json`` as each model finishes, and a rerun skips the models
+already there. Models run in order of parameter count, smallest first.
+
+Usage:
+    OMP_NUM_THREADS=1 python benchmarks/model_matrix.py [--out runs/model-matrix] [--limit N]
+        [--only fam1,fam2] [--timeout S] [--doc docs/model-matrix.md] [--no-torchvision] [--no-timm]
+        [--precisions fp32,fp16,int8] [--set key=value ...] [--doc-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = 20
+DEFAULT_SIZE = 64
+PRECISIONS = ("fp32", "fp16", "int8")
+
+# --- the catalogue: families and their smallest variant ---
+
+
+def timm_family(name: str) -> str:
+    """The timm module ``name`` is registered in: its family (``resnet10t`` -> ``resnet``)."""
+    from timm.models import _registry
+
+    name = _registry.get_arch_name(name)
+    module = _registry._model_to_module.get(name)
+    if module is None:  # not registered under its own name: the module of its entrypoint
+        module = _registry.model_entrypoint(name).__module__
+    return module.rsplit(".", 1)[-1]
+
+
+def torchvision_family(name: str) -> str:
+    from torchvision.models import get_model_builder
+
+    return "torchvision." + get_model_builder(name).__module__.rsplit(".", 1)[-1]
+
+
+def smallest(counts: dict[str, int | None]) -> str | None:
+    """The variant with the fewest parameters (ties: the name first in sort order); ``test_*`` models only
+    where nothing else could be counted; ``None`` where nothing could be counted."""
+    counted = {name: n for name, n in counts.items() if n is not None}
+    real = {name: n for name, n in counted.items() if not name.startswith("test_")}
+    pool = real or counted
+    if not pool:
+        return None
+    return min(pool, key=lambda name: (pool[name], name))
+
+
+def group_families(names: list[str], family=timm_family) -> dict[str, list[str]]:
+    families: dict[str, list[str]] = {}
+    for name in names:
+        families.setdefault(family(name), []).append(name)
+    return families
+
+
+def count_parameters(build) -> int | None:
+    """Parameters of the model ``build()`` makes, built on the meta device (no memory, no init cost)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = build()
+    except Exception:  # a model the meta device cannot build is left out of the choice
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def timm_catalogue() -> list[dict]:
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    rows = []
+    for family, names in sorted(group_families(timm.list_models()).items()):
+        counts = {n: count_parameters(lambda n=n: timm.create_model(n, num_classes=CLASSES)) for n in names}
+        pick = smallest(counts)
+        if pick is None:
+            rows.append({"key": f"timm:{names[0]}", "lib": "timm", "family": family, "model": names[0],
+                         "params": None, "variants": len(names)})
+            continue
+        cfg = get_pretrained_cfg(pick)
+        cfg_size = int(cfg.input_size[-1]) if cfg is not None else 224
+        fixed = bool(getattr(cfg, "fixed_input_size", False)) if cfg is not None else False
+        rows.append({"key": f"timm:{pick}", "lib": "timm", "family": family, "model": pick, "params": counts[pick],
+                     "variants": len(names), "sizes": [cfg_size] if fixed else _sizes(cfg_size)})
+    return rows
+
+
+def torchvision_catalogue() -> list[dict]:
+    import torchvision
+    from torchvision.models import get_model
+
+    rows = []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        params = count_parameters(lambda name=name: get_model(name, weights=None, num_classes=CLASSES))
+        rows.append({"key": f"torchvision:{name}", "lib": "torchvision", "family": torchvision_family(name),
+                     "model": name, "params": params, "variants": 1, "sizes": _sizes(224)})
+    return rows
+
+
+def _sizes(fallback: int, first: int | None = None) -> list[int]:
+    first = first or DEFAULT_SIZE
+    return [first] if fallback == first else [first, fallback]
+
+
+def rows_for(keys: list[str]) -> list[dict]:
+    """Catalogue rows for the named models only (``timm:NAME`` / ``torchvision:NAME``), without the whole
+    catalogue: the sample a test runs."""
+    rows = []
+    for key in keys:
+        lib, name = key.split(":", 1)
+        if lib == "timm":
+            import timm
+            from timm.models import get_pretrained_cfg
+
+            cfg = get_pretrained_cfg(name)
+            cfg_size = int(cfg.input_size[-1]) if cfg is not None else 224
+            fixed = bool(getattr(cfg, "fixed_input_size", False)) if cfg is not None else False
+            rows.append({"key": key, "lib": lib, "family": timm_family(name), "model": name, "variants": 1,
+                         "params": count_parameters(lambda name=name: timm.create_model(name, num_classes=CLASSES)),
+                         "sizes": [cfg_size] if fixed else _sizes(cfg_size)})
+        elif lib == "torchvision":
+            from torchvision.models import get_model
+
+            def build(name=name):
+                return get_model(name, weights=None, num_classes=CLASSES)
+
+            rows.append({"key": key, "lib": lib, "family": torchvision_family(name), "model": name, "variants": 1,
+                         "params": count_parameters(build),
+                         "sizes": _sizes(224)})
+        else:
+            raise SystemExit(f"error: {key!r} is not timm:NAME or torchvision:NAME")
+    return rows
+
+
+def catalogue(out: Path, timm_on: bool = True, torchvision_on: bool = True) -> list[dict]:
+    """Every model of the matrix, cached in ``<out>/catalogue.json`` per library version."""
+    import timm
+    import torchvision
+
+    path = out / "catalogue.json"
+    versions = {"timm": timm.__version__, "torchvision": torchvision.__version__}
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    changed = False
+    for lib, on, make in (("timm", timm_on, timm_catalogue), ("torchvision", torchvision_on, torchvision_catalogue)):
+        if on and cached.get(lib, {}).get("version") != versions[lib]:
+            tic = time.perf_counter()
+            cached[lib] = {"version": versions[lib], "rows": make()}
+            print(f"[matrix] {lib} catalogue: {len(cached[lib]['rows'])} models in {time.perf_counter() - tic:.0f}s",
+                  flush=True)
+            changed = True
+    if changed:
+        _write_json(path, cached)
+    rows = []
+    for lib, on in (("timm", timm_on), ("torchvision", torchvision_on)):
+        if on:
+            rows += cached[lib]["rows"]
+    return rows
+
+
+# --- one model ---
+
+
+def make_checkpoint(arch: str, size: int, path: str) -> int:
+    """Child mode: build ``arch`` as the pipeline does, save random weights; print the parameter count."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.errors import PipelineError
+    from pipeline.models.external import build_external
+
+    torch.manual_seed(0)
+    try:
+        model = build_external(arch, CLASSES, size)
+    except PipelineError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}  # no shared storage
+    save_file(state, path)
+    print(json.dumps({"params": sum(p.numel() for p in model.parameters())}))
+    return 0
+
+
+def run_child(cmd: list[str], timeout: float, log) -> tuple[int | None, str, str, float]:
+    """Run ``cmd`` in its own process group; on timeout kill that group. Returns rc (None: timed out)."""
+    tic = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        out, err = proc.communicate(timeout=max(timeout, 1))
+        rc: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        rc = None
+    log.write(f"$ {' '.join(cmd)}\n[rc {rc}]\n--- stdout\n{out}\n--- stderr\n{err}\n")
+    return rc, out, err, time.perf_counter() - tic
+
+
+def classify(rc: int | None, stderr: str) -> str:
+    """pass | gate (exit 1) | error (exit 2, one line) | timeout | traceback (anything else)."""
+    if rc is None:
+        return "timeout"
+    if "Traceback (most recent call last)" in stderr:
+        return "traceback"
+    return {0: "pass", 1: "gate", 2: "error"}.get(rc, "traceback")
+
+
+def error_line(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    if errors:
+        return errors[-1]
+    return lines[-1] if lines else ""
+
+
+def precision_of(check: str) -> str:
+    return "fp16" if "fp16" in check else "int8" if "int8" in check else "fp32"
+
+
+def read_export(work: Path) -> dict:
+    """Per-precision verdicts from the export manifest's checks and latency from its report, where written."""
+    out: dict = {}
+    export = work / "run" / "export"
+    manifest = export / "manifest.json"
+    if manifest.exists():
+        data = json.loads(manifest.read_text())
+        verdicts: dict[str, dict] = {}
+        for check in data.get("checks", []):
+            v = verdicts.setdefault(precision_of(check["name"]), {"passed": 0, "failed": [], "skipped": []})
+            if check.get("passed") is True:
+                v["passed"] += 1
+            elif check.get("passed") is False:
+                v["failed"].append(f"{check['name']}={_fmt(check.get('value'))} (limit {check.get('op', '')}"
+                                   f" {_fmt(check.get('threshold'))})")
+            else:
+                v["skipped"].append(check["name"])
+        out["verdicts"] = verdicts
+        out["manifest_status"] = data.get("status")
+    report = export / "report.json"
+    if report.exists():
+        latency = json.loads(report.read_text()).get("latency", {})
+        out["latency_ms"] = {p: round(v["median_ms"], 3) for p, v in latency.items() if "median_ms" in v}
+    return out
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def run_model(row: dict, out: Path, timeout: float, precisions: list[str], extra: list[str],
+              first_size: int | None = None) -> dict:
+    key = row["key"]
+    safe = key.replace(":", "_").replace("/", "_")
+    work = out / "work" / safe
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    result = {**row, "attempts": []}
+    with open(logs / f"{safe}.log", "w") as log:
+        sizes = row.get("sizes") or [DEFAULT_SIZE]
+        if first_size and sizes[0] == DEFAULT_SIZE:  # a model with a fixed size keeps it
+            sizes = _sizes(sizes[-1], first_size)
+        for size in sizes:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            ckpt = work / "model.safetensors"
+            attempt: dict = {"size": size}
+            result["attempts"].append(attempt)
+            rc, stdout, stderr, secs = run_child(
+                [sys.executable, str(Path(__file__).resolve()), "--make-checkpoint", key, str(size), str(ckpt)],
+                deadline - time.monotonic(), log)
+            attempt["checkpoint_s"] = round(secs, 1)
+            status = classify(rc, stderr)
+            if status == "pass":
+                attempt["params"] = json.loads(stdout.strip().splitlines()[-1])["params"]
+                cmd = [sys.executable, "-m", "pipeline", "run", "export", "--checkpoint", str(ckpt),
+                       "--set", f"student.arch={key}", "--set", f"data.image_size={size}",
+                       "--set", f"export.precisions=[{','.join(precisions)}]", "--out", str(work / "run")]
+                for item in extra:
+                    cmd += ["--set", item]
+                rc, stdout, stderr, secs = run_child(cmd, deadline - time.monotonic(), log)
+                attempt["export_s"] = round(secs, 1)
+                attempt["command"] = " ".join(cmd)
+                status = classify(rc, stderr)
+                attempt |= read_export(work)
+            else:
+                attempt["stage"] = "checkpoint"
+            attempt["rc"], attempt["status"] = rc, status
+            if status == "traceback":
+                tb = [line for line in stderr.splitlines() if line.strip()]
+                attempt["error"] = tb[-1].strip() if tb else f"exit status {rc}"
+            elif status == "timeout":
+                attempt["error"] = f"timed out after {timeout:.0f}s"
+            elif status != "pass":
+                attempt["error"] = error_line(stderr)
+            # a second size only for an error or traceback (a size the model cannot take), not a gate or a timeout
+            if status in ("pass", "gate", "timeout") or time.monotonic() >= deadline:
+                break
+    final = result["attempts"][-1]
+    result["status"] = final["status"]
+    result["size"] = final["size"]
+    result["params"] = final.get("params", row.get("params"))
+    result["error"] = final.get("error", "")
+    if result["status"] == "pass":
+        shutil.rmtree(work, ignore_errors=True)
+    else:  # keep the manifest and report for a look; the ONNX files and the checkpoint are large
+        for path in list(work.glob("**/*.onnx")) + list(work.glob("*.safetensors")):
+            path.unlink()
+    return result
+
+
+# --- the doc ---
+
+
+def verdict_cell(result: dict, precision: str, precisions: list[str]) -> str:
+    if precision not in precisions:
+        return "-"
+    final = result["attempts"][-1] if result.get("attempts") else {}
+    v = final.get("verdicts", {}).get(precision)
+    if v is None:
+        return {"pass": "-", "gate": "-"}.get(result["status"], "not run")
+    if v["failed"]:
+        return "FAIL " + "; ".join(v["failed"])
+    if v["skipped"]:
+        return f"pass ({len(v['skipped'])} skipped)"
+    return "pass"
+
+
+def write_doc(path: Path, results: dict, rows: list[dict], precisions: list[str], command: str,
+              started: str | None) -> None:
+    from pipeline.machine import describe_cpu
+
+    measured = [results[r["key"]] for r in rows if r["key"] in results]
+    missing = [r for r in rows if r["key"] not in results]
+    by_status: dict[str, list[dict]] = {}
+    for r in measured:
+        by_status.setdefault(r["status"], []).append(r)
+    timm_rows = [r for r in rows if r["lib"] == "timm"]
+    timm_measured = [r for r in measured if r["lib"] == "timm"]
+    tv_rows = [r for r in rows if r["lib"] == "torchvision"]
+    tv_measured = [r for r in measured if r["lib"] == "torchvision"]
+    total_s = sum(a.get("checkpoint_s", 0) + a.get("export_s", 0) for r in measured for a in r["attempts"])
+
+    def count(lib_rows, status):
+        return sum(1 for r in lib_rows if r["status"] == status)
+
+    lines = [
+        "# Support matrix: every timm family and torchvision classifier through the export-only path",
+        "",
+        "Written by `benchmarks/model_matrix.py` (issue 25). Each model: random weights, 20 classes, exported with "
+        f"`python -m pipeline run export` to {', '.join(precisions)}; the verdicts are the export manifest's "
+        "checks, the latency is the export report's ONNX Runtime CPU figure (batch 1, median, ms).",
+        "",
+        f"- machine: {describe_cpu(threads=int(os.environ.get('OMP_NUM_THREADS', '0')) or None)}",
+        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
+        + (f" (run started {started})" if started else ""),
+        f"- command{'s' if ' ; ' in command else ''}: `{command}`",
+        f"- measured: **{len(measured)} of {len(rows)} models** ({len(timm_measured)} of {len(timm_rows)} timm "
+        "families, "
+        f"{len(tv_measured)} of {len(tv_rows)} torchvision classifiers), {total_s / 60:.0f} min of subprocess time"
+        + (f"; the other {len(missing)} remain to be measured (rerun the command: it skips finished models)"
+           if missing else ""),
+        "",
+        "## Summary",
+        "",
+        "| | timm families | torchvision classifiers |",
+        "|---|---|---|",
+        f"| in the matrix | {len(timm_rows)} | {len(tv_rows)} |",
+        f"| measured | {len(timm_measured)} | {len(tv_measured)} |",
+        f"| every gate passing | {count(timm_measured, 'pass')} | {count(tv_measured, 'pass')} |",
+        f"| a gate failing (exit 1) | {count(timm_measured, 'gate')} | {count(tv_measured, 'gate')} |",
+        f"| refused in one line (exit 2) | {count(timm_measured, 'error')} | {count(tv_measured, 'error')} |",
+        f"| timed out | {count(timm_measured, 'timeout')} | {count(tv_measured, 'timeout')} |",
+        f"| traceback (a bug) | {count(timm_measured, 'traceback')} | {count(tv_measured, 'traceback')} |",
+        "",
+    ]
+    for status, title in (("gate", "A gate failing"), ("error", "Refused in one line"), ("timeout", "Timed out"),
+                          ("traceback", "Tracebacks (bugs)")):
+        items = sorted(by_status.get(status, []), key=lambda r: (r["lib"], r["family"], r["model"]))
+        if not items:
+            continue
+        lines += [f"### {title}", ""]
+        for r in items:
+            verdicts = r["attempts"][-1].get("verdicts", {})
+            failed = [f"{p}: {', '.join(v['failed'])}" for p, v in verdicts.items() if v["failed"]]
+            reason = r["error"] or "; ".join(failed)
+            lines.append(f"- `{r['key']}` ({r['family']}, {r['size']} px): {reason.replace('|', '/')}")
+        lines.append("")
+    lines += [
+        "## Matrix",
+        "",
+        "| family | model | parameters | px | fp32 | fp16 | int8 | ORT ms fp32 / fp16 / int8 | result |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(rows, key=lambda r: (r["lib"] != "timm", r["family"], r["model"])):
+        r = results.get(row["key"])
+        params = f"{row['params'] / 1e6:.2f} M" if row.get("params") else "?"
+        if r is None:
+            lines.append(f"| {row['family']} | `{row['model']}` | {params} | | | | | | not measured yet |")
+            continue
+        params = f"{r['params'] / 1e6:.2f} M" if r.get("params") else params
+        lat = r["attempts"][-1].get("latency_ms", {})
+        lat_cell = " / ".join(f"{lat[p]:.2f}" if p in lat else "-" for p in PRECISIONS)
+        result = r["status"] if r["status"] == "pass" else f"{r['status']}: {r['error']}"
+        if len(r["attempts"]) > 1:
+            result += f" (at {r['attempts'][0]['size']} px: {r['attempts'][0]['status']})"
+        cells = [verdict_cell(r, p, precisions) for p in PRECISIONS]
+        lines.append("| " + " | ".join([row["family"], f"`{row['model']}`", params, str(r["size"]), *cells, lat_cell,
+                                          result]).replace("\n", " ") + " |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+# --- driver ---
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--make-checkpoint"]:
+        return make_checkpoint(argv[1], int(argv[2]), argv[3])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "model-matrix")
+    parser.add_argument("--doc", type=Path, default=None, help="the Markdown matrix (default: <out>/model-matrix.md)")
+    parser.add_argument("--limit", type=int, default=None, help="run at most N models (not counting finished ones)")
+    parser.add_argument("--only", default=None, help="comma-separated families (timm module names, "
+                        "torchvision.<module>) or model names")
+    parser.add_argument("--models", default=None, help="comma-separated timm:NAME / torchvision:NAME to run "
+                        "instead of the catalogue (no catalogue is built)")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="first input size tried (px)")
+    parser.add_argument("--jobs", type=int, default=1, help="models exported at once")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model, all attempts together")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for every export")
+    parser.add_argument("--no-timm", action="store_true")
+    parser.add_argument("--no-torchvision", action="store_true")
+    parser.add_argument("--doc-only", action="store_true", help="write the doc from the results so far; run nothing")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    precisions = [p for p in args.precisions.split(",") if p]
+    if args.models:
+        rows = rows_for([k.strip() for k in args.models.split(",") if k.strip()])
+    else:
+        rows = catalogue(args.out, not args.no_timm, not args.no_torchvision)
+    if args.only:
+        wanted = {w.strip() for w in args.only.split(",") if w.strip()}
+        rows = [r for r in rows if r["family"] in wanted or r["model"] in wanted or r["key"] in wanted]
+    results_path = args.out / "results.json"
+    state = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results: dict = state.get("results", {})
+    state.setdefault("started", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    if not args.doc_only:
+        state.setdefault("commands", []).append("OMP_NUM_THREADS=1 python benchmarks/model_matrix.py " + " ".join(argv))
+    command = " ; ".join(state.get("commands", [])) or "(none)"
+    doc = args.doc or args.out / "model-matrix.md"
+    todo = [r for r in rows if r["key"] not in results]
+    todo.sort(key=lambda r: (r["params"] is None, r["params"] or 0, r["key"]))
+    if args.limit is not None:
+        todo = todo[: args.limit]
+    if not args.doc_only:
+        print(f"[matrix] {len(rows)} models, {len(rows) - len(todo)} done or left out, {len(todo)} to run", flush=True)
+        lock = threading.Lock()
+        done = iter(range(1, len(todo) + 1))
+
+        def one(row: dict) -> None:
+            tic = time.perf_counter()
+            result = run_model(row, args.out, args.timeout, precisions, args.sets, args.size)
+            with lock:  # results go to disk as each model finishes
+                results[row["key"]] = result
+                state["results"] = results
+                _write_json(results_path, state)
+                print(f"[matrix] {next(done)}/{len(todo)} {row['key']} ({row['family']}): {result['status']} "
+                      f"{result['error']} [{time.perf_counter() - tic:.0f}s]", flush=True)
+                write_doc(doc, results, rows, precisions, command, state["started"])
+
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+            list(pool.map(one, todo))
+    write_doc(doc, results, rows, precisions, command, state["started"])
+    print(f"[matrix] wrote {doc}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
