@@ -32,7 +32,12 @@ def cli() -> None:
 @cli.command()
 @click.argument("stages", metavar="[STAGE]...", nargs=-1)
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder [default: runs/<preset>].")
-@click.option("--preset", default=None, metavar="NAME", help="Experiment preset (see `presets`) [default: default].")
+@click.option(
+    "--preset",
+    default=None,
+    metavar="NAME",
+    help="Experiment preset (see `presets`) [default: default; none with --config].",
+)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="YAML config file.")
 @click.option(
     "--set",
@@ -54,6 +59,11 @@ def cli() -> None:
     metavar="STAGE",
     help="Keep STAGE's artifacts when only its code changed (e.g. an upgrade); recorded in its manifest.",
 )
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the resolved configuration (YAML) and which stages would run and why; run and write nothing.",
+)
 def run(
     stages,
     out,
@@ -68,6 +78,7 @@ def run(
     checkpoint,
     force,
     keep,
+    dry_run,
 ):
     """Run the STAGEs (all, or any of teacher, train, fuse, verify, export, engine; default all) in pipeline order.
 
@@ -100,6 +111,21 @@ def run(
     if checkpoint and not set(names) <= {"export", "engine"}:
         raise ConfigError("--checkpoint is for `run export` (a student made elsewhere), optionally with `engine`")
     out = out or Path("runs") / (preset or cfg.name)
+    if dry_run:
+        import yaml
+
+        from pipeline.runner import dry_run as plan_run
+
+        plan = plan_run(cfg, out, names, force=force, log=_echo_err, keep=tuple(keep))
+        layers = ["the defaults", *([f"preset {preset or default}"] if preset or default else [])]
+        layers += [f"--config {config_file}"] * (config_file is not None) + ["--set and options"] * bool(sets)
+        click.echo(f"# resolved configuration: {' < '.join(layers)}")
+        click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+        click.echo(f"# stages in {out} (dry run: nothing was run or written):")
+        width = max(len(name) for name, _ in plan)
+        for name, what in plan:
+            click.echo(f"#   {name.ljust(width)}  {what}")
+        return
     outcomes, failed = [], None
     try:
         run_stages(cfg, out, names, force=force, log=_echo_err, on_outcome=outcomes.append, keep=tuple(keep))

@@ -230,39 +230,13 @@ def run_stage(
         with solo():
             return run_stage(store, cfg, name, force, log, keep)
     barrier()  # rank 0 has committed every upstream stage before any rank reads it
-    external = {role: external_input(path) for role, path in stage.externals(cfg).items()}
-    upstream = {req: store.load(req) for req in stage.requires(cfg)}
-    for req, art in upstream.items():
-        check_current(req, art.manifest, cfg, store)
-    links = {req: art.manifest.digest for req, art in upstream.items()}
-    inputs = [art.as_input(o.path, store.root) for art in upstream.values() for o in art.manifest.outputs]
-    inputs += list(external.values())
-    params = stage.params(cfg)
-    code, code_files = stage_code(stage)
-    fp = fingerprint(name, params, inputs, code)
-    try:
-        existing = store.manifest(name)
-    except ArtifactError as exc:
-        if current.is_main:
-            log(f"[{name}] {exc}")
-        existing = None
-    reason = ""
-    if current.is_main:
-        intact = store.outputs_intact(name, existing) if existing else ""
-        probe = Manifest(name, "ok", params, inputs, [], [], code)
-        reason = "forced" if force else stale_reason(existing, params, probe.inputs_hash, code, intact, fp)
-        if not reason and any(existing.upstream.get(r) not in upstream[r].manifest.accepted_digests for r in links):
-            reason = "upstream_changed"
-        if reason == "code_changed":
-            changed = changed_files(existing.code_files, code_files) or ["the stage's version"]
-            if name in keep and existing.inputs_hash == probe.inputs_hash and not intact:
-                existing = _keep(store, existing, code, code_files, changed)
-                log(f"[{name}] kept on request although its code changed ({_some(changed)}); recorded in its manifest")
-                reason = "kept"
-            else:
-                reason = f"code_changed: {_some(changed)}"
-        elif name in keep and reason:
-            log(f"[{name}] --keep applies to code changes only; this stage is stale for another reason")
+    plan = plan_stage(store, cfg, name, force, log, keep, decide=current.is_main)
+    upstream, external, existing, reason = plan.upstream, plan.external, plan.existing, plan.reason
+    params, inputs, links, fp = plan.params, plan.inputs, plan.links, plan.fp
+    code, code_files = plan.code, plan.code_files
+    if reason == "kept":
+        existing = _keep(store, existing, code, code_files, plan.changed)
+        log(f"[{name}] kept on request although its code changed ({_some(plan.changed)}); recorded in its manifest")
     reason = broadcast_object(reason)
     if reason in ("", "kept"):
         if current.is_main:
@@ -327,6 +301,112 @@ def run_stage(
     broadcast_object(status)
     log(f"[{name}] {status} in {seconds:.1f}s")
     return Outcome(name, "ran", reason, manifest, seconds)
+
+
+@dataclass
+class Plan:
+    """A stage's inputs as they are now, and whether it must run: ``reason`` as in :class:`Outcome` ("" when up
+    to date, "kept" when ``--keep`` would keep it; ``changed`` then names the code files that changed)."""
+
+    upstream: dict
+    external: dict
+    params: dict
+    inputs: list
+    code: str
+    code_files: dict
+    fp: str
+    links: dict
+    existing: Manifest | None
+    reason: str = ""
+    changed: list[str] = dataclasses.field(default_factory=list)
+
+
+def plan_stage(
+    store: RunStore,
+    cfg: Config,
+    name: str,
+    force: bool,
+    log: Callable[[str], None],
+    keep: frozenset[str] = frozenset(),
+    decide: bool = True,
+) -> Plan:
+    """Read a stage's upstream and external inputs, and (with ``decide``) why it must run; writes nothing, so
+    ``run --dry-run`` answers with the same reasons a run logs."""
+    stage = get_stage(name)
+    external = {role: external_input(path) for role, path in stage.externals(cfg).items()}
+    upstream = {req: store.load(req) for req in stage.requires(cfg)}
+    for req, art in upstream.items():
+        check_current(req, art.manifest, cfg, store)
+    links = {req: art.manifest.digest for req, art in upstream.items()}
+    inputs = [art.as_input(o.path, store.root) for art in upstream.values() for o in art.manifest.outputs]
+    inputs += list(external.values())
+    params = stage.params(cfg)
+    code, code_files = stage_code(stage)
+    fp = fingerprint(name, params, inputs, code)
+    try:
+        existing = store.manifest(name)
+    except ArtifactError as exc:
+        if decide:
+            log(f"[{name}] {exc}")
+        existing = None
+    plan = Plan(upstream, external, params, inputs, code, code_files, fp, links, existing)
+    if not decide:
+        return plan
+    intact = store.outputs_intact(name, existing) if existing else ""
+    probe = Manifest(name, "ok", params, inputs, [], [], code)
+    reason = "forced" if force else stale_reason(existing, params, probe.inputs_hash, code, intact, fp)
+    if not reason and any(existing.upstream.get(r) not in upstream[r].manifest.accepted_digests for r in links):
+        reason = "upstream_changed"
+    if reason == "code_changed":
+        plan.changed = changed_files(existing.code_files, code_files) or ["the stage's version"]
+        if name in keep and existing.inputs_hash == probe.inputs_hash and not intact:
+            reason = "kept"
+        else:
+            reason = f"code_changed: {_some(plan.changed)}"
+    elif name in keep and reason:
+        log(f"[{name}] --keep applies to code changes only; this stage is stale for another reason")
+    plan.reason = reason
+    return plan
+
+
+def dry_run(
+    cfg: Config,
+    out: str | Path,
+    names: list[str] | tuple[str, ...],
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    keep: tuple[str, ...] = (),
+) -> list[tuple[str, str]]:
+    """What :func:`run_stages` would do, stage by stage, as (stage, what and why), running and writing nothing.
+
+    The same checks come first (settings, the run folder, every upstream stage the run reads but does not
+    make), so a dry run fails where the run would. A stage after one that reruns cannot be judged against
+    outputs that do not exist yet; it runs when it is stale now, and else because its upstream changes.
+    """
+    validate(cfg, names)
+    for name in keep:
+        get_stage(name)
+    store = RunStore(out)
+    store.check_owned(stage_order())
+    preflight(store, cfg, names)
+    rows: list[tuple[str, str]] = []
+    runs: list[str] = []
+    for name in names:
+        first = [req for req in get_stage(name).requires(cfg) if req in runs]
+        try:
+            reason = plan_stage(store, cfg, name, force, log, frozenset(keep)).reason
+        except ArtifactError:
+            if not first:
+                raise
+            reason = "missing" if store.manifest(name) is None else ""
+        if not reason and first:
+            reason = f"upstream_changed: {', '.join(first)} runs first"
+        if reason in ("", "kept"):
+            rows.append((name, "up to date" if not reason else "kept (--keep: only its code changed)"))
+        else:
+            rows.append((name, f"runs ({reason})"))
+            runs.append(name)
+    return rows
 
 
 def _keep(store: RunStore, existing: Manifest, code: str, code_files: dict, changed: list[str]) -> Manifest:

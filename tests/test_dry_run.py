@@ -1,0 +1,71 @@
+"""``run --dry-run``: the resolved configuration and, per stage, whether it would run and why; nothing is written."""
+
+from __future__ import annotations
+
+import yaml
+
+from pipeline.cli import run_cli
+from pipeline.config import load_config
+from stages import stage_order
+from tests.conftest import TINY
+
+SETS = [a for item in TINY for a in ("--set", item)]
+
+
+def _plan(out: str) -> dict[str, str]:
+    lines = [line[4:].split(None, 1) for line in out.splitlines() if line.startswith("#   ")]
+    return {name: what for name, what in lines}
+
+
+def test_dry_run_prints_the_config_and_runs_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["run", "--dry-run", "--out", str(out), *SETS]) == 0
+    printed = capsys.readouterr().out
+    assert yaml.safe_load(printed) == load_config("default", None, TINY).to_dict()
+    assert printed.startswith("# resolved configuration: the defaults < preset default < --set and options\n")
+    assert _plan(printed) == {name: "runs (missing)" for name in stage_order()}
+    assert not out.exists()
+
+
+def test_dry_run_gives_the_runners_reasons(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(["run", "teacher", "--out", str(out), *SETS]) == 0
+    manifest = (out / "teacher" / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert run_cli(["run", "teacher", "train", "fuse", "--dry-run", "--out", str(out), *SETS]) == 0
+    assert _plan(capsys.readouterr().out) == {
+        "teacher": "up to date",
+        "train": "runs (missing)",
+        "fuse": "runs (missing)",
+    }
+    lr = ["--set", "teacher.optim.lr=0.2"]
+    assert run_cli(["run", "teacher", "train", "--dry-run", "--out", str(out), *SETS, *lr]) == 0
+    assert _plan(capsys.readouterr().out) == {"teacher": "runs (params_changed)", "train": "runs (missing)"}
+    assert run_cli(["run", "teacher", "--dry-run", "--force", "--out", str(out), *SETS]) == 0
+    assert _plan(capsys.readouterr().out) == {"teacher": "runs (forced)"}
+    assert (out / "teacher" / "manifest.json").read_bytes() == manifest
+    assert not (out / "train").exists()
+
+
+def test_dry_run_fails_where_the_run_would(tmp_path, capsys):
+    """A missing upstream the run reads but does not make is the same one-line error, before anything runs."""
+    assert run_cli(["run", "fuse", "--dry-run", "--out", str(tmp_path / "run")]) == 2
+    assert "stage 'train' has no artifacts" in capsys.readouterr().err
+
+
+def test_a_config_file_is_laid_on_the_defaults_not_on_the_default_preset(tmp_path, capsys):
+    """A config file is a whole experiment: without --preset it does not inherit the default preset's small
+    synthetic run; `--preset default --config FILE` layers the file on that preset on purpose."""
+    from pipeline.config import Config
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: mine\nstudent: {method: kd}\n")
+    out = ["--out", str(tmp_path / "run")]
+    assert run_cli(["run", "--dry-run", "--config", str(path), *out]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"# resolved configuration: the defaults < --config {path}\n")
+    assert yaml.safe_load(printed)["teacher"]["arch"] == Config().teacher.arch
+    assert run_cli(["run", "--dry-run", "--preset", "default", "--config", str(path), *out]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"# resolved configuration: the defaults < preset default < --config {path}\n")
+    assert yaml.safe_load(printed)["teacher"]["arch"] == load_config("default").teacher.arch
