@@ -1,0 +1,108 @@
+"""The support matrix (benchmarks/model_matrix.py, issue 25): family derivation, the smallest-variant choice, and a
+sample of the matrix run end to end (every model ends with a verdict, none in a traceback)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "model_matrix.py"
+
+# small, fast models of ten families (each a few seconds to export), timm and torchvision
+SAMPLE = [
+    "timm:resnet10t",  # resnet
+    "timm:mobilenetv2_035",  # efficientnet
+    "timm:lcnet_035",  # mobilenetv3
+    "timm:regnetx_002",  # regnet
+    "timm:mobileone_s0",  # byobnet (re-parameterized)
+    "timm:repghostnet_050",  # repghost (re-parameterized)
+    "timm:starnet_s050",  # starnet
+    "timm:dla46_c",  # dla
+    "torchvision:squeezenet1_1",
+    "torchvision:shufflenet_v2_x0_5",
+]
+
+
+def load_matrix():
+    spec = importlib.util.spec_from_file_location("model_matrix", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_family_derivation():
+    mm = load_matrix()
+    assert mm.timm_family("resnet10t") == "resnet"
+    assert mm.timm_family("resnet10t.a1_in1k") == "resnet"  # a pretrained tag is not part of the family
+    assert mm.timm_family("mobilenetv2_035") == "efficientnet"  # the module it is registered in, not its name
+    assert mm.timm_family("lcnet_035") == "mobilenetv3"
+    assert mm.timm_family("vit_tiny_patch16_224") == "vision_transformer"
+    assert mm.torchvision_family("resnet18") == "torchvision.resnet"
+    assert mm.torchvision_family("mobilenet_v3_small") == "torchvision.mobilenetv3"
+    families = mm.group_families(["resnet18", "resnet10t", "lcnet_035", "mobilenetv3_small_050"])
+    assert families == {"resnet": ["resnet18", "resnet10t"], "mobilenetv3": ["lcnet_035", "mobilenetv3_small_050"]}
+
+
+def test_smallest_variant_choice():
+    mm = load_matrix()
+    assert mm.smallest({"big": 50, "small": 3, "mid": 10}) == "small"
+    assert mm.smallest({"b": 3, "a": 3}) == "a"  # a tie goes to the name first in order
+    assert mm.smallest({"test_tiny": 1, "real": 7}) == "real"  # timm's test_* models only when nothing else counts
+    assert mm.smallest({"test_tiny": 1, "broken": None}) == "test_tiny"
+    assert mm.smallest({"broken": None}) is None  # nothing the meta device could build
+    import timm
+
+    counts = {n: mm.count_parameters(lambda n=n: timm.create_model(n, num_classes=20)) for n in
+              ("resnet50", "resnet18", "resnet10t")}
+    assert mm.smallest(counts) == "resnet10t"
+    real = sum(p.numel() for p in timm.create_model("resnet10t", num_classes=20).parameters())
+    assert counts["resnet10t"] == real  # counted on the meta device, the same as built
+    assert mm.count_parameters(lambda: (_ for _ in ()).throw(RuntimeError("no meta"))) is None
+
+
+def test_classify_exit_status():
+    mm = load_matrix()
+    assert mm.classify(0, "") == "pass"
+    assert mm.classify(1, "error: stage 'export' failed its checks") == "gate"
+    assert mm.classify(2, "error: export: the fp16 conversion of timm:x failed: ...") == "error"
+    assert mm.classify(2, "Traceback (most recent call last):\n  ...\nValueError: x") == "traceback"
+    assert mm.classify(-11, "") == "traceback"
+    assert mm.classify(None, "") == "timeout"
+    assert mm.precision_of("onnx_fp16_min_cosine") == "fp16" and mm.precision_of("int8_qdq_tensorrt") == "int8"
+    assert mm.precision_of("batch_consistency") == "fp32"
+
+
+@pytest.mark.slow
+def test_matrix_sample_has_verdicts_and_no_traceback(tmp_path):
+    """Ten fast families through the script, two at a time, with small sample counts: about 70 s on 2 idle cores."""
+    cmd = [
+        sys.executable, str(SCRIPT), "--out", str(tmp_path), "--models", ",".join(SAMPLE), "--jobs", "2",
+        "--size", "32", "--timeout", "240",
+        "--set", "export.calibration_samples=16", "--set", "export.parity_samples=8",
+        "--set", "export.eval_samples=32", "--set", "export.golden_samples=2",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert sorted(results) == sorted(SAMPLE)
+    for key, r in results.items():
+        assert r["status"] in ("pass", "gate", "error"), f"{key}: {r['status']}: {r['error']}"
+        if r["status"] == "pass":
+            verdicts = r["attempts"][-1]["verdicts"]
+            assert set(verdicts) == {"fp32", "fp16", "int8"}, key
+            assert all(not v["failed"] for v in verdicts.values()), key
+            assert set(r["attempts"][-1]["latency_ms"]) == {"fp32", "fp16", "int8"}, key
+        else:
+            assert r["error"].startswith("error:") and "\n" not in r["error"], f"{key}: {r['error']!r}"
+    doc = (tmp_path / "model-matrix.md").read_text()
+    assert f"**{len(SAMPLE)} of {len(SAMPLE)} models**" in doc
+    for key in SAMPLE:
+        assert f"`{key.split(':', 1)[1]}`" in doc
