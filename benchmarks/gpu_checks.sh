@@ -13,8 +13,9 @@
 # OUT: small text files plus results.tar.gz (manifests, histories, logs, reports; no weights).
 #
 # Usage: bash benchmarks/gpu_checks.sh [OUT_DIR] [--rehearse]
-#   --rehearse: the same steps on the CPU in a minute or two (tiny sizes), so a typo never costs a GPU call;
-#               CI runs it (tests/test_gpu_checks_rehearsal.py).
+#   --rehearse: the same steps on the CPU in a minute or two (tiny sizes; FMNIST_ROOT may then hold any small
+#               set of the four IDX files, unchecked), so a typo never costs a GPU call; CI runs it
+#               (tests/test_gpu_checks_rehearsal.py).
 # Environment: PYTHON (default python3), GPU_CHECKS_BUDGET (seconds), FMNIST_ROOT (the four IDX files;
 #              default .fmnist/ when present, else Debian's /usr/share/datasets/fashion-mnist), GPU_CHECKS_ONLY
 #              (comma-separated step names, to finish what a cut pass left), FMNIST_METHODS (vanilla,kd,kdiffusion).
@@ -44,8 +45,8 @@ if ((rehearse)); then
     device=cpu
     workers=0
     tp=(--quick --variants peer,all,+fused_sgd)
-    prof=(--device cpu --teacher resnet20 --student resnet20 --steps 3 --batch 16)
-    sweep_set=(--set training.tensorboard=false --set data.workers=0 --set data.train_subset=240 --set data.batch_size=32 --set teacher.optim.epochs=1
+    prof=(--device cpu --teacher resnet20 --student resnet20 --steps 2 --batch 8 --methods kd)
+    sweep_set=(--set training.tensorboard=false --set data.workers=0 --set data.verify_checksums=false --set data.train_subset=240 --set data.batch_size=32 --set teacher.optim.epochs=1
         --set student.optim.epochs=1 --set verify.samples=32 --set export.eval_samples=64
         --set export.calibration_samples=32 --set export.parity_samples=16)
     jobs=1
