@@ -441,8 +441,9 @@ def write_doc(path: Path, results: dict, rows: list[dict], precisions: list[str]
         if len(r["attempts"]) > 1:
             result += f" (at {r['attempts'][0]['size']} px: {r['attempts'][0]['status']})"
         cells = [verdict_cell(r, p, precisions) for p in PRECISIONS]
-        lines.append("| " + " | ".join([row["family"], f"`{row['model']}`", params, str(r["size"]), *cells, lat_cell,
-                                          result]).replace("\n", " ") + " |")
+        cells = [c.replace("|", "\\|").replace("\n", " ") for c in
+                 (row["family"], f"`{row['model']}`", params, str(r["size"]), *cells, lat_cell, result)]
+        lines.append("| " + " | ".join(cells) + " |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
