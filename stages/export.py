@@ -34,7 +34,7 @@ from exports.runners import OnnxrtRunner, infer_array
 from exports.trt_commands import GOLDEN_INPUTS, GOLDEN_OUTPUTS, EngineTarget, build_script
 from pipeline.checkpoint import ModelMeta
 from pipeline.checks import TOLERANCES, Check, GateResult
-from pipeline.compare import allclose_fraction, diff_stats, tie_detail
+from pipeline.compare import allclose_fraction, diff_stats, tie_detail, top1_accuracy
 from pipeline.config import Config
 from pipeline.data.transforms import eval_preprocess_spec
 from pipeline.deployment import ONNX_FILES, REPORT, deploy_transform, engine_profile, eval_batches, label_mismatch
@@ -181,6 +181,9 @@ class ExportStage(Stage):
                     result.merge(spec.convert(job), section=spec.name)
             with step("the ONNX Runtime evaluation of " + "/".join(files)):
                 result.merge(reduced_precision_gates(cfg, base, files), section="gates")
+            for note in result.notes:
+                if note.startswith("warning:"):
+                    ctx.log(f"[export] {note}")
             for spec in reduced:
                 if spec.golden_from_onnx:
                     with step(f"the {spec.name} golden outputs"), OnnxrtRunner(files[spec.name]) as runner:
@@ -275,4 +278,19 @@ def reduced_precision_gates(cfg: Config, meta: DeployMeta, files: dict[str, Path
     for p in files:
         if p != "fp32":
             result.merge(PRECISIONS.get(p).onnx_gate(out["fp32"], out[p], labels_all, mismatch), section=p)
+    if not mismatch:
+        result.merge(chance_warning(out["fp32"], labels_all, meta.num_classes))
     return result
+
+
+def chance_warning(logits: np.ndarray, labels: np.ndarray, num_classes: int, margin_pt: float = 5.0) -> GateResult:
+    """A note, not a gate: every gate compares the export with its own source, so an untrained checkpoint
+    passes them all; a top-1 within ``margin_pt`` points of chance says the model itself learned nothing."""
+    top1, chance = top1_accuracy(logits, labels), 100.0 / num_classes
+    if top1 >= chance + margin_pt:
+        return GateResult()
+    note = (
+        f"warning: fp32 top-1 {top1:.2f}% is within {margin_pt:g} points of chance ({chance:.2f}%"
+        f" for {num_classes} classes): was this checkpoint trained?"
+    )
+    return GateResult(report={"near_chance": note}, notes=[note])

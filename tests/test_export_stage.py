@@ -235,3 +235,28 @@ def test_engine_stage_builds_and_checks_each_precision(exported, precision, tmp_
     Image.new("RGB", (32, 32), (200, 20, 20)).save(image)
     predictions = Classifier.load(engine).predict([image], top_k=2)[0]
     assert len(predictions) == 2 and predictions[0].label.startswith("c")
+
+
+def test_an_untrained_checkpoint_is_warned_about_not_failed(tmp_path, capsys):
+    """Random weights pass every gate (each compares the export with its source); the near-chance top-1 on
+    labels that fit the model is a note in the manifest and a log line, and the stage stays ok."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "random.safetensors"
+    names = [f"class_{i:02d}" for i in range(4)]  # the synthetic set's names: its labels fit the model
+    meta = ModelMeta("resnet20", 4, 32, [0.5] * 3, [0.15] * 3, class_names=names, form="fused")
+    save_checkpoint(ckpt, fuse_model(build_model("resnet20", 4)).state_dict(), meta)
+    out = tmp_path / "run"
+    fits = [s for s in DATA if not s.startswith("data.num_classes")] + ["data.num_classes=4"]
+    args = ["run", "export", "--checkpoint", str(ckpt), "--out", str(out), "--set", "export.precisions=[fp32,fp16]"]
+    assert run_cli([*args, *[a for s in fits for a in ("--set", s)]]) == 0
+    manifest = RunStore(out).manifest("export")
+    assert manifest.status == "ok" and "points of chance (25.00% for 4 classes)" in manifest.reason
+    assert "[export] warning: fp32 top-1" in capsys.readouterr().err
+
+
+def test_the_chance_warning_needs_a_top1_near_chance():
+    from stages.export import chance_warning
+
+    labels = np.arange(100) % 10
+    assert chance_warning(np.eye(10)[labels], labels, 10).notes == []
+    assert chance_warning(np.eye(10)[(labels + 1) % 10], labels, 10).notes[0].startswith("warning: fp32 top-1 0.00%")
