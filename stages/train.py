@@ -10,7 +10,7 @@ from torch import nn
 from pipeline.checkpoint import ModelMeta, save_checkpoint
 from pipeline.config import Config
 from pipeline.data import WithIndices
-from pipeline.distill.catalog import build_distiller
+from pipeline.distill.catalog import build_distiller, resolve_method_args
 from pipeline.errors import CheckpointError
 from pipeline.loading import load_model
 from pipeline.models import build_model, count_parameters
@@ -35,10 +35,11 @@ class TrainStage(Stage):
         check_optim(cfg.student.optim, "student.optim")
 
     def params(self, cfg: Config) -> dict:
+        method_args, _ = resolve_method_args(cfg.student.method, cfg.student.method_args, cfg.student.optim.epochs)
         return {
             "arch": cfg.student.arch,
             "method": cfg.student.method,
-            "method_args": cfg.student.method_args,
+            "method_args": method_args,  # as built: a warm-up left unset is scaled to the run
             "optim": dataclasses.asdict(cfg.student.optim),
             "training": training_params(cfg),
             "data": data_params(cfg),
@@ -56,11 +57,14 @@ class TrainStage(Stage):
         student = build_model(cfg.student.arch, data.info.num_classes, data.info.input_size)
         vanilla_params = count_parameters(student)
         train_set = data.dataset("train", augment=True)
-        distiller = build_distiller(
-            cfg.student.method, student, teacher, cfg.student.method_args, num_samples=len(train_set)
+        method_args, warmup_note = resolve_method_args(
+            cfg.student.method, cfg.student.method_args, cfg.student.optim.epochs
         )
+        distiller = build_distiller(cfg.student.method, student, teacher, method_args, num_samples=len(train_set))
         if distiller.needs_indices:
             train_set = WithIndices(train_set)
+        if warmup_note:
+            ctx.log(f"[train] {warmup_note}")
         for note in distiller.notes():
             ctx.log(f"[train] {note}")
         test_loader = make_loader(data.dataset("test"), cfg.data, train=False, device=device)

@@ -289,3 +289,19 @@ def test_average_layer_loss_with_several_branches_uses_their_mean():
         first = torch.nn.functional.mse_loss(loss_fn.bridge(student[0]), x0)
     torch.testing.assert_close(out.loss.detach(), fused)
     assert abs(first.item() - fused.item()) > 1e-3
+
+
+@pytest.mark.parametrize("method", ["kdiffusion", "dkd", "reviewkd"])
+def test_an_unset_warmup_is_the_reference_fraction_of_the_run(method):
+    """20 of 240 epochs: a 20-epoch run warms up over 1.67 epochs, not the whole run; the train stage's params
+    (its fingerprint) hold the value used, and a value the user set is kept."""
+    from pipeline.config import load_config
+    from pipeline.distill.catalog import resolve_method_args
+    from stages.train import TrainStage
+
+    args, note = resolve_method_args(method, {}, 20)
+    assert args == {"warmup_epochs": 1.6667} and "warmup_epochs=1.6667" in note and "240" in note
+    assert resolve_method_args(method, {"warmup_epochs": 3}, 20) == ({"warmup_epochs": 3}, "")
+    assert resolve_method_args("kd", {}, 20) == ({}, "")
+    cfg = load_config(None, None, [f"student.method={method}", "student.optim.epochs=24"])
+    assert TrainStage().params(cfg)["method_args"]["warmup_epochs"] == 2.0

@@ -15,7 +15,17 @@ from pipeline.distill import at, crd, dkd, fitnet, kd, kdiffusion, ofd, reviewkd
 from pipeline.distill.base import METHODS, Bound, Distiller
 from pipeline.errors import ConfigError
 
-__all__ = ["METHODS", "build_distiller", "check_method_args", "method_names", "method_options", "option_types"]
+__all__ = [
+    "METHODS",
+    "build_distiller",
+    "check_method_args",
+    "method_names",
+    "method_options",
+    "option_types",
+    "resolve_method_args",
+]
+
+REFERENCE_EPOCHS = 240  # the run length the methods' default warm-ups were chosen for (mdistiller's CIFAR-100)
 
 
 def method_names() -> list[str]:
@@ -41,6 +51,22 @@ def build_distiller(
         return cls(student, teacher, **args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"method {name!r}: {exc}") from None
+
+
+def resolve_method_args(name: str, args: dict | None, epochs: int) -> tuple[dict, str]:
+    """``args`` with a ``warmup_epochs`` the user left unset scaled to this run: the default's fraction of
+    :data:`REFERENCE_EPOCHS` of ``epochs`` (20 of 240, so 1.67 of 20), as the default would ramp the feature
+    losses over a whole short run. Returns the args and a line saying what was used ('' when nothing was)."""
+    args = dict(args or {})
+    if "warmup_epochs" not in method_options(name) or "warmup_epochs" in args:
+        return args, ""
+    default = inspect.signature(METHODS.get(name).__init__).parameters["warmup_epochs"].default
+    args["warmup_epochs"] = round(default * epochs / REFERENCE_EPOCHS, 4)
+    note = (
+        f"warmup_epochs={args['warmup_epochs']:g}: the default {default:g} of {REFERENCE_EPOCHS} epochs scaled to"
+        f" this run's {epochs} (set student.method_args.warmup_epochs to choose)"
+    )
+    return args, note
 
 
 def method_options(name: str) -> set[str]:
