@@ -116,6 +116,8 @@ def sweep(
     for key, value in (("data.root", data_root), ("device", device), ("teacher.checkpoint", teacher_checkpoint)):
         if value is not None:
             sets.append(f"{key}={json.dumps(str(Path(value).resolve()) if key != 'device' else value)}")
+    if teacher_checkpoint is not None:  # imported as the sweep's own teacher is, whatever a --config file says
+        sets.append("teacher.source=import")
     grid = expand_grid(out, split_list(presets), config_file, split_list(methods), _ints(seeds), sets, teacher_seed)
     if dry_run:
         for task in sweep_tasks(grid):

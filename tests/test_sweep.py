@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -258,3 +259,22 @@ def test_the_shared_teacher_is_trained_with_the_first_seed_or_the_one_asked_for(
 
     assert teacher_seed() == "3"
     assert teacher_seed(teacher_seed=7) == "7"
+
+
+def test_a_given_teacher_is_imported_even_where_the_config_file_trains_one(tmp_path, capsys):
+    from pipeline.cli import run_cli
+    from pipeline.config import load_config
+    from stages.teacher import check_teacher_source
+
+    ckpt, config = tmp_path / "t.safetensors", tmp_path / "my.yaml"
+    ckpt.write_bytes(b"x")
+    config.write_text("teacher: {source: train}\n")
+    argv = ["sweep", "--config", str(config), "--teacher-checkpoint", str(ckpt), "--method", "kd,vanilla"]
+    assert run_cli([*argv, "--dry-run", "--out", str(tmp_path / "sweep")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("teacher.source=import" in line for line in lines)
+    words = lines[0].split()
+    sets = [value for flag, value in itertools.pairwise(words) if flag == "--set"]
+    cfg = load_config(None, config, sets)
+    assert cfg.teacher.checkpoint == str(ckpt.resolve())
+    check_teacher_source(cfg)  # the conflict that failed every cell is gone
