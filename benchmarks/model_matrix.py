@@ -216,11 +216,23 @@ def make_checkpoint(arch: str, size: int, path: str) -> int:
     return 0
 
 
+MEMORY_GB = 12.0  # address-space limit of each child: a memory hog fails alone instead of waking the OOM killer
+
+
+def _limit_memory() -> None:
+    import resource
+
+    limit = int(MEMORY_GB * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
 def run_child(cmd: list[str], timeout: float, log) -> tuple[int | None, str, str, float]:
-    """Run ``cmd`` in its own process group; on timeout kill that group. Returns rc (None: timed out)."""
+    """Run ``cmd`` in its own process group under the memory limit; on timeout kill that group.
+    Returns rc (None: timed out)."""
     tic = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=_limit_memory if MEMORY_GB > 0 else None)
     try:
         out, err = proc.communicate(timeout=max(timeout, 1))
         rc: int | None = proc.returncode
@@ -239,6 +251,24 @@ def classify(rc: int | None, stderr: str) -> str:
     if "Traceback (most recent call last)" in stderr:
         return "traceback"
     return {0: "pass", 1: "gate", 2: "error"}.get(rc, "traceback")
+
+
+def traceback_line(rc: int | None, stderr: str) -> str:
+    """The exception line of a traceback, or the signal that killed the process."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    if rc is not None and rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        hint = " (the kernel's OOM killer?)" if rc == -signal.SIGKILL else ""
+        return f"killed by {name}{hint}" + (f"; last output: {lines[-1]}" if lines else "")
+    if "Traceback (most recent call last)" in stderr:
+        start = max(i for i, line in enumerate(lines) if line.startswith("Traceback"))
+        for line in reversed(lines[start:]):
+            if not line.startswith(("File ", "^", "~")) and ":" in line:
+                return line
+    return lines[-1] if lines else f"exit status {rc}"
 
 
 def error_line(stderr: str) -> str:
@@ -323,8 +353,7 @@ def run_model(row: dict, out: Path, timeout: float, precisions: list[str], extra
                 attempt["stage"] = "checkpoint"
             attempt["rc"], attempt["status"] = rc, status
             if status == "traceback":
-                tb = [line for line in stderr.splitlines() if line.strip()]
-                attempt["error"] = tb[-1].strip() if tb else f"exit status {rc}"
+                attempt["error"] = traceback_line(rc, stderr)
             elif status == "timeout":
                 attempt["error"] = f"timed out after {timeout:.0f}s"
             elif status != "pass":
@@ -439,7 +468,8 @@ def write_doc(path: Path, results: dict, rows: list[dict], precisions: list[str]
         lat_cell = " / ".join(f"{lat[p]:.2f}" if p in lat else "-" for p in PRECISIONS)
         result = r["status"] if r["status"] == "pass" else f"{r['status']}: {r['error']}"
         if len(r["attempts"]) > 1:
-            result += f" (at {r['attempts'][0]['size']} px: {r['attempts'][0]['status']})"
+            first = r["attempts"][0]
+            result += f" (at {first['size']} px: {first['status']}: {first.get('error', '')})"
         cells = [verdict_cell(r, p, precisions) for p in PRECISIONS]
         cells = [c.replace("|", "\\|").replace("\n", " ") for c in
                  (row["family"], f"`{row['model']}`", params, str(r["size"]), *cells, lat_cell, result)]
@@ -458,6 +488,7 @@ def _write_json(path: Path, data) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global MEMORY_GB
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--make-checkpoint"]:
         return make_checkpoint(argv[1], int(argv[2]), argv[3])
@@ -470,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=None, help="comma-separated timm:NAME / torchvision:NAME to run "
                         "instead of the catalogue (no catalogue is built)")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="first input size tried (px)")
+    parser.add_argument("--memory-gb", type=float, default=MEMORY_GB, help="address-space limit per child "
+                        "(0: none)")
     parser.add_argument("--jobs", type=int, default=1, help="models exported at once")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model, all attempts together")
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
@@ -479,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc-only", action="store_true", help="write the doc from the results so far; run nothing")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    MEMORY_GB = args.memory_gb
     precisions = [p for p in args.precisions.split(",") if p]
     if args.models:
         rows = rows_for([k.strip() for k in args.models.split(",") if k.strip()])
