@@ -64,6 +64,12 @@ def cli() -> None:
     is_flag=True,
     help="Print the resolved configuration (YAML) and which stages would run and why; run and write nothing.",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="CPU threads for torch's operators [default: torch's, or OMP_NUM_THREADS].",
+)
 def run(
     stages,
     out,
@@ -79,6 +85,7 @@ def run(
     force,
     keep,
     dry_run,
+    threads,
 ):
     """Run the STAGEs (all, or any of teacher, train, fuse, verify, export, engine; default all) in pipeline order.
 
@@ -126,6 +133,10 @@ def run(
         for name, what in plan:
             click.echo(f"#   {name.ljust(width)}  {what}")
         return
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)  # recorded in every manifest's environment (torch_threads)
     outcomes, failed = [], None
     try:
         run_stages(cfg, out, names, force=force, log=_echo_err, on_outcome=outcomes.append, keep=tuple(keep))

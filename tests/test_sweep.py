@@ -278,3 +278,37 @@ def test_a_given_teacher_is_imported_even_where_the_config_file_trains_one(tmp_p
     cfg = load_config(None, config, sets)
     assert cfg.teacher.checkpoint == str(ckpt.resolve())
     check_teacher_source(cfg)  # the conflict that failed every cell is gone
+
+
+def test_the_shared_teacher_gets_the_threads_of_every_slot_and_a_cell_its_share(tmp_path):
+    """The teacher trains alone (every cell waits for it): a cell's share would leave the other cores idle."""
+    from pipeline.experiments.scheduler import LocalBackend
+
+    teacher, cell = sweep_tasks(expand_grid(tmp_path, [], None, ["kd", "vanilla"], [0], TINY_SETS))[:2]
+    backend = LocalBackend(slots=2, threads=3)
+    assert backend.environment(0, teacher)["OMP_NUM_THREADS"] == "6"
+    assert backend.environment(1, cell)["OMP_NUM_THREADS"] == "3"
+    two = sweep_tasks(expand_grid(tmp_path, [], None, ["kd"], [0], [*TINY_SETS, "teacher.optim.lr=0.1,0.2"]))
+    assert [backend.environment(0, t)["OMP_NUM_THREADS"] for t in two[:2]] == ["3", "3"]  # two teachers at once
+
+
+def test_run_threads_sets_torchs_threads_and_refuses_zero(tmp_path, monkeypatch, capsys):
+    import torch
+
+    import pipeline.runner
+    from pipeline.cli import run_cli
+
+    seen = []
+    monkeypatch.setattr(pipeline.runner, "run_stages", lambda *a, **k: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        assert run_cli(["run", "fuse", "--out", str(tmp_path), "--threads", "2", *_set_args(TINY_SETS)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2]
+    assert run_cli(["run", "fuse", "--out", str(tmp_path), "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
+
+
+def _set_args(sets: list[str]) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]

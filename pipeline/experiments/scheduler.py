@@ -30,6 +30,7 @@ class Task:
     args: tuple[str, ...]
     log: Path
     after: str | None = None  # name of a task that must finish first (the shared teacher)
+    sharing: int = 0  # tasks that can run beside this one, itself included (0: every slot's worth)
 
     @property
     def argv(self) -> list[str]:
@@ -106,8 +107,15 @@ class LocalBackend:
         if not self.threads:
             self.threads = max(1, (os.cpu_count() or 1) // self.slots)
 
-    def environment(self, slot: int) -> dict[str, str]:
-        extra = {"OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
+    def task_threads(self, task: Task | None = None) -> int:
+        """A task that runs with fewer others than there are slots (a shared teacher, before any cell starts)
+        gets the idle slots' threads too, instead of waiting on a cell's share while the cores stand idle."""
+        beside = min(self.slots, task.sharing) if task and task.sharing else self.slots
+        return max(1, self.threads * self.slots // beside)
+
+    def environment(self, slot: int, task: Task | None = None) -> dict[str, str]:
+        threads = str(self.task_threads(task))
+        extra = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         if self.gpus:
             extra["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
         return pipeline_env(extra)
@@ -123,7 +131,7 @@ class LocalBackend:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=self.environment(slot),
+            env=self.environment(slot, task),
             preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
         )
         return _Process(popen, log)

@@ -18,10 +18,13 @@ class SweepFailedError(PipelineError):
 
 
 def sweep_tasks(sweep: Sweep) -> list[Task]:
-    """Shared teachers first, then every cell, each waiting for the teacher it imports."""
+    """Shared teachers first (given the cores the waiting cells leave idle), then every cell, each waiting for
+    the teacher it imports."""
     root = sweep.root.resolve()
+    n = len(sweep.teachers)  # cells wait for their teacher: only the teachers run at first, sharing the machine
     tasks = [
-        Task(f"teacher-{t.key}", t.folder(root), t.args, root / LOGS / f"teacher-{t.key}.log") for t in sweep.teachers
+        Task(f"teacher-{t.key}", t.folder(root), t.args, root / LOGS / f"teacher-{t.key}.log", sharing=n)
+        for t in sweep.teachers
     ]
     for cell in sweep.cells:
         after = f"teacher-{cell.teacher}" if cell.teacher else None
