@@ -172,15 +172,21 @@ def compare(paths, best, fmt, output):
 
 
 @click.command()
-@click.argument("path", metavar="RUN_OR_SWEEP", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument(
+    "paths",
+    metavar="RUNS_OR_SWEEPS...",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+)
 @click.option(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="HTML file to write [default: RUN_OR_SWEEP/report.html].",
+    help="HTML file to write [default: RUN_OR_SWEEP/report.html; ./report.html for several folders].",
 )
-def report(path, output):
+def report(paths, output):
     """One self-contained HTML page (no network): stages, checks, training curves, parity, latency, INT8 ranges;
-    for a sweep, the comparison table and accuracy vs latency."""
+    for a sweep, or several folders as with `compare`, the comparison table and accuracy vs latency."""
     from pipeline.report import write_report
 
-    click.echo(str(write_report(path, output)))
+    click.echo(str(write_report(list(paths), output)))

@@ -101,3 +101,20 @@ def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path):
 
     with pytest.raises(ConfigError, match="neither a run folder"):
         build_comparison([tmp_path])
+
+
+def test_report_takes_several_folders_and_names_the_int8_target(tmp_path, monkeypatch):
+    """As `compare A B`: one page over all; the INT8 latency column says which INT8 model was timed (a
+    TensorRT-placed Q/DQ model runs unfused in ONNX Runtime on a CPU, which is not INT8 speed)."""
+    from pipeline.cli import run_cli
+
+    runs = [fake_run(tmp_path / "k0", "kd", 0, 73.0), fake_run(tmp_path / "v0", "vanilla", 0, 70.0)]
+    for run in runs:
+        latency = {p: {"median_ms": ms} for p, ms in (("fp32", 0.27), ("int8", 1.19))}
+        _stage(run, "export", {"int8_target": "tensorrt"}, {}, {"report.json": json.dumps({"latency": latency})})
+    assert "ORT int8 (tensorrt Q/DQ) ms" in render(build_comparison(runs), "table")
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["report", *map(str, runs)]) == 0
+    html = (tmp_path / "report.html").read_text()
+    assert str(runs[0]) in html and str(runs[1]) in html and "ORT int8 (tensorrt Q/DQ) ms" in html
+    assert 'data-table="deployment"' in html

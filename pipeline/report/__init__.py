@@ -9,14 +9,19 @@ from pipeline.errors import ConfigError
 REPORT_FILE = "report.html"
 
 
-def write_report(path: str | Path, output: str | Path | None = None) -> Path:
-    """Write the self-contained HTML report of a run or sweep folder; returns the file written."""
+def write_report(path: str | Path | list[str | Path], output: str | Path | None = None) -> Path:
+    """Write the self-contained HTML report of a run or sweep folder, or of several on one page (into
+    ``output``, by default ./report.html: no one folder owns it); returns the file written."""
     from pipeline.experiments.grid import is_sweep
-    from pipeline.report.pages import run_page, sweep_page
+    from pipeline.report.pages import folders_page, run_page, sweep_page
     from pipeline.store import RunStore
 
-    root = Path(path)
-    if is_sweep(root):
+    paths = [Path(p) for p in path] if isinstance(path, list | tuple) else [Path(path)]
+    root = paths[0]
+    if len(paths) > 1:
+        text = folders_page(paths)
+        root = Path.cwd()
+    elif is_sweep(root):
         text = sweep_page(root)
     elif RunStore(root).stages():
         text = run_page(root)

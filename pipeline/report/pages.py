@@ -245,39 +245,14 @@ def sweep_page(root: Path) -> str:
     cells = table(
         "cells", ["cell", "status", "method", "seed", "test top-1 (last)", "checks", "failed checks"], rows, raw={1}
     )
-    comparison = build_comparison([root])
-    if comparison.entries:
-        acc = accuracy_rows(comparison, best=True)
-        dep = deployment_rows(comparison)
-        compare_html = table("comparison", acc[0], acc[1:]) + table("deployment", dep[0], dep[1:])
-        compare_html += (
-            "<p class='meta'>top-1: last-epoch test top-1 %, mean ± sample std over seeds; best epoch "
-            "selected on the test set, for reference only.</p>"
-        )
-    else:
-        compare_html = none("No cell has finished training yet.")
-    points = []
-    for run in runs:
-        latency = run.stage_report("export").get("latency", {}).get("fp32", {}).get("median_ms")
-        top1 = run.metric("train", "test_top1")
-        if latency is not None and top1 is not None:
-            points.append((row_name(run), float(latency), float(top1)))
     series = {
         r.name: [(e.get("epoch", i + 1), e["val_top1"]) for i, e in enumerate(r.history("train")) if "val_top1" in e]
         for r in runs
     }
     sections = [
         ("Cells", cells),
-        ("Comparison", compare_html),
-        (
-            "Accuracy vs latency",
-            figure(
-                "scatter",
-                plots.accuracy_vs_latency(points, "accuracy vs latency"),
-                "one point per cell: last-epoch test top-1 against ONNX fp32 latency",
-                "No cell has exported a model yet.",
-            ),
-        ),
+        ("Comparison", comparison_section([root], "No cell has finished training yet.")),
+        ("Accuracy vs latency", latency_figure(runs, "one point per cell", "No cell has exported a model yet.")),
         (
             "Training",
             figure(
@@ -294,3 +269,48 @@ def sweep_page(root: Path) -> str:
         ),
     ]
     return page(f"Sweep {root.resolve().name}", f"{root.resolve()} · {len(sweep.cells)} cells", sections)
+
+
+def comparison_section(paths: list[Path], missing: str) -> str:
+    comparison = build_comparison(paths)
+    if not comparison.entries:
+        return none(missing)
+    acc, dep = accuracy_rows(comparison, best=True), deployment_rows(comparison)
+    return (
+        table("comparison", acc[0], acc[1:])
+        + table("deployment", dep[0], dep[1:])
+        + "<p class='meta'>top-1: last-epoch test top-1 %, mean ± sample std over seeds; best epoch "
+        "selected on the test set, for reference only.</p>"
+    )
+
+
+def latency_figure(runs: list[RunData], each: str, missing: str) -> str:
+    points = []
+    for run in runs:
+        latency = run.stage_report("export").get("latency", {}).get("fp32", {}).get("median_ms")
+        top1 = run.metric("train", "test_top1")
+        if latency is not None and top1 is not None:
+            points.append((row_name(run), float(latency), float(top1)))
+    caption = f"{each}: last-epoch test top-1 against ONNX fp32 latency"
+    return figure("scatter", plots.accuracy_vs_latency(points, "accuracy vs latency"), caption, missing)
+
+
+def folders_page(paths: list[Path]) -> str:
+    """Several run or sweep folders on one page, as ``compare A B`` puts them in one table."""
+    runs, sweeps = read_runs(paths)
+    rows = [
+        [
+            str(r.root),
+            r.method,
+            r.metric("train", "test_top1"),
+            ", ".join(f"{s}: {m.status}" for s, m in r.manifests.items()),
+        ]
+        for r in runs
+    ]
+    sections = [
+        ("Runs", table("runs", ["run", "method", "test top-1 (last)", "stages"], rows)),
+        ("Comparison", comparison_section(paths, "No run has finished training yet.")),
+        ("Accuracy vs latency", latency_figure(runs, "one point per run", "No run has exported a model yet.")),
+    ]
+    subtitle = f"{len(paths)} folders ({len(sweeps)} sweeps) · {len(runs)} runs"
+    return page("Runs " + ", ".join(p.resolve().name for p in paths), subtitle, sections)

@@ -28,6 +28,9 @@ _PUBLISHED_ROW = {
     "kdiffusion_single_avg": "single_layer_average",
 }
 PRECISIONS = ("fp32", "fp16", "int8")
+# export.int8_target -> how the INT8 latency column names it: a TensorRT-placed Q/DQ model runs unfused (slow) in
+# ONNX Runtime on a CPU, so its latency there is not INT8 speed
+INT8_TARGET_LABELS = {"tensorrt": "tensorrt Q/DQ"}
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Entry:
     flops: int | None = None
     latency_ms: dict[str, Stat] = field(default_factory=dict)
     int8_drop: Stat = field(default_factory=lambda: Stat([]))
+    int8_target: str | None = None  # export.int8_target of the runs' INT8 models
 
 
 @dataclass
@@ -83,6 +87,13 @@ class Comparison:
 
     def get(self, row: str, pair: tuple[str, str, str]) -> Entry | None:
         return self.entries.get((row, pair))
+
+    @property
+    def int8_latency_header(self) -> str:
+        """The INT8 latency column's name, with the INT8 target(s) its models were made for."""
+        targets = sorted({e.int8_target for e in self.entries.values() if e.int8_target})
+        named = ", ".join(INT8_TARGET_LABELS.get(t, t) for t in targets)
+        return f"ORT int8 ({named}) ms" if named else "ORT int8 ms"
 
     def to_dict(self) -> dict:
         out = []
@@ -106,6 +117,7 @@ class Comparison:
                     "flops": e.flops,
                     "latency_ms": {p: s.mean for p, s in e.latency_ms.items()},
                     "int8_drop_pt": e.int8_drop.mean,
+                    "int8_target": e.int8_target,
                     "runs": e.runs,
                 }
             )
@@ -188,6 +200,8 @@ def build_comparison(paths: list[str | Path]) -> Comparison:
             values = [float(v) for v in values if isinstance(v, int | float)]
             if values:
                 entry.latency_ms[precision] = Stat(values)
+        targets = {m.params.get("int8_target") for r in members if (m := r.manifests.get("export"))}
+        entry.int8_target = ", ".join(sorted(t for t in targets if t)) or None
         entry.int8_drop = Stat(
             [float(v) for r in members if (v := r.metric("export", "int8_top1_drop_pt")) is not None]
         )
@@ -238,7 +252,8 @@ def accuracy_rows(c: Comparison, best: bool) -> list[list[str]]:
 
 
 def deployment_rows(c: Comparison) -> list[list[str]]:
-    header = ["pair", "method", "parameters", "FLOPs", *(f"ORT {p} ms" for p in PRECISIONS), "INT8 drop (pt)"]
+    latency_header = [c.int8_latency_header if p == "int8" else f"ORT {p} ms" for p in PRECISIONS]
+    header = ["pair", "method", "parameters", "FLOPs", *latency_header, "INT8 drop (pt)"]
     rows = [header]
     for pair in c.pairs:
         for row in c.rows:
