@@ -77,6 +77,10 @@ def test_classify_exit_status():
     assert mm.classify(None, "") == "timeout"
     assert mm.precision_of("onnx_fp16_min_cosine") == "fp16" and mm.precision_of("int8_qdq_tensorrt") == "int8"
     assert mm.precision_of("batch_consistency") == "fp32"
+    stderr = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\nValueError: Too many bins\n'
+    assert mm.traceback_line(1, stderr) == "ValueError: Too many bins"
+    assert mm.traceback_line(-9, "[export] wrote model.onnx\n").startswith("killed by SIGKILL")
+    assert mm.error_line("[export] running\nerror: export: x failed: y\n") == "error: export: x failed: y"
 
 
 @pytest.mark.slow
