@@ -8,6 +8,7 @@ re-parameterization and fusion state), plus what a deployed model must know abou
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -216,6 +217,11 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
             )
         arch = getattr(getattr(model, "info", None), "name", type(model).__name__)
         raise CheckpointError(f"{source} does not fit architecture {arch}: " + "; ".join(parts))
+    if getattr(state, "_metadata", None) is None:
+        # safetensors holds tensors only; modules that version their state (torchvision's MNASNet) read the
+        # version record torch.save keeps beside them, so give them the freshly built model's
+        state = collections.OrderedDict(state)
+        state._metadata = getattr(expected, "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=True)
 
 

@@ -70,24 +70,32 @@ LIBRARY_PACKAGES = (
     "torch._export",
 )
 _CAUSE_LIMIT = 300
+PROJECT_PACKAGES = ("pipeline", "stages", "exports")  # an exception whose innermost known frame is ours is a bug
 
 
 def raised_in_library(exc: BaseException, packages: tuple[str, ...] = LIBRARY_PACKAGES) -> str | None:
-    """The module of ``packages`` that raised ``exc`` (its class's module, else its innermost frame's), or None.
+    """The module of ``packages`` that raised ``exc`` (its class's module, else the innermost of its frames that
+    is a library's or ours), or None.
 
-    Only these count: an exception raised in our own code (a bug) keeps its traceback.
+    Only these count: an exception raised in our own code (a bug) keeps its traceback. Frames of other packages
+    are looked through, so numpy failing inside ONNX Runtime's calibration counts as ONNX Runtime's.
     """
 
     def ours(module: str) -> bool:
         return any(module == p or module.startswith(f"{p}.") for p in packages)
 
+    if ours(type(exc).__module__):
+        return type(exc).__module__
+    frames = []
     tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
+    while tb is not None:
+        frames.append(tb.tb_frame.f_globals.get("__name__", ""))
         tb = tb.tb_next
-    frame_module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
-    for module in (type(exc).__module__, frame_module):
+    for module in reversed(frames):
         if ours(module):
             return module
+        if module.split(".")[0] in PROJECT_PACKAGES:
+            return None
     return None
 
 

@@ -277,3 +277,36 @@ def test_cli_reports_an_fp16_failure_in_one_line(tmp_path, monkeypatch, capsys):
     line = next(line for line in err.splitlines() if line.startswith("error:"))
     assert code == 2 and "Traceback" not in err
     assert line.startswith("error: export: fp16 conversion of timm:resnet10t failed: ValidationError: converter")
+
+
+def _raising_in(module: str):
+    """A function defined as if in ``module`` that makes numpy raise (numpy's frame is the innermost)."""
+    namespace = {"__name__": module, "np": np}
+    exec("def calibrate():\n    return np.histogram(np.array([0.0, 1.0]), bins=-1)\n", namespace)
+    return namespace["calibrate"]
+
+
+def test_numpy_failing_inside_a_library_is_that_librarys_one_line_error():
+    """ONNX Runtime's INT8 calibration of timm:efficientvit_m0 failed in numpy ("Too many bins"): a
+    traceback, since the innermost frame was numpy's. Frames of other packages are now looked through."""
+    expected = r"export: int8 of m failed: ValueError: .*onnxruntime"
+    with pytest.raises(UnsupportedModelError, match=expected), library_errors("export", "int8", "m"):
+        _raising_in("onnxruntime.quantization.calibrate")()
+    # numpy called from our own code is a bug: its traceback stays
+    with pytest.raises(ValueError), library_errors("export", "int8", "m"):
+        _raising_in("exports.int8")()
+
+
+def test_a_safetensors_state_loads_into_a_module_that_versions_its_state(tmp_path):
+    """torchvision's MNASNet reads the version record torch.save keeps beside the tensors; safetensors has
+    none, and the export of any MNASNet ended in a traceback."""
+    import torchvision
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.checkpoint import load_strict
+
+    model = torchvision.models.mnasnet0_5(num_classes=20)
+    save_file(model.state_dict(), tmp_path / "m.safetensors")
+    fresh = torchvision.models.mnasnet0_5(num_classes=20)
+    load_strict(fresh, load_file(tmp_path / "m.safetensors"), "m.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
