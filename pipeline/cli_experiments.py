@@ -138,14 +138,15 @@ def sweep(
     click.echo(f"compare: python -m pipeline compare {out}")
 
 
-@click.command()
-@click.argument(
-    "paths",
-    metavar="RUNS_OR_SWEEPS...",
-    nargs=-1,
-    required=True,
+# compare and report read the same kind of arguments: run folders and sweep folders, one or several
+run_folders = click.argument(
+    "paths", metavar="RUNS_OR_SWEEPS...", nargs=-1, required=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-)
+)  # fmt: skip
+
+
+@click.command()
+@run_folders
 @click.option(
     "--best", is_flag=True, help="Also show the best-epoch test top-1 (labelled; the last epoch is the main figure)."
 )
@@ -172,13 +173,7 @@ def compare(paths, best, fmt, output):
 
 
 @click.command()
-@click.argument(
-    "paths",
-    metavar="RUNS_OR_SWEEPS...",
-    nargs=-1,
-    required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-)
+@run_folders
 @click.option(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
