@@ -1,13 +1,15 @@
-"""``python -m pipeline``: see :mod:`pipeline.cli`."""
+"""``python -m pipeline`` and the ``kdpipe`` console script: see :mod:`pipeline.cli`."""
 
 import signal
 import sys
 
-if __name__ == "__main__":
-    # Before the imports: a Ctrl-C while they run also ends in exit status 130, not in death by the signal.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+def main() -> None:
+    """Both entry points: the CLI, or its one-line error when click or torch cannot be imported (the CLI's
+    promise, kept before the CLI exists), and exit status 130 for a Ctrl-C while the imports run."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # before the imports: not death by the signal
     try:
-        from pipeline.cli import main
+        from pipeline.cli import main as cli_main
     except KeyboardInterrupt:
         sys.exit(130)
     except ImportError as exc:  # click or another core package is missing: the CLI's one line, without the CLI
@@ -18,4 +20,8 @@ if __name__ == "__main__":
             raise
         sys.stderr.write(f"error: {message}\n")
         sys.exit(2)
+    cli_main()
+
+
+if __name__ == "__main__":
     main()

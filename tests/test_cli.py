@@ -128,9 +128,22 @@ def test_inspect_lists_stages_in_pipeline_order(tmp_path, capsys):
     assert list(json.loads(capsys.readouterr().out)) == list(stage_order())
 
 
+def _console_script() -> list[str]:
+    """What the installed ``kdpipe`` runs, read from pyproject.toml: pip's wrapper imports the entry and calls it."""
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts["kdpipe"].partition(":")
+    return [sys.executable, "-c", f"import sys; from {module} import {function}; sys.exit({function}())"]
+
+
+@pytest.mark.parametrize("entry", ["python -m pipeline", "kdpipe"])
 @pytest.mark.parametrize("package", ["torch", "click"])
-def test_a_core_package_that_does_not_import_is_one_line(package, tmp_path):
-    """An install whose torch (or click, imported before the CLI exists) is broken gets the fix, not a traceback."""
+def test_a_core_package_that_does_not_import_is_one_line(package, entry, tmp_path):
+    """An install whose torch (or click, imported before the CLI exists) is broken gets the fix, not a traceback,
+    from either entry point."""
     import os
     import subprocess
     import sys
@@ -140,9 +153,8 @@ def test_a_core_package_that_does_not_import_is_one_line(package, tmp_path):
     (tmp_path / package / "__init__.py").write_text("raise ImportError('libsomething.so: cannot open shared object')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "methods"], cwd=root, env=env, capture_output=True, text=True, timeout=120
-    )
+    command = [sys.executable, "-m", "pipeline"] if entry == "python -m pipeline" else _console_script()
+    done = subprocess.run([*command, "methods"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith(f"error: {package} is not installed or cannot be imported (")
