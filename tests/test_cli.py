@@ -131,8 +131,9 @@ def test_inspect_lists_stages_in_pipeline_order(tmp_path, capsys):
 def _console_script() -> list[str]:
     """What the installed ``kdpipe`` runs, read from pyproject.toml: pip's wrapper imports the entry and calls it."""
     import sys
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, function = scripts["kdpipe"].partition(":")
