@@ -62,7 +62,8 @@ def cli() -> None:
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Print the resolved configuration (YAML) and which stages would run and why; run and write nothing.",
+    help="Print the resolved configuration (YAML, each value with where it came from) and which stages would run "
+    "and why; run and write nothing.",
 )
 @click.option(
     "--threads",
@@ -95,17 +96,18 @@ def run(
     from pipeline.runner import run_stages
     from stages import get_stage, stage_order
 
-    sets = list(overrides)
-    for key, value in (
-        ("student.method", method),
-        ("seed", seed),
-        ("device", device),
-        ("data.root", data_root),
-        ("teacher.checkpoint", teacher_checkpoint),
-        ("export.checkpoint", checkpoint),
+    sets, labels = list(overrides), ["--set"] * len(overrides)  # labels: where each value came from (--dry-run)
+    for option, key, value in (
+        ("--method", "student.method", method),
+        ("--seed", "seed", seed),
+        ("--device", "device", device),
+        ("--data-root", "data.root", data_root),
+        ("--teacher-checkpoint", "teacher.checkpoint", teacher_checkpoint),
+        ("--checkpoint", "export.checkpoint", checkpoint),
     ):
         if value is not None:
             sets.append(f"{key}={json.dumps(value)}")
+            labels.append(option)
     for name in (*(s for s in stages if s != "all"), *keep):
         get_stage(name)  # an unknown name is a one-line error listing the registered stages
     if out is not None:
@@ -119,15 +121,16 @@ def run(
         raise ConfigError("--checkpoint is for `run export` (a student made elsewhere), optionally with `engine`")
     out = out or Path("runs") / (preset or cfg.name)
     if dry_run:
-        import yaml
-
+        from pipeline.config import annotated_yaml, value_origins
         from pipeline.runner import dry_run as plan_run
 
         plan = plan_run(cfg, out, names, force=force, log=_echo_err, keep=tuple(keep))
         layers = ["the defaults", *([f"preset {preset or default}"] if preset or default else [])]
         layers += [f"--config {config_file}"] * (config_file is not None) + ["--set and options"] * bool(sets)
         click.echo(f"# resolved configuration: {' < '.join(layers)}")
-        click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
+        click.echo("# after each value, the layer that set it (default: the typed defaults of pipeline/config.py)")
+        origins = value_origins(cfg, preset if preset is not None else default, config_file, sets, labels)
+        click.echo("\n".join(annotated_yaml(cfg.to_dict(), origins)))
         click.echo(f"# stages in {out} (dry run: nothing was run or written):")
         width = max(len(name) for name, _ in plan)
         for name, what in plan:

@@ -207,15 +207,7 @@ def load_config(
     log: Callable[[str], None] | None = None,
 ) -> Config:
     """Resolve a config; ``log`` receives notes such as method options dropped by a method switch."""
-    layers: list[dict] = []
-    if preset is not None:
-        layers.append(preset_data(preset))
-    if file is not None:
-        path = Path(file)
-        content = _read_yaml(read_config_text(path), str(path))
-        if not isinstance(content, dict) or not content:
-            raise ConfigError(f"config file {path} must hold a non-empty mapping of options")
-        layers.append(content)
+    layers = [layer for _, layer in _layers(preset, file)]
     data: dict = {}
     written_for: dict[str, str] = {}  # method_args key -> the method in effect where the preset or file set it
     for layer in layers:
@@ -233,6 +225,78 @@ def load_config(
     if foreign:
         _drop_foreign_method_args(cfg.student, foreign, log)
     return cfg
+
+
+def _layers(preset: str | None, file: str | Path | None) -> list[tuple[str, dict]]:
+    """The preset's and the file's options, each with the name :func:`value_origins` gives it."""
+    layers: list[tuple[str, dict]] = []
+    if preset is not None:
+        layers.append((f"preset {preset}", preset_data(preset)))
+    if file is not None:
+        path = Path(file)
+        content = _read_yaml(read_config_text(path), str(path))
+        if not isinstance(content, dict) or not content:
+            raise ConfigError(f"config file {path} must hold a non-empty mapping of options")
+        layers.append((f"--config {path}", content))
+    return layers
+
+
+def value_origins(
+    cfg: Config,
+    preset: str | None,
+    file: str | Path | None,
+    overrides: list[str] = (),
+    labels: list[str] | None = None,
+) -> dict[str, str]:
+    """Where each value of ``cfg`` (resolved from these arguments) came from, by dotted key: ``default``,
+    ``preset NAME``, ``--config PATH``, or the override's label (``--set``, or the option that wrote it).
+
+    The last layer that wrote a key, or a section above it as a whole (a list, an empty mapping), wins, as
+    in :func:`load_config`; a list is one value.
+    """
+    layers = _layers(preset, file)
+    layers += [(label, parse_override(item)) for item, label in zip(overrides, labels or ["--set"] * len(overrides))]
+    written = [(label, set(_leaves(layer))) for label, layer in layers]
+    origins = {}
+    for key in _leaves(cfg.to_dict()):
+        above = {".".join(key.split(".")[:i]) for i in range(1, key.count(".") + 2)}
+        origins[key] = next((label for label, keys in reversed(written) if keys & above), "default")
+    return origins
+
+
+def _leaves(data: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of the values in nested mappings; a non-empty mapping is a section, anything else a value."""
+    keys = []
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            keys += _leaves(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def annotated_yaml(data: dict, origins: dict[str, str], prefix: str = "") -> list[str]:
+    """``data`` as block YAML, each value followed by ``# where it came from``: still YAML, and read at a glance."""
+    rows = _annotated_rows(data, origins, prefix, "")
+    width = min(48, max((len(text) for text, origin in rows if origin is not None), default=0))
+    return [text if origin is None else f"{text.ljust(width)}  # {origin}" for text, origin in rows]
+
+
+def _annotated_rows(data: dict, origins: dict[str, str], prefix: str, indent: str) -> list[tuple[str, str | None]]:
+    rows: list[tuple[str, str | None]] = []
+    for key, value in data.items():
+        name = _flow(key)
+        if isinstance(value, dict) and value:
+            rows.append((f"{indent}{name}:", None))
+            rows += _annotated_rows(value, origins, f"{prefix}{key}.", indent + "  ")
+        else:
+            rows.append((f"{indent}{name}: {_flow(value)}", origins.get(f"{prefix}{key}", "default")))
+    return rows
+
+
+def _flow(value: Any) -> str:
+    """One value as one line of YAML (flow style, quoted where needed)."""
+    return yaml.safe_dump([value], default_flow_style=True, width=1 << 20).strip()[1:-1]
 
 
 def _student(data: dict) -> dict:

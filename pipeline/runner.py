@@ -209,6 +209,13 @@ def _differences(old: object, new: object, key: str = "") -> list[str]:
     return [] if old == new else [f"{key.lstrip('.')}: {json.dumps(old)[:40]} -> {json.dumps(new)[:40]}"]
 
 
+def _changes(old: object, new: object, key: str = "") -> list[str]:
+    """``key: old -> new`` for every parameter that differs, one that is added or dropped included."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(old.keys() | new.keys()) for d in _changes(old.get(k), new.get(k), f"{key}.{k}")]
+    return [] if old == new else [f"{key.lstrip('.')}: {json.dumps(old)[:40]} -> {json.dumps(new)[:40]}"]
+
+
 def _quiet(message: str) -> None:
     """The log of ranks other than 0: one copy of every line is enough."""
 
@@ -355,8 +362,9 @@ def plan_stage(
     intact = store.outputs_intact(name, existing) if existing else ""
     probe = Manifest(name, "ok", params, inputs, [], [], code)
     reason = "forced" if force else stale_reason(existing, params, probe.inputs_hash, code, intact, fp)
-    if not reason and any(existing.upstream.get(r) not in upstream[r].manifest.accepted_digests for r in links):
-        reason = "upstream_changed"
+    remade = [r for r in links if existing and existing.upstream.get(r) not in upstream[r].manifest.accepted_digests]
+    if not reason and remade:
+        reason = f"upstream_changed: {', '.join(remade)} was made again since"
     if reason == "code_changed":
         plan.changed = changed_files(existing.code_files, code_files) or ["the stage's version"]
         if name in keep and existing.inputs_hash == probe.inputs_hash and not intact:
@@ -365,6 +373,12 @@ def plan_stage(
             reason = f"code_changed: {_some(plan.changed)}"
     elif name in keep and reason:
         log(f"[{name}] --keep applies to code changes only; this stage is stale for another reason")
+    if reason == "params_changed":
+        reason += ": " + _some(_changes(existing.params, json.loads(json.dumps(params, default=str))), 3)
+    elif reason == "inputs_changed":
+        before = {a.path: a.sha256 for a in existing.inputs}
+        now = {a.path: a.sha256 for a in inputs}
+        reason += ": " + _some(sorted(path for path in before.keys() | now.keys() if before.get(path) != now.get(path)))
     plan.reason = reason
     return plan
 
@@ -402,11 +416,15 @@ def dry_run(
         if not reason and first:
             reason = f"upstream_changed: {', '.join(first)} runs first"
         if reason in ("", "kept"):
-            rows.append((name, "up to date" if not reason else "kept (--keep: only its code changed)"))
+            rows.append((name, "kept (--keep: only its code changed)" if reason else UP_TO_DATE))
         else:
-            rows.append((name, f"runs ({reason})"))
+            rows.append((name, f"runs ({WHY.get(reason, reason)})"))
             runs.append(name)
     return rows
+
+
+UP_TO_DATE = "up to date (same fingerprint: settings, inputs and code; outputs intact)"
+WHY = {"missing": "missing: no previous run in this folder", "forced": "forced: --force"}  # the rest say why
 
 
 def _keep(store: RunStore, existing: Manifest, code: str, code_files: dict, changed: list[str]) -> Manifest:

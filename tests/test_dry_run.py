@@ -6,10 +6,12 @@ import yaml
 
 from pipeline.cli import run_cli
 from pipeline.config import load_config
+from pipeline.runner import UP_TO_DATE
 from stages import stage_order
 from tests.conftest import TINY
 
 SETS = [a for item in TINY for a in ("--set", item)]
+MISSING = "missing: no previous run in this folder"
 
 
 def _plan(out: str) -> dict[str, str]:
@@ -23,7 +25,7 @@ def test_dry_run_prints_the_config_and_runs_nothing(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert yaml.safe_load(printed) == load_config("default", None, TINY).to_dict()
     assert printed.startswith("# resolved configuration: the defaults < preset default < --set and options\n")
-    assert _plan(printed) == {name: "runs (missing)" for name in stage_order()}
+    assert _plan(printed) == {name: f"runs ({MISSING})" for name in stage_order()}
     assert not out.exists()
 
 
@@ -34,15 +36,19 @@ def test_dry_run_gives_the_runners_reasons(tmp_path, capsys):
     capsys.readouterr()
     assert run_cli(["run", "teacher", "train", "fuse", "--dry-run", "--out", str(out), *SETS]) == 0
     assert _plan(capsys.readouterr().out) == {
-        "teacher": "up to date",
-        "train": "runs (missing)",
-        "fuse": "runs (missing)",
+        "teacher": UP_TO_DATE,
+        "train": f"runs ({MISSING})",
+        "fuse": f"runs ({MISSING})",
     }
     lr = ["--set", "teacher.optim.lr=0.2"]
     assert run_cli(["run", "teacher", "train", "--dry-run", "--out", str(out), *SETS, *lr]) == 0
-    assert _plan(capsys.readouterr().out) == {"teacher": "runs (params_changed)", "train": "runs (missing)"}
+    old_lr = load_config("default", None, TINY).teacher.optim.lr
+    assert _plan(capsys.readouterr().out) == {
+        "teacher": f"runs (params_changed: optim.lr: {old_lr} -> 0.2)",  # which of its settings changed
+        "train": f"runs ({MISSING})",
+    }
     assert run_cli(["run", "teacher", "--dry-run", "--force", "--out", str(out), *SETS]) == 0
-    assert _plan(capsys.readouterr().out) == {"teacher": "runs (forced)"}
+    assert _plan(capsys.readouterr().out) == {"teacher": "runs (forced: --force)"}
     assert (out / "teacher" / "manifest.json").read_bytes() == manifest
     assert not (out / "train").exists()
 
@@ -69,3 +75,46 @@ def test_a_config_file_is_laid_on_the_defaults_not_on_the_default_preset(tmp_pat
     printed = capsys.readouterr().out
     assert printed.startswith(f"# resolved configuration: the defaults < preset default < --config {path}\n")
     assert yaml.safe_load(printed)["teacher"]["arch"] == load_config("default").teacher.arch
+
+
+def _origins(printed: str) -> dict[str, str]:
+    """``{dotted key: origin}`` from the dry run's ``key: value  # origin`` lines."""
+    origins, path = {}, []
+    for line in printed.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        depth = (len(line) - len(line.lstrip())) // 2
+        key, _, rest = line.strip().partition(":")
+        path[depth:] = [key]
+        if "  # " in rest:
+            origins[".".join(path)] = rest.rsplit("  # ", 1)[1]
+    return origins
+
+
+def _keys(data: dict, prefix: str = "") -> list[str]:
+    return [
+        key
+        for name, value in data.items()
+        for key in (_keys(value, f"{prefix}{name}.") if isinstance(value, dict) and value else [prefix + name])
+    ]
+
+
+def test_dry_run_names_where_each_value_came_from(tmp_path, capsys):
+    """One value from each layer: the typed defaults, the preset, the config file, --set and a shortcut option;
+    the listing is still the resolved configuration as YAML, and the run folder is not made."""
+    path = tmp_path / "exp.yaml"
+    path.write_text("student:\n  optim: {lr: 0.02}\n")
+    out = tmp_path / "run"
+    args = ["--preset", "default", "--config", str(path), "--set", "data.image_size=16", "--seed", "3"]
+    assert run_cli(["run", "all", "--dry-run", "--out", str(out), *args]) == 0
+    printed = capsys.readouterr().out
+    origins = _origins(printed)
+    assert origins["training.amp"] == "default"
+    assert origins["teacher.arch"] == "preset default"
+    assert origins["student.optim.lr"] == f"--config {path}"
+    assert origins["data.image_size"] == "--set"
+    assert origins["seed"] == "--seed"
+    resolved = load_config("default", path, ["data.image_size=16", "seed=3"])
+    assert yaml.safe_load(printed) == resolved.to_dict()
+    assert set(origins) == set(_keys(resolved.to_dict()))  # every value has its origin
+    assert not out.exists()
