@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from exports.calibration import activation_ranges
 from exports.deps import require
 from exports.metadata import INPUT_NAME, DeployMeta
 from exports.onnx_export import check_onnx, write_metadata
+from pipeline.atomic import atomic_write
 
 FP16_MAX = 65504.0
 
@@ -97,7 +99,8 @@ def fp16_model(
             write_metadata(partial, meta)
             problem = invalid_graph(partial)
             if problem is None:
-                partial.replace(dst)
+                with open(partial, "rb") as valid:
+                    atomic_write(dst, lambda f: shutil.copyfileobj(valid, f))
                 return Fp16Result(guard, converter, errors)
             errors.append(problem)
             named = [n for n in invalid_nodes(problem) if n not in guard and n not in converter]

@@ -2,7 +2,8 @@
 
 A reader (or a crash) then sees either the old file or the new one, never half of one. Stage folders are
 made atomic as a whole by the store (build in staging, rename into place); this is for the single files
-that live outside that scheme: resume state, caches, and a manifest amended in place. Standard library
+that live outside that scheme: resume state, caches, sweep records, the HTML report and a manifest amended
+in place. ``tests/test_atomic.py`` checks that no other module renames a file into place. Standard library
 only, so ``exports/`` may use it too.
 """
 

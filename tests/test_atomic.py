@@ -1,8 +1,12 @@
 """The one atomic file write (pipeline.atomic): readers see the old file or the new one, never a part."""
 
+import ast
+from pathlib import Path
+
 import pytest
 
 from pipeline.atomic import atomic_write, atomic_write_bytes, atomic_write_text
+from pipeline.code_version import PROJECT_PACKAGES
 
 
 def test_writes_and_replaces(tmp_path):
@@ -26,3 +30,35 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         atomic_write(path, half_then_crash)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
+
+
+# --- the one way: no other module moves a file into place -------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER_SWAP = "pipeline/store.py"  # renames whole stage folders into place (staging -> committed), not files
+
+
+def _moves(source: Path) -> list[int]:
+    """Lines that move a file into place: ``os.replace``/``os.rename``, or ``x.replace(target)``/``x.rename(target)``
+    with one argument (``str.replace`` takes two, ``dataclasses.replace`` keywords)."""
+    lines = []
+    for node in ast.walk(ast.parse(source.read_text(), filename=str(source))):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        if node.func.attr not in ("replace", "rename"):
+            continue
+        on_os = isinstance(node.func.value, ast.Name) and node.func.value.id == "os"
+        if on_os or (len(node.args) == 1 and not node.keywords):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_pipeline_atomic_moves_a_file_into_place():
+    moves = {
+        path.relative_to(ROOT).as_posix(): lines
+        for package in PROJECT_PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (lines := _moves(path))
+    }
+    assert moves.pop("pipeline/atomic.py") and moves.pop(FOLDER_SWAP)  # the rule sees both
+    assert not moves, f"write these through pipeline.atomic: {moves}"

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.atomic import atomic_write_text
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
 from pipeline.hashing import sha256_json
@@ -94,10 +95,7 @@ class Sweep:
             )
         else:
             merged = self
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(merged.to_dict(), indent=2) + "\n")
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, json.dumps(merged.to_dict(), indent=2) + "\n")
 
 
 def read_sweep(root: str | Path) -> Sweep:

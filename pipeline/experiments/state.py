@@ -13,6 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from pipeline.atomic import atomic_write_text
 from pipeline.code_version import project_sources
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
@@ -53,9 +54,7 @@ def mark_finished(folder: Path, args: list[str] | tuple[str, ...]) -> None:
         "fingerprints": {name: store.manifest(name).fingerprint for name in store.stages()},
         "teacher_sha256": _teacher_hash(args),
     }
-    tmp = folder / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(folder / RECORD)
+    atomic_write_text(folder / RECORD, json.dumps(record, indent=2) + "\n")
 
 
 def is_up_to_date(folder: Path, args: list[str] | tuple[str, ...], code: str | None = None) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.atomic import atomic_write_text
 from pipeline.errors import ConfigError
 
 REPORT_FILE = "report.html"
@@ -27,8 +28,4 @@ def write_report(path: str | Path | list[str | Path], output: str | Path | None 
         text = run_page(root)
     else:
         raise ConfigError(f"{root} is neither a run folder (stage manifests) nor a sweep folder (sweep.json)")
-    target = Path(output) if output else root / REPORT_FILE
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(target)
-    return target
+    return atomic_write_text(Path(output) if output else root / REPORT_FILE, text)
