@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,25 @@ def test_report_takes_several_folders_and_names_the_int8_target(tmp_path, monkey
     html = (tmp_path / "report.html").read_text()
     assert str(runs[0]) in html and str(runs[1]) in html and "ORT int8 (tensorrt Q/DQ) ms" in html
     assert 'data-table="deployment"' in html
+
+
+def test_a_cpu_target_int8_figure_gets_its_own_labelled_column(tmp_path):
+    """Where the export timed a cpu-target INT8 model beside the TensorRT one, the table shows it in a column
+    named by its target, with a note; without such a figure there is no such column."""
+    runs = [fake_run(tmp_path / "k0", "kd", 0, 73.0), fake_run(tmp_path / "v0", "vanilla", 0, 70.0)]
+    latency = {p: {"median_ms": ms} for p, ms in (("fp32", 0.27), ("int8", 1.19))}
+    report = {"latency": latency, "int8": {"target": "tensorrt"}}
+    _stage(runs[1], "export", {"int8_target": "tensorrt"}, {}, {"report.json": json.dumps(report)})
+    assert "ORT int8 (cpu target) ms" not in render(build_comparison(runs), "table")
+    report["int8_cpu_latency"] = {"median_ms": 0.123, "target": "cpu"}
+    _stage(runs[0], "export", {"int8_target": "tensorrt"}, {}, {"report.json": json.dumps(report)})
+    table = render(build_comparison(runs), "table")
+    header, _, *lines = [re.split(r"\s{2,}", line) for line in table.split("\n\n")[1].splitlines()]
+    rows = {row[1]: dict(zip(header, row)) for row in lines}
+    assert header.index("ORT int8 (cpu target) ms") == header.index("ORT int8 (tensorrt Q/DQ) ms") + 1
+    assert rows["kd"]["ORT int8 (cpu target) ms"] == "0.123" and rows["vanilla"]["ORT int8 (cpu target) ms"] == "-"
+    assert "a cpu-target INT8 model (uint8 activations, fused by ONNX Runtime) timed on the same CPU" in table
+    entries = {e["method"]: e for e in build_comparison(runs).to_dict()["entries"]}
+    assert entries["kd"]["latency_int8_cpu_ms"] == 0.123 and entries["vanilla"]["latency_int8_cpu_ms"] is None
+    html = write_report(runs[0], tmp_path / "k0.html").read_text()
+    assert "int8 (tensorrt target)" in html and "int8 (cpu target, timed only)" in html

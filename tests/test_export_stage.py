@@ -260,3 +260,35 @@ def test_the_chance_warning_needs_a_top1_near_chance():
     labels = np.arange(100) % 10
     assert chance_warning(np.eye(10)[labels], labels, 10).notes == []
     assert chance_warning(np.eye(10)[(labels + 1) % 10], labels, 10).notes[0].startswith("warning: fp32 top-1 0.00%")
+
+
+def test_a_tensorrt_target_export_on_a_cpu_also_times_the_cpu_target(exported, tmp_path, capsys):
+    """ONNX Runtime on a CPU runs the TensorRT-placed Q/DQ model unfused, slower than fp32: beside it the report
+    gives a cpu-target INT8 model's latency, labelled with its target and not kept; a cpu-target export, whose
+    own figure is the CPU one, gets none, and neither does a machine with a GPU (its engine is the INT8 figure)."""
+    from pipeline.config import load_config
+    from stages.export import times_cpu_int8
+
+    if torch.cuda.is_available():
+        pytest.skip("the cpu-target INT8 model is timed only where the export runs without a GPU")
+    _, out, _ = exported
+    report = json.loads((out / "export" / "report.json").read_text())
+    timed = report["int8_cpu_latency"]
+    assert timed["target"] == "cpu" and timed["kept"] is False and timed["median_ms"] > 0
+    assert timed["provider"] == "CPUExecutionProvider" and report["int8"]["target"] == "tensorrt"
+    assert not list((out / "export").glob("*cpu*"))  # timed, not exported
+
+    ckpt = _checkpoint(tmp_path / "student.safetensors")
+    cpu_out = tmp_path / "run"
+    args = ["run", "export", "--checkpoint", str(ckpt), "--out", str(cpu_out)]
+    capsys.readouterr()
+    assert run_cli([*args, *_args("export.precisions=[fp32,int8]", "export.int8_target=cpu")]) == 0
+    report = json.loads((cpu_out / "export" / "report.json").read_text())
+    assert report["int8"]["target"] == "cpu" and "int8" in report["latency"] and "int8_cpu_latency" not in report
+    assert "cpu-target model (timed only)" not in capsys.readouterr().err
+
+    assert times_cpu_int8(load_config("default"))
+    assert not times_cpu_int8(load_config("default", None, ["export.precisions=[fp32,fp16]"]))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: True)
+        assert not times_cpu_int8(load_config("default"))

@@ -10,7 +10,14 @@ from pipeline.experiments.state import RECORD
 from pipeline.report import plots
 from pipeline.report.collect import RunData, read_runs
 from pipeline.report.html import esc, figure, none, page, status_badge, table
-from pipeline.report.table import accuracy_rows, build_comparison, deployment_rows, row_name
+from pipeline.report.table import (
+    INT8_CPU_NOTE,
+    accuracy_rows,
+    build_comparison,
+    deployment_rows,
+    has_cpu_int8,
+    row_name,
+)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -141,6 +148,17 @@ def calibration_ranges(run: RunData) -> dict[str, tuple[float, float]]:
     return ranges
 
 
+def latency_by_label(report: dict) -> dict[str, dict]:
+    """The export report's latencies by row label: the INT8 row names its target, and a cpu-target INT8 model
+    timed beside a TensorRT one is a row of its own."""
+    target = report.get("int8", {}).get("target")
+    latency = report.get("latency") or {}
+    rows = {f"int8 ({target} target)" if p == "int8" and target else p: v for p, v in latency.items()}
+    if "int8_cpu_latency" in report:
+        rows["int8 (cpu target, timed only)"] = report["int8_cpu_latency"]
+    return rows
+
+
 def export_section(run: RunData) -> str:
     report = run.stage_report("export")
     if not report:
@@ -150,10 +168,12 @@ def export_section(run: RunData) -> str:
     header = ["precision", "against", "samples", "min cosine", "max |diff|", "top-1 agreement"]
     parts.append(table("parity", header, rows) if rows else none("No parity figures in the export report."))
     parts.append("<h3>Latency (ONNX Runtime, CPU, batch 1)</h3>")
-    latency = report.get("latency") or {}
+    latency = latency_by_label(report)
     if latency:
         lrows = [[p, v.get("median_ms"), v.get("p90_ms"), v.get("runs"), v.get("provider")] for p, v in latency.items()]
         parts.append(table("latency", ["precision", "median ms", "p90 ms", "runs", "provider"], lrows))
+        if "int8_cpu_latency" in report:
+            parts.append(f"<p class='meta'>{esc(INT8_CPU_NOTE)}.</p>")
         parts.append(
             figure(
                 "latency",
@@ -281,6 +301,7 @@ def comparison_section(paths: list[Path], missing: str) -> str:
         + table("deployment", dep[0], dep[1:])
         + "<p class='meta'>top-1: last-epoch test top-1 %, mean ± sample std over seeds; best epoch "
         "selected on the test set, for reference only.</p>"
+        + (f"<p class='meta'>{esc(INT8_CPU_NOTE)}.</p>" if has_cpu_int8(comparison) else "")
     )
 
 

@@ -73,17 +73,17 @@ def diff_histogram(histogram: dict, title: str) -> bytes | None:
 
 
 def latency_bars(latency: dict[str, dict], title: str) -> bytes | None:
-    """Median latency per precision, with the 90th percentile as a whisker."""
-    names = [p for p in ("fp32", "fp16", "int8") if p in latency]
+    """Median latency per precision (in the order given), with the 90th percentile as a whisker."""
+    names = [p for p, v in latency.items() if isinstance(v.get("median_ms"), int | float)]
     if not names:
         return None
     plt = _pyplot()
     medians = [latency[p]["median_ms"] for p in names]
     upper = [max(0.0, latency[p].get("p90_ms", m) - m) for p, m in zip(names, medians)]
-    fig, ax = plt.subplots(figsize=(5, 2.8))
-    ax.bar(
-        names, medians, yerr=[[0] * len(names), upper], capsize=4, color=["#4c72b0", "#dd8452", "#55a868"][: len(names)]
-    )
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 1.5, 2.8))
+    colours = ["#4c72b0", "#dd8452", "#55a868", "#8172b3"]
+    ax.bar(names, medians, yerr=[[0] * len(names), upper], capsize=4, color=colours[: len(names)])
+    ax.tick_params(axis="x", labelsize=7)
     ax.set(ylabel="ms per image (median, p90 whisker)", title=title)
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)

@@ -75,6 +75,7 @@ class Entry:
     latency_ms: dict[str, Stat] = field(default_factory=dict)
     int8_drop: Stat = field(default_factory=lambda: Stat([]))
     int8_target: str | None = None  # export.int8_target of the runs' INT8 models
+    int8_cpu_ms: Stat = field(default_factory=lambda: Stat([]))  # a cpu-target INT8 model timed beside them
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Comparison:
                     "latency_ms": {p: s.mean for p, s in e.latency_ms.items()},
                     "int8_drop_pt": e.int8_drop.mean,
                     "int8_target": e.int8_target,
+                    "latency_int8_cpu_ms": e.int8_cpu_ms.mean,
                     "runs": e.runs,
                 }
             )
@@ -200,6 +202,8 @@ def build_comparison(paths: list[str | Path]) -> Comparison:
             values = [float(v) for v in values if isinstance(v, int | float)]
             if values:
                 entry.latency_ms[precision] = Stat(values)
+        cpu = [r.stage_report("export").get("int8_cpu_latency", {}).get("median_ms") for r in members]
+        entry.int8_cpu_ms = Stat([float(v) for v in cpu if isinstance(v, int | float)])
         targets = {m.params.get("int8_target") for r in members if (m := r.manifests.get("export"))}
         entry.int8_target = ", ".join(sorted(t for t in targets if t)) or None
         entry.int8_drop = Stat(
@@ -251,8 +255,21 @@ def accuracy_rows(c: Comparison, best: bool) -> list[list[str]]:
     return rows
 
 
+INT8_CPU_HEADER = "ORT int8 (cpu target) ms"
+INT8_CPU_NOTE = (
+    f"{INT8_CPU_HEADER}: where a TensorRT-target export ran without a GPU, a cpu-target INT8 model (uint8 "
+    "activations, fused by ONNX Runtime) timed on the same CPU for its speed; not exported"
+)
+
+
+def has_cpu_int8(c: Comparison) -> bool:
+    return any(e.int8_cpu_ms.n for e in c.entries.values())
+
+
 def deployment_rows(c: Comparison) -> list[list[str]]:
     latency_header = [c.int8_latency_header if p == "int8" else f"ORT {p} ms" for p in PRECISIONS]
+    cpu_int8 = has_cpu_int8(c)
+    latency_header += [INT8_CPU_HEADER] * cpu_int8
     header = ["pair", "method", "parameters", "FLOPs", *latency_header, "INT8 drop (pt)"]
     rows = [header]
     for pair in c.pairs:
@@ -261,6 +278,7 @@ def deployment_rows(c: Comparison) -> list[list[str]]:
             if e is None or row == "teacher":
                 continue
             latency = [e.latency_ms[p].format(3) if p in e.latency_ms else "-" for p in PRECISIONS]
+            latency += [e.int8_cpu_ms.format(3)] * cpu_int8
             params = f"{e.params:,}" if isinstance(e.params, int) else "-"
             flops = f"{e.flops / 1e6:.1f}M" if isinstance(e.flops, int | float) else "-"
             rows.append([_pair_label(pair, c.pairs), row, params, flops, *latency, e.int8_drop.format()])
@@ -302,7 +320,7 @@ def render(c: Comparison, fmt: str, best: bool = False) -> str:
     footer = [f"top-1: {METRIC}; Δ: difference of means in points; published: the matching preset's figure"]
     if best:
         footer.append("best epoch: highest per-epoch test top-1 (selected on the test set; for reference only)")
-    footer += c.notes
+    footer += c.notes + [INT8_CPU_NOTE] * has_cpu_int8(c)
     parts = [table(accuracy_rows(c, best)), table(deployment_rows(c)), "\n".join(footer)]
     return "\n\n".join(parts) + "\n"
 
