@@ -2,7 +2,8 @@
 
 A stage's result depends on its own module and on the project modules it imports, directly or through
 others; nothing else in the project can reach it. The set is computed from the import graph, read with
-:mod:`ast` from the source files (never imported, so this module stays a stdlib-only leaf):
+:mod:`ast` from the source files (never imported, so this module stays a leaf on the standard library and
+:mod:`pipeline.hashing`):
 
 - every ``import`` statement counts, including those inside functions, because the project imports heavy
   modules lazily and a lazy import still runs when the stage does;
@@ -24,14 +25,16 @@ from __future__ import annotations
 
 import ast
 import functools
-import hashlib
 import importlib.util
 from pathlib import Path
+
+from pipeline.hashing import sha256_bytes, sha256_file
 
 __all__ = [
     "PROJECT_PACKAGES",
     "changed_files",
     "code_digest",
+    "combined_digest",
     "import_closure",
     "project_imports",
     "project_modules",
@@ -76,7 +79,7 @@ def _relative(name: str, path: Path) -> str:
 def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     """Project modules that ``name`` imports anywhere in its source, with their parent packages."""
     found = set()
-    for target in _import_targets(name, str(path), _sha256(path)):
+    for target in _import_targets(name, str(path), sha256_file(path)):
         parts = target.split(".")
         found.update(p for p in (".".join(parts[: i + 1]) for i in range(len(parts))) if p in known)
     return found
@@ -140,7 +143,7 @@ def project_sources(root: Path | None = None) -> dict[str, str]:
 
 def code_digest(path: Path) -> str:
     """sha256 of the file's code: its syntax tree without comments and docstrings (see the module docstring)."""
-    return _code_digest(str(path), _sha256(path))
+    return _code_digest(str(path), sha256_file(path))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -150,7 +153,7 @@ def _code_digest(path: str, digest: str) -> str:
         body = getattr(node, "body", None)
         if isinstance(body, list):
             node.body = [statement for statement in body if not _is_bare_string(statement)]
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+    return sha256_bytes(ast.dump(tree).encode())
 
 
 def _is_bare_string(statement: ast.stmt) -> bool:
@@ -159,18 +162,18 @@ def _is_bare_string(statement: ast.stmt) -> bool:
     return isinstance(value, ast.Constant) and isinstance(value.value, str)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def stage_code_version(files: dict[str, str], version: int) -> str:
     """``v<version>-<digest>``: the stage's explicit version and one hash over its sources' hashes.
 
     The package version is deliberately not part of it: an upgrade that leaves a stage's sources alone
     must not retrain it.
     """
-    digest = hashlib.sha256("".join(f"{path}\0{sha}\n" for path, sha in sorted(files.items())).encode())
-    return f"v{version}-{digest.hexdigest()[:16]}"
+    return f"v{version}-{combined_digest(files)[:16]}"
+
+
+def combined_digest(files: dict[str, str]) -> str:
+    """One sha256 over a map of project-relative path -> code digest, in path order."""
+    return sha256_bytes("".join(f"{path}\0{sha}\n" for path, sha in sorted(files.items())).encode())
 
 
 def changed_files(before: dict[str, str], after: dict[str, str]) -> list[str]:

@@ -17,7 +17,6 @@ validation images each.
 
 from __future__ import annotations
 
-import hashlib
 from importlib import resources
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from pipeline.config import DataConfig
 from pipeline.data import DATASETS, DataInfo, RawData
 from pipeline.errors import ConfigError, DatasetError
+from pipeline.hashing import sha256_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,7 +62,7 @@ class ClassFolder(DatasetFolder):
 def imagenet100_classes() -> list[str]:
     """The CMC list, refused if the shipped file was altered."""
     data = (resources.files("pipeline.data") / IMAGENET100_FILE).read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256_bytes(data)
     if digest != IMAGENET100_SHA256:
         raise DatasetError(
             f"pipeline/data/{IMAGENET100_FILE} has sha256 {digest}, expected {IMAGENET100_SHA256}; "

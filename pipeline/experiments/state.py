@@ -9,12 +9,11 @@ resumes training from its last checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from pipeline.atomic import atomic_write_text
-from pipeline.code_version import project_sources
+from pipeline.code_version import combined_digest, project_sources
 from pipeline.errors import PipelineError
 from pipeline.hashing import sha256_file
 from pipeline.store import RunStore
@@ -30,12 +29,7 @@ def sources_digest() -> str:
     ``python -m pipeline run``, which then decides stage by stage what is really stale. Each source counts by
     the same code digest as the runner's (comments and docstrings left out), so editing them reruns nothing.
     """
-    files = project_sources()
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        if not name.startswith(_READERS):
-            digest.update(f"{name}\0{files[name]}\n".encode())
-    return digest.hexdigest()
+    return combined_digest({name: sha for name, sha in project_sources().items() if not name.startswith(_READERS)})
 
 
 def _teacher_hash(args: list[str] | tuple[str, ...]) -> str:
