@@ -209,11 +209,18 @@ def _differences(old: object, new: object, key: str = "") -> list[str]:
     return [] if old == new else [f"{key.lstrip('.')}: {json.dumps(old)[:40]} -> {json.dumps(new)[:40]}"]
 
 
+_ABSENT = object()
+
+
 def _changes(old: object, new: object, key: str = "") -> list[str]:
     """``key: old -> new`` for every parameter that differs, one that is added or dropped included."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(old.keys() | new.keys()) for d in _changes(old.get(k), new.get(k), f"{key}.{k}")]
-    return [] if old == new else [f"{key.lstrip('.')}: {json.dumps(old)[:40]} -> {json.dumps(new)[:40]}"]
+        keys = sorted(old.keys() | new.keys())
+        return [d for k in keys for d in _changes(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{key}.{k}")]
+    if old == new:
+        return []
+    shown = ["(absent)" if v is _ABSENT else json.dumps(v)[:40] for v in (old, new)]
+    return [f"{key.lstrip('.')}: {shown[0]} -> {shown[1]}"]
 
 
 def _quiet(message: str) -> None:

@@ -118,3 +118,14 @@ def test_dry_run_names_where_each_value_came_from(tmp_path, capsys):
     assert yaml.safe_load(printed) == resolved.to_dict()
     assert set(origins) == set(_keys(resolved.to_dict()))  # every value has its origin
     assert not out.exists()
+
+
+def test_a_changed_setting_is_named_even_when_added_or_dropped():
+    from pipeline.runner import _changes
+
+    old, new = {"optim": {"lr": 0.1, "warmup": 1}, "seed": 0}, {"optim": {"lr": 0.2, "nesterov": True}, "seed": 0}
+    assert _changes(old, new) == [
+        "optim.lr: 0.1 -> 0.2",
+        "optim.nesterov: (absent) -> true",
+        "optim.warmup: 1 -> (absent)",
+    ]
