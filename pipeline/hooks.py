@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from pipeline.errors import ConfigError
-from pipeline.models.spec import Tap
+from pipeline.models.spec import Tap, model_name
 
-__all__ = ["FeatureTaps", "as_nchw"]
+__all__ = ["FeatureTaps", "as_nchw", "submodule"]
 
 
 class FeatureTaps:
@@ -74,11 +74,9 @@ class FeatureTaps:
         if tap.io not in ("input", "output"):
             raise ConfigError(f"tap {name!r} has io={tap.io!r}; use 'input' or 'output'")
         try:
-            return self.model.get_submodule(tap.path)
-        except AttributeError as err:
-            raise ConfigError(
-                f"tap {name!r}: model {_model_name(self.model)} has no submodule {tap.path!r} ({err})"
-            ) from None
+            return submodule(self.model, tap.path)
+        except ConfigError as err:
+            raise ConfigError(f"tap {name!r}: {err}") from None
 
     def _capture(self, name: str, io: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
         tap = self.taps[name]
@@ -106,6 +104,9 @@ def as_nchw(tensor: Tensor, tap: Tap) -> Tensor:
     raise ConfigError(f"tap {tap.path!r} has layout={tap.layout!r}; use nchw, nhwc, nlc or nc")
 
 
-def _model_name(model: nn.Module) -> str:
-    info = getattr(model, "info", None)
-    return repr(getattr(info, "name", type(model).__name__))
+def submodule(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)``, or a :class:`ConfigError` naming the model and the path."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError as err:
+        raise ConfigError(f"model {model_name(model)!r} has no submodule {path!r} ({err})") from None

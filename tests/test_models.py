@@ -15,6 +15,7 @@ from torch import fx, nn
 from pipeline.errors import ConfigError
 from pipeline.hooks import FeatureTaps
 from pipeline.models import MODELS, Tap, build_model, count_parameters, model_info
+from pipeline.models.spec import model_name
 
 model_info("resnet20")  # importing the zoo fills the registry before parametrizing
 ALL = MODELS.names()
@@ -260,9 +261,14 @@ def test_unknown_model_lists_the_valid_ones():
 def test_feature_taps_reject_a_bad_path_and_leave_no_hooks():
     model = _model("resnet20")
     taps = {"good": Tap("layer1.2.act", "input"), "bad": Tap("layer9.act")}
-    with pytest.raises(ConfigError, match=r"'resnet20' has no submodule 'layer9.act'"), FeatureTaps(model, taps):
+    message = r"tap 'bad': model 'resnet20' has no submodule 'layer9.act'"
+    with pytest.raises(ConfigError, match=message), FeatureTaps(model, taps):
         pass
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_messages_name_a_model_by_its_architecture_else_by_its_class():
+    assert model_name(_model("resnet20")) == "resnet20" and model_name(nn.Linear(2, 2)) == "Linear"
 
 
 def test_feature_taps_remove_their_hooks_on_exit():

@@ -134,7 +134,7 @@ def test_bad_blocks_are_refused():
     with pytest.raises(ValueError, match="running statistics"):
         MultiBranchConvBN(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
     model = build_model("resnet20", 10)
-    with pytest.raises(ConfigError, match="no submodule 'layer9.conv'"):
+    with pytest.raises(ConfigError, match="model 'resnet20' has no submodule 'layer9.conv'"):
         apply_multibranch(model, [("layer9.conv", "layer9.bn")])
     with pytest.raises(ConfigError, match="expected an nn.Conv2d"):
         apply_multibranch(model, [("layer1.0.bn1", "layer1.0.bn1")])

@@ -62,3 +62,8 @@ class ModelInfo:
     description: str = ""
     head: str | None = ""
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+def model_name(model: object) -> str:
+    """A built model's architecture name (its ``info.name``), or its class name when it has none: for messages."""
+    return getattr(getattr(model, "info", None), "name", type(model).__name__)

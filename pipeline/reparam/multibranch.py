@@ -25,8 +25,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from pipeline.compare import diff_stats
 from pipeline.errors import ConfigError
-from pipeline.hooks import FeatureTaps
-from pipeline.models.spec import ReparamSite, Tap
+from pipeline.hooks import FeatureTaps, submodule
+from pipeline.models.spec import ReparamSite, Tap, model_name
 from pipeline.reparam import REPARAMS
 from pipeline.reparam.fold import norm_tail
 
@@ -214,15 +214,15 @@ def apply_multibranch(
     """
     pairs = [(s.conv, s.bn) if isinstance(s, ReparamSite) else tuple(s) for s in sites]
     if not pairs:
-        raise ConfigError(f"no re-parameterization sites given for model {_model_name(model)}")
+        raise ConfigError(f"no re-parameterization sites given for model {model_name(model)!r}")
     for conv_path, bn_path in pairs:
-        conv, bn = _submodule(model, conv_path), _submodule(model, bn_path)
+        conv, bn = submodule(model, conv_path), submodule(model, bn_path)
         if isinstance(conv, MultiBranchConvBN):
-            raise ConfigError(f"{conv_path} of model {_model_name(model)} is already an m-branch block")
+            raise ConfigError(f"{conv_path} of model {model_name(model)!r} is already an m-branch block")
         try:
             block = MultiBranchConvBN(conv, bn, m=m, mixed_kernels=mixed_kernels, scale_init=scale_init)
         except ValueError as exc:
-            raise ConfigError(f"cannot re-parameterize {conv_path} of model {_model_name(model)}: {exc}") from None
+            raise ConfigError(f"cannot re-parameterize {conv_path} of model {model_name(model)!r}: {exc}") from None
         block.train(model.training)
         block.norm_path = bn_path  # where fuse_conv_bn's BatchNorm goes back (a plain attribute, not state)
         model.set_submodule(conv_path, block)
@@ -275,15 +275,3 @@ def _check_mixable(conv: nn.Conv2d) -> None:
         raise ValueError(f"mixed kernels need an odd kernel, found {tuple(kernel)}")
     if any(p < d * (k - 1) // 2 for p, d, k in zip(padding, dilation, kernel)):
         raise ValueError(f"mixed kernels need 'same'-style padding, found padding {tuple(padding)} for {tuple(kernel)}")
-
-
-def _submodule(model: nn.Module, path: str) -> nn.Module:
-    try:
-        return model.get_submodule(path)
-    except AttributeError as err:
-        raise ConfigError(f"model {_model_name(model)} has no submodule {path!r} ({err})") from None
-
-
-def _model_name(model: nn.Module) -> str:
-    info = getattr(model, "info", None)
-    return repr(getattr(info, "name", type(model).__name__))
