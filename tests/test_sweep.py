@@ -117,6 +117,16 @@ def _tasks(root: Path) -> list[Task]:
     return [t, bad, *cells, blocked]
 
 
+def test_one_duration_format_for_the_epoch_line_and_the_sweep_status():
+    from pipeline.experiments import scheduler
+    from pipeline.progress import format_duration
+    from pipeline.training import monitor
+
+    assert scheduler.format_duration is monitor.format_duration is format_duration
+    assert [format_duration(s) for s in (-3, 9.4, 247, 3900)] == ["0s", "9s", "4m07s", "1h05m"]
+    assert monitor.epoch_line("train", 1, 2, {"loss": 0.5}, 9.0) == "train epoch 1/2: loss=0.5 eta=9s"
+
+
 def test_failures_do_not_stop_the_others_and_are_listed_with_status_and_last_line(tmp_path):
     backend = FakeBackend({"c2": 3, "teacher-b": 1}, slots=2)
     stream = io.StringIO()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Protocol, TextIO
 
 from pipeline.experiments.state import is_up_to_date, mark_finished, sources_digest
+from pipeline.progress import format_duration
 
 
 @dataclass
@@ -175,13 +176,6 @@ class StatusLine:
             self.stream.flush()
 
 
-def format_duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
 def last_line(path: Path) -> str:
     """The last non-empty line of a log (what a failed run said last)."""
     try:
@@ -289,7 +283,6 @@ __all__ = [
     "StatusLine",
     "Task",
     "TaskResult",
-    "format_duration",
     "last_line",
     "run_tasks",
     "slots_for",

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from pipeline.progress import format_duration
+
 LOSS_TAG = "train/loss/{}"
 
 
@@ -66,13 +68,6 @@ class Monitor:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def format_duration(seconds: float) -> str:
-    seconds = round(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def epoch_line(desc: str, epoch: int, epochs: int, record: dict, eta_s: float) -> str:
