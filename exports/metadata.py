@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field, fields
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-PRECISIONS = ("fp32", "fp16", "int8")
 COLORS = ("rgb", "gray")
 _REQUIRED = ("arch", "num_classes", "input_size", "mean", "std", "resize", "crop")
 

@@ -21,6 +21,7 @@ from exports.int8 import INT8_TARGETS, CalibrationCache, copy_ranges, quantize_i
 from exports.metadata import INPUT_NAME, OUTPUT_NAME, DeployMeta
 from pipeline.checks import TOLERANCES, Check, GateResult
 from pipeline.compare import diff_stats, tie_detail, tie_figures, top1_accuracy
+from pipeline.precision_order import REFERENCE_PRECISION
 from pipeline.registry import Registry
 
 GOLDEN_OUTPUTS = "golden_outputs.json"
@@ -234,7 +235,7 @@ for _precision in (
     # fp32 and fp16 engines are held to the PyTorch fp32 reference, as their ONNX gates are; INT8 to ONNX
     # Runtime on the same Q/DQ model (its accuracy gate needs labelled data and runs in the engine stage).
     Precision(
-        "fp32",
+        REFERENCE_PRECISION,
         "model.onnx",
         _fp32_engine_gate,
         (("--atol", f"{TOLERANCES['trt.fp32_max_abs']:g}", "--rtol", "0"), _TOP1),

@@ -27,7 +27,6 @@ from exports.fp16 import FP16_MAX
 from exports.golden import save_inputs, save_outputs
 from exports.int8 import INT8_TARGETS, CalibrationCache, quantize_int8
 from exports.latency import onnx_latency
-from exports.metadata import PRECISIONS as ORDER
 from exports.metadata import DeployMeta
 from exports.onnx_export import export_onnx, exporter_name
 from exports.precisions import PRECISIONS, Conversion
@@ -42,6 +41,7 @@ from pipeline.deployment import ONNX_FILES, REPORT, deploy_transform, engine_pro
 from pipeline.errors import ConfigError, library_errors
 from pipeline.hashing import sha256_file
 from pipeline.loading import foreign_meta, load_any_model
+from pipeline.precision_order import PRECISION_ORDER, REFERENCE_PRECISION
 from pipeline.progress import progress_bar
 from pipeline.reparam import fuse_model
 from pipeline.stagekit import FUSED_CHECKPOINT, batched_logits, bundle, data_params, write_json
@@ -52,7 +52,7 @@ ORT_BATCH = 256  # samples per ONNX Runtime call in the checks
 
 
 def deploy_meta(
-    meta: ModelMeta, source: Path, cfg: Config, precision: str = "fp32", quantization: str = ""
+    meta: ModelMeta, source: Path, cfg: Config, precision: str = REFERENCE_PRECISION, quantization: str = ""
 ) -> DeployMeta:
     spec = eval_preprocess_spec(meta)  # ModelMeta has the fields of a DataInfo that the spec reads
     return DeployMeta(
@@ -90,6 +90,11 @@ def calibration_images(cfg: Config, meta: DeployMeta) -> np.ndarray:
     return torch.stack([transform(source[int(i)][0]) for i in progress_bar(order, "calibration images")]).numpy()
 
 
+def exported_precisions(cfg: Config) -> list[str]:
+    """The precisions the run exports, in :data:`PRECISION_ORDER`: the reference always, the others as configured."""
+    return [p for p in PRECISION_ORDER if p == REFERENCE_PRECISION or p in cfg.export.precisions]
+
+
 def validate_export(cfg: Config) -> None:
     for precision in cfg.export.precisions:
         PRECISIONS.get(precision)
@@ -106,7 +111,7 @@ def validate_export(cfg: Config) -> None:
 @register_stage
 class ExportStage(Stage):
     name = "export"
-    outputs = (ONNX_FILES["fp32"], GOLDEN_INPUTS, GOLDEN_OUTPUTS, BUILD_SCRIPT, REPORT)
+    outputs = (ONNX_FILES[REFERENCE_PRECISION], GOLDEN_INPUTS, GOLDEN_OUTPUTS, BUILD_SCRIPT, REPORT)
     description = "export ONNX fp32/fp16/int8 and check each in ONNX Runtime"
 
     def requires(self, cfg: Config) -> tuple[str, ...]:
@@ -123,7 +128,7 @@ class ExportStage(Stage):
         params = dataclasses.asdict(cfg.export)
         for key in ("checkpoint", "calibration_cache"):  # where things live, not what they are
             params.pop(key)
-        params["precisions"] = sorted(set(params["precisions"]) | {"fp32"})
+        params["precisions"] = sorted(set(params["precisions"]) | {REFERENCE_PRECISION})
         params["engine_profile"] = {
             k: getattr(cfg.engine, k) for k in ("min_batch", "opt_batch", "max_batch", "workspace_mib")
         }
@@ -149,10 +154,9 @@ class ExportStage(Stage):
                 model = fuse_model(model)
         profile = engine_profile(cfg, meta.input_size)
         base = deploy_meta(meta, source, cfg)
+        fp32 = ctx.out / ONNX_FILES[REFERENCE_PRECISION]
         with step(f"ONNX export (opset {cfg.export.opset}, dynamo={cfg.export.dynamo})"):
-            fp32 = export_onnx(
-                model, ctx.out / ONNX_FILES["fp32"], meta.input_size, cfg.export.opset, cfg.export.dynamo, base
-            )
+            export_onnx(model, fp32, meta.input_size, cfg.export.opset, cfg.export.dynamo, base)
         ctx.log(f"[export] wrote {fp32.name} (opset {cfg.export.opset}, dynamo={cfg.export.dynamo})")
 
         with step("the ONNX Runtime fp32 check"):
@@ -162,11 +166,12 @@ class ExportStage(Stage):
         save_inputs(golden, ctx.out / GOLDEN_INPUTS)
         save_outputs(reference, ctx.out / GOLDEN_OUTPUTS, runner="pytorch-fp32")
 
-        reduced = [PRECISIONS.get(p) for p in ORDER if p != "fp32" and p in cfg.export.precisions]
+        specs = [PRECISIONS.get(p) for p in exported_precisions(cfg)]
+        reduced = [spec for spec in specs if spec.name != REFERENCE_PRECISION]
         if reduced:
             calibration = calibration_images(cfg, base)
             result.report["calibration"] = {"split": "train", "samples": len(calibration)}
-            files = {"fp32": fp32}
+            files = {REFERENCE_PRECISION: fp32}
             for spec in reduced:
                 files[spec.name] = ctx.out / spec.onnx_file
                 job = Conversion(
@@ -191,11 +196,7 @@ class ExportStage(Stage):
                         outputs = infer_array(runner, golden, ORT_BATCH)
                     save_outputs(outputs, ctx.out / spec.golden_outputs, runner=f"onnxrt-{spec.name}")
 
-        targets = [
-            EngineTarget(p, PRECISIONS.get(p).onnx_file)
-            for p in ORDER
-            if (p == "fp32" or p in cfg.export.precisions) and not PRECISIONS.get(p).why_no_engine(cfg.export)
-        ]
+        targets = [EngineTarget(spec.name, spec.onnx_file) for spec in specs if not spec.why_no_engine(cfg.export)]
         script = ctx.out / BUILD_SCRIPT
         script.write_text(build_script(targets, profile, cfg.engine.workspace_mib))
         script.chmod(0o755)
@@ -292,7 +293,7 @@ def fp32_parity_gate(reference: np.ndarray, candidate: np.ndarray) -> GateResult
         ),
     ]
     metrics = {"onnx_max_abs": stats["max_abs"], "onnx_allclose_failed": failed}
-    report = {"fp32": stats, "allclose": {"atol": atol, "rtol": rtol, "fraction_failed": failed}}
+    report = {REFERENCE_PRECISION: stats, "allclose": {"atol": atol, "rtol": rtol, "fraction_failed": failed}}
     return GateResult(checks, metrics, report)
 
 
@@ -311,10 +312,10 @@ def reduced_precision_gates(cfg: Config, meta: DeployMeta, files: dict[str, Path
     mismatch = label_mismatch(cfg, meta)
     result = GateResult(report={"eval_samples": len(labels_all)})
     for p in files:
-        if p != "fp32":
-            result.merge(PRECISIONS.get(p).onnx_gate(out["fp32"], out[p], labels_all, mismatch), section=p)
+        if p != REFERENCE_PRECISION:
+            result.merge(PRECISIONS.get(p).onnx_gate(out[REFERENCE_PRECISION], out[p], labels_all, mismatch), section=p)
     if not mismatch:
-        result.merge(chance_warning(out["fp32"], labels_all, meta.num_classes))
+        result.merge(chance_warning(out[REFERENCE_PRECISION], labels_all, meta.num_classes))
     return result
 
 

@@ -141,3 +141,11 @@ def test_a_cpu_target_int8_figure_gets_its_own_labelled_column(tmp_path):
     assert entries["kd"]["latency_int8_cpu_ms"] == 0.123 and entries["vanilla"]["latency_int8_cpu_ms"] is None
     html = write_report(runs[0], tmp_path / "k0.html").read_text()
     assert "int8 (tensorrt target)" in html and "int8 (cpu target, timed only)" in html
+
+
+def test_the_run_page_lists_latencies_in_precision_order_not_in_the_files_key_order():
+    from pipeline.report.pages import latency_by_label
+
+    stored = {p: {"median_ms": 1.0} for p in sorted(["fp32", "fp16", "int8"])}  # report.json sorts its keys
+    report = {"latency": stored, "int8": {"target": "tensorrt"}}
+    assert list(latency_by_label(report)) == ["fp32", "fp16", "int8 (tensorrt target)"]

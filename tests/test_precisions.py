@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from exports.int8 import INT8_TARGETS
-from exports.metadata import PRECISIONS as ORDER
 from exports.precisions import GOLDEN_OUTPUTS, PRECISIONS, int8_gate
 from exports.trt_commands import golden_outputs_name, polygraphy_checks
 from pipeline.checks import Check, GateResult
 from pipeline.config import Config
 from pipeline.deployment import ONNX_FILES
 from pipeline.errors import ConfigError
+from pipeline.precision_order import PRECISION_ORDER as ORDER
+from pipeline.precision_order import REFERENCE_PRECISION
 
 
 def test_gate_results_merge_into_sections():
@@ -28,13 +29,13 @@ def test_gate_results_merge_into_sections():
 
 
 def test_every_precision_is_complete_and_the_file_names_come_from_the_registry():
-    assert set(PRECISIONS.names()) == set(ORDER) and ORDER[0] == "fp32"
+    assert set(PRECISIONS.names()) == set(ORDER) and ORDER[0] == REFERENCE_PRECISION
     assert {name: PRECISIONS.get(name).onnx_file for name in ORDER} == ONNX_FILES
     assert len(set(ONNX_FILES.values())) == len(ORDER)
     for name in ORDER:
         spec = PRECISIONS.get(name)
         assert spec.name == name and spec.polygraphy_compare
-        assert (spec.convert is None) == (spec.onnx_gate is None) == (name == "fp32")
+        assert (spec.convert is None) == (spec.onnx_gate is None) == (name == REFERENCE_PRECISION)
         assert golden_outputs_name(name) == spec.golden_outputs
         assert [cmd[-len(c) :] for cmd, c in zip(polygraphy_checks(name), spec.polygraphy_compare)] == [
             list(c) for c in spec.polygraphy_compare

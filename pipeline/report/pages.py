@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pipeline.experiments.grid import read_sweep
 from pipeline.experiments.state import RECORD
+from pipeline.precision_order import PRECISION_ORDER, REFERENCE_PRECISION
 from pipeline.report import plots
 from pipeline.report.collect import RunData, read_runs
 from pipeline.report.html import esc, figure, none, page, status_badge, table
@@ -18,8 +19,6 @@ from pipeline.report.table import (
     has_cpu_int8,
     row_name,
 )
-
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def stage_table(run: RunData) -> str:
@@ -105,11 +104,11 @@ def verify_section(run: RunData) -> str:
 
 def parity_rows(report: dict) -> list[list[object]]:
     rows = []
-    fp32 = report.get("parity", {}).get("fp32")
+    fp32 = report.get("parity", {}).get(REFERENCE_PRECISION)
     if fp32:
         rows.append(
             [
-                "fp32",
+                REFERENCE_PRECISION,
                 "PyTorch fused",
                 report["parity"].get("samples"),
                 fp32.get("min_cosine"),
@@ -149,11 +148,12 @@ def calibration_ranges(run: RunData) -> dict[str, tuple[float, float]]:
 
 
 def latency_by_label(report: dict) -> dict[str, dict]:
-    """The export report's latencies by row label: the INT8 row names its target, and a cpu-target INT8 model
-    timed beside a TensorRT one is a row of its own."""
+    """The export report's latencies by row label, in precision order (its file sorts them by name): the INT8
+    row names its target, and a cpu-target INT8 model timed beside a TensorRT one is a row of its own."""
     target = report.get("int8", {}).get("target")
     latency = report.get("latency") or {}
-    rows = {f"int8 ({target} target)" if p == "int8" and target else p: v for p, v in latency.items()}
+    ordered = [p for p in PRECISION_ORDER if p in latency] + [p for p in latency if p not in PRECISION_ORDER]
+    rows = {f"int8 ({target} target)" if p == "int8" and target else p: latency[p] for p in ordered}
     if "int8_cpu_latency" in report:
         rows["int8 (cpu target, timed only)"] = report["int8_cpu_latency"]
     return rows
@@ -308,7 +308,7 @@ def comparison_section(paths: list[Path], missing: str) -> str:
 def latency_figure(runs: list[RunData], each: str, missing: str) -> str:
     points = []
     for run in runs:
-        latency = run.stage_report("export").get("latency", {}).get("fp32", {}).get("median_ms")
+        latency = run.stage_report("export").get("latency", {}).get(REFERENCE_PRECISION, {}).get("median_ms")
         top1 = run.metric("train", "test_top1")
         if latency is not None and top1 is not None:
             points.append((row_name(run), float(latency), float(top1)))

@@ -17,6 +17,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.precision_order import PRECISION_ORDER
 from pipeline.report.collect import RunData, read_runs
 
 # Method name -> the row of a preset's `expected.top1` table that publishes it (others: the same name).
@@ -27,7 +28,6 @@ _PUBLISHED_ROW = {
     "kdiffusion_single": "single_layer_kdiffusion",
     "kdiffusion_single_avg": "single_layer_average",
 }
-PRECISIONS = ("fp32", "fp16", "int8")
 # export.int8_target -> how the INT8 latency column names it: a TensorRT-placed Q/DQ model runs unfused (slow) in
 # ONNX Runtime on a CPU, so its latency there is not INT8 speed
 INT8_TARGET_LABELS = {"tensorrt": "tensorrt Q/DQ"}
@@ -197,7 +197,7 @@ def build_comparison(paths: list[str | Path]) -> Comparison:
         )
         entry.params = members[0].metric("fuse", "parameters")
         entry.flops = members[0].metric("fuse", "flops")
-        for precision in PRECISIONS:
+        for precision in PRECISION_ORDER:
             values = [r.stage_report("export").get("latency", {}).get(precision, {}).get("median_ms") for r in members]
             values = [float(v) for v in values if isinstance(v, int | float)]
             if values:
@@ -267,7 +267,7 @@ def has_cpu_int8(c: Comparison) -> bool:
 
 
 def deployment_rows(c: Comparison) -> list[list[str]]:
-    latency_header = [c.int8_latency_header if p == "int8" else f"ORT {p} ms" for p in PRECISIONS]
+    latency_header = [c.int8_latency_header if p == "int8" else f"ORT {p} ms" for p in PRECISION_ORDER]
     cpu_int8 = has_cpu_int8(c)
     latency_header += [INT8_CPU_HEADER] * cpu_int8
     header = ["pair", "method", "parameters", "FLOPs", *latency_header, "INT8 drop (pt)"]
@@ -277,7 +277,7 @@ def deployment_rows(c: Comparison) -> list[list[str]]:
             e = c.get(row, pair)
             if e is None or row == "teacher":
                 continue
-            latency = [e.latency_ms[p].format(3) if p in e.latency_ms else "-" for p in PRECISIONS]
+            latency = [e.latency_ms[p].format(3) if p in e.latency_ms else "-" for p in PRECISION_ORDER]
             latency += [e.int8_cpu_ms.format(3)] * cpu_int8
             params = f"{e.params:,}" if isinstance(e.params, int) else "-"
             flops = f"{e.flops / 1e6:.1f}M" if isinstance(e.flops, int | float) else "-"
@@ -302,9 +302,9 @@ def _csv(c: Comparison) -> str:
     entries = c.to_dict()["entries"]
     fields = [k for k in entries[0] if k not in ("latency_ms", "runs", "top1_last_values")] if entries else []
     writer = csv.writer(buffer)
-    writer.writerow([*fields, *(f"latency_{p}_ms" for p in PRECISIONS)])
+    writer.writerow([*fields, *(f"latency_{p}_ms" for p in PRECISION_ORDER)])
     for e in entries:
-        writer.writerow([*(e[k] for k in fields), *(e["latency_ms"].get(p) for p in PRECISIONS)])
+        writer.writerow([*(e[k] for k in fields), *(e["latency_ms"].get(p) for p in PRECISION_ORDER)])
     return buffer.getvalue()
 
 
