@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from pipeline.models import ModelInfo, register_model
 from pipeline.models.cifar.shufflenetv1 import stage_points
+from pipeline.models.imagenet.common import imagenet_info
 from pipeline.models.layers import ShuffleV1Unit, init_conv_bn_
 
 __all__ = ["ShuffleNetV1"]
@@ -75,15 +76,7 @@ class ShuffleNetV1(nn.Module):
 def _info(name: str, stage_repeats: tuple[int, int, int]) -> ModelInfo:
     """The CIFAR ShuffleV1's taps and sites, here at 28, 14 and 7 px."""
     stages, sites = stage_points(stage_repeats)
-    return ModelInfo(
-        name=name,
-        family="imagenet",
-        input_size=224,
-        stages=stages,
-        reparam_sites=sites,
-        description="ShuffleNet V1 g=3 1.0x (paper architecture)",
-        extra={"source": "arXiv:1707.01083 Table 1"},
-    )
+    return imagenet_info(name, stages, sites, "ShuffleNet V1 g=3 1.0x (paper architecture)", "arXiv:1707.01083 Table 1")
 
 
 @register_model(_info("shufflenet_v1_g3", (4, 8, 4)))

@@ -19,6 +19,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
 from pipeline.models import ModelInfo, Tap, register_model
+from pipeline.models.imagenet.common import imagenet_info
 
 __all__ = ["NchwView", "SwinTeacher"]
 
@@ -84,14 +85,8 @@ def _create_swin(name: str, num_classes: int, **kwargs) -> SwinTeacher:
 
 def _info(name: str) -> ModelInfo:
     variant = _CFGS[name][0]
-    return ModelInfo(
-        name=name,
-        family="imagenet",
-        input_size=224,
-        stages=(Tap("stage_out.1"), Tap("stage_out.2"), Tap("norm_out")),
-        description=f"Swin Transformer teacher (timm {variant})",
-        extra={"source": f"timm:{variant}"},
-    )
+    stages = (Tap("stage_out.1"), Tap("stage_out.2"), Tap("norm_out"))
+    return imagenet_info(name, stages, (), f"Swin Transformer teacher (timm {variant})", f"timm:{variant}")
 
 
 @register_model(_info("swin_t"))
