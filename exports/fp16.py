@@ -129,11 +129,41 @@ def _converted(src: str | Path, block: list[str]):
     kept_info = [v for v in model.graph.value_info if v.name not in weights]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept_info)
+    fp32_outputs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
     with warnings.catch_warnings():  # one warning per tiny weight rounded to fp16's smallest normal value
         warnings.simplefilter("ignore", UserWarning)
-        return float16.convert_float_to_float16(
+        converted = float16.convert_float_to_float16(
             model, keep_io_types=True, node_block_list=list(block), max_finite_val=FP16_MAX
         )
+    return _fp32_outputs(converted, fp32_outputs)
+
+
+def _fp32_outputs(model, names: list[str]):
+    """Give the graph outputs ``names`` back their fp32 type, which ``keep_io_types`` promises.
+
+    onnxconverter-common breaks that promise when a node it keeps in fp32 writes a graph output: the Cast it
+    appends after every kept node turns the output into fp16 (so logits of 1e7, which the guard kept fp32 for
+    that reason, come out as inf; timm's mobileone_s1 with random weights). Such a Cast now casts to fp32.
+    """
+    onnx = require("onnx")
+    helper = require("onnx.helper")
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for output in model.graph.output:
+        if output.name not in names or output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            continue
+        node = producers.get(output.name)
+        if node is not None and node.op_type == "Cast":  # the converter's Cast: cast to fp32 instead
+            for attribute in node.attribute:
+                if attribute.name == "to":
+                    attribute.i = onnx.TensorProto.FLOAT
+        elif node is not None:  # any other producer: an fp16 tensor, then a Cast to fp32 under the output's name
+            inner = f"{output.name}_fp16"
+            node.output[list(node.output).index(output.name)] = inner
+            model.graph.node.append(
+                helper.make_node("Cast", [inner], [output.name], name=f"{inner}_to_fp32", to=onnx.TensorProto.FLOAT)
+            )
+        output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return model
 
 
 def invalid_graph(path: str | Path) -> str | None:

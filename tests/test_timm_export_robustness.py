@@ -156,6 +156,57 @@ def test_fp16_that_stays_invalid_is_one_line_naming_the_model(tmp_path, monkeypa
     assert not (tmp_path / "m16.onnx").exists() and not (tmp_path / "m16.onnx.partial").exists()
 
 
+def _large_logits_graph(path) -> str:
+    """relu(x @ w1) @ w2 with large weights: activations near 1e4, logits near 1e6, all kept fp32 by the guard."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["hidden"], name="fc1"),
+        helper.make_node("Relu", ["hidden"], ["act"], name="relu"),
+        helper.make_node("MatMul", ["act", "w2"], ["logits"], name="fc2"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.float32(1e4) * rng.standard_normal((4, 8)).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.float32(10) * rng.standard_normal((8, 3)).astype(np.float32), "w2"),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "large", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)]
+    )
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_fp16_keeps_fp32_logits_when_the_guard_keeps_the_last_node(tmp_path):
+    """timm:mobileone_s1 with random weights: logits near 1e7, its last Gemm kept in fp32 by the guard, and
+    onnxconverter-common's Cast after that kept node made the output fp16 (inf) despite ``keep_io_types``."""
+    src = _large_logits_graph(tmp_path / "m.onnx")
+    x = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
+    result = fp16_model(src, tmp_path / "m16.onnx", x, 16384.0, META)
+    assert "fc2" in result.guard
+    graph = onnx.load(str(tmp_path / "m16.onnx")).graph
+    assert graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    got, expected = run_onnx(tmp_path / "m16.onnx", x), run_onnx(src, x)
+    assert got.dtype == np.float32 and np.abs(expected).max() > 1e5
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_an_fp16_output_written_by_another_node_gets_a_cast_to_fp32():
+    from exports.fp16 import _fp32_outputs
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT16, ["batch", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["batch", 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["logits"], name="relu")], "g", [x], [y])
+    model = _fp32_outputs(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), ["logits"])
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node] == [
+        ("Relu", ["input"], ["logits_fp16"]),
+        ("Cast", ["logits_fp16"], ["logits"]),
+    ]
+    onnx.checker.check_model(model, full_check=True)
+
+
 def test_invalid_nodes_reads_both_onnx_message_forms():
     message = "(op_type:Cast, node name: a): [TypeInferenceError] x (op_type:Add, node name: b): y (node name: a)"
     assert invalid_nodes(message) == ["a", "b"]
