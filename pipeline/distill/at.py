@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from pipeline.distill import register_method
 from pipeline.distill.base import WEIGHT, Bound, Distiller
-from pipeline.distill.features import match_spatial, stage_taps, tapped_forward
+from pipeline.distill.features import match_spatial, paired_stage_taps, tapped_forward
 
 
 def shallow_pairs(num_student: int, num_teacher: int) -> list[tuple[int, int]]:
@@ -63,10 +63,7 @@ class AT(Distiller):
         super().__init__(student, teacher)
         if p <= 0:
             raise ValueError(f"p must be positive, got {p}")
-        s_taps, t_taps = stage_taps(student, "at"), stage_taps(teacher, "at")
-        pairs = shallow_pairs(len(s_taps), len(t_taps))
-        self.student_taps = [s_taps[i] for i, _ in pairs]
-        self.teacher_taps = [t_taps[j] for _, j in pairs]
+        self.student_taps, self.teacher_taps = paired_stage_taps(student, teacher, "at", shallow_pairs)
         self.p = p
         self.ce_weight = ce_weight
         self.at_weight = at_weight

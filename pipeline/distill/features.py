@@ -19,15 +19,17 @@ from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
 from pipeline.hooks import FeatureTaps
-from pipeline.models.spec import Tap
+from pipeline.models.spec import Tap, model_name
 
 __all__ = [
     "aligned_pairs",
     "bn_before_taps",
     "embedding_tap",
     "match_spatial",
+    "paired_stage_taps",
     "probe_shapes",
     "stage_taps",
+    "tap_channels",
     "tapped_forward",
     "teacher_head",
     "warmup_factor",
@@ -38,8 +40,9 @@ def stage_taps(model: nn.Module, method: str) -> tuple[Tap, ...]:
     """The model's declared stage taps; a clear error if it declares none."""
     stages = getattr(getattr(model, "info", None), "stages", ())
     if not stages:
-        name = getattr(getattr(model, "info", None), "name", type(model).__name__)
-        raise ConfigError(f"method {method!r} reads stage features, but model {name!r} declares no stage taps")
+        raise ConfigError(
+            f"method {method!r} reads stage features, but model {model_name(model)!r} declares no stage taps"
+        )
     return tuple(stages)
 
 
@@ -71,6 +74,11 @@ def probe_shapes(model: nn.Module, taps: Sequence[Tap]) -> list[torch.Size]:
     with _EvalMode(model), torch.no_grad():
         _, feats = tapped_forward(model, taps, _dummy_input(model))
     return [f.shape for f in feats]
+
+
+def tap_channels(model: nn.Module, taps: Sequence[Tap]) -> list[int]:
+    """The channels of each tap's feature (:func:`probe_shapes`)."""
+    return [shape[1] for shape in probe_shapes(model, taps)]
 
 
 def embedding_tap(model: nn.Module) -> Tap:
@@ -124,6 +132,18 @@ def aligned_pairs(num_student: int, num_teacher: int) -> list[tuple[int, int]]:
     """(student stage, teacher stage) index pairs, matched from the deepest stage down."""
     n = min(num_student, num_teacher)
     return [(num_student - n + i, num_teacher - n + i) for i in range(n)]
+
+
+def paired_stage_taps(
+    student: nn.Module,
+    teacher: nn.Module,
+    method: str,
+    pair: Callable[[int, int], list[tuple[int, int]]] = aligned_pairs,
+) -> tuple[list[Tap], list[Tap]]:
+    """The student's and the teacher's stage taps, matched by ``pair`` (index pairs from the two counts)."""
+    s_taps, t_taps = stage_taps(student, method), stage_taps(teacher, method)
+    pairs = pair(len(s_taps), len(t_taps))
+    return [s_taps[i] for i, _ in pairs], [t_taps[j] for _, j in pairs]
 
 
 def match_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.distill import register_method
 from pipeline.distill.base import WEIGHT, Bound, Distiller
-from pipeline.distill.features import aligned_pairs, match_spatial, probe_shapes, stage_taps, tapped_forward
+from pipeline.distill.features import match_spatial, paired_stage_taps, tap_channels, tapped_forward
 
 
 @register_method(name="fitnet")
@@ -42,14 +42,11 @@ class FitNet(Distiller):
         hint_weight: float = 100.0,
     ):
         super().__init__(student, teacher)
-        pairs = aligned_pairs(len(stage_taps(student, "fitnet")), len(stage_taps(teacher, "fitnet")))
-        if not -len(pairs) <= hint_stage < len(pairs):
-            raise ValueError(f"hint_stage must index one of the {len(pairs)} paired stages, got {hint_stage}")
-        s_index, t_index = pairs[hint_stage]
-        self.student_tap = student.info.stages[s_index]
-        self.teacher_tap = teacher.info.stages[t_index]
-        s_chs = probe_shapes(student, [self.student_tap])[0][1]
-        t_chs = probe_shapes(teacher, [self.teacher_tap])[0][1]
+        s_taps, t_taps = paired_stage_taps(student, teacher, "fitnet")
+        if not -len(s_taps) <= hint_stage < len(s_taps):
+            raise ValueError(f"hint_stage must index one of the {len(s_taps)} paired stages, got {hint_stage}")
+        self.student_tap, self.teacher_tap = s_taps[hint_stage], t_taps[hint_stage]
+        (s_chs,), (t_chs,) = tap_channels(student, [self.student_tap]), tap_channels(teacher, [self.teacher_tap])
         self.regressor = nn.Sequential(nn.Conv2d(s_chs, t_chs, 3, padding=1, bias=False), nn.BatchNorm2d(t_chs))
         self.ce_weight = ce_weight
         self.hint_weight = hint_weight

@@ -33,14 +33,7 @@ from torch import Tensor, nn
 
 from pipeline.distill import register_method
 from pipeline.distill.base import WEIGHT, Bound, Distiller
-from pipeline.distill.features import (
-    aligned_pairs,
-    bn_before_taps,
-    match_spatial,
-    probe_shapes,
-    stage_taps,
-    tapped_forward,
-)
+from pipeline.distill.features import bn_before_taps, match_spatial, paired_stage_taps, tap_channels, tapped_forward
 
 
 def bn_margin(bn: nn.BatchNorm2d) -> Tensor:
@@ -90,12 +83,8 @@ class OFD(Distiller):
         teacher_bn_train: bool = False,
     ):
         super().__init__(student, teacher)
-        s_taps, t_taps = stage_taps(student, "ofd"), stage_taps(teacher, "ofd")
-        pairs = aligned_pairs(len(s_taps), len(t_taps))
-        self.student_taps = [s_taps[i] for i, _ in pairs]
-        self.teacher_taps = [t_taps[j] for _, j in pairs]
-        s_chs = [shape[1] for shape in probe_shapes(student, self.student_taps)]
-        t_chs = [shape[1] for shape in probe_shapes(teacher, self.teacher_taps)]
+        self.student_taps, self.teacher_taps = paired_stage_taps(student, teacher, "ofd")
+        s_chs, t_chs = tap_channels(student, self.student_taps), tap_channels(teacher, self.teacher_taps)
         self.connectors = nn.ModuleList(_connector(s, t) for s, t in zip(s_chs, t_chs))
         for i, (bn, chs) in enumerate(zip(bn_before_taps(teacher, self.teacher_taps), t_chs)):
             if bn.num_features != chs:

@@ -30,14 +30,7 @@ from torch import Tensor, nn
 
 from pipeline.distill import register_method
 from pipeline.distill.base import EPOCHS, WEIGHT, Bound, Distiller
-from pipeline.distill.features import (
-    aligned_pairs,
-    embedding_tap,
-    probe_shapes,
-    stage_taps,
-    tapped_forward,
-    warmup_factor,
-)
+from pipeline.distill.features import embedding_tap, paired_stage_taps, tap_channels, tapped_forward, warmup_factor
 
 
 class ABF(nn.Module):
@@ -100,12 +93,10 @@ class ReviewKD(Distiller):
         super().__init__(student, teacher)
         if max_mid_channels < 1:
             raise ValueError(f"max_mid_channels must be positive, got {max_mid_channels}")
-        s_taps, t_taps = stage_taps(student, "reviewkd"), stage_taps(teacher, "reviewkd")
-        pairs = aligned_pairs(len(s_taps), len(t_taps))
-        self.student_taps = [s_taps[i] for i, _ in pairs] + [embedding_tap(student)]
-        self.teacher_taps = [t_taps[j] for _, j in pairs] + [embedding_tap(teacher)]
-        s_chs = [shape[1] for shape in probe_shapes(student, self.student_taps)]
-        t_chs = [shape[1] for shape in probe_shapes(teacher, self.teacher_taps)]
+        s_taps, t_taps = paired_stage_taps(student, teacher, "reviewkd")
+        self.student_taps = [*s_taps, embedding_tap(student)]
+        self.teacher_taps = [*t_taps, embedding_tap(teacher)]
+        s_chs, t_chs = tap_channels(student, self.student_taps), tap_channels(teacher, self.teacher_taps)
         mid = min(max_mid_channels, s_chs[-1])
         # Shallow to deep; the deepest level (the embedding) has nothing deeper to fuse.
         self.abfs = nn.ModuleList(ABF(s, mid, t, fuse=i < len(s_chs) - 1) for i, (s, t) in enumerate(zip(s_chs, t_chs)))

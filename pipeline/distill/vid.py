@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from pipeline.distill import register_method
 from pipeline.distill.base import WEIGHT, Bound, Distiller
-from pipeline.distill.features import aligned_pairs, match_spatial, probe_shapes, stage_taps, tapped_forward
+from pipeline.distill.features import match_spatial, paired_stage_taps, tap_channels, tapped_forward
 
 
 class GaussianRegressor(nn.Module):
@@ -78,12 +78,8 @@ class VID(Distiller):
     ):
         super().__init__(student, teacher)
         self.check_args({"init_variance": init_variance, "eps": eps})
-        s_taps, t_taps = stage_taps(student, "vid"), stage_taps(teacher, "vid")
-        pairs = aligned_pairs(len(s_taps), len(t_taps))
-        self.student_taps = [s_taps[i] for i, _ in pairs]
-        self.teacher_taps = [t_taps[j] for _, j in pairs]
-        s_chs = [shape[1] for shape in probe_shapes(student, self.student_taps)]
-        t_chs = [shape[1] for shape in probe_shapes(teacher, self.teacher_taps)]
+        self.student_taps, self.teacher_taps = paired_stage_taps(student, teacher, "vid")
+        s_chs, t_chs = tap_channels(student, self.student_taps), tap_channels(teacher, self.teacher_taps)
         self.regressors = nn.ModuleList(GaussianRegressor(s, t, t, init_variance, eps) for s, t in zip(s_chs, t_chs))
         self.ce_weight = ce_weight
         self.vid_weight = vid_weight
