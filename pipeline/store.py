@@ -263,6 +263,10 @@ class RunStore:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    def cache(self, kind: str) -> Path:
+        """A folder of keyed caches (INT8 calibration, TensorRT timing): outside stage folders, kept across reruns."""
+        return self.root / _CACHE / kind
+
     def logs(self, stage: str) -> Path:
         """Where a stage's TensorBoard events go: outside its hashed folder, and kept across crashes and reruns."""
         return self.root / _LOGS / stage

@@ -84,13 +84,8 @@ class EngineStage(Stage):
         meta = DeployMeta.from_props(read_metadata(onnx_path), str(onnx_path))
         profile = engine_profile(cfg, meta.input_size)
         platform = current_platform(index)
-        cache = Path(
-            cfg.engine.timing_cache
-            or ctx.store.root
-            / ".cache"
-            / "tensorrt"
-            / f"trt{platform.tensorrt_release}-sm{platform.compute_capability}.timing.cache"
-        )
+        timing = f"trt{platform.tensorrt_release}-sm{platform.compute_capability}.timing.cache"
+        cache = Path(cfg.engine.timing_cache or ctx.store.cache("tensorrt") / timing)
         ctx.log(f"[engine] building {precision} engine on {platform.gpu} with TensorRT {platform.tensorrt}")
         plan = build_engine(onnx_path, profile, cfg.engine.workspace_mib, cache, meta.input_name)
         engine_path = ctx.out / engine_name(precision)

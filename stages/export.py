@@ -168,6 +168,7 @@ class ExportStage(Stage):
 
         specs = [PRECISIONS.get(p) for p in exported_precisions(cfg)]
         reduced = [spec for spec in specs if spec.name != REFERENCE_PRECISION]
+        calibration_cache = Path(cfg.export.calibration_cache or ctx.store.cache("calibration"))
         if reduced:
             calibration = calibration_images(cfg, base)
             result.report["calibration"] = {"split": "train", "samples": len(calibration)}
@@ -179,7 +180,7 @@ class ExportStage(Stage):
                     files[spec.name],
                     calibration,
                     cfg.export,
-                    Path(cfg.export.calibration_cache or ctx.store.root / ".cache" / "calibration"),
+                    calibration_cache,
                     lambda precision, how: deploy_meta(meta, source, cfg, precision, how),
                     ctx.log,
                 )
@@ -204,9 +205,8 @@ class ExportStage(Stage):
         with step("the ONNX Runtime latency measurement"):
             result.report["latency"] = {p: onnx_latency(path, meta.input_size) for p, path in made.items()}  # ORT CPU
             if "int8" in made and times_cpu_int8(cfg):
-                cache = Path(cfg.export.calibration_cache or ctx.store.root / ".cache" / "calibration")
                 cpu = deploy_meta(meta, source, cfg, "int8", INT8_TARGETS.get("cpu").description)
-                timed = cpu_int8_latency(fp32, calibration, cpu, cache)
+                timed = cpu_int8_latency(fp32, calibration, cpu, calibration_cache)
                 result.report["int8_cpu_latency"] = timed
                 ctx.log(
                     f"[export] INT8 on this CPU: {timed['median_ms']:.3f} ms for a cpu-target model (timed only), "
