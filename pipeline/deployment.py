@@ -26,7 +26,6 @@ from pipeline.stagekit import bundle
 from pipeline.training import make_loader
 
 ONNX_FILES = {name: spec.onnx_file for name, spec in PRECISIONS.items()}  # precision -> exported file
-REPORT = "report.json"
 
 
 def deploy_transform(meta: DeployMeta) -> v2.Compose:

@@ -26,8 +26,9 @@ from exports.trt_engine import TrtRunner, build_engine, current_platform, sideca
 from pipeline.checks import Check, GateResult
 from pipeline.compare import diff_stats, tie_figures, top1_accuracy
 from pipeline.config import Config
-from pipeline.deployment import REPORT, engine_profile, eval_batches, label_mismatch, read_report
+from pipeline.deployment import engine_profile, eval_batches, label_mismatch, read_report
 from pipeline.errors import ConfigError
+from pipeline.stage_files import REPORT
 from pipeline.stagekit import data_params, write_json
 from stages.base import Stage, StageContext, StageResult, register_stage
 

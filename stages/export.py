@@ -37,13 +37,14 @@ from pipeline.checks import TOLERANCES, Check, GateResult
 from pipeline.compare import allclose_fraction, diff_stats, tie_detail, top1_accuracy
 from pipeline.config import Config
 from pipeline.data.transforms import eval_preprocess_spec
-from pipeline.deployment import ONNX_FILES, REPORT, deploy_transform, engine_profile, eval_batches, label_mismatch
+from pipeline.deployment import ONNX_FILES, deploy_transform, engine_profile, eval_batches, label_mismatch
 from pipeline.errors import ConfigError, library_errors
 from pipeline.hashing import sha256_file
 from pipeline.loading import foreign_meta, load_any_model
 from pipeline.precision_order import PRECISION_ORDER, REFERENCE_PRECISION
 from pipeline.progress import progress_bar
 from pipeline.reparam import fuse_model
+from pipeline.stage_files import REPORT
 from pipeline.stagekit import FUSED_CHECKPOINT, batched_logits, bundle, data_params, write_json
 from stages.base import Stage, StageContext, StageResult, register_stage
 

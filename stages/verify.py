@@ -15,6 +15,7 @@ from pipeline.compare import abs_diff_histogram, diff_stats, tie_detail, top1_ac
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.loading import load_model
+from pipeline.stage_files import REPORT
 from pipeline.stagekit import FUSED_CHECKPOINT, STUDENT_CHECKPOINT, batched_logits, bundle, write_json
 from stages.base import Stage, StageContext, StageResult, register_stage
 
@@ -40,7 +41,7 @@ def verification_batch(cfg: Config, samples: int) -> tuple[torch.Tensor, torch.T
 @register_stage
 class VerifyStage(Stage):
     name = "verify"
-    outputs = ("report.json",)
+    outputs = (REPORT,)
     description = "check the fused student against the trained one"
 
     def requires(self, cfg: Config) -> tuple[str, ...]:
@@ -85,7 +86,7 @@ class VerifyStage(Stage):
             "top1_fused": top1_fused,
             "abs_diff_histogram": abs_diff_histogram(reference, candidate),  # for the HTML report
         }
-        write_json(ctx.out / "report.json", report)
+        write_json(ctx.out / REPORT, report)
         return StageResult(
             checks=checks, metrics={"max_abs": stats["max_abs"], "top1_fused": top1_fused, "samples": len(labels)}
         )

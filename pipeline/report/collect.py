@@ -13,6 +13,7 @@ from pathlib import Path
 from pipeline.errors import ConfigError
 from pipeline.experiments.grid import is_sweep, read_sweep
 from pipeline.manifest import Manifest
+from pipeline.stage_files import HISTORY, REPORT
 from pipeline.store import RunStore
 
 
@@ -44,10 +45,10 @@ class RunData:
         return m.metrics.get(key) if m else None
 
     def history(self, stage: str) -> list[dict]:
-        data = _json(self.root / stage / "history.json") if stage in self.manifests else None
+        data = _json(self.root / stage / HISTORY) if stage in self.manifests else None
         return data if isinstance(data, list) else []
 
-    def stage_report(self, stage: str, name: str = "report.json") -> dict:
+    def stage_report(self, stage: str, name: str = REPORT) -> dict:
         data = _json(self.root / stage / name) if stage in self.manifests else None
         return data if isinstance(data, dict) else {}
 

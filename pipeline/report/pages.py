@@ -19,6 +19,7 @@ from pipeline.report.table import (
     has_cpu_int8,
     row_name,
 )
+from pipeline.stage_files import HISTORY
 
 
 def stage_table(run: RunData) -> str:
@@ -76,7 +77,7 @@ def training_section(run: RunData) -> str:
                 figure(
                     f"curves-{stage}",
                     plots.training_curves(history, f"{stage}{method}"),
-                    f"{stage}{method}: loss terms and top-1 per epoch, from {stage}/history.json",
+                    f"{stage}{method}: loss terms and top-1 per epoch, from {stage}/{HISTORY}",
                     "",
                 )
             )

@@ -1,0 +1,12 @@
+"""The names of the files a stage hands on, to a later stage or to the readers of a run (report, compare).
+
+One definition each: the producing stage declares it on ``Stage.outputs`` and every consumer names it from
+here, so no stage imports another and the report reads a run folder without loading torch. Standard
+library only, so ``exports/`` may use it too. Names that belong to one format stay with it (the ONNX files
+in ``exports/precisions.py``, the golden I/O in ``exports/``, ``manifest.json`` in ``pipeline/manifest.py``).
+"""
+
+from __future__ import annotations
+
+HISTORY = "history.json"  # teacher, train -> report, compare: one record per epoch
+REPORT = "report.json"  # verify, export, engine -> report, compare; export -> engine
