@@ -4,7 +4,7 @@ An app needs only the model file (and, for an engine, the ``.engine.json`` sidec
 it): the input size, normalization and class names travel with the model. The runtime is the files
 named in :data:`EDGE_FILES`: they import numpy, Pillow and ONNX Runtime only (``requirements-edge.txt``)
 and each other by relative imports, so an app installs those three and copies the files into a package
-of its own name, without torch or the pipeline (README, "Edge runtime"). Running an ``.engine`` needs
+of its own name, without torch or the pipeline (docs/export.md, "Edge runtime"). Running an ``.engine`` needs
 the full install with TensorRT.
 
     from exports.runtime import Classifier

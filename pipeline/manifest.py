@@ -4,7 +4,7 @@ Manifests are deterministic where it matters: artifact lists are sorted, keys ar
 fingerprint covers only result-affecting fields (it decides whether a stage is up to date). Timestamps,
 hostnames and durations live in ``meta``, which the fingerprint does not cover.
 
-Manifests are chained (README, "What the manifest chain guarantees"): each records the ``digest`` of every
+Manifests are chained (docs/reliability.md, "What the manifest chain guarantees"): each records the ``digest`` of every
 upstream manifest it consumed, and its own ``digest`` covers all of its content (outputs, status, checks,
 metrics, the upstream digests). Reading a manifest re-computes its digest, so an edit is refused; an edit
 whose digest was recomputed still breaks the link its downstream stages recorded. With a key in

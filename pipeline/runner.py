@@ -121,7 +121,7 @@ def run_stages(
     ``keep`` names stages to keep when their code alone changed (an upgrade that should not retrain a
     teacher, say): their artifacts stay, and the manifest records the code they were built with and what
     changed. Under torchrun, stages marked ``distributed`` run on every rank and the others on rank 0 alone;
-    rank 0 alone logs, writes and commits (README, "Training at scale").
+    rank 0 alone logs, writes and commits (docs/training.md).
     """
     names = stage_order() if names is None else names
     validate(cfg, names)

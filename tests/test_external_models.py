@@ -30,7 +30,7 @@ pytestmark = pytest.mark.accuracy  # verdicts on trained or converted models (CI
 SIZE = 32
 CLASSES = 5
 TEACHER = "timm:resnet10t"
-# (student, expected number of KDiffusion sites): one per family of the README's table
+# (student, expected number of KDiffusion sites): one per family of docs/models.md's table
 STUDENTS = [
     ("timm:resnet10t", 3),
     ("timm:mobilenetv2_050", 3),

@@ -171,7 +171,7 @@ def test_the_edge_files_import_only_each_other_and_the_edge_requirements():
 
 @pytest.mark.slow
 def test_the_runtime_installs_and_classifies_alone_in_a_fresh_venv(tmp_path, model_file, images):
-    """An edge app's route (README, "Edge runtime"): a plain venv (no system site-packages, so no torch), the
+    """An edge app's route (docs/export.md, "Edge runtime"): a plain venv (no system site-packages, so no torch), the
     edge requirements from pip, the runtime's files copied into the app under a name of its own."""
     venv = tmp_path / "venv"
     made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=300)
