@@ -11,6 +11,7 @@ import sys
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")  # the ones that change which kernels run
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")  # set to force a kernel path
+BF16_FLAGS = ("amx_tile", "avx512_bf16")  # bf16 matrix arithmetic in hardware: AMX tiles, then AVX512-BF16
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,6 +38,19 @@ def cpu_model() -> str:
 def cpu_isa() -> list[str]:
     """Which of :data:`ISA_FLAGS` the processor has (empty where /proc/cpuinfo is unreadable)."""
     return [f for f in ISA_FLAGS if f in _cpuinfo()[1]]
+
+
+def native_bf16() -> str | None:
+    """The flag of :data:`BF16_FLAGS` that gives this processor bf16 arithmetic in hardware, or ``None``.
+
+    Without one, oneDNN emulates bf16 with fp32 instructions and conversions, usually slower than fp32 itself. A
+    kernel path forced below bf16 (``ONEDNN_MAX_CPU_ISA=AVX2``, ``AVX512_CORE``) counts as none.
+    """
+    forced = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if forced not in ("", "ALL", "DEFAULT") and not any(level in forced for level in ("BF16", "FP16", "AMX")):
+        return None
+    isa = cpu_isa()
+    return next((flag for flag in BF16_FLAGS if flag in isa), None)
 
 
 def cpu_record() -> dict:
