@@ -102,6 +102,34 @@ def test_gradients_reach_every_method_parameter_and_never_the_teacher(name, teac
     assert not teacher.training
 
 
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_channels_last_changes_no_method_beyond_float_rounding(name, teacher, batch):
+    """channels_last is the CPU default (``training.channels_last=auto``) and stays out of the fingerprints, so
+    every method must give the same losses and gradients in that layout as in the contiguous one, to float rounding.
+
+    Rounding here is not tiny: against a float64 reference, the gradients of this pair are off by 1e-5 to 5e-3
+    (relative norm) through oneDNN's contiguous kernels and by 2e-3 to 1.2e-2 through the channels_last ones, as
+    PyTorch's own kernels are (mkldnn off: 1.8e-2 contiguous, for mobile_half at batch 64). A layout mistake (a
+    view or permute that reads NHWC as NCHW) is off by order 1, hence the bound of 0.1.
+    """
+    images, targets, indices = batch
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        distiller = make(name, copy.deepcopy(teacher)).train().to(memory_format=layout)
+        conv = next(m for m in distiller.student.modules() if isinstance(m, nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=layout)
+        _, losses = step(distiller, (images.contiguous(memory_format=layout), targets, indices))
+        sum(losses.values()).backward()
+        grads = [p.grad for p in distiller.trainable_parameters() if p.grad is not None]
+        results.append(({k: v.detach() for k, v in losses.items()}, grads))
+    (losses, grads), (losses_cl, grads_cl) = results
+    assert losses.keys() == losses_cl.keys() and len(grads) == len(grads_cl)
+    for key in losses:
+        torch.testing.assert_close(losses_cl[key], losses[key], rtol=1e-4, atol=1e-5)
+    differences = sum(float((a - b).double().pow(2).sum()) for a, b in zip(grads_cl, grads))
+    assert math.sqrt(differences / sum(float(g.double().pow(2).sum()) for g in grads)) < 0.1
+
+
 @pytest.mark.parametrize("name", ["kd", "kdiffusion"])
 @pytest.mark.parametrize("move", ["double", "to"])
 def test_the_unregistered_teacher_follows_every_move_of_the_distiller(name, move, batch):
