@@ -25,6 +25,7 @@ from exports.onnx_export import check_onnx, write_metadata
 from pipeline.atomic import atomic_write
 
 FP16_MAX = 65504.0
+FP16_TINY = 2.0**-14  # fp16's smallest normal value; below it precision drops, below 2**-24 values become 0
 
 
 def overflow_nodes(onnx_path: str | Path, ranges: dict[str, float], safe_max: float) -> list[str]:

@@ -9,14 +9,14 @@ Adding a precision is one entry here; the stages loop over the registry instead 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from exports.calibration import activation_ranges
-from exports.fp16 import FP16_MAX, fp16_model, overflow_nodes
+from exports.fp16 import FP16_MAX, FP16_TINY, fp16_model, overflow_nodes
 from exports.int8 import INT8_TARGETS, CalibrationCache, copy_ranges, quantize_int8, tensorrt_qdq_problems
 from exports.metadata import INPUT_NAME, OUTPUT_NAME, DeployMeta
 from pipeline.checks import TOLERANCES, Check, GateResult
@@ -67,12 +67,16 @@ def fp16_gate(
 ) -> GateResult:
     """fp16 against fp32 on the same images: cosine per sample (min over the set) and top-1 agreement,
     tie-aware (:func:`pipeline.compare.diff_stats`): a flip between classes tied within fp16's error is no
-    disagreement; the strict figure and the ties excused are in the metrics."""
+    disagreement; the strict figure and the ties excused are in the metrics. A failed cosine names the cause
+    when the logits show it (:func:`fp16_range_problem`)."""
     stats = diff_stats(reference, candidate)
+    cosine = Check.gate(
+        "onnx_fp16_min_cosine", "min per-sample cosine vs fp32", stats["min_cosine"], "onnx.fp16_min_cosine", ">="
+    )
+    if not cosine:
+        cosine = replace(cosine, detail=fp16_range_problem(reference, candidate))
     checks = [
-        Check.gate(
-            "onnx_fp16_min_cosine", "min per-sample cosine vs fp32", stats["min_cosine"], "onnx.fp16_min_cosine", ">="
-        ),
+        cosine,
         Check.gate(
             "onnx_fp16_top1_agreement",
             "fraction of equal argmax vs fp32, near-ties excused",
@@ -83,6 +87,25 @@ def fp16_gate(
         ),
     ]
     return GateResult(checks, {"fp16_min_cosine": stats["min_cosine"], **tie_figures(stats, "fp16")}, stats)
+
+
+def fp16_range_problem(reference: np.ndarray, candidate: np.ndarray) -> str:
+    """Why fp16 cannot carry these logits, where they show it ('' when they do not): fp32 logits whose peak
+    is below fp16's smallest normal value underflow (untrained weights can shrink activations layer by layer,
+    as timm's lcnetv2_small with random weights reaches 1e-20), fp16 logits that are inf/nan overflowed."""
+    peak = float(np.max(np.abs(reference), initial=0.0))
+    if 0.0 < peak < FP16_TINY:
+        return (
+            f"(fp16 underflow: the fp32 logits peak at |x| = {peak:.3g}, below fp16's smallest normal value "
+            f"{FP16_TINY:.3g}; a real limit of fp16 for this model, not a conversion error)"
+        )
+    broken = int((~np.isfinite(candidate)).any(axis=tuple(range(1, candidate.ndim))).sum()) if candidate.size else 0
+    if broken:
+        return (
+            f"(fp16 overflow: {broken} sample(s) give inf/nan fp16 logits, so some fp16 tensor passed {FP16_MAX:g} "
+            "on them; the overflow guard's calibration images did not show it)"
+        )
+    return ""
 
 
 def int8_gate(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, mismatch: str = "") -> GateResult:

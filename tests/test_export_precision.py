@@ -170,6 +170,22 @@ def test_fp16_guard_keeps_overflowing_nodes_in_fp32(onnx_models, data, tmp_path)
     assert result.report["min_cosine"] == result.metrics["fp16_min_cosine"] < 0.999
 
 
+def test_fp16_gate_names_logits_that_underflow_fp16():
+    """timm:lcnetv2_small with random weights: activations shrink layer by layer to logits near 1e-20, which
+    fp16 flushes to zero (cosine 0). A real limit of fp16, not a conversion error, and the failure says so.
+    (Synthetic logits: ONNX Runtime's CPU provider computes many fp16 nodes in fp32, so a small graph need not
+    show the underflow there, while an fp16 engine would.)"""
+    rng = np.random.default_rng(0)
+    reference = (1e-20 * rng.standard_normal((32, CLASSES))).astype(np.float32)
+    result = fp16_gate(reference, np.zeros_like(reference))  # what fp16 makes of them
+    cosine = result.checks[0]
+    assert not cosine and "fp16 underflow" in cosine.detail and "smallest normal value 6.1e-05" in cosine.describe()
+    inf = reference.copy()
+    inf[3, 1] = np.inf
+    assert "fp16 overflow: 1 sample(s) give inf/nan" in fp16_gate(reference * 1e20, inf * 1e20).checks[0].detail
+    assert fp16_gate(reference * 1e20, reference * 1e20).checks[0].detail == ""  # a pass: nothing about ranges
+
+
 def test_fp16_guard_keeps_guarded_weights_fp32_in_dynamo_graphs(data, tmp_path):
     """The dynamo exporter annotates weights with value_info, which must not make them fp16."""
     calibration, test, _ = data
