@@ -100,11 +100,13 @@ class TrainingConfig:
 
     Only ``amp``, ``sync_bn`` and ``device_data`` (other augmentation draws) change the trained weights
     beyond float noise, so only they enter the stage fingerprints; the rest (like the device and the number
-    of processes) are execution details.
+    of processes) are execution details. ``auto`` (see :func:`pipeline.training.speed.resolve`) is decided by
+    the run's device and processor, and ``amp=auto`` enters the fingerprints as what it became.
     """
 
-    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a GradScaler; both need a GPU to pay off)
-    channels_last: bool = False
+    # none | bf16 | fp16 (GradScaler; CUDA only) | auto: bf16 on a CPU with native bf16 (AMX, AVX512-BF16), else none
+    amp: str = "none"
+    channels_last: bool | str = "auto"  # true | false | auto: true on a CPU, false (as before) on a GPU
     compile: bool = False  # torch.compile the student and the teacher
     sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only)
     cudnn_benchmark: bool | None = None  # None: on unless ``deterministic``

@@ -17,6 +17,8 @@ import torch
 from pipeline.config import Config, DataConfig, from_dict
 from pipeline.data import DataBundle, load_data
 from pipeline.hashing import canonical_json
+from pipeline.training.distributed import device_type
+from pipeline.training.speed import resolve
 
 TEACHER_CHECKPOINT = "teacher.safetensors"  # teacher -> train
 STUDENT_CHECKPOINT = "student.safetensors"  # train -> fuse, verify
@@ -36,8 +38,13 @@ def data_params(cfg: Config) -> dict:
 
 
 def training_params(cfg: Config) -> dict:
-    """The training settings that change the weights beyond float noise (speed and logging options excluded)."""
-    params = {"amp": cfg.training.amp, "sync_bn": cfg.training.sync_bn}
+    """The training settings that change the weights beyond float noise (speed and logging options excluded).
+
+    ``amp=auto`` is recorded as what it becomes on this run's device and processor, so a run where it means
+    bf16 and one where it means none have different fingerprints, and auto-none shares explicit none's.
+    """
+    amp = resolve(cfg.training, device_type(cfg.device)).amp
+    params = {"amp": amp, "sync_bn": cfg.training.sync_bn}
     if cfg.training.device_data:  # other augmentation draws (same distribution); absent when off: old hashes hold
         params["device_data"] = True
     return params

@@ -16,6 +16,7 @@ from pipeline.loading import load_model
 from pipeline.models import build_model, count_parameters
 from pipeline.stagekit import STUDENT_CHECKPOINT, TEACHER_CHECKPOINT, bundle, data_params, training_params, write_json
 from pipeline.training import History, check_optim, evaluate, fit, make_loader
+from pipeline.training.speed import describe as describe_speed
 from stages.base import Stage, StageContext, StageResult, register_stage
 
 CHECKPOINT = STUDENT_CHECKPOINT
@@ -96,6 +97,7 @@ class TrainStage(Stage):
                 "val_top1": history.last.get("val_top1"),
                 "train_parameters": count_parameters(student),
                 "vanilla_parameters": vanilla_params,
+                "training_speed": describe_speed(cfg.training, device),  # what any `auto` became here
             }
         )
 

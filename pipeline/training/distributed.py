@@ -77,6 +77,12 @@ def check_device(name: str) -> torch.device | None:
     return device
 
 
+def device_type(name: str) -> str:
+    """The kind of device (``cpu`` or ``cuda``) a run with ``device=name`` trains on, without claiming one."""
+    device = check_device(name)
+    return device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_device(name: str) -> torch.device:
     """The device this process trains on; under torchrun a GPU process uses ``cuda:LOCAL_RANK``."""
     if name == "auto":

@@ -172,6 +172,9 @@ def fit(
     """
     training = training or TrainingConfig()
     speed.check_training(training, device)
+    if speed.AUTO in (training.amp, training.channels_last):
+        log(f"{desc}: {speed.describe(training, device)}")
+        training = speed.resolve(training, device)
     if not isinstance(getattr(train_loader, "sampler", None), EpochSampler):
         raise TypeError("fit() needs a training loader built by pipeline.training.make_loader(train=True)")
     with speed.backend_flags(training, device):

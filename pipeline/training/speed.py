@@ -1,13 +1,27 @@
-"""GPU speed settings for training: mixed precision, memory format, compilation, cuDNN, determinism.
+"""Speed settings for training: mixed precision, memory format, compilation, cuDNN, determinism.
 
 Each option is checked against the device before any time is spent, so an impossible combination
 (fp16 on a CPU, SyncBatchNorm without CUDA) is a one-line :class:`ConfigError` rather than a crash
 an hour in. Mixed precision autocasts the distiller's forward pass only; a loss that needs fp32
 (the KDiffusion chain) opens ``torch.autocast(device_type, enabled=False)`` around itself.
+
+``training.channels_last`` and ``training.amp`` accept ``auto``, decided by :func:`resolve` from the device
+and, on a CPU, the processor (docs/bench-cpu-speed.md):
+
+- ``channels_last=auto`` (the default) is true on a CPU: oneDNN's convolutions run NHWC without reordering
+  every activation, and the weights differ from contiguous training by float rounding only (like another
+  kernel path), so it is not in the fingerprints. On CUDA it stays false, as before.
+- ``amp=auto`` is bf16 on a CPU with native bf16 arithmetic (AMX or AVX512-BF16, :func:`pipeline.machine.
+  native_bf16`), none on any other CPU (emulated bf16 is slower than fp32) and none on CUDA (as before).
+  bf16 changes the weights beyond float noise, so ``auto`` enters the fingerprints as what it became: the
+  same config on another processor is other weights. It is opt-in, not the default, until trained accuracy
+  in bf16 is shown to match fp32 within seed noise, and because a default that depends on the processor
+  would stop a teacher trained on one machine from being reused by hash on another.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -15,18 +29,58 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 from torch import nn
 
+from pipeline import machine
 from pipeline.config import TrainingConfig
 from pipeline.errors import ConfigError
 
+AUTO = "auto"
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # training.optimizer_impl -> SGD's keyword: one kernel per parameter and op (for_loop), one per op over
 # all parameters (foreach), or one fused kernel (fused); auto leaves the choice to torch (foreach on CUDA).
 OPTIMIZER_IMPLS = {"auto": {}, "for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
+@dataclasses.dataclass(frozen=True)
+class AutoSpeed:
+    """What ``auto`` stands for on one kind of device (and, for a CPU, this processor)."""
+
+    channels_last: bool
+    amp: str
+    why: str  # the amp choice's reason: the native-bf16 flag, or what rules bf16 out
+
+
+def auto_speed(device_type: str) -> AutoSpeed:
+    if device_type != "cpu":
+        return AutoSpeed(channels_last=False, amp="none", why=f"{device_type}: set GPU precision explicitly")
+    flag = machine.native_bf16()
+    return AutoSpeed(channels_last=True, amp="bf16" if flag else "none", why=flag or "no native bf16")
+
+
+def resolve(cfg: TrainingConfig, device: torch.device | str) -> TrainingConfig:
+    """``cfg`` with each ``auto`` replaced by its value on ``device``'s kind (and this processor, for a CPU)."""
+    auto = auto_speed(torch.device(device).type)
+    return dataclasses.replace(
+        cfg,
+        channels_last=auto.channels_last if cfg.channels_last == AUTO else cfg.channels_last,
+        amp=auto.amp if cfg.amp == AUTO else cfg.amp,
+    )
+
+
+def describe(cfg: TrainingConfig, device: torch.device | str) -> str:
+    """One line for the log and the manifest, e.g. ``speed: channels_last, bf16 autocast (avx512_bf16)``."""
+    resolved, auto = resolve(cfg, device), auto_speed(torch.device(device).type)
+    layout = "channels_last" if resolved.channels_last else "contiguous"
+    precision = "fp32" if resolved.amp == "none" else f"{resolved.amp} autocast"
+    if cfg.amp == AUTO:
+        precision += f" (amp=auto: {auto.why})"
+    return f"speed: {layout}{' (auto)' if cfg.channels_last == AUTO else ''}, {precision}"
+
+
 def check_training(cfg: TrainingConfig, device: torch.device) -> None:
-    if cfg.amp not in AMP_DTYPES:
-        raise ConfigError(f"training.amp must be one of {', '.join(AMP_DTYPES)}, got {cfg.amp!r}")
+    if cfg.amp not in (*AMP_DTYPES, AUTO):
+        raise ConfigError(f"training.amp must be one of {', '.join(AMP_DTYPES)}, {AUTO}, got {cfg.amp!r}")
+    if not isinstance(cfg.channels_last, bool) and cfg.channels_last != AUTO:
+        raise ConfigError(f"training.channels_last must be true, false or {AUTO}, got {cfg.channels_last!r}")
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ConfigError(
             "training.amp=fp16 needs a CUDA device (fp16 training needs a GradScaler and GPU kernels); "
@@ -91,6 +145,9 @@ def grad_scaler(cfg: TrainingConfig, device: torch.device) -> torch.amp.GradScal
 
 
 def memory_format(cfg: TrainingConfig) -> torch.memory_format:
+    """The layout of a :func:`resolve`-d config (``auto`` must be decided first)."""
+    if cfg.channels_last == AUTO:
+        raise ValueError("training.channels_last=auto: resolve(cfg, device) first")
     return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 

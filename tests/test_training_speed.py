@@ -1,0 +1,177 @@
+"""The automatic CPU speed choice (``training.channels_last=auto``, ``training.amp=auto``), without timing anything.
+
+The processor is faked through :mod:`pipeline.machine`'s ISA flags, so every case runs on any machine: bf16 only
+where the flags say the processor has native bf16, channels_last on a CPU, nothing CPU-only on CUDA, and the
+resolved precision in the stage's recorded parameters (so another processor is other weights).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline import machine
+from pipeline.cli import run_cli
+from pipeline.config import OptimConfig, TrainingConfig, load_config
+from pipeline.errors import ConfigError
+from pipeline.manifest import fingerprint
+from pipeline.stagekit import training_params
+from pipeline.training import fit, make_loader
+from pipeline.training.speed import check_training, describe, memory_format, resolve
+from stages import get_stage
+from tests.conftest import TINY
+from tests.trainkit import DATA, Scripted, TinyNet, tiny_data
+
+CPU = torch.device("cpu")
+AVX2 = ["avx2"]
+AVX512 = ["avx2", "avx512f"]  # AVX-512 without its bf16 extension: oneDNN would emulate bf16
+ZEN4 = ["avx2", "avx512f", "avx512_bf16"]
+SAPPHIRE_RAPIDS = ["avx2", "avx512f", "avx512_bf16", "amx_tile"]
+
+
+@pytest.fixture
+def processor(monkeypatch):
+    """Fake this machine's ISA flags: ``processor(flags)``."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+
+    def fake(flags: list[str]) -> None:
+        monkeypatch.setattr(machine, "cpu_isa", lambda: list(flags))
+
+    return fake
+
+
+AUTO = TrainingConfig(amp="auto", channels_last="auto")
+
+
+@pytest.mark.parametrize(
+    "flags, amp, why",
+    [(AVX2, "none", "no native bf16"), (AVX512, "none", "no native bf16"), (ZEN4, "bf16", "avx512_bf16"),
+     (SAPPHIRE_RAPIDS, "bf16", "amx_tile")],
+)  # fmt: skip
+def test_auto_on_a_cpu_is_channels_last_and_bf16_only_with_native_bf16(processor, flags, amp, why):
+    processor(flags)
+    resolved = resolve(AUTO, CPU)
+    assert (resolved.channels_last, resolved.amp) == (True, amp)
+    assert memory_format(resolved) == torch.channels_last
+    assert describe(AUTO, CPU) == f"speed: channels_last (auto), {'fp32' if amp == 'none' else 'bf16 autocast'} " + (
+        f"(amp=auto: {why})"
+    )
+
+
+def test_a_kernel_path_forced_below_bf16_has_no_native_bf16(processor, monkeypatch):
+    processor(SAPPHIRE_RAPIDS)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    assert resolve(AUTO, CPU).amp == "none"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert resolve(AUTO, CPU).amp == "bf16"
+
+
+@pytest.mark.parametrize("flags", [AVX2, SAPPHIRE_RAPIDS])
+def test_auto_on_cuda_keeps_the_gpu_settings_as_they_were(processor, flags):
+    processor(flags)  # the host's bf16 says nothing about the GPU's
+    resolved = resolve(AUTO, torch.device("cuda"))
+    assert (resolved.channels_last, resolved.amp) == (False, "none")
+    assert resolved == resolve(TrainingConfig(), "cuda:1")
+
+
+def test_explicit_settings_are_kept_whatever_the_processor(processor):
+    processor(SAPPHIRE_RAPIDS)
+    explicit = TrainingConfig(amp="none", channels_last=False)
+    assert resolve(explicit, CPU) == explicit
+    processor(AVX2)
+    assert resolve(TrainingConfig(amp="bf16", channels_last=True), CPU).amp == "bf16"
+    cfg = load_config("default", None, ["training.amp=none", "training.channels_last=false"])
+    assert (cfg.training.amp, cfg.training.channels_last) == ("none", False)
+
+
+def test_the_default_is_channels_last_on_a_cpu_and_bf16_stays_opt_in(processor):
+    """bf16 changes the trained weights, so the default does not turn it on by processor (docs/bench-cpu-speed.md)."""
+    processor(SAPPHIRE_RAPIDS)
+    default = load_config("default", None, [])
+    assert (default.training.channels_last, default.training.amp) == ("auto", "none")
+    resolved = resolve(default.training, CPU)
+    assert (resolved.channels_last, resolved.amp) == (True, "none")
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"amp": "fastest"}, "training.amp must be one of none, bf16, fp16, auto"),
+     ({"channels_last": "yes please"}, "training.channels_last must be true, false or auto")],
+)  # fmt: skip
+def test_unknown_speed_words_are_config_errors(options, message):
+    with pytest.raises(ConfigError, match=message):
+        check_training(TrainingConfig(**options), CPU)
+
+
+def test_the_resolved_precision_is_in_the_fingerprint_and_channels_last_is_not(processor):
+    cfg = load_config("default", None, [*TINY, "device=cpu", "training.amp=auto"])
+    teacher = get_stage("teacher")
+    processor(AVX512)
+    without = teacher.params(cfg)
+    assert training_params(cfg)["amp"] == "none" and get_stage("train").params(cfg)["training"]["amp"] == "none"
+    explicit = load_config("default", None, [*TINY, "device=cpu", "training.amp=none"])
+    assert teacher.params(explicit) == without  # auto that means none is the same weights as none
+    processor(ZEN4)
+    native = teacher.params(cfg)
+    assert native["training"]["amp"] == "bf16" and get_stage("train").params(cfg)["training"]["amp"] == "bf16"
+    assert fingerprint("teacher", native, [], "code") != fingerprint("teacher", without, [], "code")
+    # channels_last changes float rounding only, like another kernel path: not a fingerprint of its own
+    contiguous = load_config("default", None, [*TINY, "device=cpu", "training.amp=auto", "training.channels_last=no"])
+    assert teacher.params(contiguous) == native
+
+
+def _fit(training: TrainingConfig, lines: list[str]) -> Scripted:
+    torch.manual_seed(0)
+    distiller = Scripted(TinyNet())
+    loader = make_loader(tiny_data().dataset("train", augment=True), DATA, train=True)
+    fit(distiller, loader, None, OptimConfig(epochs=1, milestones=[]), CPU, log=lines.append, training=training)
+    return distiller
+
+
+@pytest.mark.parametrize("flags, logits", [(AVX512, torch.float32), (ZEN4, torch.bfloat16)])
+def test_fit_trains_with_what_auto_resolves_to_and_says_so_once(processor, flags, logits):
+    processor(flags)
+    lines: list[str] = []
+    distiller = _fit(AUTO, lines)
+    assert distiller.dtypes["logits"] == logits  # autocast ran (or not): the choice is not only logged
+    assert distiller.student.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    speed = [line for line in lines if "speed:" in line]
+    assert speed == [f"train: {describe(AUTO, CPU)}"]
+
+
+def test_fit_with_explicit_settings_logs_no_speed_line(processor):
+    processor(ZEN4)
+    lines: list[str] = []
+    distiller = _fit(TrainingConfig(amp="none", channels_last=False), lines)
+    assert distiller.dtypes["logits"] == torch.float32
+    assert distiller.student.conv.weight.is_contiguous()
+    assert not [line for line in lines if "speed:" in line]
+
+
+@pytest.mark.slow  # two teacher trainings: about 3 s on 2 CPU cores
+def test_a_stage_trained_on_another_processor_runs_again(processor, tmp_path, capsys):
+    """The teacher stage records what ``amp=auto`` became; on a processor where it becomes something else, the
+    stage is stale (other weights), and its manifest says how it was trained."""
+    out = tmp_path / "run"
+    sets = [a for item in [*TINY, "training.amp=auto"] for a in ("--set", item)]
+    processor(AVX512)
+    assert run_cli(["run", "teacher", "--device", "cpu", "--out", str(out), *sets]) == 0
+    first = json.loads((out / "teacher" / "manifest.json").read_text())
+    assert first["params"]["training"]["amp"] == "none"
+    assert first["metrics"]["training_speed"] == "speed: channels_last (auto), fp32 (amp=auto: no native bf16)"
+    assert "teacher: speed: channels_last (auto), fp32 (amp=auto: no native bf16)" in _printed(capsys)
+    assert run_cli(["run", "teacher", "--device", "cpu", "--out", str(out), *sets]) == 0
+    assert "[teacher] up to date" in _printed(capsys)
+    processor(ZEN4)
+    assert run_cli(["run", "teacher", "--device", "cpu", "--out", str(out), *sets]) == 0
+    assert "[teacher] running (params_changed" in _printed(capsys)
+    again = json.loads((out / "teacher" / "manifest.json").read_text())
+    assert again["params"]["training"]["amp"] == "bf16"
+    assert again["metrics"]["training_speed"] == "speed: channels_last (auto), bf16 autocast (amp=auto: avx512_bf16)"
+
+
+def _printed(capsys) -> str:
+    captured = capsys.readouterr()
+    return captured.out + captured.err
