@@ -112,27 +112,46 @@ def _data(setup: Setup, batch: int):
 
 def measure_peer(setup: Setup, cell: Cell) -> float:
     import torch
-    from peer_loop import peer_epoch, peer_loader, peer_optimizer
+    from peer_loop import peer_images_per_s
 
-    device = torch.device(setup.device)
     _, data = _data(setup, cell.batch)
     source = data.source("train")
     base = source.dataset
     images, labels = base.images[source.indices], base.labels[source.indices]
-    loader = peer_loader(images, labels, data.info.mean, data.info.std, cell.batch, setup.workers)
-    distiller = _distiller(cell, inference_mode=False).to(device)
-    optimizer = peer_optimizer(distiller.trainable_parameters())
+    distiller = _distiller(cell, inference_mode=False)
     amp = torch.bfloat16 if cell.precision == "bf16" else None
-    for _ in range(setup.epochs):
-        rate = peer_epoch(distiller, loader, optimizer, device, amp)["images_per_s"]
-    return rate
+    info, device = data.info, torch.device(setup.device)
+    return peer_images_per_s(
+        distiller, images, labels, info.mean, info.std, cell.batch, setup.workers, setup.epochs, device, amp
+    )
+
+
+def fit_images_per_s(distiller, loader, device, epochs: int, training, desc: str = "bench") -> float:
+    """Train ``distiller`` with :func:`pipeline.training.fit` for ``epochs`` epochs (no evaluation, a throwaway
+    scratch folder); the last epoch's images/s as fit reports it (the earlier ones pay for warm-up)."""
+    from pipeline.config import OptimConfig
+    from pipeline.training import fit
+
+    with tempfile.TemporaryDirectory() as scratch:
+        history = fit(
+            distiller,
+            loader,
+            None,
+            OptimConfig(epochs=epochs, milestones=[]),
+            device,
+            scratch=Path(scratch),
+            log=lambda _: None,
+            desc=desc,
+            training=training,
+        )
+    return history.last["images_per_s"]
 
 
 def measure_ours(setup: Setup, cell: Cell) -> float:
     import torch
 
-    from pipeline.config import OptimConfig, TrainingConfig
-    from pipeline.training import fit, make_loader
+    from pipeline.config import TrainingConfig
+    from pipeline.training import make_loader
 
     options = dict(VARIANTS[cell.loop])
     inference, batched, on_device = (options.pop(k) for k in ("teacher_inference", "batched_chain", "device_data"))
@@ -142,19 +161,7 @@ def measure_ours(setup: Setup, cell: Cell) -> float:
     loader = make_loader(data.dataset("train", augment=True), cfg, train=True, device=device, on_device=on_device)
     amp = PRECISIONS[cell.precision] or "none"
     training = TrainingConfig(tensorboard=False, checkpoint_every=0, amp=amp, **options)
-    with tempfile.TemporaryDirectory() as scratch:
-        history = fit(
-            distiller,
-            loader,
-            None,
-            OptimConfig(epochs=setup.epochs, milestones=[]),
-            device,
-            scratch=Path(scratch),
-            log=lambda _: None,
-            desc=f"{cell.method} {cell.loop}",
-            training=training,
-        )
-    return history.last["images_per_s"]
+    return fit_images_per_s(distiller, loader, device, setup.epochs, training, f"{cell.method} {cell.loop}")
 
 
 def plan(args: argparse.Namespace) -> list[Cell]:

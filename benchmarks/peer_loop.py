@@ -31,7 +31,7 @@ class PilCifar(Dataset):
         self.targets = [int(t) for t in labels]
         self.transform = transforms.Compose(
             [
-                transforms.RandomCrop(32, padding=4),
+                transforms.RandomCrop(self.data.shape[1], padding=4),  # 32 for CIFAR
                 transforms.RandomHorizontalFlip(),
                 transforms.ToTensor(),
                 transforms.Normalize(mean, std),
@@ -101,3 +101,25 @@ def peer_epoch(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {"images_per_s": seen / (time.perf_counter() - tic), "loss": losses.mean, "top1": top1.mean}
+
+
+def peer_images_per_s(
+    distiller: torch.nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    mean: tuple,
+    std: tuple,
+    batch: int,
+    workers: int,
+    epochs: int,
+    device: torch.device,
+    amp: torch.dtype | None = None,
+) -> float:
+    """Train ``distiller`` for ``epochs`` peer epochs on ``images`` (uint8 N x C x H x W); the last epoch's images/s
+    (the earlier ones pay for warm-up)."""
+    loader = peer_loader(images, labels, mean, std, batch, workers)
+    distiller.to(device)
+    optimizer = peer_optimizer(distiller.trainable_parameters())
+    for _ in range(epochs):
+        rate = peer_epoch(distiller, loader, optimizer, device, amp)["images_per_s"]
+    return rate
