@@ -7,7 +7,12 @@ resolved precision in the stage's recorded parameters (so another processor is o
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +30,7 @@ from tests.conftest import TINY
 from tests.trainkit import DATA, Scripted, TinyNet, tiny_data
 
 CPU = torch.device("cpu")
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_speed.py"
 AVX2 = ["avx2"]
 AVX512 = ["avx2", "avx512f"]  # AVX-512 without its bf16 extension: oneDNN would emulate bf16
 ZEN4 = ["avx2", "avx512f", "avx512_bf16"]
@@ -175,3 +181,45 @@ def test_a_stage_trained_on_another_processor_runs_again(processor, tmp_path, ca
 def _printed(capsys) -> str:
     captured = capsys.readouterr()
     return captured.out + captured.err
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_cpu_speed", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_skips_bf16_without_native_bf16_and_names_the_defaults():
+    bench = _bench()
+    assert bench.skip_reason("channels_last+bf16", None).startswith("no native bf16")
+    assert bench.skip_reason("channels_last+bf16", "avx512_bf16") == ""
+    assert bench.skip_reason("channels_last", None) == ""
+    assert bench.default_setting("amx_tile") == bench.default_setting(None) == "channels_last"
+    assert bench.default_setting("amx_tile", amp_auto=True) == "channels_last+bf16"
+    assert bench.default_setting(None, amp_auto=True) == "channels_last"
+    for name in ("before", "channels_last", "channels_last+bf16"):  # the settings the loop really takes
+        check_training(TrainingConfig(**bench.SETTINGS[name]), CPU)
+
+
+@pytest.mark.slow  # a subprocess training six tiny cells: about 10 s on 2 CPU cores
+def test_the_benchmark_runs_end_to_end_at_tiny_settings(tmp_path):
+    out = tmp_path / "speed.md"
+    command = [
+        sys.executable, str(BENCH), "--methods", "kd,kdiffusion", "--teacher", "resnet20", "--student", "resnet20",
+        "--batch", "8", "--steps", "2", "--warmup", "0", "--threads", "1",
+        "--settings", "peer,before,channels_last,channels_last+bf16", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}  # no native bf16, whatever the CPU
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = out.read_text()
+    assert table == done.stdout.strip() + "\n" and "--batch 8 --steps 2" in table
+    for method in ("kd", "kdiffusion"):
+        for setting in ("peer", "before (default before)", "channels_last (default now; with training.amp=auto)"):
+            assert f"| {method} | 1 | {setting} | " in table
+        assert f"| {method} | 1 | channels_last+bf16 | skipped: no native bf16" in table
+    assert "- KD, 1 thread(s), batch 8: default now (channels_last) / peer = " in table
+    runs = json.loads(out.with_suffix(".json").read_text())
+    assert len(runs) == 6 and all(r["images_per_s"][0] > 0 for r in runs)
