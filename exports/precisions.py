@@ -23,9 +23,9 @@ from pipeline.checks import TOLERANCES, Check, GateResult
 from pipeline.compare import diff_stats, tie_detail, tie_figures, top1_accuracy
 from pipeline.precision_order import REFERENCE_PRECISION
 from pipeline.registry import Registry
+from pipeline.stage_files import CALIBRATION_RANGES
 
 GOLDEN_OUTPUTS = "golden_outputs.json"
-CALIBRATION_RANGES = "int8_calibration.json"
 _TOP1 = ("--postprocess", f"{OUTPUT_NAME}:top-1", "--compare", "indices")
 
 

@@ -8,5 +8,9 @@ in ``exports/precisions.py``, the golden I/O in ``exports/``, ``manifest.json`` 
 
 from __future__ import annotations
 
+TEACHER_CHECKPOINT = "teacher.safetensors"  # teacher -> train
+STUDENT_CHECKPOINT = "student.safetensors"  # train -> fuse, verify
+FUSED_CHECKPOINT = "student_fused.safetensors"  # fuse -> verify, export
 HISTORY = "history.json"  # teacher, train -> report, compare: one record per epoch
 REPORT = "report.json"  # verify, export, engine -> report, compare; export -> engine
+CALIBRATION_RANGES = "int8_calibration.json"  # export -> report: the INT8 calibration ranges and their key

@@ -1,8 +1,8 @@
-"""What several stages share: the names of the files they hand on, the dataset (built once per process),
-the result-affecting settings, and small result-file and evaluation helpers.
+"""What several stages share: the dataset (built once per process), the result-affecting settings, and
+small result-file and evaluation helpers.
 
-It lives in the library, not in ``stages/``, so that no stage imports another: a consumer names its
-producer's output through the constants here, and each stage declares its own on ``Stage.outputs``.
+It lives in the library, not in ``stages/``, so that no stage imports another; the names of the files
+stages hand on are in :mod:`pipeline.stage_files`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,6 @@ from pipeline.data import DataBundle, load_data
 from pipeline.hashing import canonical_json
 from pipeline.training.distributed import device_type
 from pipeline.training.speed import resolve
-
-TEACHER_CHECKPOINT = "teacher.safetensors"  # teacher -> train
-STUDENT_CHECKPOINT = "student.safetensors"  # train -> fuse, verify
-FUSED_CHECKPOINT = "student_fused.safetensors"  # fuse -> verify, export
 
 
 def data_params(cfg: Config) -> dict:

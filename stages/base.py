@@ -52,7 +52,7 @@ class Stage:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     # The files every successful run of the stage writes (others may come with some settings); consumers
-    # name them through the constants in pipeline.stagekit, never by importing the producing stage.
+    # name them through the constants in pipeline.stage_files, never by importing the producing stage.
     outputs: ClassVar[tuple[str, ...]] = ()
     # Part of the stage's code version (pipeline.code_version): bump it when the stage's results change for a
     # reason its sources' hashes cannot see, e.g. a data file it reads or a dependency whose behaviour changed.

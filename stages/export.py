@@ -44,8 +44,8 @@ from pipeline.loading import foreign_meta, load_any_model
 from pipeline.precision_order import PRECISION_ORDER, REFERENCE_PRECISION
 from pipeline.progress import progress_bar
 from pipeline.reparam import fuse_model
-from pipeline.stage_files import REPORT
-from pipeline.stagekit import FUSED_CHECKPOINT, batched_logits, bundle, data_params, write_json
+from pipeline.stage_files import FUSED_CHECKPOINT, REPORT
+from pipeline.stagekit import batched_logits, bundle, data_params, write_json
 from stages.base import Stage, StageContext, StageResult, register_stage
 
 BUILD_SCRIPT = "build_engine.sh"

@@ -20,7 +20,7 @@ from pipeline.loading import build_for_meta, load_model
 from pipeline.models import count_parameters
 from pipeline.reparam import fuse_model
 from pipeline.reparam.multibranch import block_fusion_errors
-from pipeline.stagekit import FUSED_CHECKPOINT, STUDENT_CHECKPOINT
+from pipeline.stage_files import FUSED_CHECKPOINT, STUDENT_CHECKPOINT
 from stages.base import Stage, StageContext, StageResult, register_stage
 
 CHECKPOINT = FUSED_CHECKPOINT

@@ -13,7 +13,8 @@ from pipeline.distill.vanilla import Vanilla
 from pipeline.errors import ConfigError
 from pipeline.loading import load_foreign_weights
 from pipeline.models import build_model, list_models, model_info
-from pipeline.stagekit import TEACHER_CHECKPOINT, bundle, data_params, training_params, write_json
+from pipeline.stage_files import HISTORY, TEACHER_CHECKPOINT
+from pipeline.stagekit import bundle, data_params, training_params, write_json
 from pipeline.training import check_optim, evaluate, fit, make_loader
 from pipeline.training.speed import describe as describe_speed
 from stages.base import Stage, StageContext, StageResult, register_stage
@@ -77,7 +78,7 @@ class TeacherStage(Stage):
                 training=cfg.training,
                 logdir=ctx.logdir,
             )
-            write_json(ctx.out / "history.json", history.epochs)
+            write_json(ctx.out / HISTORY, history.epochs)
             metrics["val_top1"] = history.last.get("val_top1")
             metrics["training_speed"] = describe_speed(cfg.training, device)  # what any `auto` became here
         metrics["test_top1"] = evaluate(model, test_loader, device, desc="teacher test")["top1"]

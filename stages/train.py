@@ -14,7 +14,8 @@ from pipeline.distill.catalog import build_distiller, resolve_method_args
 from pipeline.errors import CheckpointError
 from pipeline.loading import load_model
 from pipeline.models import build_model, count_parameters
-from pipeline.stagekit import STUDENT_CHECKPOINT, TEACHER_CHECKPOINT, bundle, data_params, training_params, write_json
+from pipeline.stage_files import HISTORY, STUDENT_CHECKPOINT, TEACHER_CHECKPOINT
+from pipeline.stagekit import bundle, data_params, training_params, write_json
 from pipeline.training import History, check_optim, evaluate, fit, make_loader
 from pipeline.training.speed import describe as describe_speed
 from stages.base import Stage, StageContext, StageResult, register_stage
@@ -25,7 +26,7 @@ CHECKPOINT = STUDENT_CHECKPOINT
 @register_stage
 class TrainStage(Stage):
     name = "train"
-    outputs = (CHECKPOINT, "history.json")
+    outputs = (CHECKPOINT, HISTORY)
     description = "distill the student (--method)"
     distributed = True
 
@@ -89,7 +90,7 @@ class TrainStage(Stage):
         student = distiller.student
         meta = ModelMeta.from_data(data.info, cfg.student.arch, reparam=distiller.reparam_settings())
         save_checkpoint(ctx.out / CHECKPOINT, student.state_dict(), meta)
-        write_json(ctx.out / "history.json", history.epochs)
+        write_json(ctx.out / HISTORY, history.epochs)
         return StageResult(
             metrics={
                 "test_top1": _final_test_top1(history, student, test_loader, device),

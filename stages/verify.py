@@ -15,8 +15,8 @@ from pipeline.compare import abs_diff_histogram, diff_stats, tie_detail, top1_ac
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.loading import load_model
-from pipeline.stage_files import REPORT
-from pipeline.stagekit import FUSED_CHECKPOINT, STUDENT_CHECKPOINT, batched_logits, bundle, write_json
+from pipeline.stage_files import FUSED_CHECKPOINT, REPORT, STUDENT_CHECKPOINT
+from pipeline.stagekit import batched_logits, bundle, write_json
 from stages.base import Stage, StageContext, StageResult, register_stage
 
 

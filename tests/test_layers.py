@@ -7,9 +7,12 @@ layer, the modules that order stages and parse the command line (``pipeline/runn
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
-from pipeline.code_version import import_closure, project_imports, project_modules
+from pipeline.code_version import PROJECT_PACKAGES, import_closure, project_imports, project_modules
 
 TOP_LAYER = {"pipeline.runner", "pipeline.cli", "pipeline.__main__"}
 STAGE_SUPPORT = {"stages", "stages.base"}  # the stage contract and discovery; not stages themselves
@@ -85,14 +88,16 @@ def test_stage_order_comes_from_requires_and_cli_choices_from_the_registry():
 
 
 def test_every_stage_declares_its_outputs_and_consumers_use_library_names():
-    from pipeline import stagekit
+    from pipeline import stage_files
     from stages import get_stage, stage_order
 
     outputs = {name: get_stage(name).outputs for name in stage_order()}
     assert all(outputs.values()), outputs
-    assert stagekit.TEACHER_CHECKPOINT in outputs["teacher"]
-    assert stagekit.STUDENT_CHECKPOINT in outputs["train"]
-    assert stagekit.FUSED_CHECKPOINT in outputs["fuse"]
+    assert stage_files.TEACHER_CHECKPOINT in outputs["teacher"]
+    assert stage_files.STUDENT_CHECKPOINT in outputs["train"]
+    assert stage_files.FUSED_CHECKPOINT in outputs["fuse"]
+    assert stage_files.HISTORY in outputs["train"]
+    assert all(stage_files.REPORT in outputs[name] for name in ("verify", "export", "engine"))
 
 
 def test_a_stage_that_misses_a_declared_output_commits_nothing(tmp_path, monkeypatch, tiny_cfg):
@@ -118,3 +123,30 @@ def test_a_stage_that_misses_a_declared_output_commits_nothing(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match=r"did not write its declared outputs \['promised.json'\]"):
         runner.run_stage(store, tiny_cfg, "forgetful", False, print)
     assert store.manifest("forgetful") is None and not store.folder("forgetful").exists()
+
+
+def _file_name_literals(source: Path, names: set[str]) -> list[str]:
+    """String constants (f-string parts too) that are one of ``names`` or a path ending in one."""
+    return [
+        f"{node.lineno}: {node.value}"
+        for node in ast.walk(ast.parse(source.read_text(), filename=str(source)))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and not any(c.isspace() for c in node.value)  # prose (docstrings) may name the files
+        and (node.value in names or any(node.value.endswith("/" + name) for name in names))
+    ]
+
+
+def test_the_files_stages_hand_on_are_named_only_in_stage_files():
+    from pipeline import stage_files
+
+    names = {value for key, value in vars(stage_files).items() if key.isupper()}
+    root = Path(__file__).resolve().parents[1]
+    literals = {
+        path.relative_to(root).as_posix(): found
+        for package in PROJECT_PACKAGES
+        for path in sorted((root / package).rglob("*.py"))
+        if path.name != "stage_files.py" and (found := _file_name_literals(path, names))
+    }
+    assert not literals, f"name these through pipeline.stage_files: {literals}"
+    assert _file_name_literals(Path(stage_files.__file__), names)  # the rule sees the definitions

@@ -20,11 +20,12 @@ from pipeline.atomic import atomic_write_text
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
 from pipeline.hashing import sha256_json
+from pipeline.stage_files import TEACHER_CHECKPOINT
 
 SWEEP_FILE = "sweep.json"
 CELLS = "cells"
 TEACHERS = "teachers"
-TEACHER_FILE = "teacher/teacher.safetensors"  # inside a teacher run: the teacher stage's checkpoint
+TEACHER_FILE = f"teacher/{TEACHER_CHECKPOINT}"  # inside a teacher run: the teacher stage's checkpoint
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from pipeline.errors import ConfigError
 from pipeline.experiments.grid import is_sweep, read_sweep
 from pipeline.manifest import Manifest
-from pipeline.stage_files import HISTORY, REPORT
+from pipeline.stage_files import HISTORY, REPORT, TEACHER_CHECKPOINT
 from pipeline.store import RunStore
 
 
@@ -73,7 +73,7 @@ class RunData:
     @property
     def teacher_sha256(self) -> str:
         m = self.manifests.get("teacher")
-        return next((a.sha256 for a in m.outputs if a.path.endswith(".safetensors")), "") if m else ""
+        return next((a.sha256 for a in m.outputs if a.path == TEACHER_CHECKPOINT), "") if m else ""
 
     @property
     def axes(self) -> dict:

@@ -19,7 +19,7 @@ from pipeline.report.table import (
     has_cpu_int8,
     row_name,
 )
-from pipeline.stage_files import HISTORY
+from pipeline.stage_files import CALIBRATION_RANGES, HISTORY
 
 
 def stage_table(run: RunData) -> str:
@@ -134,7 +134,7 @@ def parity_rows(report: dict) -> list[list[object]]:
 
 
 def calibration_ranges(run: RunData) -> dict[str, tuple[float, float]]:
-    data = run.stage_report("export", "int8_calibration.json").get("ranges", {}).get("data", {})
+    data = run.stage_report("export", CALIBRATION_RANGES).get("ranges", {}).get("data", {})
 
     def number(v):
         return float(v["data"]) if isinstance(v, dict) else float(v)
