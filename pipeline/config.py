@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import ConfigError
+from pipeline.precision_order import PRECISION_ORDER, REFERENCE_PRECISION
 
 
 @dataclass
@@ -133,7 +134,7 @@ class ExportConfig:
     checkpoint: str | None = None  # export this student instead of the run's fused one
     opset: int = 18
     dynamo: bool = True
-    precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "int8"])  # fp32 is always made
+    precisions: list[str] = field(default_factory=lambda: list(PRECISION_ORDER))  # the reference is always made
     golden_samples: int = 8
     parity_samples: int = 64
     eval_samples: int | None = None  # images of the test split for the fp16/int8 gates; None: all of it
@@ -147,7 +148,7 @@ class ExportConfig:
 
 @dataclass
 class EngineConfig:
-    precision: str = "fp32"  # which exported ONNX to build: fp32 | fp16 | int8
+    precision: str = REFERENCE_PRECISION  # which exported ONNX to build: fp32 | fp16 | int8
     min_batch: int = 1
     opt_batch: int = 8
     max_batch: int = 32

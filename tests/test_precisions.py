@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,6 +12,7 @@ from exports.int8 import INT8_TARGETS
 from exports.precisions import GOLDEN_OUTPUTS, PRECISIONS, int8_gate
 from exports.trt_commands import golden_outputs_name, polygraphy_checks
 from pipeline.checks import Check, GateResult
+from pipeline.code_version import PROJECT_PACKAGES
 from pipeline.config import Config
 from pipeline.deployment import ONNX_FILES
 from pipeline.errors import ConfigError
@@ -111,3 +115,27 @@ def test_calibration_methods_come_from_a_registry():
     }
     with pytest.raises(ConfigError, match="unknown calibration method 'histogram'; choose one of: entropy, minmax"):
         calibration_method("histogram")
+
+
+def _precision_lists(source: Path) -> list[int]:
+    """Lines of tuple, list or set literals made of two or more precision names: an order written out again."""
+    return [
+        node.lineno
+        for node in ast.walk(ast.parse(source.read_text(), filename=str(source)))
+        if isinstance(node, ast.Tuple | ast.List | ast.Set)
+        and len(node.elts) >= 2
+        and all(isinstance(e, ast.Constant) and e.value in ORDER for e in node.elts)
+    ]
+
+
+def test_the_precision_order_is_written_once(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    lists = {
+        path.relative_to(root).as_posix(): lines
+        for package in PROJECT_PACKAGES
+        for path in sorted((root / package).rglob("*.py"))
+        if (lines := _precision_lists(path))
+    }
+    assert not lists, f"name the order as pipeline.precision_order.PRECISION_ORDER: {lists}"
+    (tmp_path / "copy.py").write_text('NAMES = ["fp32", "fp16"]\n')
+    assert _precision_lists(tmp_path / "copy.py") == [1]  # the rule sees a copy
