@@ -83,7 +83,7 @@ def fp16_model(
     :class:`pipeline.errors.UnsupportedModelError` naming the model and the cause; ``dst`` is then not written.
     """
     onnx = require("onnx")
-    from pipeline.errors import ConfigError, UnsupportedModelError
+    from pipeline.errors import ConfigError, UnsupportedModelError, clipped
 
     if not 0 < safe_max <= FP16_MAX:
         raise ConfigError(f"export.fp16_safe_max must be in (0, {FP16_MAX:g}], got {safe_max:g}")
@@ -110,7 +110,7 @@ def fp16_model(
             converter.extend(named)
         raise UnsupportedModelError(
             f"export: fp16 conversion of {meta.arch} writes an invalid ONNX graph even with "
-            f"{len(converter)} node(s) kept in fp32 ({_clip(errors[-1])}); export without fp16 "
+            f"{len(converter)} node(s) kept in fp32 ({clipped(errors[-1], 300)}); export without fp16 "
             "(--set 'export.precisions=[fp32,int8]')"
         )
     finally:
@@ -185,7 +185,3 @@ def invalid_nodes(message: str) -> list[str]:
     """The node names in an ONNX checker or shape-inference message, in order, without repeats."""
     found = [m.group(1) for pattern in _NODE_NAMES for m in pattern.finditer(message)]
     return list(dict.fromkeys(found))
-
-
-def _clip(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."

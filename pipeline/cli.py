@@ -16,7 +16,7 @@ import click
 
 from exports.errors import EdgeError
 from pipeline.cli_experiments import compare, report, sweep
-from pipeline.errors import CheckFailedError, ConfigError, PipelineError, missing_dependency, one_line
+from pipeline.errors import CheckFailedError, ConfigError, PipelineError, clipped, missing_dependency, one_line
 
 
 def _echo_err(message: str) -> None:
@@ -394,7 +394,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         return 130
     except click.ClickException as exc:  # bad usage: one line too, with the value cut to a readable length
         hint = f" (see `python -m pipeline {exc.ctx.info_name} --help`)" if getattr(exc, "ctx", None) else ""
-        _echo_err(f"error: {_clip(one_line(exc.format_message()))}{hint}")
+        _echo_err(f"error: {clipped(one_line(exc.format_message()))}{hint}")
         return exc.exit_code
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -413,10 +413,6 @@ def catch_interrupts() -> None:
     """Turn SIGINT into KeyboardInterrupt even where the parent ignored it: a shell starts background jobs with
     SIGINT ignored, and Python keeps that, so an interrupted run would carry on to the end."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _clip(message: str, limit: int = 400) -> str:
-    return message if len(message) <= limit else f"{message[: limit - 60]}...{message[-50:]}"
 
 
 def main() -> None:

@@ -53,6 +53,12 @@ def one_line(exc: BaseException | str) -> str:
     return " ".join(line.strip() for line in lines)
 
 
+def clipped(message: str, limit: int = 400) -> str:
+    """``message`` cut to about ``limit`` characters for one line, keeping its start and its end (where a
+    library's message often names the failing node or file)."""
+    return message if len(message) <= limit else f"{message[: limit - 60]}...{message[-50:]}"
+
+
 class UnsupportedModelError(PipelineError):
     """A model that a converter or runtime (timm, torch.onnx, onnx, ONNX Runtime, onnxconverter-common) cannot
     handle: exporting it needs another model, setting or library version, not a rerun."""

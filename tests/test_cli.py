@@ -160,3 +160,12 @@ def test_a_core_package_that_does_not_import_is_one_line(package, entry, tmp_pat
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert done.stderr.startswith(f"error: {package} is not installed or cannot be imported (")
     assert f"; install it with: pip install '{package}>=" in done.stderr
+
+
+def test_a_long_message_is_clipped_to_one_line_keeping_its_start_and_end():
+    from pipeline.errors import clipped
+
+    long = "start " + "x" * 1000 + " names model.onnx"
+    assert clipped("short") == "short" and len(clipped(long)) <= 400
+    assert clipped(long).startswith("start x") and clipped(long).endswith("names model.onnx")
+    assert len(clipped(long, 300)) <= 300
