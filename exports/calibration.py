@@ -4,18 +4,28 @@ Both reduced precisions look at activations on real training images: INT8 to cho
 find the nodes whose outputs would overflow. ONNX Runtime's calibrators already run a model with
 every intermediate tensor exposed, so the ranges come from them rather than from hand-made graph
 surgery.
+
+ONNX Runtime's histogram calibrators (percentile, entropy) keep every calibrated tensor of every image
+they are given before they build their histograms: 512 images of a 224 px vision transformer are tens of
+GB. :func:`collect_ranges` feeds them in passes whose activations fit :data:`PASS_MIB`, each folded into
+the histograms before the next, and survives a tensor whose value range numpy cannot cut into bins.
 """
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from exports.deps import require
 from exports.metadata import INPUT_NAME
+from pipeline.errors import UnsupportedModelError
 from pipeline.registry import Registry
+
+PASS_IMAGES = 32  # images per calibration pass, at most ...
+PASS_MIB = 1024  # ... and at most this much activation data (every calibrated tensor of its images)
 
 # config name -> the member of ONNX Runtime's ``CalibrationMethod``
 CALIBRATION_METHODS: Registry[str] = Registry("calibration method")
@@ -73,3 +83,136 @@ def activation_ranges(onnx_path: str | Path, images: np.ndarray, input_name: str
         low, high = (np.asarray(v, dtype=np.float64) for v in data.range_value)
         out[name] = float(np.max(np.abs(np.concatenate([low.ravel(), high.ravel()]))))
     return out
+
+
+def pass_rule() -> str:
+    """How :func:`collect_ranges` splits the images, for the INT8 calibration cache key: a histogram's bins
+    follow its first pass, so the split changes the ranges."""
+    return f"passes of at most {PASS_IMAGES} images and {PASS_MIB} MiB of activations"
+
+
+@dataclass(frozen=True)
+class CalibrationPasses:
+    """How :func:`collect_ranges` split the images: per-image activation size and images per pass."""
+
+    image_mib: float  # the calibrated tensors of one image
+    tensors: int
+    images: int  # per pass
+
+
+def collect_ranges(
+    model: str | Path,
+    images: np.ndarray,
+    method: str,
+    op_types: list[str] | None,
+    name: str,
+    input_name: str = INPUT_NAME,
+):
+    """ONNX Runtime's ``TensorsData`` for ``model`` (pre-processed for quantization) on ``images``, as
+    ``quantize_static`` would compute it with ``op_types_to_quantize=op_types``, in bounded passes.
+
+    The pass size is measured on one image: ``PASS_MIB`` divided by the bytes of every calibrated tensor of
+    that image, at most ``PASS_IMAGES``. Running out of memory even so, or a calibrated activation that is
+    inf/nan in fp32, is an :class:`UnsupportedModelError` naming ``name`` and what to change.
+    """
+    calibrate = require("onnxruntime.quantization.calibrate")
+    with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
+        calibrator = calibrate.create_calibrator(
+            Path(model),
+            op_types,
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=calibration_method(method),
+        )
+        if isinstance(calibrator, calibrate.HistogramCalibrater):
+            calibrator.collector = _robust_collector(calibrator, name)
+        passes = None
+        try:
+            passes = _passes(calibrator, images[:1], input_name)
+            for start in range(0, len(images), passes.images):
+                calibrator.collect_data(array_reader(images[start : start + passes.images], input_name, passes.images))
+            ranges = calibrator.compute_data()
+        except Exception as exc:
+            if not _out_of_memory(exc):
+                raise
+            measured = (
+                f"{passes.image_mib:.0f} MiB of activations per image in {passes.tensors} tensors, passes of "
+                f"{passes.images} image(s)"
+                if passes
+                else "while measuring one image"
+            )
+            raise UnsupportedModelError(
+                f"export: INT8 calibration of {name} ran out of memory ({measured}; {type(exc).__name__}); lower "
+                "data.image_size, or use --set export.calibration_method=minmax (it keeps no activations), or "
+                "export without int8 (--set 'export.precisions=[fp32,fp16]')"
+            ) from exc
+        finally:
+            del calibrator
+    return ranges
+
+
+def _passes(calibrator, probe: np.ndarray, input_name: str) -> CalibrationPasses:
+    outputs = calibrator.infer_session.run(None, {input_name: np.ascontiguousarray(probe, dtype=np.float32)})
+    per_image = max(1, sum(o.nbytes for o in outputs) // max(1, len(probe)))
+    images = int(max(1, min(PASS_IMAGES, PASS_MIB * 2**20 // per_image)))
+    return CalibrationPasses(per_image / 2**20, len(outputs), images)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """numpy's MemoryError, or ONNX Runtime failing to allocate (its arena's message, or a bad_alloc)."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "Failed to allocate memory" in text or "bad_alloc" in text
+
+
+def _robust_collector(calibrator, name: str):
+    """ONNX Runtime's ``HistogramCollector`` for ``calibrator``, made robust to two kinds of tensor.
+
+    A tensor whose values span too narrow a range for their magnitude (timm's iformer_t and efficientvit_m0
+    with random weights: an attention output of 0.5 +- 3e-5) makes numpy refuse to cut it into 2048 bins
+    ("Too many bins for data range"); its first histogram then spans [0, peak] (or [-peak, peak]), which
+    the percentile and entropy searches read the same way. A tensor with inf/nan values cannot be
+    calibrated at all: an :class:`UnsupportedModelError` naming it.
+    """
+    calibrate = require("onnxruntime.quantization.calibrate")
+
+    class RobustHistogramCollector(calibrate.HistogramCollector):
+        def collect_absolute_value(self, name_to_arr):
+            for tensor, data in name_to_arr.items():
+                self._one(super().collect_absolute_value, tensor, data, symmetric=True)
+
+        def collect_value(self, name_to_arr):
+            for tensor, data in name_to_arr.items():
+                self._one(super().collect_value, tensor, data, symmetric=False)
+
+        def _one(self, collect, tensor: str, data, symmetric: bool) -> None:
+            try:
+                collect({tensor: data})
+                return
+            except ValueError:
+                if tensor in self.histogram_dict:
+                    raise
+            values = np.asarray(data).ravel()
+            if not np.isfinite(values).all():
+                raise UnsupportedModelError(
+                    f"export: INT8 calibration of {name} failed: activation {tensor!r} is inf/nan in fp32 on the "
+                    "calibration images, so it has no range to quantize; export without int8 "
+                    "(--set 'export.precisions=[fp32,fp16]')"
+                ) from None
+            low, high = values.min(), values.max()
+            # at least one float32 step per bin: numpy cannot cut a range of denormals into 2048 bins either
+            peak = max(float(np.abs(values).max()), float(np.finfo(np.float32).tiny) * 4 * self.num_bins)
+            if symmetric:
+                hist, edges = np.histogram(np.abs(values), self.num_bins, range=(0.0, peak))
+                self.histogram_dict[tensor] = (hist, edges.astype(values.dtype), low, high)
+            else:
+                threshold = np.array(peak, dtype=values.dtype)
+                hist, edges = np.histogram(values, self.num_bins, range=(-threshold, threshold))
+                self.histogram_dict[tensor] = (hist, edges, low, high, threshold)
+
+    return RobustHistogramCollector(
+        method=calibrator.method,
+        symmetric=calibrator.symmetric,
+        num_bins=calibrator.num_bins,
+        num_quantized_bins=calibrator.num_quantized_bins,
+        percentile=calibrator.percentile,
+        scenario=calibrator.scenario,
+    )

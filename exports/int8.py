@@ -15,7 +15,9 @@ The ``cpu`` target instead follows ONNX Runtime's x86 advice (asymmetric uint8 a
 supported op quantized), which ONNX Runtime's CPU kernels fuse; TensorRT does not accept it.
 
 Calibration ranges are cached on disk under a key of the model's hash, the calibration set's hash,
-both shapes and the quantization settings, so a stale cache can never be picked up.
+both shapes, the quantization settings and how the images were split into calibration passes, so a
+stale cache can never be picked up. The ranges are computed in memory-bounded passes
+(:func:`exports.calibration.collect_ranges`) and ``quantize_static`` reads them from the cache.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exports.calibration import array_reader, calibration_method
+from exports.calibration import calibration_method, collect_ranges, pass_rule
 from exports.deps import require
 from exports.errors import MissingDependencyError
 from exports.metadata import INPUT_NAME, DeployMeta
@@ -57,6 +59,7 @@ class CalibrationKey:
     method: str
     target: str
     onnxruntime: str
+    passes: str  # how the images were split into calibration passes (exports.calibration.pass_rule)
 
     @property
     def digest(self) -> str:
@@ -80,6 +83,7 @@ def calibration_key(model: str | Path, images: np.ndarray, method: str, target: 
         method=method,
         target=target,
         onnxruntime=ort.__version__,
+        passes=pass_rule(),
     )
 
 
@@ -156,10 +160,14 @@ def quantize_int8(
         fallback = preprocess(src, prepared, meta.arch)
         options = spec.options(quantization, prepared)
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their progress
-            quantization.quantize_static(
+            if not cached:
+                op_types = options.get("op_types_to_quantize") or _all_quantizable_ops()
+                ranges = collect_ranges(prepared, images, method, op_types, meta.arch, input_name)
+                require("onnxruntime.quantization.calibrate").save_tensors_data(ranges, cache.ranges_path(key))
+            quantization.quantize_static(  # reads the ranges from the cache
                 str(prepared),
                 str(dst),
-                None if cached else array_reader(images, input_name),
+                None,
                 quant_format=quantization.QuantFormat.QDQ,
                 per_channel=True,
                 reduce_range=False,
@@ -172,6 +180,12 @@ def quantize_int8(
     write_metadata(dst, meta)
     check_onnx(dst)
     return Int8Result(key, cached is not None, cache.ranges_path(key), fallback)
+
+
+def _all_quantizable_ops() -> list[str]:
+    """What ``quantize_static`` quantizes (and calibrates) when given no op types."""
+    registry = require("onnxruntime.quantization.registry")
+    return sorted(set(registry.QLinearOpsRegistry) | set(registry.QDQRegistry))
 
 
 def preprocess(src: str | Path, dst: str | Path, model: str) -> str:

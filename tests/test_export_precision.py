@@ -285,6 +285,9 @@ def test_calibration_cache_is_keyed_and_never_silently_stale(onnx_models, data, 
     assert calibration_key(onnx_models["ok"], calibration[:-1], "percentile", "tensorrt").digest != key.digest
     assert calibration_key(onnx_models["ok"], calibration[:, :, :8, :8], "percentile", "tensorrt").digest != key.digest
     assert calibration_key(onnx_models["ok"], calibration, "minmax", "tensorrt").digest != key.digest
+    with pytest.MonkeyPatch.context() as patch:  # another split into calibration passes: other histogram bins
+        patch.setattr("exports.calibration.PASS_MIB", 1)
+        assert calibration_key(onnx_models["ok"], calibration, "percentile", "tensorrt").digest != key.digest
     changed = calibration.copy()
     changed[0, 0, 0, 0] += 1.0
     assert not run(imgs=changed).cache_hit  # one changed pixel is another calibration set
@@ -296,3 +299,37 @@ def test_calibration_cache_is_keyed_and_never_silently_stale(onnx_models, data, 
     assert cache.lookup(key) is None and not ranges.exists()
     again = run()
     assert not again.cache_hit and run().cache_hit
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_calibration_runs_in_passes_that_fit_the_memory_bound(onnx_models, data, tmp_path, monkeypatch, method):
+    """ONNX Runtime's histogram calibrators keep every calibrated tensor of every image they are given: INT8
+    calibration of 224 px transformers (timm's pit_ti_224, xcit_nano_12_p8_224, ...) ran out of memory. The
+    images now go in passes sized to ``PASS_MIB`` of activations, each folded in before the next runs."""
+    from onnxruntime.quantization import calibrate
+
+    import exports.calibration as calibration_module
+
+    calibration, test, labels = data
+    per_image = 8 * SIZE * SIZE * 4 * 4  # the calibrated float tensors of one image: about four of 8 x 16 x 16
+    monkeypatch.setattr(calibration_module, "PASS_MIB", 10 * per_image / 2**20)  # about ten images per pass
+    seen: list[int] = []  # images per collect_data call, after which the histograms hold no activations
+    original = calibrate.HistogramCalibrater.collect_data
+
+    def counting(self, reader):
+        fed = []
+
+        class Counting:
+            def get_next(self):
+                feed = reader.get_next()
+                fed.append(0 if feed is None else len(next(iter(feed.values()))))
+                return feed
+
+        original(self, Counting())
+        seen.append(sum(fed))
+
+    monkeypatch.setattr(calibrate.HistogramCalibrater, "collect_data", counting)
+    dst = tmp_path / "m.int8.onnx"
+    quantize_int8(onnx_models["ok"], dst, calibration, CalibrationCache(tmp_path / "cache"), META, method=method)
+    assert sum(seen) == len(calibration) and len(seen) > 4 and max(seen) < 20, seen
+    assert int8_gate(run_onnx(onnx_models["ok"], test), run_onnx(dst, test), labels)

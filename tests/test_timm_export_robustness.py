@@ -273,6 +273,89 @@ def test_int8_preprocessing_that_fails_both_ways_is_one_line(tmp_path, monkeypat
     assert "\n" not in str(err.value) and err.value.exit_code == 2
 
 
+# --- int8: tensors numpy cannot bin, inf/nan activations, memory ---
+
+
+def _shifted_graph(path, shift: float = 0.5, op: str = "Add") -> str:
+    """conv(x * 1e-5 + shift): the Add's output is ``shift`` +- 3e-5, as an attention output of timm's
+    iformer_t / efficientvit_m0 with random weights (``op="Log"``: log(x * 1e-5 + shift), inf where it hits 0)."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, SIZE, SIZE])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4, SIZE, SIZE])
+    nodes = [
+        helper.make_node("Mul", ["input", "tiny"], ["small"], name="mul"),
+        helper.make_node("Add", ["small", "shift"], ["shifted"], name="add"),
+    ]
+    if op == "Log":
+        nodes.append(helper.make_node("Log", ["shifted"], ["logged"], name="log"))
+    nodes.append(helper.make_node("Conv", ["logged" if op == "Log" else "shifted", "w"], ["logits"], name="conv"))
+    inits = [
+        numpy_helper.from_array(np.float32(1e-5), "tiny"),
+        numpy_helper.from_array(np.float32(shift), "shift"),
+        numpy_helper.from_array(rng.standard_normal((4, 3, 1, 1)).astype(np.float32), "w"),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "shifted", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)]
+    )
+    model.ir_version = 10
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_int8_calibrates_a_tensor_too_narrow_for_numpy_bins(tmp_path):
+    """timm:iformer_t and timm:efficientvit_m0 failed in ONNX Runtime's histogram calibrator: numpy cannot cut
+    [0.49997, 0.50003] into 2048 float32 bins ("Too many bins for data range"). Such a tensor's histogram now
+    spans [0, peak], and its scale comes out as the peak's."""
+    src = _shifted_graph(tmp_path / "m.onnx")
+    images = np.random.default_rng(1).standard_normal((16, 3, SIZE, SIZE)).astype(np.float32)
+    with pytest.raises(ValueError, match="Too many bins"):
+        np.histogram(np.abs(0.5 + 1e-5 * images).astype(np.float32), bins=2048)  # what ONNX Runtime asks of numpy
+    cache = CalibrationCache(tmp_path / "cache")
+    quantize_int8(src, tmp_path / "m8.onnx", images, cache, META)  # percentile
+    scales = {
+        t.name: numpy_helper.to_array(t)
+        for t in onnx.load(str(tmp_path / "m8.onnx")).graph.initializer
+        if "scale" in t.name
+    }
+    shifted = [v for k, v in scales.items() if k.startswith("shifted")]
+    assert shifted and abs(float(shifted[0]) * 127 - 0.5) < 0.01, scales
+    expected = run_onnx(src, images)
+    assert np.abs(run_onnx(tmp_path / "m8.onnx", images) - expected).max() < 0.05 * np.abs(expected).max()
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # ONNX Runtime, on the inf/nan tensor
+def test_int8_of_an_activation_that_is_not_finite_is_one_line(tmp_path):
+    src = _shifted_graph(tmp_path / "m.onnx", shift=0.0, op="Log")
+    images = np.zeros((4, 3, SIZE, SIZE), np.float32)  # log(0) = -inf
+    with pytest.raises(
+        UnsupportedModelError, match=r"INT8 calibration of toy:graph failed: activation '(logged|logits)' is inf/nan"
+    ):
+        quantize_int8(src, tmp_path / "m8.onnx", images, CalibrationCache(tmp_path / "cache"), META)
+
+
+def test_int8_calibration_out_of_memory_is_one_line_saying_what_to_lower(tmp_path, monkeypatch):
+    """timm:efficientformerv2_s0 and four more at 224 px ended in ONNX Runtime's arena message (timm:iformer_t
+    in the OOM killer). Where a pass of one image still does not fit, the error says memory, INT8 calibration
+    and what to change, in one line."""
+    from onnxruntime.quantization import calibrate
+
+    def collect_data(self, reader):
+        raise RuntimeError(
+            "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Erf node. Status Message: "
+            "bfc_arena.cc:360 void* onnxruntime::BFCArena::AllocateRawInternal Failed to allocate memory for\n..."
+        )
+
+    monkeypatch.setattr(calibrate.HistogramCalibrater, "collect_data", collect_data)
+    src = _conv_graph(tmp_path / "m.onnx")
+    images = np.zeros((4, 3, SIZE, SIZE), np.float32)
+    with pytest.raises(UnsupportedModelError) as err:
+        quantize_int8(src, tmp_path / "m8.onnx", images, CalibrationCache(tmp_path / "cache"), META)
+    message = str(err.value)
+    assert message.startswith("export: INT8 calibration of toy:graph ran out of memory (")
+    assert "MiB of activations per image" in message and "data.image_size" in message
+    assert "calibration_method=minmax" in message and "\n" not in message and err.value.exit_code == 2
+
+
 # --- any other library exception inside a step: one line with stage, step, model and cause ---
 
 
