@@ -20,7 +20,7 @@ from exports.fp16 import FP16_MAX, FP16_TINY, fp16_model, overflow_nodes
 from exports.int8 import INT8_TARGETS, CalibrationCache, copy_ranges, quantize_int8, tensorrt_qdq_problems
 from exports.metadata import INPUT_NAME, OUTPUT_NAME, DeployMeta
 from pipeline.checks import TOLERANCES, Check, GateResult
-from pipeline.compare import diff_stats, tie_detail, tie_figures, top1_accuracy
+from pipeline.compare import diff_stats, near_chance, tie_detail, tie_figures, top1_accuracy
 from pipeline.precision_order import REFERENCE_PRECISION
 from pipeline.registry import Registry
 from pipeline.stage_files import CALIBRATION_RANGES
@@ -112,14 +112,38 @@ def int8_gate(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray, 
     """INT8 top-1 accuracy drop against fp32, in points, on labelled images. When the run's labels do not fit
     the model (``mismatch`` says why) the gate is recorded as skipped, not passed. The report's ``vs_fp32``
     holds the comparison with fp32, with the tie-aware top-1 agreement and its figures
-    (:data:`pipeline.compare.TIE_FIGURES`): they inform, the verdict stays label-based."""
-    report = {"vs_fp32": diff_stats(reference, candidate)}
+    (:data:`pipeline.compare.TIE_FIGURES`): they inform, the verdict stays label-based.
+
+    Where fp32 itself is near chance (:func:`pipeline.compare.near_chance`: untrained weights, as in the
+    support matrix), a top-1 drop against the labels is noise (timm:lcnet_035 with random weights "dropped"
+    1.56 points, 5.27% to 3.71%): the drop gate is recorded as skipped with that reason, and INT8 is judged by
+    its tie-aware top-1 agreement with fp32 (``onnx.int8_top1_agreement``) instead."""
+    stats = diff_stats(reference, candidate)
+    report = {"vs_fp32": stats}
     if mismatch:
         note = f"int8 accuracy gate skipped: {mismatch}, so the test labels cannot score the model"
         return GateResult(
             metrics={"int8_gate": "skipped"}, report={**report, "accuracy_gate": f"skipped: {note}"}, notes=[note]
         )
     acc32, acc8 = top1_accuracy(reference, labels), top1_accuracy(candidate, labels)
+    chance = near_chance(acc32, reference.shape[1])
+    if chance:
+        note = f"int8 accuracy gate skipped: {chance}, where a top-1 drop is noise; judged by agreement with fp32"
+        check = Check.gate(
+            "onnx_int8_top1_agreement",
+            "fraction of equal argmax vs fp32, near-ties excused",
+            stats["top1_agreement"],
+            "onnx.int8_top1_agreement",
+            ">=",
+            detail=tie_detail(stats),
+        )
+        figures = {"fp32_top1": acc32, "int8_top1": acc8}  # for the report (and the engine stage), not a verdict
+        return GateResult(
+            [check],
+            {"int8_gate": "skipped", **tie_figures(stats, "int8")},
+            {**report, **figures, "accuracy_gate": f"skipped: {note}"},
+            notes=[note],
+        )
     check = Check.gate(
         "onnx_int8_top1_drop",
         "top-1 fp32 - top-1 int8 (pt)",

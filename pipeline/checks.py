@@ -29,6 +29,8 @@ TOLERANCES: dict[str, float] = {
     "onnx.fp16_top1_agreement": 0.99,
     "onnx.fp16_overflow_nodes": 0.0,  # unguarded fp16 only: nodes whose calibration activations pass 65504
     "onnx.int8_top1_drop_pt": 1.0,
+    # ... where fp32 is near chance (a drop is noise there), INT8 against fp32 instead: the drop's 1 point
+    "onnx.int8_top1_agreement": 0.99,
     "onnx.int8_qdq_violations": 0.0,  # Q/DQ nodes TensorRT would reject (asymmetric, wrong axis, ...)
     # TensorRT vs golden outputs
     "trt.fp32_max_abs": 1e-3,

@@ -127,6 +127,18 @@ def top1_accuracy(logits, labels) -> float:
     return 100.0 * float((logits.argmax(1) == labels).mean()) if len(labels) else 0.0
 
 
+CHANCE_MARGIN_PT = 5.0  # a top-1 less than this many points above chance is "near chance"
+
+
+def near_chance(top1: float, num_classes: int, margin_pt: float = CHANCE_MARGIN_PT) -> str:
+    """Why ``top1`` (%) says the model learned nothing (within ``margin_pt`` points of chance, 100 / classes),
+    or '' when it is clear of chance. A top-1 difference between two such models is noise, not a verdict."""
+    chance = 100.0 / num_classes
+    if top1 >= chance + margin_pt:
+        return ""
+    return f"fp32 top-1 {top1:.2f}% is within {margin_pt:g} points of chance ({chance:.2f}% for {num_classes} classes)"
+
+
 def abs_diff_histogram(reference, candidate, bins: int = 24) -> dict:
     """Counts of |candidate - reference| in log-spaced bins (exact zeros apart): small enough for a report."""
     diff = np.abs(as_numpy(candidate) - as_numpy(reference)).ravel()

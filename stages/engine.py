@@ -24,7 +24,7 @@ from exports.runners import infer_array
 from exports.trt_commands import GOLDEN_INPUTS, engine_name
 from exports.trt_engine import TrtRunner, build_engine, current_platform, sidecar_path, unavailable_reason, write_engine
 from pipeline.checks import Check, GateResult
-from pipeline.compare import diff_stats, tie_figures, top1_accuracy
+from pipeline.compare import diff_stats, near_chance, tie_figures, top1_accuracy
 from pipeline.config import Config
 from pipeline.deployment import engine_profile, eval_batches, label_mismatch, read_report
 from pipeline.errors import ConfigError
@@ -142,8 +142,9 @@ class EngineStage(Stage):
         cfg = ctx.cfg
         fp32_top1 = read_report(export_report).get("gates", {}).get(precision, {}).get("fp32_top1")
         mismatch = label_mismatch(cfg, meta)
-        if mismatch or fp32_top1 is None:
-            why = mismatch or "the export stage has no fp32 accuracy for this data"
+        chance = near_chance(fp32_top1, meta.num_classes) if fp32_top1 is not None else ""
+        if mismatch or fp32_top1 is None or chance:
+            why = mismatch or chance or "the export stage has no fp32 accuracy for this data"
             skipped = {f"{precision}_gate": "skipped"}
             return GateResult(metrics=skipped, report=skipped, notes=[f"{precision} accuracy gate skipped: {why}"])
         logits, labels = [], []

@@ -34,7 +34,7 @@ from exports.runners import OnnxrtRunner, infer_array
 from exports.trt_commands import GOLDEN_INPUTS, GOLDEN_OUTPUTS, EngineTarget, build_script
 from pipeline.checkpoint import ModelMeta
 from pipeline.checks import TOLERANCES, Check, GateResult
-from pipeline.compare import allclose_fraction, diff_stats, tie_detail, top1_accuracy
+from pipeline.compare import CHANCE_MARGIN_PT, allclose_fraction, diff_stats, near_chance, tie_detail, top1_accuracy
 from pipeline.config import Config
 from pipeline.data.transforms import eval_preprocess_spec
 from pipeline.deployment import ONNX_FILES, deploy_transform, engine_profile, eval_batches, label_mismatch
@@ -320,14 +320,14 @@ def reduced_precision_gates(cfg: Config, meta: DeployMeta, files: dict[str, Path
     return result
 
 
-def chance_warning(logits: np.ndarray, labels: np.ndarray, num_classes: int, margin_pt: float = 5.0) -> GateResult:
+def chance_warning(
+    logits: np.ndarray, labels: np.ndarray, num_classes: int, margin_pt: float = CHANCE_MARGIN_PT
+) -> GateResult:
     """A note, not a gate: every gate compares the export with its own source, so an untrained checkpoint
-    passes them all; a top-1 within ``margin_pt`` points of chance says the model itself learned nothing."""
-    top1, chance = top1_accuracy(logits, labels), 100.0 / num_classes
-    if top1 >= chance + margin_pt:
+    passes them all; a top-1 within ``margin_pt`` points of chance (:func:`pipeline.compare.near_chance`, the
+    band in which the INT8 drop gate is not judged) says the model itself learned nothing."""
+    why = near_chance(top1_accuracy(logits, labels), num_classes, margin_pt)
+    if not why:
         return GateResult()
-    note = (
-        f"warning: fp32 top-1 {top1:.2f}% is within {margin_pt:g} points of chance ({chance:.2f}%"
-        f" for {num_classes} classes): was this checkpoint trained?"
-    )
+    note = f"warning: {why}: was this checkpoint trained?"
     return GateResult(report={"near_chance": note}, notes=[note])

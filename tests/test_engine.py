@@ -248,3 +248,24 @@ def test_onnxruntime_cuda_provider_is_really_used(tmp_path):
     )
     with OnnxrtRunner(path, "CUDAExecutionProvider") as runner:
         assert runner.session.get_providers()[0] == "CUDAExecutionProvider"
+
+
+def test_the_engine_int8_accuracy_gate_is_skipped_where_fp32_is_near_chance(tmp_path):
+    """The export stage's rule for the INT8 drop (exports.precisions.int8_gate) holds for the engine's too: a
+    drop against an fp32 top-1 near chance is noise, recorded as skipped with the reason, never passed."""
+    import json
+    from types import SimpleNamespace
+
+    from pipeline.config import Config
+    from stages.engine import EngineStage
+
+    cfg = Config()  # the synthetic set: 20 classes, class_00 ... class_19
+    names = [f"class_{i:02d}" for i in range(20)]
+    meta = DeployMeta("timm:lcnet_035", 20, 32, [0.5] * 3, [0.25] * 3, 32, 32, class_names=names)
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"gates": {"int8": {"fp32_top1": 5.27}}}))
+    result = EngineStage._accuracy(SimpleNamespace(cfg=cfg), "int8", None, meta, report)
+    assert result.checks == [] and result.metrics == {"int8_gate": "skipped"}
+    assert result.notes == [
+        "int8 accuracy gate skipped: fp32 top-1 5.27% is within 5 points of chance (5.00% for 20 classes)"
+    ]

@@ -138,6 +138,29 @@ def test_the_int8_gate_reports_the_tie_figures_and_keeps_a_label_verdict(logits)
     assert "top1_agreement_strict" in skipped.report["vs_fp32"]
 
 
+def test_at_chance_the_int8_drop_is_not_judged_and_agreement_with_fp32_is(logits):
+    """timm:lcnet_035 with random weights: fp32 top-1 5.27% on 20 classes (chance 5%), INT8 3.71%, and the
+    drop gate "failed" on noise. Near chance (the export stage's band) the drop is recorded as skipped with
+    the reason, never as passed, and INT8 is judged by its tie-aware top-1 agreement with fp32."""
+    labels = (logits.argmax(1) + 1) % C  # the model is always wrong: 0% top-1, chance is 10%
+    cand = logits.copy()
+    result = int8_gate(logits, cand, labels)
+    assert [c.name for c in result.checks] == ["onnx_int8_top1_agreement"] and result.checks[0]
+    assert result.metrics["int8_gate"] == "skipped" and "int8_top1_drop_pt" not in result.metrics
+    assert result.notes == [
+        "int8 accuracy gate skipped: fp32 top-1 0.00% is within 5 points of chance (10.00% for 10 classes), "
+        "where a top-1 drop is noise; judged by agreement with fp32"
+    ]
+    assert result.report["accuracy_gate"].startswith("skipped: ") and result.report["fp32_top1"] == 0.0
+    cand[:5] = cand[:5][:, ::-1]  # five confident flips in 50: agreement 0.9, under 0.99
+    failed = int8_gate(logits, cand, labels).checks[0]
+    assert not failed and failed.value == pytest.approx(0.9)
+    right = logits.argmax(1)  # clear of chance: the label-based drop gate, as before
+    assert [c.name for c in int8_gate(logits, logits, right).checks] == ["onnx_int8_top1_drop"]
+    almost = np.where(np.arange(N) < 7, right, (right + 1) % C)  # 14%: chance 10% + 5 points is still near
+    assert int8_gate(logits, logits, almost).metrics["int8_gate"] == "skipped"
+
+
 # --- a real fp16 overflow ------------------------------------------------------------------------------
 
 SIZE, CLASSES = 8, 4
