@@ -65,19 +65,21 @@ def array_reader(images: np.ndarray, input_name: str = INPUT_NAME, batch: int = 
     return ArrayReader()
 
 
-def activation_ranges(onnx_path: str | Path, images: np.ndarray, input_name: str = INPUT_NAME) -> dict[str, float]:
-    """Largest ``|value|`` of every float tensor in the graph over ``images`` (min-max calibration)."""
-    calibrate = require("onnxruntime.quantization.calibrate")
-    with tempfile.TemporaryDirectory(prefix="ranges-") as tmp:
-        calibrator = calibrate.create_calibrator(
-            Path(onnx_path),
-            None,
-            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=calibrate.CalibrationMethod.MinMax,
-        )
-        calibrator.collect_data(array_reader(images, input_name))
-        ranges = calibrator.compute_data()
-        del calibrator
+def activation_ranges(
+    onnx_path: str | Path, images: np.ndarray, input_name: str = INPUT_NAME, name: str = "the model"
+) -> dict[str, float]:
+    """Largest ``|value|`` of every float tensor in the graph over ``images`` (min-max calibration, in the
+    memory-bounded passes of :func:`collect_ranges`)."""
+    ranges = collect_ranges(
+        onnx_path,
+        images,
+        "minmax",
+        None,
+        name,
+        input_name,
+        what="measuring fp16 activation ranges",
+        fixes="lower data.image_size or export.calibration_samples, or export without fp16",
+    )
     out = {}
     for name, data in ranges.data.items():
         low, high = (np.asarray(v, dtype=np.float64) for v in data.range_value)
@@ -107,13 +109,21 @@ def collect_ranges(
     op_types: list[str] | None,
     name: str,
     input_name: str = INPUT_NAME,
+    what: str = "INT8 calibration",
+    fixes: str = (
+        "lower data.image_size, or use --set export.calibration_method=minmax (it keeps no activations between "
+        "passes), or export without int8 (--set 'export.precisions=[fp32,fp16]')"
+    ),
 ):
     """ONNX Runtime's ``TensorsData`` for ``model`` (pre-processed for quantization) on ``images``, as
     ``quantize_static`` would compute it with ``op_types_to_quantize=op_types``, in bounded passes.
 
     The pass size is measured on one image: ``PASS_MIB`` divided by the bytes of every calibrated tensor of
-    that image, at most ``PASS_IMAGES``. Running out of memory even so, or a calibrated activation that is
-    inf/nan in fp32, is an :class:`UnsupportedModelError` naming ``name`` and what to change.
+    that image, at most ``PASS_IMAGES``. The min-max calibrator needs the bound as much as the histogram
+    ones: ONNX Runtime runs the ReduceMin/ReduceMax nodes it adds late, so every calibrated tensor of a pass
+    is alive at once (timm's xcit_nano_12_p8_224: 380 MiB per 224 px image). Running out of memory even so,
+    or a calibrated activation that is inf/nan in fp32, is an :class:`UnsupportedModelError` naming ``name``,
+    ``what`` was being done and the ``fixes``.
     """
     calibrate = require("onnxruntime.quantization.calibrate")
     with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
@@ -127,7 +137,7 @@ def collect_ranges(
             calibrator.collector = _robust_collector(calibrator, name)
         passes = None
         try:
-            passes = _passes(calibrator, images[:1], input_name)
+            passes = _passes(calibrator, images[:1], input_name, model, op_types, Path(tmp))
             for start in range(0, len(images), passes.images):
                 calibrator.collect_data(array_reader(images[start : start + passes.images], input_name, passes.images))
             ranges = calibrator.compute_data()
@@ -141,17 +151,22 @@ def collect_ranges(
                 else "while measuring one image"
             )
             raise UnsupportedModelError(
-                f"export: INT8 calibration of {name} ran out of memory ({measured}; {type(exc).__name__}); lower "
-                "data.image_size, or use --set export.calibration_method=minmax (it keeps no activations), or "
-                "export without int8 (--set 'export.precisions=[fp32,fp16]')"
+                f"export: {what} of {name} ran out of memory ({measured}; {type(exc).__name__}); {fixes}"
             ) from exc
         finally:
             del calibrator
     return ranges
 
 
-def _passes(calibrator, probe: np.ndarray, input_name: str) -> CalibrationPasses:
-    outputs = calibrator.infer_session.run(None, {input_name: np.ascontiguousarray(probe, dtype=np.float32)})
+def _passes(calibrator, probe: np.ndarray, input_name: str, model, op_types, folder: Path) -> CalibrationPasses:
+    calibrate = require("onnxruntime.quantization.calibrate")
+    exposing = calibrator  # a histogram calibrator's session returns every calibrated tensor
+    if not isinstance(calibrator, calibrate.HistogramCalibrater):  # min-max: a session that does, to measure them
+        exposing = calibrate.HistogramCalibrater(Path(model), op_types, augmented_model_path=str(folder / "probe.onnx"))
+        exposing.augment_graph()
+        exposing.create_inference_session()
+    outputs = exposing.infer_session.run(None, {input_name: np.ascontiguousarray(probe, dtype=np.float32)})
+    del exposing
     per_image = max(1, sum(o.nbytes for o in outputs) // max(1, len(probe)))
     images = int(max(1, min(PASS_IMAGES, PASS_MIB * 2**20 // per_image)))
     return CalibrationPasses(per_image / 2**20, len(outputs), images)

@@ -89,7 +89,7 @@ def fp16_model(
         raise ConfigError(f"export.fp16_safe_max must be in (0, {FP16_MAX:g}], got {safe_max:g}")
     guard = []
     if calibration is not None:
-        guard = overflow_nodes(src, activation_ranges(src, calibration, input_name), safe_max)
+        guard = overflow_nodes(src, activation_ranges(src, calibration, input_name, meta.arch), safe_max)
     dst = Path(dst)
     partial = dst.with_name(dst.name + ".partial")
     converter: list[str] = []
