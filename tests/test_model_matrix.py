@@ -83,6 +83,36 @@ def test_classify_exit_status():
     assert mm.error_line("[export] running\nerror: export: x failed: y\n") == "error: export: x failed: y"
 
 
+def test_an_int8_drop_not_judged_at_chance_is_shown_as_such(tmp_path):
+    """Random weights put fp32 at chance, where the INT8 drop gate is skipped (exports.precisions.int8_gate):
+    the matrix cell says so instead of a bare pass."""
+    mm = load_matrix()
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    reason = "int8 accuracy gate skipped: fp32 top-1 5.27% is within 5 points of chance (5.00% for 20 classes), ..."
+    checks = [{"name": "onnx_int8_top1_agreement", "passed": True}, {"name": "onnx_fp16_min_cosine", "passed": True}]
+    manifest = {"status": "ok", "checks": checks, "metrics": {"int8_gate": "skipped"}, "reason": f"{reason}; x"}
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    found = mm.read_export(tmp_path)
+    assert found["int8_not_judged"] == reason
+    result = {"status": "pass", "attempts": [found]}
+    assert mm.verdict_cell(result, "int8", ["fp32", "fp16", "int8"]) == "pass (accuracy drop not judged)"
+    assert mm.verdict_cell(result, "fp16", ["fp32", "fp16", "int8"]) == "pass"
+
+
+def test_each_child_runs_on_one_cpu_with_one_thread(tmp_path, monkeypatch):
+    """``--jobs 2`` on two cores: each export on a CPU of its own, ONNX Runtime's thread pool included."""
+    mm = load_matrix()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    probe = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'])"
+    with open(tmp_path / "log", "w") as log:
+        rc, out, _, _ = mm.run_child([sys.executable, "-c", probe], 60, log, cpu)
+    assert rc == 0 and out.split() == [f"[{cpu}]", "1"]
+    assert all(item.split("=")[0] in {"data.synthetic.train_size", "data.synthetic.test_size", "export.eval_samples",
+                                      "export.calibration_samples", "export.parity_samples"} for item in mm.MATRIX_SETS)
+
+
 @pytest.mark.slow
 def test_matrix_sample_has_verdicts_and_no_traceback(tmp_path):
     """Ten fast families through the script, two at a time, with small sample counts: about 70 s on 2 idle cores."""
