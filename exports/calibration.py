@@ -137,7 +137,7 @@ def collect_ranges(
             calibrator.collector = _robust_collector(calibrator, name)
         passes = None
         try:
-            passes = _passes(calibrator, images[:1], input_name, model, op_types, Path(tmp))
+            passes = _passes(calibrator, images[:1], input_name)
             for start in range(0, len(images), passes.images):
                 calibrator.collect_data(array_reader(images[start : start + passes.images], input_name, passes.images))
             ranges = calibrator.compute_data()
@@ -158,18 +158,36 @@ def collect_ranges(
     return ranges
 
 
-def _passes(calibrator, probe: np.ndarray, input_name: str, model, op_types, folder: Path) -> CalibrationPasses:
+def _passes(calibrator, probe: np.ndarray, input_name: str) -> CalibrationPasses:
     calibrate = require("onnxruntime.quantization.calibrate")
-    exposing = calibrator  # a histogram calibrator's session returns every calibrated tensor
-    if not isinstance(calibrator, calibrate.HistogramCalibrater):  # min-max: a session that does, to measure them
-        exposing = calibrate.HistogramCalibrater(Path(model), op_types, augmented_model_path=str(folder / "probe.onnx"))
-        exposing.augment_graph()
-        exposing.create_inference_session()
-    outputs = exposing.infer_session.run(None, {input_name: np.ascontiguousarray(probe, dtype=np.float32)})
-    del exposing
-    per_image = max(1, sum(o.nbytes for o in outputs) // max(1, len(probe)))
-    images = int(max(1, min(PASS_IMAGES, PASS_MIB * 2**20 // per_image)))
-    return CalibrationPasses(per_image / 2**20, len(outputs), images)
+    if isinstance(calibrator, calibrate.HistogramCalibrater):  # its session returns every calibrated tensor
+        outputs = calibrator.infer_session.run(None, {input_name: np.ascontiguousarray(probe, dtype=np.float32)})
+        per_image, tensors = sum(o.nbytes for o in outputs) // max(1, len(probe)), len(outputs)
+    else:
+        per_image, tensors = _minmax_image_bytes(calibrator)
+    images = int(max(1, min(PASS_IMAGES, PASS_MIB * 2**20 // max(1, per_image))))
+    return CalibrationPasses(per_image / 2**20, tensors, images)
+
+
+def _minmax_image_bytes(calibrator) -> tuple[int, int]:
+    """Bytes per image of the tensors a min-max run keeps alive (every calibrated one), from the shapes ONNX
+    inferred when the calibrator loaded the model: a session returning them would cost a second model load. A
+    tensor whose shape is not known counts as the mean of the known ones; with none known, passes of one image.
+    """
+    helper = require("onnx.helper")
+    added = calibrator.infer_session.get_outputs()[calibrator.num_model_outputs :]
+    names = {o.name.rsplit("_", 1)[0] for o in added}  # <tensor>_ReduceMin, <tensor>_ReduceMax
+    graph = calibrator.model.graph
+    infos = {v.name: v.type.tensor_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    sizes = []
+    for name in names:
+        info = infos.get(name)
+        if info is not None and all(d.HasField("dim_value") for d in info.shape.dim[1:]):
+            itemsize = helper.tensor_dtype_to_np_dtype(info.elem_type).itemsize
+            sizes.append(int(np.prod([d.dim_value for d in info.shape.dim[1:]], dtype=np.int64)) * itemsize)
+    if not sizes:
+        return PASS_MIB * 2**20, len(names)
+    return int(sum(sizes) / len(sizes) * len(names)), len(names)
 
 
 def _out_of_memory(exc: BaseException) -> bool:
