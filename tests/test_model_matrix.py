@@ -113,6 +113,28 @@ def test_each_child_runs_on_one_cpu_with_one_thread(tmp_path, monkeypatch):
                                       "export.calibration_samples", "export.parity_samples"} for item in mm.MATRIX_SETS)
 
 
+def test_the_checkpoint_worker_serves_models_and_is_replaced_when_it_fails(tmp_path):
+    """One process per job writes the checkpoints (torch and timm imported once); an unknown model is its one-line
+    refusal, after which the next model gets a fresh worker, and a dead worker is a killed child, not a hang."""
+    mm = load_matrix()
+    worker = mm.CheckpointWorker()
+    with open(tmp_path / "log", "w") as log:
+        try:
+            rc, out, _, _ = worker.make("torchvision:squeezenet1_1", 32, tmp_path / "a.safetensors", 120, log)
+            first = worker.proc.pid
+            assert rc == 0 and json.loads(out)["params"] > 0 and (tmp_path / "a.safetensors").is_file()
+            rc, _, _, _ = worker.make("timm:resnet10t", 32, tmp_path / "b.safetensors", 120, log)
+            assert rc == 0 and worker.proc.pid == first  # the same process, imports paid once
+            rc, _, err, _ = worker.make("timm:no_such_model", 32, tmp_path / "c.safetensors", 120, log)
+            assert rc == 2 and err.startswith("error:") and mm.classify(rc, err) == "error" and worker.proc is None
+            rc, _, _, _ = worker.make("timm:resnet10t", 32, tmp_path / "d.safetensors", 120, log)
+            os.kill(worker.proc.pid, 9)
+            rc, _, err, _ = worker.make("timm:resnet10t", 32, tmp_path / "e.safetensors", 120, log)
+            assert rc == -9 and mm.classify(rc, err) == "traceback" and worker.proc is None
+        finally:
+            worker.close()
+
+
 @pytest.mark.slow
 def test_matrix_sample_has_verdicts_and_no_traceback(tmp_path):
     """Ten fast families through the script, two at a time, with small sample counts: about 70 s on 2 idle cores."""
