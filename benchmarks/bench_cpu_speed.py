@@ -122,7 +122,7 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def report(results: dict[Cell, float], failed: dict[Cell, str], skipped: dict[str, str], args, header: str) -> str:
-    from pipeline.machine import native_bf16
+    from pipeline.artifacts.machine import native_bf16
 
     flag = native_bf16()
     now, auto = default_setting(flag), default_setting(flag, amp_auto=True)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join([PEER, *SETTINGS])}")
     import torch
 
-    from pipeline.machine import describe_cpu, native_bf16
+    from pipeline.artifacts.machine import describe_cpu, native_bf16
 
     command = "python benchmarks/bench_cpu_speed.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     flag = native_bf16()

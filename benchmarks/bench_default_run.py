@@ -16,7 +16,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from pipeline.machine import describe_cpu
+from pipeline.artifacts.machine import describe_cpu
 from stages import stage_order
 
 

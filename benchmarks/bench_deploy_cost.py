@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exports.onnx_export import export_onnx
 from exports.runners import OnnxrtRunner
-from pipeline.machine import describe_cpu
+from pipeline.artifacts.machine import describe_cpu
 from pipeline.models import build_model, count_parameters, model_info
 from pipeline.reparam import fuse_model
 from pipeline.reparam.multibranch import apply_multibranch

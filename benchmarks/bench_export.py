@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from exports.runners import OnnxrtRunner
+from pipeline.artifacts.machine import describe_cpu
+from pipeline.cli.runner import run_stages
 from pipeline.config import load_config
-from pipeline.loading import load_model
-from pipeline.machine import describe_cpu
-from pipeline.runner import run_stages
+from pipeline.models.loading import load_model
 from stages.export import ONNX_FILES
 
 

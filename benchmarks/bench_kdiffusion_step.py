@@ -32,8 +32,8 @@ from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.artifacts.machine import describe_cpu
 from pipeline.distill import build_distiller
-from pipeline.machine import describe_cpu
 from pipeline.models import build_model
 
 VARIANTS = ("kdiffusion_single_avg", "kdiffusion_single", "kdiffusion_multi", "kdiffusion")

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from method_rows import add_row_options, rows
 
+from pipeline.artifacts.machine import describe_cpu
 from pipeline.distill import build_distiller
-from pipeline.machine import describe_cpu
 from pipeline.models import build_model
 
 
@@ -52,7 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--write", type=Path, default=None, help="Markdown file to write the results to.")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
-
 
 
 class Bench:

@@ -254,7 +254,7 @@ def _machine(device: str) -> str:
     version = f"torch {torch.__version__}"
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(torch.device(device))}, {version} (CUDA {torch.version.cuda})"
-    from pipeline.machine import describe_cpu
+    from pipeline.artifacts.machine import describe_cpu
 
     return f"CPU: {describe_cpu(torch.get_num_threads())}, {version}"
 

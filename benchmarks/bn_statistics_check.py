@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pipeline.config import load_config
 from pipeline.data import load_data
 from pipeline.distill.ofd import batch_statistics
-from pipeline.loading import load_model
+from pipeline.models.loading import load_model
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.artifacts.checkpoint import load_checkpoint
 from pipeline.config import load_config
 from pipeline.data import load_data
 from pipeline.distill.at import AT, at_loss
@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     def show(name: str, loss: torch.Tensor) -> None:
         print(f"| {name} | {float(loss):.4f} | {grad_norm(loss):.4f} |")
 
-    print(f"pair {meta.arch} -> {cfg.student.arch}, batch {args.batch} of {data.info.name} training images, "
-          f"teacher batch top-1 {float((t_logits.argmax(1) == targets).float().mean()) * 100:.1f}%")
+    print(
+        f"pair {meta.arch} -> {cfg.student.arch}, batch {args.batch} of {data.info.name} training images, "
+        f"teacher batch top-1 {float((t_logits.argmax(1) == targets).float().mean()) * 100:.1f}%"
+    )
     print("student stages:", [tuple(f.shape[1:]) for f in s_feats])
     print("teacher stages:", [tuple(f.shape[1:]) for f in t_feats])
     print("\n| term | value | grad norm |\n|---|---:|---:|")

@@ -128,14 +128,31 @@ def timm_catalogue() -> list[dict]:
         counts = {n: count_parameters(lambda n=n: timm.create_model(n, num_classes=CLASSES)) for n in names}
         pick = smallest(counts)
         if pick is None:
-            rows.append({"key": f"timm:{names[0]}", "lib": "timm", "family": family, "model": names[0],
-                         "params": None, "variants": len(names)})
+            rows.append(
+                {
+                    "key": f"timm:{names[0]}",
+                    "lib": "timm",
+                    "family": family,
+                    "model": names[0],
+                    "params": None,
+                    "variants": len(names),
+                }
+            )
             continue
         cfg = get_pretrained_cfg(pick)
         cfg_size = int(cfg.input_size[-1]) if cfg is not None else 224
         fixed = bool(getattr(cfg, "fixed_input_size", False)) if cfg is not None else False
-        rows.append({"key": f"timm:{pick}", "lib": "timm", "family": family, "model": pick, "params": counts[pick],
-                     "variants": len(names), "sizes": [cfg_size] if fixed else _sizes(cfg_size)})
+        rows.append(
+            {
+                "key": f"timm:{pick}",
+                "lib": "timm",
+                "family": family,
+                "model": pick,
+                "params": counts[pick],
+                "variants": len(names),
+                "sizes": [cfg_size] if fixed else _sizes(cfg_size),
+            }
+        )
     return rows
 
 
@@ -146,8 +163,17 @@ def torchvision_catalogue() -> list[dict]:
     rows = []
     for name in torchvision.models.list_models(module=torchvision.models):
         params = count_parameters(lambda name=name: get_model(name, weights=None, num_classes=CLASSES))
-        rows.append({"key": f"torchvision:{name}", "lib": "torchvision", "family": torchvision_family(name),
-                     "model": name, "params": params, "variants": 1, "sizes": _sizes(224)})
+        rows.append(
+            {
+                "key": f"torchvision:{name}",
+                "lib": "torchvision",
+                "family": torchvision_family(name),
+                "model": name,
+                "params": params,
+                "variants": 1,
+                "sizes": _sizes(224),
+            }
+        )
     return rows
 
 
@@ -169,18 +195,34 @@ def rows_for(keys: list[str]) -> list[dict]:
             cfg = get_pretrained_cfg(name)
             cfg_size = int(cfg.input_size[-1]) if cfg is not None else 224
             fixed = bool(getattr(cfg, "fixed_input_size", False)) if cfg is not None else False
-            rows.append({"key": key, "lib": lib, "family": timm_family(name), "model": name, "variants": 1,
-                         "params": count_parameters(lambda name=name: timm.create_model(name, num_classes=CLASSES)),
-                         "sizes": [cfg_size] if fixed else _sizes(cfg_size)})
+            rows.append(
+                {
+                    "key": key,
+                    "lib": lib,
+                    "family": timm_family(name),
+                    "model": name,
+                    "variants": 1,
+                    "params": count_parameters(lambda name=name: timm.create_model(name, num_classes=CLASSES)),
+                    "sizes": [cfg_size] if fixed else _sizes(cfg_size),
+                }
+            )
         elif lib == "torchvision":
             from torchvision.models import get_model
 
             def build(name=name):
                 return get_model(name, weights=None, num_classes=CLASSES)
 
-            rows.append({"key": key, "lib": lib, "family": torchvision_family(name), "model": name, "variants": 1,
-                         "params": count_parameters(build),
-                         "sizes": _sizes(224)})
+            rows.append(
+                {
+                    "key": key,
+                    "lib": lib,
+                    "family": torchvision_family(name),
+                    "model": name,
+                    "variants": 1,
+                    "params": count_parameters(build),
+                    "sizes": _sizes(224),
+                }
+            )
         else:
             raise SystemExit(f"error: {key!r} is not timm:NAME or torchvision:NAME")
     return rows
@@ -199,8 +241,10 @@ def catalogue(out: Path, timm_on: bool = True, torchvision_on: bool = True) -> l
         if on and cached.get(lib, {}).get("version") != versions[lib]:
             tic = time.perf_counter()
             cached[lib] = {"version": versions[lib], "rows": make()}
-            print(f"[matrix] {lib} catalogue: {len(cached[lib]['rows'])} models in {time.perf_counter() - tic:.0f}s",
-                  flush=True)
+            print(
+                f"[matrix] {lib} catalogue: {len(cached[lib]['rows'])} models in {time.perf_counter() - tic:.0f}s",
+                flush=True,
+            )
             changed = True
     if changed:
         _write_json(path, cached)
@@ -271,9 +315,16 @@ class CheckpointWorker:
         tic = time.perf_counter()
         if self.proc is None or self.proc.poll() is not None:
             self.proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--checkpoint-worker"], cwd=ROOT, text=True,
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-                env={"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_child_setup(self.cpu))
+                [sys.executable, str(Path(__file__).resolve()), "--checkpoint-worker"],
+                cwd=ROOT,
+                text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                env={"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"},
+                preexec_fn=_child_setup(self.cpu),
+            )
         rc: int | None
         out = err = ""
         try:
@@ -331,8 +382,16 @@ def run_child(cmd: list[str], timeout: float, log, cpu: int | None = None) -> tu
     that group. Returns rc (None: timed out)."""
     tic = time.perf_counter()
     env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env, preexec_fn=_child_setup(cpu))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=env,
+        preexec_fn=_child_setup(cpu),
+    )
     try:
         out, err = proc.communicate(timeout=max(timeout, 1))
         rc: int | None = proc.returncode
@@ -396,14 +455,17 @@ def read_export(work: Path) -> dict:
             if check.get("passed") is True:
                 v["passed"] += 1
             elif check.get("passed") is False:
-                v["failed"].append(f"{check['name']}={_fmt(check.get('value'))} (limit {check.get('op', '')}"
-                                   f" {_fmt(check.get('threshold'))})")
+                v["failed"].append(
+                    f"{check['name']}={_fmt(check.get('value'))} (limit {check.get('op', '')}"
+                    f" {_fmt(check.get('threshold'))})"
+                )
             else:
                 v["skipped"].append(check["name"])
         if data.get("metrics", {}).get("int8_gate") == "skipped" and "int8" in verdicts:
             verdicts["int8"]["not_judged"] = "accuracy drop not judged"  # the reason is the manifest's
-            out["int8_not_judged"] = next((n for n in (data.get("reason") or "").split("; ")
-                                           if n.startswith("int8 accuracy gate skipped")), "")
+            out["int8_not_judged"] = next(
+                (n for n in (data.get("reason") or "").split("; ") if n.startswith("int8 accuracy gate skipped")), ""
+            )
         out["verdicts"] = verdicts
         out["manifest_status"] = data.get("status")
     report = export / "report.json"
@@ -417,8 +479,15 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def run_model(row: dict, out: Path, timeout: float, precisions: list[str], extra: list[str],
-              first_size: int | None = None, worker: CheckpointWorker | None = None) -> dict:
+def run_model(
+    row: dict,
+    out: Path,
+    timeout: float,
+    precisions: list[str],
+    extra: list[str],
+    first_size: int | None = None,
+    worker: CheckpointWorker | None = None,
+) -> dict:
     key = row["key"]
     safe = key.replace(":", "_").replace("/", "_")
     work = out / "work" / safe
@@ -442,9 +511,23 @@ def run_model(row: dict, out: Path, timeout: float, precisions: list[str], extra
             status = classify(rc, stderr)
             if status == "pass":
                 attempt["params"] = json.loads(stdout.strip().splitlines()[-1])["params"]
-                cmd = [sys.executable, "-m", "pipeline", "run", "export", "--checkpoint", str(ckpt),
-                       "--set", f"student.arch={key}", "--set", f"data.image_size={size}",
-                       "--set", f"export.precisions=[{','.join(precisions)}]", "--out", str(work / "run")]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "pipeline",
+                    "run",
+                    "export",
+                    "--checkpoint",
+                    str(ckpt),
+                    "--set",
+                    f"student.arch={key}",
+                    "--set",
+                    f"data.image_size={size}",
+                    "--set",
+                    f"export.precisions=[{','.join(precisions)}]",
+                    "--out",
+                    str(work / "run"),
+                ]
                 for item in (*MATRIX_SETS, *extra):
                     cmd += ["--set", item]
                 rc, stdout, stderr, secs = run_child(cmd, deadline - time.monotonic(), log, worker.cpu)
@@ -494,9 +577,10 @@ def verdict_cell(result: dict, precision: str, precisions: list[str]) -> str:
     return f"pass ({'; '.join(notes)})" if notes else "pass"
 
 
-def write_doc(path: Path, results: dict, rows: list[dict], precisions: list[str], command: str,
-              started: str | None) -> None:
-    from pipeline.machine import describe_cpu
+def write_doc(
+    path: Path, results: dict, rows: list[dict], precisions: list[str], command: str, started: str | None
+) -> None:
+    from pipeline.artifacts.machine import describe_cpu
 
     measured = [results[r["key"]] for r in rows if r["key"] in results]
     missing = [r for r in rows if r["key"] not in results]
@@ -529,8 +613,11 @@ def write_doc(path: Path, results: dict, rows: list[dict], precisions: list[str]
         f"- measured: **{len(measured)} of {len(rows)} models** ({len(timm_measured)} of {len(timm_rows)} timm "
         "families, "
         f"{len(tv_measured)} of {len(tv_rows)} torchvision classifiers), {total_s / 60:.0f} min of subprocess time"
-        + (f"; the other {len(missing)} remain to be measured (rerun the command: it skips finished models)"
-           if missing else ""),
+        + (
+            f"; the other {len(missing)} remain to be measured (rerun the command: it skips finished models)"
+            if missing
+            else ""
+        ),
         "",
         "## Summary",
         "",
@@ -545,8 +632,12 @@ def write_doc(path: Path, results: dict, rows: list[dict], precisions: list[str]
         f"| traceback (a bug) | {count(timm_measured, 'traceback')} | {count(tv_measured, 'traceback')} |",
         "",
     ]
-    for status, title in (("gate", "A gate failing"), ("error", "Refused in one line"), ("timeout", "Timed out"),
-                          ("traceback", "Tracebacks (bugs)")):
+    for status, title in (
+        ("gate", "A gate failing"),
+        ("error", "Refused in one line"),
+        ("timeout", "Timed out"),
+        ("traceback", "Tracebacks (bugs)"),
+    ):
         items = sorted(by_status.get(status, []), key=lambda r: (r["lib"], r["family"], r["model"]))
         if not items:
             continue
@@ -577,8 +668,10 @@ def write_doc(path: Path, results: dict, rows: list[dict], precisions: list[str]
             first = r["attempts"][0]
             result += f" (at {first['size']} px: {first['status']}: {first.get('error', '')})"
         cells = [verdict_cell(r, p, precisions) for p in PRECISIONS]
-        cells = [c.replace("|", "\\|").replace("\n", " ") for c in
-                 (row["family"], f"`{row['model']}`", params, str(r["size"]), *cells, lat_cell, result)]
+        cells = [
+            c.replace("|", "\\|").replace("\n", " ")
+            for c in (row["family"], f"`{row['model']}`", params, str(r["size"]), *cells, lat_cell, result)
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
@@ -604,13 +697,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "model-matrix")
     parser.add_argument("--doc", type=Path, default=None, help="the Markdown matrix (default: <out>/model-matrix.md)")
     parser.add_argument("--limit", type=int, default=None, help="run at most N models (not counting finished ones)")
-    parser.add_argument("--only", default=None, help="comma-separated families (timm module names, "
-                        "torchvision.<module>) or model names")
-    parser.add_argument("--models", default=None, help="comma-separated timm:NAME / torchvision:NAME to run "
-                        "instead of the catalogue (no catalogue is built)")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated families (timm module names, torchvision.<module>) or model names"
+    )
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated timm:NAME / torchvision:NAME to run instead of the catalogue (no catalogue is built)",
+    )
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="first input size tried (px)")
-    parser.add_argument("--memory-gb", type=float, default=MEMORY_GB, help="address-space limit per child "
-                        "(0: none)")
+    parser.add_argument("--memory-gb", type=float, default=MEMORY_GB, help="address-space limit per child (0: none)")
     parser.add_argument("--jobs", type=int, default=1, help="models exported at once")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model, all attempts together")
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
@@ -662,8 +758,11 @@ def main(argv: list[str] | None = None) -> int:
                 results[row["key"]] = result
                 state["results"] = results
                 _write_json(results_path, state)
-                print(f"[matrix] {next(done)}/{len(todo)} {row['key']} ({row['family']}): {result['status']} "
-                      f"{result['error']} [{time.perf_counter() - tic:.0f}s]", flush=True)
+                print(
+                    f"[matrix] {next(done)}/{len(todo)} {row['key']} ({row['family']}): {result['status']} "
+                    f"{result['error']} [{time.perf_counter() - tic:.0f}s]",
+                    flush=True,
+                )
                 write_doc(doc, results, rows, precisions, command, state["started"])
 
         try:

@@ -39,12 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from method_rows import add_row_options, rows
 
+from pipeline.artifacts.machine import describe_cpu
+from pipeline.artifacts.store import RunStore
+from pipeline.cli.runner import run_stages
 from pipeline.config import load_config
 from pipeline.data import load_data
 from pipeline.distill import METHODS, method_names
-from pipeline.machine import describe_cpu
-from pipeline.runner import run_stages
-from pipeline.store import RunStore
 
 RECIPE_WARMUP_FRACTION = 20 / 240  # mdistiller's DKD/ReviewKD warm-up over the CIFAR recipe's epochs
 
@@ -146,7 +146,6 @@ def step_costs(args: argparse.Namespace, cfg, which: list[tuple[str, str, dict]]
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(times, indent=1))
     return times
-
 
 
 def with_scaled_warmup(method: str, options: dict, epochs: int, fraction: float) -> dict:

@@ -28,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.checkpoint import ModelMeta, load_state_dict_file, load_strict, save_checkpoint
+from pipeline.artifacts.checkpoint import ModelMeta, load_state_dict_file, load_strict, save_checkpoint
+from pipeline.artifacts.hashing import sha256_json
 from pipeline.config import Config, load_config
 from pipeline.data import load_data
 from pipeline.distill import build_distiller
-from pipeline.hashing import sha256_json
 from pipeline.models import build_model
 from pipeline.training import NonFiniteLossError, evaluate, fit, make_loader
 

@@ -22,7 +22,7 @@ from exports.calibration import activation_ranges
 from exports.deps import require
 from exports.metadata import INPUT_NAME, DeployMeta
 from exports.onnx_export import check_onnx, write_metadata
-from pipeline.atomic import atomic_write
+from pipeline.artifacts.atomic import atomic_write
 
 FP16_MAX = 65504.0
 FP16_TINY = 2.0**-14  # fp16's smallest normal value; below it precision drops, below 2**-24 values become 0

@@ -39,9 +39,9 @@ from exports.deps import require
 from exports.errors import MissingDependencyError
 from exports.metadata import INPUT_NAME, DeployMeta
 from exports.onnx_export import check_onnx, write_metadata
-from pipeline.atomic import atomic_write_text
+from pipeline.artifacts.atomic import atomic_write_text
+from pipeline.artifacts.hashing import sha256_bytes, sha256_file, sha256_json
 from pipeline.errors import UnsupportedModelError, one_line
-from pipeline.hashing import sha256_bytes, sha256_file, sha256_json
 from pipeline.registry import Registry
 
 TENSORRT_OPS = ("Conv", "Gemm", "MatMul", "Add")

@@ -19,7 +19,7 @@ from exports.calibration import activation_ranges
 from exports.fp16 import FP16_MAX, FP16_TINY, fp16_model, overflow_nodes
 from exports.int8 import INT8_TARGETS, CalibrationCache, copy_ranges, quantize_int8, tensorrt_qdq_problems
 from exports.metadata import INPUT_NAME, OUTPUT_NAME, DeployMeta
-from pipeline.checks import TOLERANCES, Check, GateResult
+from pipeline.artifacts.checks import TOLERANCES, Check, GateResult
 from pipeline.compare import diff_stats, near_chance, tie_detail, tie_figures, top1_accuracy
 from pipeline.precision_order import REFERENCE_PRECISION
 from pipeline.registry import Registry

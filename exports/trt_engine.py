@@ -23,9 +23,9 @@ import numpy as np
 from exports.deps import is_installed, require
 from exports.metadata import INPUT_NAME, OUTPUT_NAME, DeployMeta
 from exports.runners import BaseRunner
-from pipeline.atomic import atomic_write_bytes
+from pipeline.artifacts.atomic import atomic_write_bytes
+from pipeline.artifacts.hashing import sha256_bytes, sha256_file
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.hashing import sha256_bytes, sha256_file
 
 SIDECAR_SCHEMA = 1
 

@@ -97,7 +97,7 @@ class StudentConfig:
 
 @dataclass
 class TrainingConfig:
-    """How the training stages run: scale-out, speed, resume and logging (see README "Training at scale").
+    """How the training stages run: scale-out, speed, resume and logging (see docs/training.md).
 
     Only ``amp``, ``sync_bn`` and ``device_data`` (other augmentation draws) change the trained weights
     beyond float noise, so only they enter the stage fingerprints; the rest (like the device and the number

@@ -3,7 +3,7 @@
 One definition each: the producing stage declares it on ``Stage.outputs`` and every consumer names it from
 here, so no stage imports another and the report reads a run folder without loading torch. Standard
 library only, so ``exports/`` may use it too. Names that belong to one format stay with it (the ONNX files
-in ``exports/precisions.py``, the golden I/O in ``exports/``, ``manifest.json`` in ``pipeline/manifest.py``).
+in ``exports/precisions.py``, the golden I/O in ``exports/``, ``manifest.json`` in ``pipeline/artifacts/manifest.py``).
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 A stage declares what it reads (upstream stages and user-supplied files), what it writes, the parameters
 that affect its result, and its checks; it writes only into the folder it is given. The runner
-(:mod:`pipeline.runner`) alone hashes, skips and writes manifests.
+(:mod:`pipeline.cli.runner`) alone hashes, skips and writes manifests.
 
 This package imports no stage module by name: :func:`load_stages` imports every module in it (each
 registers its stage), and the run order is the topological order of the stages' ``requires()``. A stage's
-code fingerprint covers the modules it imports (:mod:`pipeline.code_version`), and this file is one of
+code fingerprint covers the modules it imports (:mod:`pipeline.artifacts.code_version`), and this file is one of
 them, so listing the stages here would tie every stage's fingerprint to every other stage's code.
 """
 
@@ -22,9 +22,11 @@ __all__ = ["STAGES", "Stage", "StageContext", "StageResult", "get_stage", "load_
 
 
 def load_stages() -> list[str]:
-    """Import every module of this package, which registers its stages; the registered names."""
+    """Import every module of this package, which registers its stages; the registered names. Subpackages
+    (``stages.support``) hold helpers, not stages, and are left to the stages that import them."""
     for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+        if not module.ispkg:
+            importlib.import_module(f"{__name__}.{module.name}")
     return STAGES.names()
 
 

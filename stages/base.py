@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pipeline.checks import Check
+from pipeline.artifacts.checks import Check
+from pipeline.artifacts.manifest import Artifact
+from pipeline.artifacts.store import RunStore, StageArtifacts
 from pipeline.config import Config
-from pipeline.manifest import Artifact
 from pipeline.registry import Registry
-from pipeline.store import RunStore, StageArtifacts
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Stage:
     # The files every successful run of the stage writes (others may come with some settings); consumers
     # name them through the constants in pipeline.stage_files, never by importing the producing stage.
     outputs: ClassVar[tuple[str, ...]] = ()
-    # Part of the stage's code version (pipeline.code_version): bump it when the stage's results change for a
+    # Part of the stage's code version (pipeline.artifacts.code_version): bump it when the stage's results change for a
     # reason its sources' hashes cannot see, e.g. a data file it reads or a dependency whose behaviour changed.
     version: ClassVar[int] = 1
     # Under torchrun: True runs the stage on every rank (it trains with DDP; rank 0 alone commits its

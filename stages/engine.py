@@ -23,14 +23,14 @@ from exports.precisions import PRECISIONS, Precision
 from exports.runners import infer_array
 from exports.trt_commands import GOLDEN_INPUTS, engine_name
 from exports.trt_engine import TrtRunner, build_engine, current_platform, sidecar_path, unavailable_reason, write_engine
-from pipeline.checks import Check, GateResult
+from pipeline.artifacts.checks import Check, GateResult
 from pipeline.compare import diff_stats, near_chance, tie_figures, top1_accuracy
 from pipeline.config import Config
-from pipeline.deployment import engine_profile, eval_batches, label_mismatch, read_report
 from pipeline.errors import ConfigError
 from pipeline.stage_files import REPORT
-from pipeline.stagekit import data_params, write_json
 from stages.base import Stage, StageContext, StageResult, register_stage
+from stages.support.deployment import engine_profile, eval_batches, label_mismatch, read_report
+from stages.support.kit import data_params, write_json
 
 
 def cuda_index(device: str) -> int | None:

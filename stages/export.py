@@ -32,21 +32,21 @@ from exports.onnx_export import export_onnx, exporter_name
 from exports.precisions import PRECISIONS, Conversion
 from exports.runners import OnnxrtRunner, infer_array
 from exports.trt_commands import GOLDEN_INPUTS, GOLDEN_OUTPUTS, EngineTarget, build_script
-from pipeline.checkpoint import ModelMeta
-from pipeline.checks import TOLERANCES, Check, GateResult
+from pipeline.artifacts.checkpoint import ModelMeta
+from pipeline.artifacts.checks import TOLERANCES, Check, GateResult
+from pipeline.artifacts.hashing import sha256_file
 from pipeline.compare import CHANCE_MARGIN_PT, allclose_fraction, diff_stats, near_chance, tie_detail, top1_accuracy
 from pipeline.config import Config
 from pipeline.data.transforms import eval_preprocess_spec
-from pipeline.deployment import ONNX_FILES, deploy_transform, engine_profile, eval_batches, label_mismatch
 from pipeline.errors import ConfigError, library_errors
-from pipeline.hashing import sha256_file
-from pipeline.loading import foreign_meta, load_any_model
+from pipeline.models.loading import foreign_meta, load_any_model
 from pipeline.precision_order import PRECISION_ORDER, REFERENCE_PRECISION
 from pipeline.progress import progress_bar
 from pipeline.reparam import fuse_model
 from pipeline.stage_files import FUSED_CHECKPOINT, REPORT
-from pipeline.stagekit import batched_logits, bundle, data_params, write_json
 from stages.base import Stage, StageContext, StageResult, register_stage
+from stages.support.deployment import ONNX_FILES, deploy_transform, engine_profile, eval_batches, label_mismatch
+from stages.support.kit import batched_logits, bundle, data_params, write_json
 
 BUILD_SCRIPT = "build_engine.sh"
 ORT_BATCH = 256  # samples per ONNX Runtime call in the checks

@@ -12,12 +12,12 @@ import dataclasses
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.checkpoint import ModelMeta, save_checkpoint
-from pipeline.checks import Check
+from pipeline.artifacts.checkpoint import ModelMeta, save_checkpoint
+from pipeline.artifacts.checks import Check
 from pipeline.config import Config
 from pipeline.errors import library_errors
-from pipeline.loading import build_for_meta, load_model
 from pipeline.models import count_parameters
+from pipeline.models.loading import build_for_meta, load_model
 from pipeline.reparam import fuse_model
 from pipeline.reparam.multibranch import block_fusion_errors
 from pipeline.stage_files import FUSED_CHECKPOINT, STUDENT_CHECKPOINT

@@ -6,18 +6,18 @@ import dataclasses
 
 import torch
 
-from pipeline.checkpoint import ModelMeta, save_checkpoint
+from pipeline.artifacts.checkpoint import ModelMeta, save_checkpoint
 from pipeline.config import Config
 from pipeline.data import DataBundle
 from pipeline.distill.vanilla import Vanilla
 from pipeline.errors import ConfigError
-from pipeline.loading import load_foreign_weights
 from pipeline.models import build_model, list_models, model_info
+from pipeline.models.loading import load_foreign_weights
 from pipeline.stage_files import HISTORY, TEACHER_CHECKPOINT
-from pipeline.stagekit import bundle, data_params, training_params, write_json
 from pipeline.training import check_optim, evaluate, fit, make_loader
 from pipeline.training.speed import describe as describe_speed
 from stages.base import Stage, StageContext, StageResult, register_stage
+from stages.support.kit import bundle, data_params, training_params, write_json
 
 CHECKPOINT = TEACHER_CHECKPOINT
 SOURCES = ("auto", "import", "train")

@@ -7,18 +7,18 @@ import dataclasses
 import torch
 from torch import nn
 
-from pipeline.checkpoint import ModelMeta, save_checkpoint
+from pipeline.artifacts.checkpoint import ModelMeta, save_checkpoint
 from pipeline.config import Config
 from pipeline.data import WithIndices
 from pipeline.distill.catalog import build_distiller, resolve_method_args
 from pipeline.errors import CheckpointError
-from pipeline.loading import load_model
 from pipeline.models import build_model, count_parameters
+from pipeline.models.loading import load_model
 from pipeline.stage_files import HISTORY, STUDENT_CHECKPOINT, TEACHER_CHECKPOINT
-from pipeline.stagekit import bundle, data_params, training_params, write_json
 from pipeline.training import History, check_optim, evaluate, fit, make_loader
 from pipeline.training.speed import describe as describe_speed
 from stages.base import Stage, StageContext, StageResult, register_stage
+from stages.support.kit import bundle, data_params, training_params, write_json
 
 CHECKPOINT = STUDENT_CHECKPOINT
 

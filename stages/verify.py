@@ -10,14 +10,14 @@ import contextlib
 
 import torch
 
-from pipeline.checks import Check
+from pipeline.artifacts.checks import Check
 from pipeline.compare import abs_diff_histogram, diff_stats, tie_detail, top1_accuracy
 from pipeline.config import Config
 from pipeline.errors import ConfigError
-from pipeline.loading import load_model
+from pipeline.models.loading import load_model
 from pipeline.stage_files import FUSED_CHECKPOINT, REPORT, STUDENT_CHECKPOINT
-from pipeline.stagekit import batched_logits, bundle, write_json
 from stages.base import Stage, StageContext, StageResult, register_stage
+from stages.support.kit import batched_logits, bundle, write_json
 
 
 @contextlib.contextmanager

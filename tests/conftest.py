@@ -14,7 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 def pytest_report_header(config) -> str:
     """Which kernels this run's figures come from: trained results differ in the last bits by processor."""
-    from pipeline.machine import describe_cpu
+    from pipeline.artifacts.machine import describe_cpu
 
     return f"cpu: {describe_cpu(torch.get_num_threads())}; torch {torch.__version__}"
 

@@ -39,8 +39,8 @@ def plainnet(num_classes: int) -> PlainNet:
 
 
 def main(argv: list[str]) -> None:
+    from pipeline.cli.runner import run_stages
     from pipeline.config import load_config
-    from pipeline.runner import run_stages
 
     out, overrides = argv[0], argv[1:]
     cfg = load_config("default", None, overrides)

@@ -1,12 +1,12 @@
-"""The one atomic file write (pipeline.atomic): readers see the old file or the new one, never a part."""
+"""The one atomic file write (pipeline.artifacts.atomic): readers see the old file or the new one, never a part."""
 
 import ast
 from pathlib import Path
 
 import pytest
 
-from pipeline.atomic import atomic_write, atomic_write_bytes, atomic_write_text
-from pipeline.code_version import PROJECT_PACKAGES
+from pipeline.artifacts.atomic import atomic_write, atomic_write_bytes, atomic_write_text
+from pipeline.artifacts.code_version import PROJECT_PACKAGES
 
 
 def test_writes_and_replaces(tmp_path):
@@ -35,7 +35,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 # --- the one way: no other module moves a file into place -------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDER_SWAP = "pipeline/store.py"  # renames whole stage folders into place (staging -> committed), not files
+FOLDER_SWAP = "pipeline/artifacts/store.py"  # renames whole stage folders into place (staging -> committed), not files
 
 
 def _moves(source: Path) -> list[int]:
@@ -60,5 +60,5 @@ def test_only_pipeline_atomic_moves_a_file_into_place():
         for path in sorted((ROOT / package).rglob("*.py"))
         if (lines := _moves(path))
     }
-    assert moves.pop("pipeline/atomic.py") and moves.pop(FOLDER_SWAP)  # the rule sees both
-    assert not moves, f"write these through pipeline.atomic: {moves}"
+    assert moves.pop("pipeline/artifacts/atomic.py") and moves.pop(FOLDER_SWAP)  # the rule sees both
+    assert not moves, f"write these through pipeline.artifacts.atomic: {moves}"

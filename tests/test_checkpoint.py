@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.checkpoint import (
+from pipeline.artifacts.checkpoint import (
     ModelMeta,
     load_checkpoint,
     load_state_dict_file,

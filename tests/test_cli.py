@@ -114,8 +114,8 @@ def test_unusable_numbers_are_refused_before_any_stage(setting, message, tmp_pat
 
 def test_inspect_lists_stages_in_pipeline_order(tmp_path, capsys):
     """A run reads top to bottom: teacher first, engine last, in the text and in the JSON."""
-    from pipeline.manifest import Manifest
-    from pipeline.store import RunStore
+    from pipeline.artifacts.manifest import Manifest
+    from pipeline.artifacts.store import RunStore
     from stages import stage_order
 
     store = RunStore(tmp_path)

@@ -1,4 +1,5 @@
-"""Per-stage code fingerprints: a stage goes stale only when code it imports changes (pipeline.code_version)."""
+"""Per-stage code fingerprints: a stage goes stale only when code it imports changes
+(pipeline.artifacts.code_version)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.code_version import changed_files, code_digest, import_closure, source_hashes, stage_code_version
+from pipeline.artifacts.code_version import (
+    changed_files,
+    code_digest,
+    import_closure,
+    source_hashes,
+    stage_code_version,
+)
 from stages import get_stage, stage_order
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -106,8 +113,8 @@ def _edit_code(path: Path) -> None:
 
 
 def test_a_method_edit_reaches_train_and_its_consumers_never_teacher(tmp_path, monkeypatch):
-    from pipeline import runner
-    from pipeline.manifest import Manifest
+    from pipeline.artifacts.manifest import Manifest
+    from pipeline.cli import runner
 
     project = _copy_project(tmp_path)
     modules = {name: type(get_stage(name)).__module__ for name in stage_order()}
@@ -175,7 +182,7 @@ def test_each_stage_covers_only_the_code_it_imports():
     for name, files in closures.items():
         assert modules[name] in files
         assert not files & (set(modules.values()) - {modules[name]}), f"{name} imports another stage"
-        assert not files & {"pipeline/runner.py", "pipeline/cli.py", "pipeline/__main__.py"}, name
+        assert not files & {"pipeline/cli/runner.py", "pipeline/cli/__init__.py", "pipeline/__main__.py"}, name
 
 
 def _run(project: Path, *args: str) -> subprocess.CompletedProcess:

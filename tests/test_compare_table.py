@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.manifest import Manifest
+from pipeline.artifacts.manifest import Manifest
+from pipeline.artifacts.store import RunStore, describe_file
 from pipeline.report import write_report
 from pipeline.report.table import Stat, build_comparison, published, render
-from pipeline.store import RunStore, describe_file
 
 DATA = {"dataset": "cifar100"}
 

@@ -283,7 +283,7 @@ def test_cifar_train_transform_is_a_padded_crop_with_flip():
 
 def test_loader_settings_stay_out_of_fingerprints():
     from pipeline.config import load_config
-    from pipeline.stagekit import data_params
+    from stages.support.kit import data_params
 
     base = data_params(load_config("default"))
     tuned = data_params(load_config("default", None, ["data.workers=3", "data.prefetch_factor=8"]))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.store import RunStore
+from pipeline.artifacts.store import RunStore
 
 pytestmark = pytest.mark.xdist_group("subprocess")
 

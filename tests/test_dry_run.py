@@ -5,8 +5,8 @@ from __future__ import annotations
 import yaml
 
 from pipeline.cli import run_cli
+from pipeline.cli.runner import UP_TO_DATE
 from pipeline.config import load_config
-from pipeline.runner import UP_TO_DATE
 from stages import stage_order
 from tests.conftest import TINY
 
@@ -121,7 +121,7 @@ def test_dry_run_names_where_each_value_came_from(tmp_path, capsys):
 
 
 def test_a_changed_setting_is_named_even_when_added_or_dropped():
-    from pipeline.runner import _changes
+    from pipeline.cli.runner import _changes
 
     old, new = {"optim": {"lr": 0.1, "warmup": 1}, "seed": 0}, {"optim": {"lr": 0.2, "nesterov": True}, "seed": 0}
     assert _changes(old, new) == [

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from pipeline.artifacts.store import RunStore
 from pipeline.cli import run_cli
-from pipeline.store import RunStore
 from stages import stage_order
 
 pytestmark = [pytest.mark.xdist_group("e2e"), pytest.mark.slow, pytest.mark.accuracy]  # one shared run of every stage

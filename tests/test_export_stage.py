@@ -17,11 +17,11 @@ from exports.golden import load_inputs, load_outputs
 from exports.metadata import DeployMeta
 from exports.onnx_export import read_metadata
 from exports.runners import run_onnx
-from pipeline.checkpoint import ModelMeta, save_checkpoint
+from pipeline.artifacts.checkpoint import ModelMeta, save_checkpoint
+from pipeline.artifacts.store import RunStore
 from pipeline.cli import run_cli
 from pipeline.models import build_model
 from pipeline.reparam import fuse_model
-from pipeline.store import RunStore
 
 pytestmark = [pytest.mark.xdist_group("export-stage"), pytest.mark.accuracy]  # gates on a trained student
 

@@ -93,8 +93,8 @@ def test_a_registered_model_builds_with_its_info(own_code):
 
 
 def test_method_options_are_refused_before_any_stage(own_code, tmp_path):
+    from pipeline.cli.runner import run_stages
     from pipeline.config import load_config
-    from pipeline.runner import run_stages
 
     model = ["teacher.arch=mynet", "student.arch=mynet", "student.method=feature_l2"]
     with pytest.raises(ConfigError, match=r"option feat_weight must be in \[0, 1e\+06\], got -1"):
@@ -108,8 +108,8 @@ def test_method_options_are_refused_before_any_stage(own_code, tmp_path):
 def test_your_own_method_and_model_run_every_stage_and_rerun_when_forced(own_code, tmp_path, monkeypatch):
     """``my_run.py`` as the page gives it, at tiny size (``load_config`` starts from :data:`SMALL`)."""
     from pipeline import config
-    from pipeline.checkpoint import load_checkpoint
-    from pipeline.runner import run_stages
+    from pipeline.artifacts.checkpoint import load_checkpoint
+    from pipeline.cli.runner import run_stages
 
     real = config.load_config
     monkeypatch.setattr(config, "load_config", lambda preset, file, sets: real(preset, file, [*SMALL, *sets]))
@@ -140,8 +140,8 @@ def test_your_own_method_and_model_run_every_stage_and_rerun_when_forced(own_cod
 
 
 def test_a_stage_is_ordered_by_what_it_requires_but_runs_only_from_stages(registries):
+    from pipeline.cli.runner import stage_code
     from pipeline.config import Config
-    from pipeline.runner import stage_code
     from stages import get_stage, stage_order
 
     as_module("sparsity_example", "stages/sparsity.py")

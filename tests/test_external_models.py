@@ -13,17 +13,17 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.checkpoint import load_state_dict_file
+from pipeline.artifacts.checkpoint import load_state_dict_file
 from pipeline.cli import run_cli
+from pipeline.cli.runner import validate
 from pipeline.config import load_config
 from pipeline.distill import build_distiller
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.hooks import FeatureTaps
-from pipeline.loading import load_foreign_weights
 from pipeline.models import build_model, check_model_name, count_parameters
+from pipeline.models.hooks import FeatureTaps
+from pipeline.models.loading import load_foreign_weights
 from pipeline.reparam import fuse_model
 from pipeline.reparam.multibranch import MultiBranchConvBN, multibranch_blocks
-from pipeline.runner import validate
 
 pytestmark = pytest.mark.accuracy  # verdicts on trained or converted models (CI reruns these under AVX2)
 
@@ -303,7 +303,7 @@ def _export_only(tmp_path, extra: list[str]) -> int:
 @pytest.mark.slow
 def test_export_only_on_a_timm_train_script_checkpoint(tmp_path):
     assert _export_only(tmp_path, ["export.precisions=[fp32]", "export.parity_samples=8"]) == 0
-    from pipeline.manifest import Manifest
+    from pipeline.artifacts.manifest import Manifest
 
     manifest = Manifest.read(tmp_path / "run" / "export")
     assert manifest.status == "ok" and all(manifest.checks)
@@ -359,7 +359,7 @@ def test_run_all_distills_timm_resnet50_into_mobilenetv3_with_kdiffusion(tmp_pat
         "export.calibration_samples=64",
     ]
     assert run_cli(["run", "all", "--out", str(tmp_path), *[x for o in overrides for x in ("--set", o)]]) == 0
-    from pipeline.manifest import Manifest
+    from pipeline.artifacts.manifest import Manifest
 
     fuse = Manifest.read(tmp_path / "fuse")
     assert fuse.metrics["fused_blocks"] == 3 and all(fuse.checks)

@@ -215,8 +215,8 @@ def test_fmnist_presets_name_their_pair():
 def test_real_images_through_export_pass_every_gate(tmp_path):
     """A few hundred real images, three epochs each for teacher and student, through fuse, verify and export
     (fp32, fp16, INT8 gates on 2,000 real test images): every check passes, accuracy is well above chance."""
+    from pipeline.artifacts.store import RunStore
     from pipeline.cli import run_cli
-    from pipeline.store import RunStore
 
     sets = [
         "data.train_subset=640",

@@ -76,9 +76,41 @@ KEYS = _config_keys()
 METHOD_OPTIONS = ["temperature", "ce_weight", "kd_weight", "nce_k", "m", "mixed_kernels", "schedule", "bogus"]
 VALUES = st.one_of(
     st.sampled_from(
-        ["null", "", "~", ".inf", "-.inf", ".nan", "0", "-1", "1", "2", "1e999", "1.0e999", "7" * 5000, "true",
-         "maybe", "[]", "{}", "[1, 2]", "{a: 1}", "{1: 2}", "abc", "/abs/path", "../up", "'  '", "cpu", "meta",
-         "&a [*a]", "!!python/object:os.system x", "[[[[[[]]]]]]", "kd", "crd", "kdiffusion", "synthetic"]
+        [
+            "null",
+            "",
+            "~",
+            ".inf",
+            "-.inf",
+            ".nan",
+            "0",
+            "-1",
+            "1",
+            "2",
+            "1e999",
+            "1.0e999",
+            "7" * 5000,
+            "true",
+            "maybe",
+            "[]",
+            "{}",
+            "[1, 2]",
+            "{a: 1}",
+            "{1: 2}",
+            "abc",
+            "/abs/path",
+            "../up",
+            "'  '",
+            "cpu",
+            "meta",
+            "&a [*a]",
+            "!!python/object:os.system x",
+            "[[[[[[]]]]]]",
+            "kd",
+            "crd",
+            "kdiffusion",
+            "synthetic",
+        ]
     ),
     st.integers(min_value=-(2**70), max_value=2**70).map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
@@ -171,16 +203,26 @@ def test_fuzz_command_lines(stages, options, sets, out, started, capsys):
 
 YAML_DATA = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=6), st.integers()), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.one_of(st.sampled_from(KEYS), st.text(max_size=6), st.integers()), children, max_size=3)
+    ),
     max_leaves=12,
 )
 CONFIG_TEXT = st.one_of(
     YAML_DATA.map(lambda data: json.dumps(data, default=str).encode()),
     st.binary(max_size=64),
     st.sampled_from(
-        [b"a: &a [1, 2]\nb: [*a, *a, *a]\n", b"seed: 1\n" * 3, b"\xff\xfe\x00", b"name: /etc\n", b"teacher: null\n",
-         b"data:\n  root: ''\n", b"student: {method_args: {temperature: .nan}}\n", b"!!binary AAAA"]
+        [
+            b"a: &a [1, 2]\nb: [*a, *a, *a]\n",
+            b"seed: 1\n" * 3,
+            b"\xff\xfe\x00",
+            b"name: /etc\n",
+            b"teacher: null\n",
+            b"data:\n  root: ''\n",
+            b"student: {method_args: {temperature: .nan}}\n",
+            b"!!binary AAAA",
+        ]
     ),
 )
 
@@ -217,9 +259,14 @@ def _stub(stage, ctx) -> StageResult:
 
 
 JSON_VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=8),
     st.sampled_from(["/etc/passwd", "../../../../etc/passwd", "0" * 64, "ok", "failed"]),
-    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
 )
 
 

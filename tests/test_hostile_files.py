@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline.checkpoint import read_meta
+from pipeline.artifacts.checkpoint import read_meta
 from pipeline.cli import run_cli
 from pipeline.errors import CheckpointError
 

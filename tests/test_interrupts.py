@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.artifacts.store import RunStore
 from pipeline.cli import main, run_cli
-from pipeline.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -72,9 +72,9 @@ def test_distilled_student_fuses_to_the_vanilla_student(arch):
 @pytest.mark.slow
 @pytest.mark.accuracy
 def test_pipeline_trains_fuses_and_verifies_a_kdiffusion_student(tmp_path, tiny_overrides):
+    from pipeline.artifacts.store import RunStore
+    from pipeline.cli.runner import run_stages
     from pipeline.config import load_config
-    from pipeline.runner import run_stages
-    from pipeline.store import RunStore
 
     overrides = [*tiny_overrides, "student.method=kdiffusion", "student.method_args={m: 2, warmup_epochs: 0.5}"]
     cfg = load_config("default", None, overrides)

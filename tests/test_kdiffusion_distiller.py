@@ -5,11 +5,11 @@ import inspect
 import pytest
 import torch
 
-from pipeline.checkpoint import ModelMeta
+from pipeline.artifacts.checkpoint import ModelMeta
 from pipeline.distill import METHODS, build_distiller, method_names
 from pipeline.errors import ConfigError
-from pipeline.loading import build_for_meta
 from pipeline.models import build_model
+from pipeline.models.loading import build_for_meta
 from pipeline.reparam.multibranch import multibranch_blocks
 
 CLASSES = 4
@@ -208,7 +208,7 @@ def _tapped_run(d, x, y, taps):
     The teacher is tapped in a pass of its own: the guided term runs the teacher head again on the student's
     prediction, and a hook on it would report that second call.
     """
-    from pipeline.hooks import FeatureTaps
+    from pipeline.models.hooks import FeatureTaps
 
     with FeatureTaps(d.student, taps) as student:
         _, losses = d(x, y)

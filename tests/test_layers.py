@@ -1,8 +1,12 @@
-"""The import rules of the layers (design §4, §7), read from the sources with ast (pipeline.code_version).
+"""The import rules of the layers (design §4, §7), read from the sources with ast (artifacts.code_version).
 
-Dependencies point one way: library <- stages <- runner/CLI. The library is ``pipeline/`` except its top
-layer, the modules that order stages and parse the command line (``pipeline/runner.py``, ``pipeline/cli.py``,
-``pipeline/__main__.py``): design §4 puts them on top, and ``python -m pipeline`` needs ``__main__`` there.
+A module's layer is its folder; dependencies point one way, foundation <- library <- stages <- top:
+
+- foundation: the modules at the root of ``pipeline/`` (errors, config, registry, ...) and ``pipeline/artifacts/``;
+- library: the rest of ``pipeline/`` (models, data, distill, reparam, training, experiments, report);
+- stages: ``stages/`` (the contract in ``stages/base.py``, helpers shared by stages in ``stages/support/``);
+- exports: ``exports/``, which the stages use and which itself needs only foundation leaves;
+- top: ``pipeline/cli/`` (the command line and the runner that orders stages) and ``pipeline/__main__.py``.
 """
 
 from __future__ import annotations
@@ -12,19 +16,64 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.code_version import PROJECT_PACKAGES, import_closure, project_imports, project_modules
+from pipeline.artifacts.code_version import PROJECT_PACKAGES, import_closure, project_imports, project_modules
 
-TOP_LAYER = {"pipeline.runner", "pipeline.cli", "pipeline.__main__"}
-STAGE_SUPPORT = {"stages", "stages.base"}  # the stage contract and discovery; not stages themselves
 MODULES = project_modules()
-LIBRARY = [m for m in MODULES if m.split(".")[0] == "pipeline" and m not in TOP_LAYER]
-STAGES = [m for m in MODULES if m.split(".")[0] == "stages" and m not in STAGE_SUPPORT]
-EXPORTS = [m for m in MODULES if m.split(".")[0] == "exports"]
+PACKAGES = {m.rpartition(".")[0] for m in MODULES}
+
+
+def layer(module: str) -> str:
+    """The layer of ``module``, read from its folder alone."""
+    parts = module.split(".")
+    if parts[0] in ("stages", "exports"):
+        if parts[0] == "stages" and (len(parts) == 1 or parts[1] in ("base", "support")):
+            return "stage support"
+        return parts[0]
+    if len(parts) > 1 and parts[1] in ("cli", "__main__"):
+        return "top"
+    if len(parts) == 1 or parts[1] == "artifacts" or (len(parts) == 2 and module not in PACKAGES):
+        return "foundation"
+    return "library"
+
+
+TOP_LAYER = {m for m in MODULES if layer(m) == "top"}
+STAGE_SUPPORT = {m for m in MODULES if layer(m) == "stage support"}
+LIBRARY = [m for m in MODULES if layer(m) in ("foundation", "library")]
+STAGES = [m for m in MODULES if layer(m) == "stages"]
+EXPORTS = [m for m in MODULES if layer(m) == "exports"]
 
 
 def _is_leaf(module: str) -> bool:
-    """A library leaf: a top-level ``pipeline`` module whose whole import closure is top-level library modules."""
-    return module.count(".") == 1 and all(m == "pipeline" or m.count(".") == 1 for m in import_closure(module))
+    """A foundation leaf: a foundation module whose whole import closure is foundation modules."""
+    return all(layer(m) == "foundation" for m in import_closure(module))
+
+
+def test_layers_are_folders():
+    assert layer("pipeline.errors") == layer("pipeline.artifacts.store") == "foundation"
+    assert layer("pipeline.models.loading") == layer("pipeline.distill.catalog") == "library"
+    assert layer("pipeline.cli") == layer("pipeline.cli.runner") == layer("pipeline.__main__") == "top"
+    assert layer("stages.support.kit") == layer("stages.base") == "stage support"
+    assert layer("stages.train") == "stages" and layer("exports.int8") == "exports"
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_command_line_module_is_in_the_top_layer(module):
+    import pipeline.artifacts.code_version as cv
+
+    path = cv._module_files(None)[module]
+    tree = ast.parse(path.read_text())
+    uses_click = any(
+        (isinstance(n, ast.Import) and any(a.name.split(".")[0] == "click" for a in n.names))
+        or (isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "click")
+        for n in ast.walk(tree)
+    )
+    assert not uses_click or layer(module) == "top", f"{module} parses a command line outside pipeline/cli/"
+
+
+@pytest.mark.parametrize("module", LIBRARY)
+def test_library_never_imports_exports(module):
+    bad = {m for m in project_imports(module) if m.split(".")[0] == "exports"}
+    assert not bad, f"{module} imports {sorted(bad)}: the library must not depend on the exporters"
 
 
 @pytest.mark.parametrize("module", LIBRARY)
@@ -36,9 +85,7 @@ def test_library_never_imports_stages_or_the_top_layer(module):
 @pytest.mark.parametrize("module", STAGES)
 def test_no_stage_imports_another_stage_or_the_top_layer(module):
     bad = {
-        m
-        for m in project_imports(module)
-        if (m.split(".")[0] == "stages" and m not in STAGE_SUPPORT) or m in TOP_LAYER
+        m for m in project_imports(module) if (m.split(".")[0] == "stages" and m not in STAGE_SUPPORT) or m in TOP_LAYER
     }
     assert not bad, f"{module} imports {sorted(bad)}"
 
@@ -101,8 +148,8 @@ def test_every_stage_declares_its_outputs_and_consumers_use_library_names():
 
 
 def test_a_stage_that_misses_a_declared_output_commits_nothing(tmp_path, monkeypatch, tiny_cfg):
-    from pipeline import runner
-    from pipeline.store import RunStore
+    from pipeline.artifacts.store import RunStore
+    from pipeline.cli import runner
     from stages.base import Stage, StageResult
 
     class Forgetful(Stage):

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from pipeline import machine
-from pipeline.manifest import environment
+from pipeline.artifacts import machine
+from pipeline.artifacts.manifest import environment
 
 
 def test_manifests_record_the_processor_and_its_kernel_path():
@@ -20,7 +20,7 @@ def test_manifests_record_the_processor_and_its_kernel_path():
 
 def test_a_forced_kernel_path_is_recorded_and_used():
     code = (
-        "import torch, json; from pipeline.machine import cpu_record, describe_cpu; "
+        "import torch, json; from pipeline.artifacts.machine import cpu_record, describe_cpu; "
         "print(json.dumps(cpu_record())); print(describe_cpu(3))"
     )
     env = {"ATEN_CPU_CAPABILITY": "default", "PATH": "/usr/bin:/bin"}

@@ -165,9 +165,9 @@ def test_distillation_loss_is_zero_when_the_student_is_the_teacher(name, teacher
 @pytest.mark.accuracy
 def test_exported_students_have_exactly_the_vanilla_parameters(tmp_path, tiny_cfg):
     """train + fuse through the runner for every method; both artifacts match the vanilla student's."""
-    from pipeline.checkpoint import read_meta
+    from pipeline.artifacts.checkpoint import read_meta
+    from pipeline.cli.runner import run_stages
     from pipeline.config import load_config
-    from pipeline.runner import run_stages
     from tests.conftest import TINY
 
     extra = ["data.synthetic.train_size=64", "data.synthetic.test_size=32", "data.val_fraction=0.0"]

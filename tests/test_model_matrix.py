@@ -59,8 +59,10 @@ def test_smallest_variant_choice():
     assert mm.smallest({"broken": None}) is None  # nothing the meta device could build
     import timm
 
-    counts = {n: mm.count_parameters(lambda n=n: timm.create_model(n, num_classes=20)) for n in
-              ("resnet50", "resnet18", "resnet10t")}
+    counts = {
+        n: mm.count_parameters(lambda n=n: timm.create_model(n, num_classes=20))
+        for n in ("resnet50", "resnet18", "resnet10t")
+    }
     assert mm.smallest(counts) == "resnet10t"
     real = sum(p.numel() for p in timm.create_model("resnet10t", num_classes=20).parameters())
     assert counts["resnet10t"] == real  # counted on the meta device, the same as built
@@ -109,8 +111,17 @@ def test_each_child_runs_on_one_cpu_with_one_thread(tmp_path, monkeypatch):
     with open(tmp_path / "log", "w") as log:
         rc, out, _, _ = mm.run_child([sys.executable, "-c", probe], 60, log, cpu)
     assert rc == 0 and out.split() == [f"[{cpu}]", "1"]
-    assert all(item.split("=")[0] in {"data.synthetic.train_size", "data.synthetic.test_size", "export.eval_samples",
-                                      "export.calibration_samples", "export.parity_samples"} for item in mm.MATRIX_SETS)
+    assert all(
+        item.split("=")[0]
+        in {
+            "data.synthetic.train_size",
+            "data.synthetic.test_size",
+            "export.eval_samples",
+            "export.calibration_samples",
+            "export.parity_samples",
+        }
+        for item in mm.MATRIX_SETS
+    )
 
 
 def test_the_checkpoint_worker_serves_models_and_is_replaced_when_it_fails(tmp_path):
@@ -139,13 +150,30 @@ def test_the_checkpoint_worker_serves_models_and_is_replaced_when_it_fails(tmp_p
 def test_matrix_sample_has_verdicts_and_no_traceback(tmp_path):
     """Ten fast families through the script, two at a time, with small sample counts: about 70 s on 2 idle cores."""
     cmd = [
-        sys.executable, str(SCRIPT), "--out", str(tmp_path), "--models", ",".join(SAMPLE), "--jobs", "2",
-        "--size", "32", "--timeout", "240",
-        "--set", "export.calibration_samples=16", "--set", "export.parity_samples=8",
-        "--set", "export.eval_samples=32", "--set", "export.golden_samples=2",
+        sys.executable,
+        str(SCRIPT),
+        "--out",
+        str(tmp_path),
+        "--models",
+        ",".join(SAMPLE),
+        "--jobs",
+        "2",
+        "--size",
+        "32",
+        "--timeout",
+        "240",
+        "--set",
+        "export.calibration_samples=16",
+        "--set",
+        "export.parity_samples=8",
+        "--set",
+        "export.eval_samples=32",
+        "--set",
+        "export.golden_samples=2",
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert sorted(results) == sorted(SAMPLE)

@@ -13,8 +13,8 @@ import torch
 from torch import fx, nn
 
 from pipeline.errors import ConfigError
-from pipeline.hooks import FeatureTaps
 from pipeline.models import MODELS, Tap, build_model, count_parameters, model_info
+from pipeline.models.hooks import FeatureTaps
 from pipeline.models.spec import model_name
 
 model_info("resnet20")  # importing the zoo fills the registry before parametrizing

@@ -7,8 +7,8 @@ from torch import nn
 
 from pipeline.distill.kdiffusion.loss import branch_features
 from pipeline.errors import ConfigError
-from pipeline.hooks import FeatureTaps
 from pipeline.models import Tap, build_model, list_models, model_info
+from pipeline.models.hooks import FeatureTaps
 from pipeline.reparam import apply_reparam, conv_bn_pairs, fuse_model
 from pipeline.reparam.multibranch import (
     MultiBranchConvBN,

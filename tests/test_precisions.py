@@ -11,13 +11,13 @@ import pytest
 from exports.int8 import INT8_TARGETS
 from exports.precisions import GOLDEN_OUTPUTS, PRECISIONS, int8_gate
 from exports.trt_commands import golden_outputs_name, polygraphy_checks
-from pipeline.checks import Check, GateResult
-from pipeline.code_version import PROJECT_PACKAGES
+from pipeline.artifacts.checks import Check, GateResult
+from pipeline.artifacts.code_version import PROJECT_PACKAGES
 from pipeline.config import Config
-from pipeline.deployment import ONNX_FILES
 from pipeline.errors import ConfigError
 from pipeline.precision_order import PRECISION_ORDER as ORDER
 from pipeline.precision_order import REFERENCE_PRECISION
+from stages.support.deployment import ONNX_FILES
 
 
 def test_gate_results_merge_into_sections():

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.artifacts.hashing import sha256_file, sha256_json
+from pipeline.artifacts.store import MARKER, RunStore
 from pipeline.cli import run_cli
-from pipeline.hashing import sha256_file, sha256_json
-from pipeline.store import MARKER, RunStore
 
 pytestmark = pytest.mark.xdist_group("ownership")
 
@@ -169,8 +169,9 @@ def test_a_replaced_artifact_with_its_sha_updated_is_refused(run, capsys):
     [
         lambda d: d.update(status="failed"),
         lambda d: d["metrics"].update(test_top1=99.9),
-        lambda d: d.update(checks=[{"name": "x", "metric": "m", "value": 1, "threshold": 0, "op": "<=",
-                                    "passed": False, "detail": ""}]),
+        lambda d: d.update(
+            checks=[{"name": "x", "metric": "m", "value": 1, "threshold": 0, "op": "<=", "passed": False, "detail": ""}]
+        ),
     ],
     ids=["status", "metrics", "checks"],
 )
@@ -271,7 +272,7 @@ def test_leftovers_of_killed_runs_are_cleaned_by_the_next_run(run, capsys):
 
 
 def test_a_stage_kept_across_a_code_change_does_not_break_the_chain_below_it(run):
-    from pipeline.runner import _keep
+    from pipeline.cli.runner import _keep
 
     out, _ = run
     store = RunStore(out)

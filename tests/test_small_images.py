@@ -73,7 +73,7 @@ def test_recipe_and_cache_values_are_checked(folder):
 
 
 def test_the_cache_setting_stays_out_of_fingerprints():
-    from pipeline.stagekit import data_params
+    from stages.support.kit import data_params
 
     sets = ["data.dataset=imagefolder", "data.recipe=cifar"]
     base = data_params(load_config("default", None, sets))

@@ -216,7 +216,7 @@ def test_teacher_under_inference_mode_gives_the_same_losses_and_gradients(method
 def test_device_data_enters_the_stage_fingerprints_only_when_on(tiny_cfg):
     import dataclasses
 
-    from pipeline.stagekit import training_params
+    from stages.support.kit import training_params
 
     assert training_params(tiny_cfg) == {"amp": "none", "sync_bn": False}  # old fingerprints still hold
     on = dataclasses.replace(tiny_cfg, training=dataclasses.replace(tiny_cfg.training, device_data=True))

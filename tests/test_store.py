@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from pipeline.checks import Check
+from pipeline.artifacts.checks import Check
+from pipeline.artifacts.manifest import Artifact, Manifest
+from pipeline.artifacts.store import RunStore, describe_file, external_input
+from pipeline.cli.runner import stale_reason
 from pipeline.errors import ArtifactError, ConfigError
-from pipeline.manifest import Artifact, Manifest
-from pipeline.runner import stale_reason
-from pipeline.store import RunStore, describe_file, external_input
 
 
 def _commit(store: RunStore, stage: str, content: bytes = b"weights", status="ok", checks=()) -> Manifest:

@@ -158,8 +158,8 @@ def test_sources_digest_follows_the_runners_code_digests_less_the_readers(monkey
 
 
 def test_a_finished_task_is_skipped_until_its_record_no_longer_holds(tmp_path):
-    from pipeline.manifest import Manifest
-    from pipeline.store import RunStore, describe_file
+    from pipeline.artifacts.manifest import Manifest
+    from pipeline.artifacts.store import RunStore, describe_file
 
     folder = tmp_path / "cells/c0"
     store = RunStore(folder)
@@ -305,11 +305,11 @@ def test_the_shared_teacher_gets_the_threads_of_every_slot_and_a_cell_its_share(
 def test_run_threads_sets_torchs_threads_and_refuses_zero(tmp_path, monkeypatch, capsys):
     import torch
 
-    import pipeline.runner
+    import pipeline.cli.runner
     from pipeline.cli import run_cli
 
     seen = []
-    monkeypatch.setattr(pipeline.runner, "run_stages", lambda *a, **k: seen.append(torch.get_num_threads()))
+    monkeypatch.setattr(pipeline.cli.runner, "run_stages", lambda *a, **k: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()
     try:
         assert run_cli(["run", "fuse", "--out", str(tmp_path), "--threads", "2", *_set_args(TINY_SETS)]) == 0

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from pipeline.checkpoint import load_checkpoint
+from pipeline.artifacts.checkpoint import load_checkpoint
+from pipeline.artifacts.store import RunStore
 from pipeline.cli import run_cli
 from pipeline.config import load_config
 from pipeline.data import Transformed, load_data
 from pipeline.data.transforms import build_transform
 from pipeline.models import build_model
-from pipeline.store import RunStore
 from tests.fake_data import write_cifar100
 
 PRESET = "cifar100-resnet32x4-shufflev1"

@@ -20,7 +20,7 @@ from exports.metadata import DeployMeta
 from exports.onnx_export import export_onnx
 from exports.precisions import PRECISIONS, Conversion, convert_to_fp16, fp16_gate, int8_gate
 from exports.runners import run_onnx
-from pipeline.checks import TOLERANCES
+from pipeline.artifacts.checks import TOLERANCES
 from pipeline.compare import allclose_fraction, diff_stats
 from pipeline.config import ExportConfig
 from stages.export import fp32_parity_gate

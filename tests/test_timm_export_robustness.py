@@ -440,7 +440,7 @@ def test_a_safetensors_state_loads_into_a_module_that_versions_its_state(tmp_pat
     import torchvision
     from safetensors.torch import load_file, save_file
 
-    from pipeline.checkpoint import load_strict
+    from pipeline.artifacts.checkpoint import load_strict
 
     model = torchvision.models.mnasnet0_5(num_classes=20)
     save_file(model.state_dict(), tmp_path / "m.safetensors")

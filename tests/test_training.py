@@ -294,9 +294,9 @@ def test_per_epoch_test_scores_are_optional_and_do_not_change_the_final_figure(t
     import json
     import shutil
 
+    from pipeline.artifacts.store import RunStore
+    from pipeline.cli.runner import run_stages
     from pipeline.config import load_config
-    from pipeline.runner import run_stages
-    from pipeline.store import RunStore
 
     sets = [*tiny_overrides, "student.optim.epochs=2"]
     run_stages(load_config("default", None, sets), tmp_path / "each", ("teacher", "train"), log=lambda _: None)

@@ -1,8 +1,9 @@
 """The automatic CPU speed choice (``training.channels_last=auto``, ``training.amp=auto``), without timing anything.
 
-The processor is faked through :mod:`pipeline.machine`'s ISA flags, so every case runs on any machine: bf16 only
-where the flags say the processor has native bf16, channels_last on a CPU, nothing CPU-only on CUDA, and the
-resolved precision in the stage's recorded parameters (so another processor is other weights).
+The processor is faked through :mod:`pipeline.artifacts.machine`'s ISA flags, so every case runs on any
+machine: bf16 only where the flags say the processor has native bf16, channels_last on a CPU, nothing
+CPU-only on CUDA, and the resolved precision in the stage's recorded parameters (so another processor is
+other weights).
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import machine
+from pipeline.artifacts import machine
+from pipeline.artifacts.manifest import fingerprint
 from pipeline.cli import run_cli
 from pipeline.config import OptimConfig, TrainingConfig, load_config
 from pipeline.errors import ConfigError
-from pipeline.manifest import fingerprint
-from pipeline.stagekit import training_params
 from pipeline.training import fit, make_loader
 from pipeline.training.speed import check_training, describe, memory_format, resolve
 from stages import get_stage
+from stages.support.kit import training_params
 from tests.conftest import TINY
 from tests.trainkit import DATA, Scripted, TinyNet, tiny_data
 

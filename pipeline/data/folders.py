@@ -24,10 +24,10 @@ from PIL import Image
 from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from pipeline.artifacts.hashing import sha256_bytes
 from pipeline.config import DataConfig
 from pipeline.data import DATASETS, DataInfo, RawData
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.hashing import sha256_bytes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

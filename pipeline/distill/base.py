@@ -1,7 +1,7 @@
 """The distiller contract shared by every method, and the registry methods join by name.
 
 Imports no method: a stage that only needs the contract (``teacher`` trains with the vanilla one) must not
-depend on every method's code (pipeline.code_version); ``pipeline.distill.catalog`` loads them all.
+depend on every method's code (pipeline.artifacts.code_version); ``pipeline.distill.catalog`` loads them all.
 """
 
 from __future__ import annotations

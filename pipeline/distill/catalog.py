@@ -1,6 +1,6 @@
 """Every distillation method, by registry name: build one, list them, check their options.
 
-Imports every method module, so whatever imports this depends on every method's code (pipeline.code_version):
+Imports every method module, so whatever imports this depends on every method's code (pipeline.artifacts.code_version):
 the ``train`` stage, which builds the configured method, and the checks run before any stage.
 """
 

@@ -1,7 +1,7 @@
 """Feature plumbing the feature-based methods share: which taps to read, their shapes, and pairing.
 
 Every method reads features through the zoo's declared taps (``model.info.stages``: pre-activation,
-shallow to deep) with :class:`~pipeline.hooks.FeatureTaps`, so no model's ``forward`` changes. Shapes
+shallow to deep) with :class:`~pipeline.models.hooks.FeatureTaps`, so no model's ``forward`` changes. Shapes
 needed to size connectors come from one dummy forward when the method is built. A teacher and a
 student with different numbers of stages are paired from the deep end (as mdistiller's
 ``_align_list`` does): the deepest stage with the deepest, and so on. Where a pair's spatial sizes
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError
-from pipeline.hooks import FeatureTaps
+from pipeline.models.hooks import FeatureTaps
 from pipeline.models.spec import Tap, model_name
 
 __all__ = [

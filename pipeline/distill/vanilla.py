@@ -1,7 +1,7 @@
 """Cross-entropy training: the student alone, no teacher.
 
 Its own module, apart from every distillation method, so the ``teacher`` stage that trains with it depends
-on no method's code (pipeline.code_version).
+on no method's code (pipeline.artifacts.code_version).
 """
 
 from __future__ import annotations

@@ -16,10 +16,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_text
+from pipeline.artifacts.atomic import atomic_write_text
+from pipeline.artifacts.hashing import sha256_json
 from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
-from pipeline.hashing import sha256_json
 from pipeline.stage_files import TEACHER_CHECKPOINT
 
 SWEEP_FILE = "sweep.json"

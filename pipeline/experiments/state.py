@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_text
-from pipeline.code_version import combined_digest, project_sources
+from pipeline.artifacts.atomic import atomic_write_text
+from pipeline.artifacts.code_version import combined_digest, project_sources
+from pipeline.artifacts.hashing import sha256_file
+from pipeline.artifacts.store import RunStore
 from pipeline.errors import PipelineError
-from pipeline.hashing import sha256_file
-from pipeline.store import RunStore
 
 RECORD = "sweep-task.json"
 _READERS = ("pipeline/experiments/", "pipeline/report/", "pipeline/cli")  # they read runs; they make none

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.hooks import FeatureTaps
 from pipeline.models import build_model, count_parameters
+from pipeline.models.hooks import FeatureTaps
 from pipeline.models.spec import Tap
 
 __all__ = ["describe_model", "format_description"]

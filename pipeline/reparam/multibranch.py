@@ -25,7 +25,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from pipeline.compare import diff_stats
 from pipeline.errors import ConfigError
-from pipeline.hooks import FeatureTaps, submodule
+from pipeline.models.hooks import FeatureTaps, submodule
 from pipeline.models.spec import ReparamSite, Tap, model_name
 from pipeline.reparam import REPARAMS
 from pipeline.reparam.fold import norm_tail

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.atomic import atomic_write_text
+from pipeline.artifacts.atomic import atomic_write_text
 from pipeline.errors import ConfigError
 
 REPORT_FILE = "report.html"
@@ -13,9 +13,9 @@ REPORT_FILE = "report.html"
 def write_report(path: str | Path | list[str | Path], output: str | Path | None = None) -> Path:
     """Write the self-contained HTML report of a run or sweep folder, or of several on one page (into
     ``output``, by default ./report.html: no one folder owns it); returns the file written."""
+    from pipeline.artifacts.store import RunStore
     from pipeline.experiments.grid import is_sweep
     from pipeline.report.pages import folders_page, run_page, sweep_page
-    from pipeline.store import RunStore
 
     paths = [Path(p) for p in path] if isinstance(path, list | tuple) else [Path(path)]
     root = paths[0]

@@ -10,11 +10,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.artifacts.manifest import Manifest
+from pipeline.artifacts.store import RunStore
 from pipeline.errors import ConfigError
 from pipeline.experiments.grid import is_sweep, read_sweep
-from pipeline.manifest import Manifest
 from pipeline.stage_files import HISTORY, REPORT, TEACHER_CHECKPOINT
-from pipeline.store import RunStore
 
 
 def _json(path: Path) -> dict | list | None:

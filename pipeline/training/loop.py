@@ -180,7 +180,17 @@ def fit(
     with speed.backend_flags(training, device):
         try:
             trainer = _Trainer(
-                distiller, train_loader, val_loader, cfg, training, device, scratch, log, desc, seed, logdir,
+                distiller,
+                train_loader,
+                val_loader,
+                cfg,
+                training,
+                device,
+                scratch,
+                log,
+                desc,
+                seed,
+                logdir,
                 test_loader,
             )
         except RuntimeError as exc:

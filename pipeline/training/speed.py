@@ -11,7 +11,7 @@ and, on a CPU, the processor (docs/bench-cpu-speed.md):
 - ``channels_last=auto`` (the default) is true on a CPU: oneDNN's convolutions run NHWC without reordering
   every activation, and the weights differ from contiguous training by float rounding only (like another
   kernel path), so it is not in the fingerprints. On CUDA it stays false, as before.
-- ``amp=auto`` is bf16 on a CPU with native bf16 arithmetic (AMX or AVX512-BF16, :func:`pipeline.machine.
+- ``amp=auto`` is bf16 on a CPU with native bf16 arithmetic (AMX or AVX512-BF16, :func:`pipeline.artifacts.machine.
   native_bf16`), none on any other CPU (emulated bf16 is slower than fp32) and none on CUDA (as before).
   bf16 changes the weights beyond float noise, so ``auto`` enters the fingerprints as what it became: the
   same config on another processor is other weights. It is opt-in, not the default, until trained accuracy
@@ -29,7 +29,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 from torch import nn
 
-from pipeline import machine
+from pipeline.artifacts import machine
 from pipeline.config import TrainingConfig
 from pipeline.errors import ConfigError
 

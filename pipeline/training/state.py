@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_write
+from pipeline.artifacts.atomic import atomic_write
 from pipeline.errors import CheckpointError
 
 RESUME_FILE = "resume.pt"
@@ -53,7 +53,8 @@ def seed_rng(seed: int) -> None:
 
 
 def save_state(path: Path, state: dict) -> None:
-    """Write atomically (:func:`pipeline.atomic.atomic_write`): a crash leaves the previous state or this one."""
+    """Write atomically (:func:`pipeline.artifacts.atomic.atomic_write`): a crash leaves the previous state or
+    this one."""
     atomic_write(path, lambda f: torch.save(state, f))
 
 

@@ -30,7 +30,7 @@ from pipeline.distill.kdiffusion.chain import STEP_WEIGHTS, TARGET_MODES
 from pipeline.distill.kdiffusion.loss import FEATURE_LOSSES, DiffusionLayerLoss, branch_features, guided_loss
 from pipeline.distill.kdiffusion.schedule import SCHEDULES, make_schedule
 from pipeline.errors import ConfigError
-from pipeline.hooks import FeatureTaps
+from pipeline.models.hooks import FeatureTaps
 from pipeline.models.spec import ReparamSite, Tap
 from pipeline.reparam.multibranch import apply_multibranch, branch_tap
 

@@ -76,7 +76,7 @@ def read_meta(path: str | Path) -> ModelMeta:
     if raw is None:
         raise CheckpointError(
             f"{path} has no pipeline metadata; import foreign weights with --teacher-checkpoint, "
-            "or save them with pipeline.checkpoint.save_checkpoint"
+            "or save them with pipeline.artifacts.checkpoint.save_checkpoint"
         )
     try:
         data = json.loads(raw)
@@ -104,8 +104,10 @@ def meta_problem(meta: ModelMeta) -> str:
         return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
     def floats(value) -> bool:
-        return isinstance(value, list) and len(value) == 3 and all(
-            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
+        return (
+            isinstance(value, list)
+            and len(value) == 3
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
         )
 
     if not isinstance(meta.arch, str) or not meta.arch:

@@ -3,7 +3,7 @@
 A stage's result depends on its own module and on the project modules it imports, directly or through
 others; nothing else in the project can reach it. The set is computed from the import graph, read with
 :mod:`ast` from the source files (never imported, so this module stays a leaf on the standard library and
-:mod:`pipeline.hashing`):
+:mod:`pipeline.artifacts.hashing`):
 
 - every ``import`` statement counts, including those inside functions, because the project imports heavy
   modules lazily and a lazy import still runs when the stage does;
@@ -28,7 +28,7 @@ import functools
 import importlib.util
 from pathlib import Path
 
-from pipeline.hashing import sha256_bytes, sha256_file
+from pipeline.artifacts.hashing import sha256_bytes, sha256_file
 
 __all__ = [
     "PROJECT_PACKAGES",

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.code_version import changed_files, source_hashes, stage_code_version
+from pipeline.artifacts.code_version import changed_files, source_hashes, stage_code_version
+from pipeline.artifacts.manifest import Manifest, environment, fingerprint
+from pipeline.artifacts.store import RunStore, describe_file, disk_errors, external_input
 from pipeline.config import Config
 from pipeline.errors import ArtifactError, CheckFailedError, PipelineError
-from pipeline.manifest import Manifest, environment, fingerprint
-from pipeline.store import RunStore, describe_file, disk_errors, external_input
 from pipeline.training.distributed import barrier, broadcast_object, check_shared_folder, launch, solo, world
 from stages import Stage, StageContext, get_stage, stage_order
 

@@ -25,11 +25,11 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from pipeline.atomic import atomic_write_text
-from pipeline.checks import Check
+from pipeline.artifacts.atomic import atomic_write_text
+from pipeline.artifacts.checks import Check
+from pipeline.artifacts.hashing import canonical_json, sha256_json
+from pipeline.artifacts.machine import cpu_record
 from pipeline.errors import ArtifactError
-from pipeline.hashing import canonical_json, sha256_json
-from pipeline.machine import cpu_record
 
 SCHEMA_VERSION = 2
 KEY_ENV = "KDPIPE_MANIFEST_KEY"
@@ -64,7 +64,8 @@ class Manifest:
     metrics: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
-    # sha256 of every source in the stage's import closure (pipeline.code_version); ``code_version`` hashes them.
+    # sha256 of every source in the stage's import closure (pipeline.artifacts.code_version);
+    # ``code_version`` hashes them.
     code_files: dict = field(default_factory=dict)
     # Upgrades the stage was kept across on purpose (``run --keep``): the code it was built with, and what changed.
     kept: list = field(default_factory=list)

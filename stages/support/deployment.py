@@ -22,8 +22,8 @@ from exports.trt_engine import BatchProfile
 from pipeline.config import Config
 from pipeline.data import Transformed
 from pipeline.progress import progress_bar
-from pipeline.stagekit import bundle
 from pipeline.training import make_loader
+from stages.support.kit import bundle
 
 ONNX_FILES = {name: spec.onnx_file for name, spec in PRECISIONS.items()}  # precision -> exported file
 

@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.artifacts.hashing import sha256_file
+from pipeline.artifacts.manifest import MANIFEST, Artifact, Manifest, unsafe_path
 from pipeline.errors import ArtifactError, ConfigError
-from pipeline.hashing import sha256_file
-from pipeline.manifest import MANIFEST, Artifact, Manifest, unsafe_path
 
 _STAGING = ".staging"
 _SCRATCH = ".scratch"

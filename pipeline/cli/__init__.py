@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from exports.errors import EdgeError
-from pipeline.cli_experiments import compare, report, sweep
+from pipeline.cli.experiments import compare, report, sweep
 from pipeline.errors import CheckFailedError, ConfigError, PipelineError, clipped, missing_dependency, one_line
 
 
@@ -92,8 +92,8 @@ def run(
 
     Up-to-date artifacts of earlier stages are reused, e.g. `run export engine --checkpoint student.safetensors`.
     """
+    from pipeline.cli.runner import run_stages
     from pipeline.config import check_path, load_config
-    from pipeline.runner import run_stages
     from stages import get_stage, stage_order
 
     sets, labels = list(overrides), ["--set"] * len(overrides)  # labels: where each value came from (--dry-run)
@@ -121,8 +121,8 @@ def run(
         raise ConfigError("--checkpoint is for `run export` (a student made elsewhere), optionally with `engine`")
     out = out or Path("runs") / (preset or cfg.name)
     if dry_run:
+        from pipeline.cli.runner import dry_run as plan_run
         from pipeline.config import annotated_yaml, value_origins
-        from pipeline.runner import dry_run as plan_run
 
         plan = plan_run(cfg, out, names, force=force, log=_echo_err, keep=tuple(keep))
         layers = ["the defaults", *([f"preset {preset or default}"] if preset or default else [])]
@@ -190,9 +190,9 @@ def inspect(run_dir, as_json):
 
     Exits with status 2, naming what changed, when a manifest or artifact was edited after its stage wrote it.
     """
+    from pipeline.artifacts.store import RunStore
+    from pipeline.cli.runner import code_status
     from pipeline.errors import ArtifactError
-    from pipeline.runner import code_status
-    from pipeline.store import RunStore
     from stages import stage_order
 
     store = RunStore(run_dir)

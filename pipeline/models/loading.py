@@ -7,7 +7,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.checkpoint import ModelMeta, has_pipeline_meta, load_checkpoint, load_state_dict_file, load_strict
+from pipeline.artifacts.checkpoint import (
+    ModelMeta,
+    has_pipeline_meta,
+    load_checkpoint,
+    load_state_dict_file,
+    load_strict,
+)
 from pipeline.errors import CheckpointError
 from pipeline.models import build_model
 from pipeline.models.external import is_external, pretrained_defaults

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
+from pipeline.artifacts.hashing import canonical_json
 from pipeline.config import Config, DataConfig, from_dict
 from pipeline.data import DataBundle, load_data
-from pipeline.hashing import canonical_json
 from pipeline.training.distributed import device_type
 from pipeline.training.speed import resolve
 

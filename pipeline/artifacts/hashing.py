@@ -1,5 +1,5 @@
 """Content hashes for artifacts and for the result-affecting parts of a stage definition (the code part is
-:mod:`pipeline.code_version`)."""
+:mod:`pipeline.artifacts.code_version`)."""
 
 from __future__ import annotations
 
