@@ -99,6 +99,11 @@ def exported_precisions(cfg: Config) -> list[str]:
 def validate_export(cfg: Config) -> None:
     for precision in cfg.export.precisions:
         PRECISIONS.get(precision)
+        if precision not in PRECISION_ORDER:  # registered, but the export would silently not make it
+            raise ConfigError(
+                f"export precision {precision!r} is registered but not in PRECISION_ORDER "
+                f"(pipeline/precision_order.py), which sets the order precisions are made and shown in: add it there"
+            )
     INT8_TARGETS.get(cfg.export.int8_target, "export.int8_target")
     CALIBRATION_METHODS.get(cfg.export.calibration_method)
     if not 0 < cfg.export.fp16_safe_max <= FP16_MAX:

@@ -139,3 +139,15 @@ def test_the_precision_order_is_written_once(tmp_path):
     assert not lists, f"name the order as pipeline.precision_order.PRECISION_ORDER: {lists}"
     (tmp_path / "copy.py").write_text('NAMES = ["fp32", "fp16"]\n')
     assert _precision_lists(tmp_path / "copy.py") == [1]  # the rule sees a copy
+
+
+def test_a_precision_registered_but_not_in_the_order_is_refused(monkeypatch):
+    from stages.export import validate_export
+
+    monkeypatch.setitem(PRECISIONS._items, "fp16_full", PRECISIONS.get("fp16"))
+    cfg = Config()
+    cfg.export.precisions = ["fp32", "fp16_full"]
+    with pytest.raises(ConfigError, match=r"'fp16_full' is registered but not in PRECISION_ORDER"):
+        validate_export(cfg)
+    cfg.export.precisions = ["fp32", "fp16"]
+    validate_export(cfg)
