@@ -28,15 +28,16 @@ have nothing to measure to a tenth of a point, and 178 models must fit an hour o
 still judges (fp16 and INT8 against fp32 on 100 test images, one flip allowed; parity on 16; the INT8
 ranges from 32 calibration images); ``--set`` options given here come after them and win.
 
-Resumable: results go to ``<out>/results.json`` as each model finishes, and a rerun skips the models
-already there. Models run in order of parameter count, smallest first. ``--jobs N`` exports N models at
-once, each child on a core of its own (``OMP_NUM_THREADS=1`` unless set, and pinned to one CPU, so ONNX
-Runtime's own thread pool stays on it too).
+Resumable: results go to ``<out>/results.json`` (or ``--results``) as each model finishes, and a rerun skips
+the models already there. The committed ``docs/model-matrix.json`` holds the results behind the doc, with the
+machine of every run, so the next session carries on with ``--results docs/model-matrix.json``. Models run in
+order of parameter count, smallest first. ``--jobs N`` exports N models at once, each child on a core of its own
+(``OMP_NUM_THREADS=1`` unless set, and pinned to one CPU, so ONNX Runtime's own thread pool stays on it too).
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/model_matrix.py [--out runs/model-matrix] [--limit N]
         [--only fam1,fam2] [--timeout S] [--doc docs/model-matrix.md] [--no-torchvision] [--no-timm]
-        [--precisions fp32,fp16,int8] [--set key=value ...] [--jobs N] [--doc-only]
+        [--precisions fp32,fp16,int8] [--set key=value ...] [--jobs N] [--doc-only] [--results PATH]
 """
 
 from __future__ import annotations
@@ -577,11 +578,21 @@ def verdict_cell(result: dict, precision: str, precisions: list[str]) -> str:
     return f"pass ({'; '.join(notes)})" if notes else "pass"
 
 
-def write_doc(
-    path: Path, results: dict, rows: list[dict], precisions: list[str], command: str, started: str | None
-) -> None:
+def describe_machine() -> str:
     from pipeline.artifacts.machine import describe_cpu
 
+    return describe_cpu(threads=int(os.environ.get("OMP_NUM_THREADS", "0")) or None)
+
+
+def write_doc(
+    path: Path,
+    results: dict,
+    rows: list[dict],
+    precisions: list[str],
+    command: str,
+    started: str | None,
+    machines: list[str] | None = None,
+) -> None:
     measured = [results[r["key"]] for r in rows if r["key"] in results]
     missing = [r for r in rows if r["key"] not in results]
     by_status: dict[str, list[dict]] = {}
@@ -606,7 +617,7 @@ def write_doc(
         "top-1 drop is not judged (noise) and INT8 is judged by its agreement with fp32 instead: `pass (accuracy "
         "drop not judged)`.",
         "",
-        f"- machine: {describe_cpu(threads=int(os.environ.get('OMP_NUM_THREADS', '0')) or None)}",
+        f"- machine{'s' if len(machines or []) > 1 else ''}: {'; '.join(machines or [describe_machine()])}",
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
         + (f" (run started {started})" if started else ""),
         f"- command{'s' if ' ; ' in command else ''}: `{command}`",
@@ -696,6 +707,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "model-matrix")
     parser.add_argument("--doc", type=Path, default=None, help="the Markdown matrix (default: <out>/model-matrix.md)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="the results so far, read to resume and rewritten as each model finishes (default: <out>/results.json); "
+        "docs/model-matrix.json is the committed one, so a run on another machine or day carries on from it",
+    )
     parser.add_argument("--limit", type=int, default=None, help="run at most N models (not counting finished ones)")
     parser.add_argument(
         "--only", default=None, help="comma-separated families (timm module names, torchvision.<module>) or model names"
@@ -725,12 +743,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         wanted = {w.strip() for w in args.only.split(",") if w.strip()}
         rows = [r for r in rows if r["family"] in wanted or r["model"] in wanted or r["key"] in wanted]
-    results_path = args.out / "results.json"
+    results_path = args.results or args.out / "results.json"
     state = json.loads(results_path.read_text()) if results_path.exists() else {}
     results: dict = state.get("results", {})
     state.setdefault("started", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     if not args.doc_only:
         state.setdefault("commands", []).append("OMP_NUM_THREADS=1 python benchmarks/model_matrix.py " + " ".join(argv))
+        machine = describe_machine()
+        if machine not in state.setdefault("machines", []):
+            state["machines"].append(machine)
     command = " ; ".join(state.get("commands", [])) or "(none)"
     doc = args.doc or args.out / "model-matrix.md"
     todo = [r for r in rows if r["key"] not in results]
@@ -763,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{result['error']} [{time.perf_counter() - tic:.0f}s]",
                     flush=True,
                 )
-                write_doc(doc, results, rows, precisions, command, state["started"])
+                write_doc(doc, results, rows, precisions, command, state["started"], state.get("machines"))
 
         try:
             with ThreadPoolExecutor(max(1, args.jobs)) as pool:
@@ -771,7 +792,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for worker in slots:
                 worker.close()
-    write_doc(doc, results, rows, precisions, command, state["started"])
+    write_doc(doc, results, rows, precisions, command, state["started"], state.get("machines"))
     print(f"[matrix] wrote {doc}")
     return 0
 

@@ -175,8 +175,10 @@ def test_matrix_sample_has_verdicts_and_no_traceback(tmp_path):
         cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    state = json.loads((tmp_path / "results.json").read_text())
+    results = state["results"]
     assert sorted(results) == sorted(SAMPLE)
+    assert len(state["machines"]) == 1 and "thread" in state["machines"][0]  # the CPU behind every figure
     for key, r in results.items():
         assert r["status"] in ("pass", "gate", "error"), f"{key}: {r['status']}: {r['error']}"
         if r["status"] == "pass":
@@ -188,5 +190,6 @@ def test_matrix_sample_has_verdicts_and_no_traceback(tmp_path):
             assert r["error"].startswith("error:") and "\n" not in r["error"], f"{key}: {r['error']!r}"
     doc = (tmp_path / "model-matrix.md").read_text()
     assert f"**{len(SAMPLE)} of {len(SAMPLE)} models**" in doc
+    assert f"- machine: {state['machines'][0]}" in doc
     for key in SAMPLE:
         assert f"`{key.split(':', 1)[1]}`" in doc
