@@ -89,6 +89,13 @@ def diff_stats(reference, candidate) -> dict[str, float]:
         }
 
 
+def magnitude(reference) -> float:
+    """max |reference| over its finite elements (0 if none): the scale of a gate that grows with the output."""
+    ref = np.abs(as_numpy(reference))
+    finite = ref[np.isfinite(ref)]
+    return float(finite.max(initial=0.0))
+
+
 TIE_FIGURES = ("top1_agreement_strict", "top1_ties_excused", "tie_tolerance")  # diff_stats' tie-aware rule
 
 

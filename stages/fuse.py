@@ -58,8 +58,13 @@ def block_checks(student: torch.nn.Module, input_size: int) -> list[Check]:
     """One gate per m-branch block: its fused conv vs the eval-mode branch mean, on a fixed random batch."""
     images = torch.randn(BLOCK_CHECK_IMAGES, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
     return [
-        Check.gate(
-            f"block_max_abs[{name}]", "max |fused conv - mean of branches|", stats["max_abs"], "fuse.block_max_abs"
+        Check.scaled(
+            f"block_max_abs[{name}]",
+            "max |fused conv - mean of branches|",
+            stats["max_abs"],
+            "fuse.block_max_abs",
+            "fuse.block_rtol",
+            stats["scale"],
         )
         for name, stats in block_fusion_errors(student, images).items()
     ]

@@ -11,7 +11,7 @@ import contextlib
 import torch
 
 from pipeline.artifacts.checks import Check
-from pipeline.compare import abs_diff_histogram, diff_stats, tie_detail, top1_accuracy
+from pipeline.compare import abs_diff_histogram, diff_stats, magnitude, tie_detail, top1_accuracy
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.models.loading import load_model
@@ -64,7 +64,14 @@ class VerifyStage(Stage):
         stats = diff_stats(reference, candidate)
         top1_ref, top1_fused = top1_accuracy(reference, labels), top1_accuracy(candidate, labels)
         checks = [
-            Check.gate("logits_max_abs", "max |fused - trained|", stats["max_abs"], "fuse.logits_max_abs"),
+            Check.scaled(
+                "logits_max_abs",
+                "max |fused - trained|",
+                stats["max_abs"],
+                "fuse.logits_max_abs",
+                "fuse.logits_rtol",
+                magnitude(reference),
+            ),
             Check.gate("logits_rel_fro", "‖fused - trained‖F / ‖trained‖F", stats["rel_fro"], "fuse.logits_rel_fro"),
             Check.gate(
                 "top1_agreement",

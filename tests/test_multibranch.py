@@ -201,3 +201,36 @@ def test_zoo_sites_and_branch_features_match_an_explicit_forward(arch):
         finally:
             handle.remove()
         torch.testing.assert_close(computed[0], explicit.features["tap"], atol=1e-5, rtol=1e-5)
+
+
+def test_block_gate_scales_with_the_block_output_and_still_catches_a_wrong_fusion(monkeypatch):
+    """Random-weight MobileOne's blocks output 1e12 where float error alone is 1e6: the per-block gate is
+    ``atol + rtol * max |mean of branches|`` (issue 25), so an exact fusion passes at any scale and a fusion off
+    by 1 % of one output channel fails at any scale."""
+    from stages.fuse import block_checks
+
+    torch.manual_seed(0)
+    sites = model_info("resnet20").reparam_sites
+    model = apply_multibranch(build_model("resnet20", 10), sites, m=3, mixed_kernels=True)
+    for block in multibranch_blocks(model).values():
+        _randomize(block)
+    with torch.no_grad():  # blow the activations up: every input weight of the first conv times 1e8
+        model.conv1.weight.mul_(1e8)
+    model.eval()
+    errors = block_fusion_errors(model, torch.randn(4, 3, 32, 32))
+    assert min(e["scale"] for e in errors.values()) > 1e6
+    assert max(e["max_abs"] for e in errors.values()) > 1e-5  # an absolute 1e-5 would fail this exact fusion
+    checks = block_checks(model, 32)
+    assert checks and all(checks), [c.describe() for c in checks if not c]
+    assert "max |reference|" in checks[0].detail
+
+    fuse = MultiBranchConvBN.fuse
+
+    def off_by_one_percent(block):
+        conv = fuse(block)
+        with torch.no_grad():
+            conv.weight[0].mul_(1.01)
+        return conv
+
+    monkeypatch.setattr(MultiBranchConvBN, "fuse", off_by_one_percent)
+    assert not any(block_checks(model, 32))

@@ -15,9 +15,13 @@ Op = Literal["<=", ">=", "=="]
 TOLERANCES: dict[str, float] = {
     # fuse / verify, fp32 on CPU (TF32 off on GPU)
     "fuse.logits_max_abs": 1e-4,
+    # ... plus this times max |trained logit|: float error grows with the magnitudes summed (random-weight
+    # MobileOne reaches 1e12), and the relative Frobenius gate below stays unscaled
+    "fuse.logits_rtol": 1e-5,
     "fuse.logits_rel_fro": 1e-5,
     "fuse.top1_agreement": 1.0,
     "fuse.block_max_abs": 1e-5,
+    "fuse.block_rtol": 1e-5,  # ... plus this times max |mean of branches| (about 80 fp32 ulps of it)
     "fuse.top1_delta_pt": 0.01,
     # ONNX fp32 vs PyTorch on ORT CPU
     "onnx.fp32_max_abs": 1e-4,
@@ -67,6 +71,14 @@ class Check:
     def gate(cls, name: str, metric: str, value: float, key: str, op: Op = "<=", detail: str = "") -> Check:
         """A check whose threshold is the named entry of :data:`TOLERANCES`."""
         return cls.of(name, metric, value, TOLERANCES[key], op, detail)
+
+    @classmethod
+    def scaled(cls, name: str, metric: str, value: float, atol_key: str, rtol_key: str, scale: float) -> Check:
+        """``value <= atol + rtol * scale``: an absolute bound on an error that grows with the reference's magnitude
+        ``scale`` (its max abs), so a correct result with huge activations passes and a wrong one still fails."""
+        atol, rtol = TOLERANCES[atol_key], TOLERANCES[rtol_key]
+        detail = f"(atol {atol:g} + rtol {rtol:g} x max |reference| {scale:.3g})"
+        return cls.of(name, metric, value, atol + rtol * scale, "<=", detail)
 
     def __bool__(self) -> bool:
         return self.passed

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from pipeline.compare import diff_stats
+from pipeline.compare import diff_stats, magnitude
 from pipeline.errors import ConfigError
 from pipeline.models.hooks import FeatureTaps, submodule
 from pipeline.models.spec import ReparamSite, Tap, model_name
@@ -232,7 +232,8 @@ def apply_multibranch(
 
 @torch.no_grad()
 def block_fusion_errors(model: nn.Module, images: Tensor) -> dict[str, dict[str, float]]:
-    """Per m-branch block: statistics of ``block.fuse()(h) - block(h)`` on the inputs ``h`` it sees.
+    """Per m-branch block: statistics of ``block.fuse()(h) - block(h)`` on the inputs ``h`` it sees, and ``scale``,
+    max ``|block(h)|``.
 
     ``model`` runs once in eval mode on ``images`` (its output is discarded) to capture each block's
     real input; the comparison then runs block by block, so one bad block cannot hide behind another.
@@ -245,10 +246,11 @@ def block_fusion_errors(model: nn.Module, images: Tensor) -> dict[str, dict[str,
     try:
         with FeatureTaps(model, {name: Tap(name, "input") for name in blocks}) as taps:
             model(images)
-        return {
-            name: diff_stats(block(taps.features[name]), block.fuse()(taps.features[name]))
-            for name, block in blocks.items()
-        }
+        errors = {}
+        for name, block in blocks.items():
+            reference = block(taps.features[name])
+            errors[name] = {**diff_stats(reference, block.fuse()(taps.features[name])), "scale": magnitude(reference)}
+        return errors
     finally:
         model.train(was_training)
 
