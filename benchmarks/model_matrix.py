@@ -69,6 +69,22 @@ MATRIX_SETS = (
 )
 DEFAULT_SIZE = 64
 PRECISIONS = ("fp32", "fp16", "int8")
+# ``--distill``: the model as a KDiffusion student of a small zoo teacher, a few steps on a few synthetic images;
+# what is judged is the path (branches placed, trained, fused back, the fused model equal to the trained one),
+# not an accuracy
+DISTILL_STAGES = ("teacher", "train", "fuse", "verify")
+DISTILL_SETS = (
+    "data.synthetic.train_size=64",
+    "data.synthetic.test_size=32",
+    "data.batch_size=32",
+    "teacher.arch=resnet20",
+    "teacher.optim.epochs=1",
+    "teacher.optim.milestones=[]",
+    "student.method=kdiffusion",
+    "student.optim.epochs=1",
+    "student.optim.milestones=[]",
+    "verify.samples=32",
+)
 
 # --- the catalogue: families and their smallest variant ---
 
@@ -439,6 +455,14 @@ def error_line(stderr: str) -> str:
     return lines[-1] if lines else ""
 
 
+def failure_line(status: str, rc: int | None, stderr: str, timeout: float) -> str:
+    if status == "traceback":
+        return traceback_line(rc, stderr)
+    if status == "timeout":
+        return f"timed out after {timeout:.0f}s"
+    return error_line(stderr)
+
+
 def precision_of(check: str) -> str:
     return "fp16" if "fp16" in check else "int8" if "int8" in check else "fp32"
 
@@ -539,12 +563,8 @@ def run_model(
             else:
                 attempt["stage"] = "checkpoint"
             attempt["rc"], attempt["status"] = rc, status
-            if status == "traceback":
-                attempt["error"] = traceback_line(rc, stderr)
-            elif status == "timeout":
-                attempt["error"] = f"timed out after {timeout:.0f}s"
-            elif status != "pass":
-                attempt["error"] = error_line(stderr)
+            if status != "pass":
+                attempt["error"] = failure_line(status, rc, stderr, timeout)
             # a second size only for an error or traceback (a size the model cannot take), not a gate or a timeout
             if status in ("pass", "gate", "timeout") or time.monotonic() >= deadline:
                 break
@@ -559,6 +579,73 @@ def run_model(
         for path in list(work.glob("**/*.onnx")) + list(work.glob("*.safetensors")):
             path.unlink()
     return result
+
+
+def run_distill(
+    row: dict,
+    out: Path,
+    timeout: float,
+    extra: list[str],
+    first_size: int | None = None,
+    cpu: int | None = None,
+    export: dict | None = None,
+) -> dict:
+    """The distillation path of one model (``--distill``): the stages of :data:`DISTILL_STAGES` with the model as
+    the student, at the size its export ran at (``export``: its result), else at 64 px and, where that is an
+    error, at the model's own size, like :func:`run_model`."""
+    key = row["key"]
+    safe = key.replace(":", "_").replace("/", "_")
+    work = out / "distill" / safe
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    result = {"key": key, "attempts": []}
+    sizes = row.get("sizes") or [DEFAULT_SIZE]
+    if first_size and sizes[0] == DEFAULT_SIZE:
+        sizes = _sizes(sizes[-1], first_size)
+    if export and export.get("status") in ("pass", "gate"):  # a size the model is known to take
+        sizes = [export["size"]]
+    with open(logs / f"{safe}.distill.log", "w") as log:
+        for size in sizes:
+            shutil.rmtree(work, ignore_errors=True)
+            cmd = [sys.executable, "-m", "pipeline", "run", *DISTILL_STAGES, "--out", str(work)]
+            for item in (f"student.arch={key}", f"data.image_size={size}", *DISTILL_SETS, *extra):
+                cmd += ["--set", item]
+            rc, _, stderr, secs = run_child(cmd, deadline - time.monotonic(), log, cpu)
+            status = classify(rc, stderr)
+            attempt = {"size": size, "rc": rc, "status": status, "seconds": round(secs, 1), **read_distill(work)}
+            attempt["command"] = " ".join(cmd)
+            if status != "pass":
+                attempt["error"] = failure_line(status, rc, stderr, timeout)
+            result["attempts"].append(attempt)
+            if status in ("pass", "gate", "timeout") or time.monotonic() >= deadline:
+                break
+    final = result["attempts"][-1]
+    result |= {"status": final["status"], "size": final["size"], "error": final.get("error", "")}
+    shutil.rmtree(work, ignore_errors=True)  # the log keeps what the stages printed
+    return result
+
+
+def read_distill(work: Path) -> dict:
+    """What the fuse and verify manifests say: the branches fused back, the fused model's distance to the
+    trained one, and any failed check."""
+    out: dict = {"failed": []}
+    for stage in ("train", "fuse", "verify"):
+        path = work / stage / "manifest.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        metrics = data.get("metrics", {})
+        if stage == "fuse":
+            out["fused_blocks"] = metrics.get("fused_blocks")
+        if stage == "verify":
+            out["max_abs"] = metrics.get("max_abs")
+        out["failed"] += [
+            f"{stage}: {c['name']}={_fmt(c.get('value'))} (limit {c.get('op', '')} {_fmt(c.get('threshold'))})"
+            for c in data.get("checks", [])
+            if c.get("passed") is False
+        ]
+    return out
 
 
 # --- the doc ---
@@ -578,6 +665,17 @@ def verdict_cell(result: dict, precision: str, precisions: list[str]) -> str:
     return f"pass ({'; '.join(notes)})" if notes else "pass"
 
 
+def result_cell(r: dict, detail: str = "") -> str:
+    """``pass``, or the status and its one line (without the CLI's own ``error:`` prefix), with the first size's
+    failure where a second size was tried."""
+    reason = (r["error"] or detail).removeprefix("error: ")
+    cell = r["status"] if r["status"] == "pass" else f"{r['status']}: {reason}"
+    if len(r["attempts"]) > 1:
+        first = r["attempts"][0]
+        cell += f" (at {first['size']} px: {first['status']}: {first.get('error', '').removeprefix('error: ')})"
+    return cell
+
+
 def describe_machine() -> str:
     from pipeline.artifacts.machine import describe_cpu
 
@@ -592,6 +690,7 @@ def write_doc(
     command: str,
     started: str | None,
     machines: list[str] | None = None,
+    distill: dict | None = None,
 ) -> None:
     measured = [results[r["key"]] for r in rows if r["key"] in results]
     missing = [r for r in rows if r["key"] not in results]
@@ -674,21 +773,68 @@ def write_doc(
         params = f"{r['params'] / 1e6:.2f} M" if r.get("params") else params
         lat = r["attempts"][-1].get("latency_ms", {})
         lat_cell = " / ".join(f"{lat[p]:.2f}" if p in lat else "-" for p in PRECISIONS)
-        result = r["status"] if r["status"] == "pass" else f"{r['status']}: {r['error']}"
-        if len(r["attempts"]) > 1:
-            first = r["attempts"][0]
-            result += f" (at {first['size']} px: {first['status']}: {first.get('error', '')})"
+        result = result_cell(r)
         cells = [verdict_cell(r, p, precisions) for p in PRECISIONS]
         cells = [
             c.replace("|", "\\|").replace("\n", " ")
             for c in (row["family"], f"`{row['model']}`", params, str(r["size"]), *cells, lat_cell, result)
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += distill_section(rows, distill or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
 
+def distill_section(rows: list[dict], distill: dict) -> list[str]:
+    """The ``--distill`` results: every model of the catalogue, measured or not."""
+    measured = [distill[r["key"]] for r in rows if r["key"] in distill]
+    lines = [
+        "",
+        "## Distillation path",
+        "",
+        "Written by `benchmarks/model_matrix.py --distill`: each model as the KDiffusion student of a CIFAR ResNet-20 "
+        f"teacher, stages `{' '.join(DISTILL_STAGES)}` on a few synthetic images (`{' '.join(DISTILL_SETS)}`): "
+        "the branches placed and trained a few steps, fused back into the plain model, and the fused model checked "
+        "against the trained one (`verify`). No accuracy is judged. Refused in one line (exit 2) is a student "
+        "KDiffusion does not accept (no site to branch, e.g. LayerNorm-only models), with the reason.",
+        "",
+        f"- measured: **{len(measured)} of {len(rows)} models**"
+        + (f"; {len(rows) - len(measured)} not measured yet" if len(measured) < len(rows) else ""),
+        "- "
+        + ", ".join(
+            f"{status}: {sum(1 for r in measured if r['status'] == status)}"
+            for status in ("pass", "gate", "error", "timeout", "traceback")
+        ),
+        "",
+        "| family | model | px | fused blocks | verify max abs | seconds | result |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(rows, key=lambda r: (r["lib"] != "timm", r["family"], r["model"])):
+        r = distill.get(row["key"])
+        if r is None:
+            lines.append(f"| {row['family']} | `{row['model']}` | | | | | not measured yet |")
+            continue
+        final = r["attempts"][-1]
+        result = result_cell(r, "; ".join(final["failed"]))
+        cells = (
+            row["family"],
+            f"`{row['model']}`",
+            str(r["size"]),
+            _fmt(final.get("fused_blocks", "-")),
+            _fmt(final.get("max_abs", "-")),
+            _fmt(sum(a["seconds"] for a in r["attempts"])),
+            result,
+        )
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return lines
+
+
 # --- driver ---
+
+
+def write_state_doc(doc: Path, state: dict, rows: list[dict], precisions: list[str], command: str) -> None:
+    results, distill = state.get("results", {}), state.get("distill", {})
+    write_doc(doc, results, rows, precisions, command, state.get("started"), state.get("machines"), distill)
 
 
 def _write_json(path: Path, data) -> None:
@@ -732,6 +878,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-timm", action="store_true")
     parser.add_argument("--no-torchvision", action="store_true")
     parser.add_argument("--doc-only", action="store_true", help="write the doc from the results so far; run nothing")
+    parser.add_argument(
+        "--distill",
+        action="store_true",
+        help="the distillation path instead of the export (teacher, KDiffusion student, fuse, verify); its own results",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     MEMORY_GB = args.memory_gb
@@ -745,7 +896,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in rows if r["family"] in wanted or r["model"] in wanted or r["key"] in wanted]
     results_path = args.results or args.out / "results.json"
     state = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results: dict = state.get("results", {})
+    section = "distill" if args.distill else "results"
+    results: dict = state.get(section, {})
     state.setdefault("started", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     if not args.doc_only:
         state.setdefault("commands", []).append("OMP_NUM_THREADS=1 python benchmarks/model_matrix.py " + " ".join(argv))
@@ -772,19 +924,23 @@ def main(argv: list[str] | None = None) -> int:
             tic = time.perf_counter()
             worker = workers.get()
             try:
-                result = run_model(row, args.out, args.timeout, precisions, args.sets, args.size, worker)
+                if args.distill:
+                    exported = state.get("results", {}).get(row["key"])
+                    result = run_distill(row, args.out, args.timeout, args.sets, args.size, worker.cpu, exported)
+                else:
+                    result = run_model(row, args.out, args.timeout, precisions, args.sets, args.size, worker)
             finally:
                 workers.put(worker)
             with lock:  # results go to disk as each model finishes
                 results[row["key"]] = result
-                state["results"] = results
+                state[section] = results
                 _write_json(results_path, state)
                 print(
-                    f"[matrix] {next(done)}/{len(todo)} {row['key']} ({row['family']}): {result['status']} "
+                    f"[matrix] {next(done)}/{len(todo)} {row['key']} ({row.get('family')}): {result['status']} "
                     f"{result['error']} [{time.perf_counter() - tic:.0f}s]",
                     flush=True,
                 )
-                write_doc(doc, results, rows, precisions, command, state["started"], state.get("machines"))
+                write_state_doc(doc, state, rows, precisions, command)
 
         try:
             with ThreadPoolExecutor(max(1, args.jobs)) as pool:
@@ -792,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for worker in slots:
                 worker.close()
-    write_doc(doc, results, rows, precisions, command, state["started"], state.get("machines"))
+    write_state_doc(doc, state, rows, precisions, command)
     print(f"[matrix] wrote {doc}")
     return 0
 

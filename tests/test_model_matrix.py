@@ -193,3 +193,32 @@ def test_matrix_sample_has_verdicts_and_no_traceback(tmp_path):
     assert f"- machine: {state['machines'][0]}" in doc
     for key in SAMPLE:
         assert f"`{key.split(':', 1)[1]}`" in doc
+
+    # the distillation path of three of them, at the sizes their exports took: a CNN is branched, trained, fused
+    # and verified; squeezenet (no BatchNorm) is refused in one line
+    distilled = ["timm:resnet10t", "timm:mobileone_s0", "torchvision:squeezenet1_1"]
+    cmd = [sys.executable, str(SCRIPT), "--distill", "--out", str(tmp_path), "--models", ",".join(distilled)]
+    proc = subprocess.run(
+        [*cmd, "--jobs", "2", "--timeout", "240"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(state["results"]) == sorted(SAMPLE)  # the export results are kept beside
+    distill = state["distill"]
+    assert sorted(distill) == sorted(distilled)
+    for key in distilled:
+        r = distill[key]
+        assert r["size"] == results[key]["size"] and len(r["attempts"]) == 1, key
+        if key.startswith("timm:"):
+            assert r["status"] == "pass", f"{key}: {r['error']}"
+            assert r["attempts"][0]["fused_blocks"] >= 1 and r["attempts"][0]["max_abs"] < 1e-3, key
+        else:
+            assert r["status"] == "error" and "nothing to branch" in r["error"] and "\n" not in r["error"]
+    doc = (tmp_path / "model-matrix.md").read_text()
+    assert "## Distillation path" in doc and f"**{len(distilled)} of {len(SAMPLE)} models**" in doc
+    assert f"**{len(SAMPLE)} of {len(SAMPLE)} models**" in doc  # the export matrix still in the doc
