@@ -216,7 +216,8 @@ def test_matrix_sample_has_verdicts_and_no_traceback(tmp_path):
         assert r["size"] == results[key]["size"] and len(r["attempts"]) == 1, key
         if key.startswith("timm:"):
             assert r["status"] == "pass", f"{key}: {r['error']}"
-            assert r["attempts"][0]["fused_blocks"] >= 1 and r["attempts"][0]["max_abs"] < 1e-3, key
+            # verify passed (its gate scales with the logits: random-weight MobileOne's reach 1e12)
+            assert r["attempts"][0]["fused_blocks"] >= 1 and r["attempts"][0]["failed"] == [], key
         else:
             assert r["status"] == "error" and "nothing to branch" in r["error"] and "\n" not in r["error"]
     doc = (tmp_path / "model-matrix.md").read_text()
