@@ -76,6 +76,7 @@ def diff_stats(reference, candidate) -> dict[str, float]:
         abs_diff = np.abs(out - ref)
         rel_diff = abs_diff / np.maximum(np.abs(ref), 1e-12)
         cos = (ref2 * out2).sum(1) / np.maximum(np.linalg.norm(ref2, axis=1) * np.linalg.norm(out2, axis=1), 1e-30)
+        cos = np.where((ref2 == out2).all(1), 1.0, cos)  # identical rows, zero ones included (a zero-init head)
         cos = np.where(np.isfinite(ref2).all(1) & np.isfinite(out2).all(1), cos, np.nan)
         return {
             "max_abs": float(abs_diff.max(initial=0.0)),

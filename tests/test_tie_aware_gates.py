@@ -311,3 +311,14 @@ def test_the_fp32_gate_judges_large_logits_relatively_and_still_catches_real_err
         bad = fp32_parity_gate(reference, broken)
         assert not checks_by_name(bad)["onnx_fp32_allclose"], (s, j)
         assert bad.metrics["onnx_allclose_failed"] == pytest.approx(1 / reference.size)
+
+
+def test_identical_zero_logits_agree_and_zero_against_nonzero_does_not():
+    """timm's gMLP and MLP-Mixer start with a zero head: random-weight logits are exactly 0 in fp32 and fp16, and
+    the cosine of two equal zero vectors is 1, not the 0 of 0 / 0 guarded (the model matrix's false alarm)."""
+    zeros = np.zeros((N, C), dtype=np.float32)
+    assert diff_stats(zeros, zeros)["min_cosine"] == 1.0
+    assert all(fp16_gate(zeros, zeros.astype(np.float16).astype(np.float32)).checks)
+    ones = np.ones((N, C), dtype=np.float32)
+    assert diff_stats(zeros, ones)["min_cosine"] == 0.0 and diff_stats(ones, zeros)["min_cosine"] == 0.0
+    assert not all(fp16_gate(ones, zeros).checks)
