@@ -38,7 +38,7 @@ from pipeline.artifacts.hashing import sha256_file
 from pipeline.compare import CHANCE_MARGIN_PT, allclose_fraction, diff_stats, near_chance, tie_detail, top1_accuracy
 from pipeline.config import Config
 from pipeline.data.transforms import eval_preprocess_spec
-from pipeline.errors import ConfigError, library_errors
+from pipeline.errors import ConfigError, UnsupportedModelError, library_errors
 from pipeline.models.loading import foreign_meta, load_any_model
 from pipeline.precision_order import PRECISION_ORDER, REFERENCE_PRECISION
 from pipeline.progress import progress_bar
@@ -161,12 +161,28 @@ class ExportStage(Stage):
         profile = engine_profile(cfg, meta.input_size)
         base = deploy_meta(meta, source, cfg)
         fp32 = ctx.out / ONNX_FILES[REFERENCE_PRECISION]
-        with step(f"ONNX export (opset {cfg.export.opset}, dynamo={cfg.export.dynamo})"):
-            export_onnx(model, fp32, meta.input_size, cfg.export.opset, cfg.export.dynamo, base)
+        try:
+            with step(f"ONNX export (opset {cfg.export.opset}, dynamo={cfg.export.dynamo})"):
+                export_onnx(model, fp32, meta.input_size, cfg.export.opset, cfg.export.dynamo, base)
+            fallback = ""
+        except UnsupportedModelError as exc:
+            if not cfg.export.dynamo:
+                raise
+            # torch.export or its decompositions refuse some models (timm's MaxViT) that the TorchScript exporter
+            # takes; the gates below judge its graph the same way, and the report says which exporter made it
+            fallback = str(exc)
+            ctx.log(f"[export] warning: {fallback}; trying the TorchScript exporter (export.dynamo=false)")
+            cfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, dynamo=False))
+            base = deploy_meta(meta, source, cfg)
+            with step(f"ONNX export (opset {cfg.export.opset}, dynamo=False, after dynamo=True failed)"):
+                export_onnx(model, fp32, meta.input_size, cfg.export.opset, False, base)
         ctx.log(f"[export] wrote {fp32.name} (opset {cfg.export.opset}, dynamo={cfg.export.dynamo})")
 
         with step("the ONNX Runtime fp32 check"):
             result = fp32_checks(model, fp32, cfg, base)
+        if fallback:
+            result.report["exporter_fallback"] = fallback
+            result.notes.append(f"warning: exported with dynamo=False after the dynamo exporter failed: {fallback}")
         golden = first_test_images(cfg, base, cfg.export.golden_samples)
         reference = batched_logits(model, torch.from_numpy(golden), torch.device("cpu")).numpy()
         save_inputs(golden, ctx.out / GOLDEN_INPUTS)

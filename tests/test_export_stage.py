@@ -292,3 +292,43 @@ def test_a_tensorrt_target_export_on_a_cpu_also_times_the_cpu_target(exported, t
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: True)
         assert not times_cpu_int8(load_config("default"))
+
+
+def test_a_model_the_dynamo_exporter_refuses_is_exported_by_torchscript_and_says_so(tmp_path, monkeypatch, capsys):
+    """torch.export refuses some models (timm's MaxViT: "Failed to decompose the FX graph"); the stage falls back
+    to the TorchScript exporter, records which exporter made the file, and still judges it with every gate. With
+    ``export.dynamo=false`` already, a refusal stays the one-line exit 2."""
+    import stages.export
+    from pipeline.errors import UnsupportedModelError
+
+    real = stages.export.export_onnx
+    calls = []
+
+    def dynamo_refuses(model, path, input_size, opset, dynamo, meta=None):
+        calls.append(dynamo)
+        if dynamo:
+            raise UnsupportedModelError("export: ONNX export of resnet20 failed: ConversionError: decompose (test)")
+        return real(model, path, input_size, opset, dynamo, meta)
+
+    monkeypatch.setattr(stages.export, "export_onnx", dynamo_refuses)
+    ckpt = _checkpoint(tmp_path / "student.safetensors")
+    out = tmp_path / "run"
+    args = ["run", "export", "--checkpoint", str(ckpt), "--out", str(out)]
+    sets = [s for s in DATA if not s.startswith("export.dynamo")] + ["export.precisions=[fp32,fp16]"]
+    assert run_cli([*args, *[a for s in sets for a in ("--set", s)]]) == 0
+    assert calls == [True, False]
+    manifest = RunStore(out).manifest("export")
+    assert manifest.status == "ok" and all(manifest.checks) and manifest.metrics["dynamo"] is False
+    assert "exported with dynamo=False after the dynamo exporter failed" in manifest.reason
+    report = json.loads((out / "export" / "report.json").read_text())
+    assert "ConversionError" in report["exporter_fallback"] and "dynamo=False" in report["exporter"]
+    for name in ("model.onnx", "model.fp16.onnx"):
+        assert "dynamo=False" in DeployMeta.from_props(read_metadata(out / "export" / name)).exporter
+    assert "trying the TorchScript exporter" in capsys.readouterr().err
+
+    def both_refuse(model, path, input_size, opset, dynamo, meta=None):
+        raise UnsupportedModelError("export: ONNX export of resnet20 failed: RuntimeError: unsupported (test)")
+
+    monkeypatch.setattr(stages.export, "export_onnx", both_refuse)
+    assert run_cli([*args, "--force", "export", *_args("export.precisions=[fp32]")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: export: ONNX export")
