@@ -88,11 +88,29 @@ class BaseRunner:
 
 def infer_array(runner: BaseRunner, batch: np.ndarray, max_batch: int | None = None) -> np.ndarray:
     """The first output for ``batch`` fed to the first input, in chunks of at most ``max_batch`` samples:
-    the single-input, single-output shape of a classifier."""
+    the single-input, single-output shape of a classifier.
+
+    A chunk the runtime cannot find memory for is run again in halves, down to one sample: a 224 px
+    transformer's activations at the evaluation batch outgrow a small machine (timm's CoaT on 20 GB)."""
     step = max_batch or max(len(batch), 1)
     name, out = runner.input_names[0], runner.output_names[0]
-    chunks = [runner.infer({name: batch[i : i + step]})[out] for i in range(0, len(batch), step)]
+    chunks, start = [], 0
+    while start < len(batch):
+        try:
+            chunks.append(runner.infer({name: batch[start : start + step]})[out])
+        except Exception as exc:
+            if step == 1 or not out_of_memory(exc):
+                raise
+            step = (min(step, len(batch) - start) + 1) // 2
+            continue
+        start += step
     return np.concatenate(chunks) if chunks else np.zeros((0,), np.float32)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is a runtime that could not allocate (ONNX Runtime's arena raises a plain ``Fail``)."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "Failed to allocate memory" in text or "bad_alloc" in text
 
 
 class OnnxrtRunner(BaseRunner):

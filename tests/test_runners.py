@@ -124,3 +124,30 @@ def test_classifier_releases_its_session(model):
     del classifier  # an app that never calls close(): collecting the classifier releases the session
     gc.collect()
     assert not runner.is_active and runner.session is None
+
+
+class SmallArena(Doubler):
+    """A runtime that cannot allocate for more than ``limit`` samples at once, as ONNX Runtime's arena says it."""
+
+    def __init__(self, limit: int, message: str = "Failed to allocate memory for requested buffer of size 1"):
+        super().__init__()
+        self.limit, self.message, self.sizes = limit, message, []
+
+    def _infer(self, feed):
+        self.sizes.append(len(feed["x"]))
+        if len(feed["x"]) > self.limit:
+            raise RuntimeError(f"[ONNXRuntimeError] : 1 : FAIL : {self.message}")
+        return super()._infer(feed)
+
+
+def test_a_chunk_without_memory_runs_again_in_halves_in_order():
+    with SmallArena(limit=3) as runner:
+        out = infer_array(runner, np.arange(10.0), max_batch=8)
+    np.testing.assert_array_equal(out, np.arange(10.0) * 2)
+    assert runner.sizes[:3] == [8, 4, 2] and max(runner.sizes[3:]) <= 2
+    with SmallArena(limit=0) as runner, pytest.raises(RuntimeError, match="Failed to allocate"):
+        infer_array(runner, np.arange(4.0))  # not even one sample fits: the runtime's error
+    assert runner.sizes == [4, 2, 1]
+    with SmallArena(limit=1, message="Invalid rank for input") as runner, pytest.raises(RuntimeError, match="rank"):
+        infer_array(runner, np.arange(4.0))  # any other error is not retried
+    assert runner.sizes == [4]
