@@ -833,8 +833,20 @@ def distill_section(rows: list[dict], distill: dict) -> list[str]:
 
 
 def write_state_doc(doc: Path, state: dict, rows: list[dict], precisions: list[str], command: str) -> None:
+    """The doc covers every model with a result, not only this run's: a ``--models`` run adds to the matrix."""
     results, distill = state.get("results", {}), state.get("distill", {})
+    known = {r["key"] for r in rows}
+    rows = rows + [row_of(key, results.get(key)) for key in sorted({*results, *distill} - known)]
     write_doc(doc, results, rows, precisions, command, state.get("started"), state.get("machines"), distill)
+
+
+def row_of(key: str, result: dict | None) -> dict:
+    """A catalogue row for a model outside this run's catalogue: from its export result, else from its key."""
+    lib, name = key.split(":", 1)
+    if result and "family" in result:
+        return {"variants": 1, "params": None, **{k: v for k, v in result.items() if k not in ("attempts", "status")}}
+    family = timm_family(name) if lib == "timm" else torchvision_family(name)
+    return {"key": key, "lib": lib, "family": family, "model": name, "variants": 1, "params": None}
 
 
 def _write_json(path: Path, data) -> None:
