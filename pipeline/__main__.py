@@ -1,5 +1,6 @@
 """``python -m pipeline`` and the ``kdpipe`` console script: see :mod:`pipeline.cli`."""
 
+import os
 import signal
 import sys
 
@@ -20,7 +21,16 @@ def main() -> None:
             raise
         sys.stderr.write(f"error: {message}\n")
         sys.exit(2)
-    cli_main()
+    try:
+        cli_main()
+    except SystemExit as exc:
+        if exc.code != 130:
+            raise
+        # Interrupted, and the cleanup is done: leave before the interpreter's shutdown, which under `-m` can
+        # report death by SIGINT (-2) instead of 130 where the Ctrl-C landed early in training (CPython 3.11).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":

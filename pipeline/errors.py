@@ -79,6 +79,19 @@ _CAUSE_LIMIT = 300
 PROJECT_PACKAGES = ("pipeline", "stages", "exports")  # an exception whose innermost known frame is ours is a bug
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is a Ctrl-C or was raised while one unwound: tensorboard's writer, interrupted inside its
+    flush, raises ``RuntimeError: release unlocked lock`` in place of the KeyboardInterrupt."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
 def raised_in_library(exc: BaseException, packages: tuple[str, ...] = LIBRARY_PACKAGES) -> str | None:
     """The module of ``packages`` that raised ``exc`` (its class's module, else the innermost of its frames that
     is a library's or ours), or None.

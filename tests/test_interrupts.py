@@ -96,3 +96,38 @@ def test_sigint_during_verify_exits_130_and_commits_nothing(tmp_path, tiny_overr
     assert "interrupted" in capsys.readouterr().err
     assert not (out / "verify").exists() and not any((out / ".staging").iterdir())
     signal.signal(signal.SIGINT, signal.default_int_handler)  # main() ignores late signals; restore for pytest
+
+
+def test_an_error_raised_while_ctrl_c_unwinds_is_the_interrupt(tmp_path, tiny_overrides, monkeypatch, capsys):
+    """Tensorboard's writer, interrupted inside its flush, raises ``RuntimeError: release unlocked lock`` in place
+    of the KeyboardInterrupt: still 130 and the interrupt's message, not exit 1 and a traceback."""
+    import threading
+
+    import stages.teacher
+
+    def broken_by_interrupt(self, ctx):
+        (ctx.out / "partial.bin").write_bytes(b"0")
+        lock = threading.Lock()
+        try:
+            raise KeyboardInterrupt
+        finally:
+            lock.release()  # what the interrupted queue.join does: RuntimeError, with the interrupt as context
+
+    monkeypatch.setattr(stages.teacher.TeacherStage, "run", broken_by_interrupt)
+    out = tmp_path / "run"
+    assert run_cli(["run", "teacher", "--out", str(out), *_tiny_args(tiny_overrides)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not (out / "teacher").exists()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the handler ignores late signals; restore for pytest
+
+
+def test_other_errors_are_not_taken_for_an_interrupt(tmp_path, tiny_overrides, monkeypatch):
+    import stages.teacher
+
+    def bug(self, ctx):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(stages.teacher.TeacherStage, "run", bug)
+    with pytest.raises(RuntimeError, match="a bug of ours"):
+        run_cli(["run", "teacher", "--out", str(tmp_path / "run"), *_tiny_args(tiny_overrides)])

@@ -16,7 +16,15 @@ import click
 
 from exports.errors import EdgeError
 from pipeline.cli.experiments import compare, report, sweep
-from pipeline.errors import CheckFailedError, ConfigError, PipelineError, clipped, missing_dependency, one_line
+from pipeline.errors import (
+    CheckFailedError,
+    ConfigError,
+    PipelineError,
+    clipped,
+    interrupted,
+    missing_dependency,
+    one_line,
+)
 
 
 def _echo_err(message: str) -> None:
@@ -388,25 +396,29 @@ def run_cli(argv: list[str] | None = None) -> int:
         rank = f"[rank {os.environ.get('RANK')}] " if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
         _echo_err(f"error: {rank}{one_line(exc)}")
         return exc.exit_code
-    except click.exceptions.Abort:  # click's form of a KeyboardInterrupt
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup is done; a second Ctrl-C must not cut the message
-        _echo_err("interrupted; finished stages are kept, the running one left no artifact")
-        return 130
+    except (click.exceptions.Abort, KeyboardInterrupt):  # Abort: click's form of a KeyboardInterrupt
+        return _interrupted_exit()
     except click.ClickException as exc:  # bad usage: one line too, with the value cut to a readable length
         hint = f" (see `python -m pipeline {exc.ctx.info_name} --help`)" if getattr(exc, "ctx", None) else ""
         _echo_err(f"error: {clipped(one_line(exc.format_message()))}{hint}")
         return exc.exit_code
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        _echo_err("interrupted; finished stages are kept, the running one left no artifact")
-        return 130
     except ImportError as exc:  # torch or another core package is missing or broken: say what to install
         message = missing_dependency(exc)
         if message is None:
             raise
         _echo_err(f"error: {message}")
         return 2
+    except Exception as exc:
+        if not interrupted(exc):
+            raise
+        return _interrupted_exit()
     return 0
+
+
+def _interrupted_exit() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # cleanup is done; a second Ctrl-C must not cut the message
+    _echo_err("interrupted; finished stages are kept, the running one left no artifact")
+    return 130
 
 
 def catch_interrupts() -> None:
