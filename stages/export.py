@@ -35,7 +35,15 @@ from exports.trt_commands import GOLDEN_INPUTS, GOLDEN_OUTPUTS, EngineTarget, bu
 from pipeline.artifacts.checkpoint import ModelMeta
 from pipeline.artifacts.checks import TOLERANCES, Check, GateResult
 from pipeline.artifacts.hashing import sha256_file
-from pipeline.compare import CHANCE_MARGIN_PT, allclose_fraction, diff_stats, near_chance, tie_detail, top1_accuracy
+from pipeline.compare import (
+    CHANCE_MARGIN_PT,
+    allclose_fraction,
+    diff_stats,
+    magnitude,
+    near_chance,
+    tie_detail,
+    top1_accuracy,
+)
 from pipeline.config import Config
 from pipeline.data.transforms import eval_preprocess_spec
 from pipeline.errors import ConfigError, UnsupportedModelError, library_errors
@@ -274,7 +282,14 @@ def fp32_checks(model: torch.nn.Module, path: Path, cfg: Config, meta: DeployMet
     batch_stats = diff_stats(candidate[: len(single)], single)
     checks = [
         *parity.checks,
-        Check.gate("batch_consistency", "max |alone - in batch|", batch_stats["max_abs"], "onnx.batch_max_abs"),
+        Check.scaled(
+            "batch_consistency",
+            "max |alone - in batch|",
+            batch_stats["max_abs"],
+            "onnx.batch_max_abs",
+            "onnx.batch_rtol",
+            magnitude(candidate),
+        ),
     ]
     metrics = {"opset": cfg.export.opset, "dynamo": cfg.export.dynamo, **parity.metrics}
     report = {
@@ -289,13 +304,17 @@ def fp32_checks(model: torch.nn.Module, path: Path, cfg: Config, meta: DeployMet
 def fp32_parity_gate(reference: np.ndarray, candidate: np.ndarray) -> GateResult:
     """ONNX fp32 logits against PyTorch's: Polygraphy's element rule and the (tie-aware) top-1 agreement.
 
-    An element fails only when ``|diff| > atol`` and ``|diff| > rtol * |ref|`` (``onnx.fp32_max_abs``,
-    ``onnx.fp32_rtol``), and the gate allows none: a plain absolute bound would fail correct exports of
-    models with large logits (float32 rounding grows with the value), while the relative bound alone would
-    pass any error on logits near zero. The max |diff| is still measured and reported.
+    An element fails only when ``|diff| > atol`` and ``|diff| > rtol * |ref|`` (``onnx.fp32_rtol``), and the
+    gate allows none: a plain absolute bound would fail correct exports of models with large logits (float32
+    rounding grows with the value), while the relative bound alone would pass any error on logits near zero.
+    ``atol`` is ``onnx.fp32_max_abs`` plus ``onnx.fp32_scale_rtol`` times max |ref|: the rounding of a logit
+    near zero grows with the sums that made it, whose size the largest logit shows. The max |diff| is still
+    measured and reported.
     """
     stats = diff_stats(reference, candidate)
-    atol, rtol = TOLERANCES["onnx.fp32_max_abs"], TOLERANCES["onnx.fp32_rtol"]
+    scale = magnitude(reference)
+    atol = TOLERANCES["onnx.fp32_max_abs"] + TOLERANCES["onnx.fp32_scale_rtol"] * scale
+    rtol = TOLERANCES["onnx.fp32_rtol"]
     failed = allclose_fraction(reference, candidate, atol=atol, rtol=rtol)
     checks = [
         Check.of(
@@ -303,7 +322,8 @@ def fp32_parity_gate(reference: np.ndarray, candidate: np.ndarray) -> GateResult
             "fraction of elements beyond atol and rtol*|PyTorch|",
             failed,
             0.0,
-            detail=f"(atol {atol:g}, rtol {rtol:g}; max |ORT - PyTorch| {stats['max_abs']:.3g})",
+            detail=f"(atol {atol:.3g} for max |PyTorch| {scale:.3g}, rtol {rtol:g}; "
+            f"max |ORT - PyTorch| {stats['max_abs']:.3g})",
         ),
         Check.gate(
             "onnx_top1_agreement",
@@ -315,7 +335,8 @@ def fp32_parity_gate(reference: np.ndarray, candidate: np.ndarray) -> GateResult
         ),
     ]
     metrics = {"onnx_max_abs": stats["max_abs"], "onnx_allclose_failed": failed}
-    report = {REFERENCE_PRECISION: stats, "allclose": {"atol": atol, "rtol": rtol, "fraction_failed": failed}}
+    allclose = {"atol": atol, "rtol": rtol, "scale": scale, "fraction_failed": failed}
+    report = {REFERENCE_PRECISION: stats, "allclose": allclose}
     return GateResult(checks, metrics, report)
 
 

@@ -25,9 +25,13 @@ TOLERANCES: dict[str, float] = {
     "fuse.top1_delta_pt": 0.01,
     # ONNX fp32 vs PyTorch on ORT CPU
     "onnx.fp32_max_abs": 1e-4,
+    # ... plus this times max |PyTorch logit|: two runtimes' float32 sums over a deep random-weight network
+    # (torchvision's wide_resnet101_2: logits in the thousands) differ by more than 1e-4 on logits near zero
+    "onnx.fp32_scale_rtol": 1e-5,
     "onnx.fp32_rtol": 1e-3,
     "onnx.top1_agreement": 1.0,
     "onnx.batch_max_abs": 1e-5,
+    "onnx.batch_rtol": 1e-5,  # ... plus this times max |logit|: batched and single kernels round differently
     # reduced precision
     "onnx.fp16_min_cosine": 0.999,
     "onnx.fp16_top1_agreement": 0.99,
