@@ -29,6 +29,10 @@ class ModelFileError(EdgeError):
     """A model file that is missing, unreadable, or not exported by this pipeline."""
 
 
+class ModelTooLargeError(EdgeError):
+    """A model whose weights do not fit one ONNX file (protobuf's 2 GiB)."""
+
+
 class ImageError(EdgeError):
     """An image file that is missing or cannot be decoded."""
 

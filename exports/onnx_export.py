@@ -10,11 +10,25 @@ from pathlib import Path
 import torch
 
 from exports.deps import require
+from exports.errors import ModelTooLargeError
 from exports.metadata import INPUT_NAME, OUTPUT_NAME, DeployMeta
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "check_onnx", "export_onnx", "exporter_name", "read_metadata", "write_metadata"]
 
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension for the dynamo exporter
+ONNX_FILE_LIMIT = 2**31  # protobuf's limit on one message: one self-contained .onnx holds at most 2 GiB
+
+
+def check_fits_one_file(model: torch.nn.Module, name: str = "the model") -> None:
+    """Refuse before exporting what protobuf cannot serialize: the exporters fail minutes later with
+    ``EncodeError: Failed to serialize proto`` (torchvision's vit_h_14, 632 M parameters)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if weights >= ONNX_FILE_LIMIT:
+        raise ModelTooLargeError(
+            f"ONNX export of {name}: its weights are {weights / 2**30:.2f} GiB in fp32, over the 2 GiB one ONNX file holds "
+            "(protobuf's limit); the export writes self-contained files, so models above about 500 M parameters "
+            "cannot be exported: choose a smaller variant"
+        )
 
 
 def exporter_name(dynamo: bool) -> str:
@@ -33,6 +47,7 @@ def export_onnx(
         require("onnxscript")
     path = Path(path)
     model = model.eval().float().cpu()
+    check_fits_one_file(model, meta.arch if meta is not None else "the model")
     example = (torch.zeros(2, 3, input_size, input_size),)
     kwargs: dict = {
         "input_names": [INPUT_NAME],

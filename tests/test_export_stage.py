@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from exports.golden import load_inputs, load_outputs
 from exports.metadata import DeployMeta
@@ -354,3 +355,20 @@ def test_a_cpu_int8_timing_that_cannot_be_made_warns_and_the_export_goes_on(tmp_
     report = json.loads((out / "export" / "report.json").read_text())
     assert "ShapeInferenceError" in report["int8_cpu_latency"]["error"] and "median_ms" in report["latency"]["int8"]
     assert "warning: no INT8 timing on this CPU" in capsys.readouterr().err
+
+
+def test_a_model_over_protobufs_2_gib_is_refused_before_the_export_in_one_line(tmp_path, monkeypatch, capsys):
+    """torchvision's vit_h_14 (2.4 GiB of fp32 weights) failed minutes into the export with ``EncodeError:
+    Failed to serialize proto``; the limit is lowered here so that a small model stands in for it."""
+    import exports.onnx_export
+
+    ckpt = _checkpoint(tmp_path / "student.safetensors")
+    weights = sum(t.numel() * t.element_size() for t in load_file(str(ckpt)).values())
+    monkeypatch.setattr(exports.onnx_export, "ONNX_FILE_LIMIT", weights)
+    out = tmp_path / "run"
+    assert run_cli(["run", "export", "--checkpoint", str(ckpt), "--out", str(out), *_args()]) == 2
+    err = capsys.readouterr().err
+    assert "over the 2 GiB one ONNX file holds" in err and "resnet20" in err and "Traceback" not in err
+    assert not (out / "export").exists()
+    monkeypatch.setattr(exports.onnx_export, "ONNX_FILE_LIMIT", weights + 1)  # one byte under: exported
+    assert run_cli(["run", "export", "--checkpoint", str(ckpt), "--out", str(out), *_args()]) == 0
