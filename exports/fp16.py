@@ -136,7 +136,55 @@ def _converted(src: str | Path, block: list[str]):
         converted = float16.convert_float_to_float16(
             model, keep_io_types=True, node_block_list=list(block), max_finite_val=FP16_MAX
         )
-    return _fp32_outputs(converted, fp32_outputs)
+    return _fp32_outputs(_without_fp16_round_trips(converted, set(block)), fp32_outputs)
+
+
+def _without_fp16_round_trips(model, kept: set[str]):
+    """Feed a kept node's fp32 output straight to the fp32 nodes that read it.
+
+    onnxconverter-common casts every output of a node kept in fp32 to fp16, and back to fp32 for each kept node
+    that reads it: the round trip overflows at 65504 between two nodes the guard kept in fp32 for exactly that
+    reason (torchvision's resnet152 with random weights: a ReLU output of 8e4 between two kept nodes became inf).
+    Only the converter's casts are touched: a Cast to fp16 of a kept node's output or of a graph input (fp32,
+    ``keep_io_types``), and the Casts to fp32 that read it.
+    """
+    onnx = require("onnx")
+    fp16, fp32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    graph = model.graph
+    fp32_sources = {out for node in graph.node if node.name in kept for out in node.output}
+    fp32_sources |= {i.name for i in graph.input if i.type.tensor_type.elem_type == fp32}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    rename: dict[str, str] = {}  # the output of a Cast back to fp32 -> the fp32 tensor it came from
+    gone: set[str] = set()  # outputs of the Casts dropped
+    for node in graph.node:
+        if cast_to(node) != fp16 or node.input[0] not in fp32_sources:
+            continue
+        back = [r for r in readers.get(node.output[0], []) if cast_to(r) == fp32 and r.output[0] not in outputs]
+        for cast in back:
+            rename[cast.output[0]] = node.input[0]
+        if back and len(back) == len(readers[node.output[0]]) and node.output[0] not in outputs:
+            gone.add(node.output[0])
+    if not rename:
+        return model
+    gone |= set(rename)
+    remaining = [node for node in graph.node if not (node.op_type == "Cast" and node.output[0] in gone)]
+    for node in remaining:
+        for k, name in enumerate(node.input):
+            node.input[k] = rename.get(name, name)
+    del graph.node[:]
+    graph.node.extend(remaining)
+    info = [v for v in graph.value_info if v.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(info)
+    return model
 
 
 def _fp32_outputs(model, names: list[str]):

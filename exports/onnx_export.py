@@ -25,9 +25,9 @@ def check_fits_one_file(model: torch.nn.Module, name: str = "the model") -> None
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if weights >= ONNX_FILE_LIMIT:
         raise ModelTooLargeError(
-            f"ONNX export of {name}: its weights are {weights / 2**30:.2f} GiB in fp32, over the 2 GiB one ONNX file holds "
-            "(protobuf's limit); the export writes self-contained files, so models above about 500 M parameters "
-            "cannot be exported: choose a smaller variant"
+            f"ONNX export of {name}: its weights are {weights / 2**30:.2f} GiB in fp32, over the 2 GiB one ONNX "
+            "file holds (protobuf's limit); the export writes self-contained files, so models above about 500 M "
+            "parameters cannot be exported: choose a smaller variant"
         )
 
 

@@ -483,3 +483,44 @@ def test_later_calibration_passes_merge_as_onnx_runtime_merges_them():
     with contextlib.redirect_stdout(io.StringIO()):
         threshold, expected = ours.compute_collection_result()["t"][1], theirs.compute_collection_result()["t"][1]
     assert abs(float(threshold) - float(expected)) <= width
+
+
+def _fan_out_graph(path) -> str:
+    """relu(x @ w1) read by two MatMuls, summed: every activation large, the ReLU's output read twice."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
+    nodes = [
+        helper.make_node("MatMul", ["input", "w1"], ["hidden"], name="fc1"),
+        helper.make_node("Relu", ["hidden"], ["act"], name="relu"),
+        helper.make_node("MatMul", ["act", "w2"], ["a"], name="fc2"),
+        helper.make_node("MatMul", ["act", "w3"], ["b"], name="fc3"),
+        helper.make_node("Add", ["a", "b"], ["logits"], name="add"),
+    ]
+    inits = [
+        numpy_helper.from_array(np.float32(1e4) * rng.standard_normal((4, 8)).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.float32(10) * rng.standard_normal((8, 3)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.float32(10) * rng.standard_normal((8, 3)).astype(np.float32), "w3"),
+    ]
+    graph = helper.make_graph(nodes, "fan_out", [x], [y], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.save(onnx.shape_inference.infer_shapes(model), str(path))  # value_info, as the exporters write it
+    return str(path)
+
+
+def test_a_tensor_between_two_nodes_kept_in_fp32_does_not_pass_through_fp16(tmp_path):
+    """torchvision:resnet152 with random weights: onnxconverter-common cast a kept ReLU's output, read by two kept
+    nodes, to fp16 and back, and 8e4 (above fp16's 65504, on an input larger than the calibration's) came out
+    inf. Between kept nodes the tensor now stays fp32."""
+    src = _fan_out_graph(tmp_path / "m.onnx")
+    calibration = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
+    result = fp16_model(src, tmp_path / "m16.onnx", calibration, 16384.0, META)
+    assert set(result.guard) == {"fc1", "relu", "fc2", "fc3", "add"}
+    graph = onnx.load(str(tmp_path / "m16.onnx")).graph
+    to_fp16 = [n.name for n in graph.node if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT16]
+    assert not to_fp16  # every node is kept in fp32: nothing passes through fp16
+    larger = 20 * calibration  # activations far beyond 65504
+    got, expected = run_onnx(tmp_path / "m16.onnx", larger), run_onnx(src, larger)
+    assert np.isfinite(got).all() and np.abs(expected).max() > 1e6
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
