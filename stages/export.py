@@ -57,7 +57,14 @@ from stages.support.deployment import ONNX_FILES, deploy_transform, engine_profi
 from stages.support.kit import batched_logits, bundle, data_params, write_json
 
 BUILD_SCRIPT = "build_engine.sh"
-ORT_BATCH = 256  # samples per ONNX Runtime call in the checks
+ORT_PIXELS = 256 * 32 * 32  # pixels per ONNX Runtime call in the checks: 256 images at 32 px, 5 at 224 px
+
+
+def ort_batch(input_size: int) -> int:
+    """Samples per ONNX Runtime call in the checks. Activations grow with the pixels (attention's with their
+    square) and each precision's session keeps its peak arena: 256 images of 224 px per call took timm's CoaT
+    past 24 GB. A CPU gains little from larger calls."""
+    return max(1, ORT_PIXELS // (input_size * input_size))
 
 
 def deploy_meta(
@@ -224,7 +231,7 @@ class ExportStage(Stage):
             for spec in reduced:
                 if spec.golden_from_onnx:
                     with step(f"the {spec.name} golden outputs"), OnnxrtRunner(files[spec.name]) as runner:
-                        outputs = infer_array(runner, golden, ORT_BATCH)
+                        outputs = infer_array(runner, golden, ort_batch(meta.input_size))
                     save_outputs(outputs, ctx.out / spec.golden_outputs, runner=f"onnxrt-{spec.name}")
 
         targets = [EngineTarget(spec.name, spec.onnx_file) for spec in specs if not spec.why_no_engine(cfg.export)]
@@ -282,7 +289,7 @@ def fp32_checks(model: torch.nn.Module, path: Path, cfg: Config, meta: DeployMet
     images = first_test_images(cfg, meta, cfg.export.parity_samples)
     reference = batched_logits(model, torch.from_numpy(images), torch.device("cpu")).numpy()
     with OnnxrtRunner(path) as runner:
-        candidate = infer_array(runner, images, ORT_BATCH)
+        candidate = infer_array(runner, images, ort_batch(meta.input_size))
         single = np.concatenate([infer_array(runner, images[i : i + 1]) for i in range(min(len(images), 8))])
     parity = fp32_parity_gate(reference, candidate)
     batch_stats = diff_stats(candidate[: len(single)], single)
@@ -355,7 +362,7 @@ def reduced_precision_gates(cfg: Config, meta: DeployMeta, files: dict[str, Path
         for images, batch_labels in eval_batches(cfg, meta, cfg.export.eval_samples):
             labels.append(batch_labels)
             for p, runner in runners.items():
-                logits[p].append(infer_array(runner, images, ORT_BATCH))
+                logits[p].append(infer_array(runner, images, ort_batch(meta.input_size)))
     labels_all = np.concatenate(labels)
     out = {p: np.concatenate(chunks) for p, chunks in logits.items()}
     mismatch = label_mismatch(cfg, meta)

@@ -372,3 +372,14 @@ def test_a_model_over_protobufs_2_gib_is_refused_before_the_export_in_one_line(t
     assert not (out / "export").exists()
     monkeypatch.setattr(exports.onnx_export, "ONNX_FILE_LIMIT", weights + 1)  # one byte under: exported
     assert run_cli(["run", "export", "--checkpoint", str(ckpt), "--out", str(out), *_args()]) == 0
+
+
+def test_onnx_runtime_calls_shrink_with_the_input_size():
+    """256 images of 224 px per call took timm's CoaT past 24 GB (its attention grows with the square of the
+    pixels, and each precision's session keeps its peak): the checks feed fewer, larger images per call."""
+    from stages.export import ort_batch
+
+    assert ort_batch(32) == 256 and ort_batch(64) == 64
+    assert ort_batch(224) == 5 and ort_batch(1024) == 1
+    sizes = [16, 32, 64, 128, 224, 299, 512]
+    assert all(ort_batch(a) >= ort_batch(b) >= 1 for a, b in zip(sizes, sizes[1:]))
