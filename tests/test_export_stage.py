@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -382,4 +383,4 @@ def test_onnx_runtime_calls_shrink_with_the_input_size():
     assert ort_batch(32) == 256 and ort_batch(64) == 64
     assert ort_batch(224) == 5 and ort_batch(1024) == 1
     sizes = [16, 32, 64, 128, 224, 299, 512]
-    assert all(ort_batch(a) >= ort_batch(b) >= 1 for a, b in zip(sizes, sizes[1:]))
+    assert all(ort_batch(a) >= ort_batch(b) >= 1 for a, b in pairwise(sizes))

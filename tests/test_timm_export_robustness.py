@@ -159,25 +159,32 @@ def test_fp16_that_stays_invalid_is_one_line_naming_the_model(tmp_path, monkeypa
     assert not (tmp_path / "m16.onnx").exists() and not (tmp_path / "m16.onnx.partial").exists()
 
 
-def _large_logits_graph(path) -> str:
-    """relu(x @ w1) @ w2 with large weights: activations near 1e4, logits near 1e6, all kept fp32 by the guard."""
+def _large_logits_graph(path, fan_out: bool = False) -> str:
+    """relu(x @ w1) @ w2 with large weights: activations near 1e4, logits near 1e6, all kept fp32 by the guard.
+    ``fan_out``: the ReLU read by two MatMuls, summed, with value_info written as the exporters write it."""
     rng = np.random.default_rng(0)
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
     nodes = [
         helper.make_node("MatMul", ["input", "w1"], ["hidden"], name="fc1"),
         helper.make_node("Relu", ["hidden"], ["act"], name="relu"),
-        helper.make_node("MatMul", ["act", "w2"], ["logits"], name="fc2"),
+        helper.make_node("MatMul", ["act", "w2"], ["a" if fan_out else "logits"], name="fc2"),
     ]
     inits = [
         numpy_helper.from_array(np.float32(1e4) * rng.standard_normal((4, 8)).astype(np.float32), "w1"),
         numpy_helper.from_array(np.float32(10) * rng.standard_normal((8, 3)).astype(np.float32), "w2"),
     ]
+    if fan_out:
+        nodes += [
+            helper.make_node("MatMul", ["act", "w3"], ["b"], name="fc3"),
+            helper.make_node("Add", ["a", "b"], ["logits"], name="add"),
+        ]
+        inits.append(numpy_helper.from_array(np.float32(10) * rng.standard_normal((8, 3)).astype(np.float32), "w3"))
     model = helper.make_model(
         helper.make_graph(nodes, "large", [x], [y], inits), opset_imports=[helper.make_opsetid("", 18)]
     )
     model.ir_version = 10
-    onnx.save(model, str(path))
+    onnx.save(onnx.shape_inference.infer_shapes(model) if fan_out else model, str(path))
     return str(path)
 
 
@@ -485,35 +492,11 @@ def test_later_calibration_passes_merge_as_onnx_runtime_merges_them():
     assert abs(float(threshold) - float(expected)) <= width
 
 
-def _fan_out_graph(path) -> str:
-    """relu(x @ w1) read by two MatMuls, summed: every activation large, the ReLU's output read twice."""
-    rng = np.random.default_rng(0)
-    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])
-    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])
-    nodes = [
-        helper.make_node("MatMul", ["input", "w1"], ["hidden"], name="fc1"),
-        helper.make_node("Relu", ["hidden"], ["act"], name="relu"),
-        helper.make_node("MatMul", ["act", "w2"], ["a"], name="fc2"),
-        helper.make_node("MatMul", ["act", "w3"], ["b"], name="fc3"),
-        helper.make_node("Add", ["a", "b"], ["logits"], name="add"),
-    ]
-    inits = [
-        numpy_helper.from_array(np.float32(1e4) * rng.standard_normal((4, 8)).astype(np.float32), "w1"),
-        numpy_helper.from_array(np.float32(10) * rng.standard_normal((8, 3)).astype(np.float32), "w2"),
-        numpy_helper.from_array(np.float32(10) * rng.standard_normal((8, 3)).astype(np.float32), "w3"),
-    ]
-    graph = helper.make_graph(nodes, "fan_out", [x], [y], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 10
-    onnx.save(onnx.shape_inference.infer_shapes(model), str(path))  # value_info, as the exporters write it
-    return str(path)
-
-
 def test_a_tensor_between_two_nodes_kept_in_fp32_does_not_pass_through_fp16(tmp_path):
     """torchvision:resnet152 with random weights: onnxconverter-common cast a kept ReLU's output, read by two kept
     nodes, to fp16 and back, and 8e4 (above fp16's 65504, on an input larger than the calibration's) came out
     inf. Between kept nodes the tensor now stays fp32."""
-    src = _fan_out_graph(tmp_path / "m.onnx")
+    src = _large_logits_graph(tmp_path / "m.onnx", fan_out=True)
     calibration = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
     result = fp16_model(src, tmp_path / "m16.onnx", calibration, 16384.0, META)
     assert set(result.guard) == {"fc1", "relu", "fc2", "fc3", "add"}
