@@ -10,8 +10,8 @@ export-only path runs on it as a subprocess with a per-model timeout::
 
 and the verdict of each precision (the export manifest's checks), the ONNX Runtime latency (the export
 report's ``latency``) and, for a failure, the one-line ``error: ...`` are recorded. Exit status 1 is a
-gate that failed, 2 a model refused as unsupported (one line), anything else or a ``Traceback`` on
-stderr is a traceback: a bug.
+gate that failed, 2 a model refused as unsupported (one line), SIGKILL the kernel's out-of-memory killer
+(the machine's memory, not a bug: ``killed``), anything else or a ``Traceback`` on stderr is a traceback: a bug.
 
 A timm *family* is the timm module a model is registered in (``timm.models._registry._model_to_module``,
 e.g. ``resnet``, ``efficientnet``, ``vision_transformer``); its representative is the variant with the
@@ -421,9 +421,12 @@ def run_child(cmd: list[str], timeout: float, log, cpu: int | None = None) -> tu
 
 
 def classify(rc: int | None, stderr: str) -> str:
-    """pass | gate (exit 1) | error (exit 2, one line) | timeout | traceback (anything else)."""
+    """pass | gate (exit 1) | error (exit 2, one line) | timeout | killed (SIGKILL: out of memory) | traceback
+    (anything else)."""
     if rc is None:
         return "timeout"
+    if rc == -signal.SIGKILL:
+        return "killed"
     if "Traceback (most recent call last)" in stderr:
         return "traceback"
     return {0: "pass", 1: "gate", 2: "error"}.get(rc, "traceback")
@@ -456,7 +459,7 @@ def error_line(stderr: str) -> str:
 
 
 def failure_line(status: str, rc: int | None, stderr: str, timeout: float) -> str:
-    if status == "traceback":
+    if status in ("traceback", "killed"):
         return traceback_line(rc, stderr)
     if status == "timeout":
         return f"timed out after {timeout:.0f}s"
@@ -565,7 +568,8 @@ def run_model(
             attempt["rc"], attempt["status"] = rc, status
             if status != "pass":
                 attempt["error"] = failure_line(status, rc, stderr, timeout)
-            # a second size only for an error or traceback (a size the model cannot take), not a gate or a timeout
+            # a second size only for an error, a kill or a traceback (a size the model cannot take), not a gate or
+            # a timeout
             if status in ("pass", "gate", "timeout") or time.monotonic() >= deadline:
                 break
     final = result["attempts"][-1]
@@ -739,6 +743,7 @@ def write_doc(
         f"| a gate failing (exit 1) | {count(timm_measured, 'gate')} | {count(tv_measured, 'gate')} |",
         f"| refused in one line (exit 2) | {count(timm_measured, 'error')} | {count(tv_measured, 'error')} |",
         f"| timed out | {count(timm_measured, 'timeout')} | {count(tv_measured, 'timeout')} |",
+        f"| killed for memory (SIGKILL) | {count(timm_measured, 'killed')} | {count(tv_measured, 'killed')} |",
         f"| traceback (a bug) | {count(timm_measured, 'traceback')} | {count(tv_measured, 'traceback')} |",
         "",
     ]
@@ -746,6 +751,7 @@ def write_doc(
         ("gate", "A gate failing"),
         ("error", "Refused in one line"),
         ("timeout", "Timed out"),
+        ("killed", "Killed by the kernel for memory (the machine's limit, not a bug)"),
         ("traceback", "Tracebacks (bugs)"),
     ):
         items = sorted(by_status.get(status, []), key=lambda r: (r["lib"], r["family"], r["model"]))
@@ -803,7 +809,7 @@ def distill_section(rows: list[dict], distill: dict) -> list[str]:
         "- "
         + ", ".join(
             f"{status}: {sum(1 for r in measured if r['status'] == status)}"
-            for status in ("pass", "gate", "error", "timeout", "traceback")
+            for status in ("pass", "gate", "error", "timeout", "killed", "traceback")
         ),
         "",
         "| family | model | px | fused blocks | verify max abs | seconds | result |",

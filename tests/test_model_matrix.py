@@ -75,7 +75,8 @@ def test_classify_exit_status():
     assert mm.classify(1, "error: stage 'export' failed its checks") == "gate"
     assert mm.classify(2, "error: export: the fp16 conversion of timm:x failed: ...") == "error"
     assert mm.classify(2, "Traceback (most recent call last):\n  ...\nValueError: x") == "traceback"
-    assert mm.classify(-11, "") == "traceback"
+    assert mm.classify(-11, "") == "traceback"  # a crash: a bug
+    assert mm.classify(-9, "") == "killed"  # the kernel's out-of-memory killer: the machine's limit
     assert mm.classify(None, "") == "timeout"
     assert mm.precision_of("onnx_fp16_min_cosine") == "fp16" and mm.precision_of("int8_qdq_tensorrt") == "int8"
     assert mm.precision_of("batch_consistency") == "fp32"
@@ -141,7 +142,7 @@ def test_the_checkpoint_worker_serves_models_and_is_replaced_when_it_fails(tmp_p
             rc, _, _, _ = worker.make("timm:resnet10t", 32, tmp_path / "d.safetensors", 120, log)
             os.kill(worker.proc.pid, 9)
             rc, _, err, _ = worker.make("timm:resnet10t", 32, tmp_path / "e.safetensors", 120, log)
-            assert rc == -9 and mm.classify(rc, err) == "traceback" and worker.proc is None
+            assert rc == -9 and mm.classify(rc, err) == "killed" and worker.proc is None
         finally:
             worker.close()
 
