@@ -14,9 +14,11 @@ import numpy as np
 from exports.runners import OnnxrtRunner
 
 
-def onnx_latency(path: str | Path, input_size: int, batch: int = 1, warmup: int = 3, runs: int = 20) -> dict:
+def onnx_latency(
+    path: str | Path, input_size: int, batch: int = 1, warmup: int = 3, runs: int = 20, optimization: str = "all"
+) -> dict:
     """Median and 90th-percentile wall time of ``runs`` forward passes after ``warmup`` ones, in ms."""
-    with OnnxrtRunner(path) as runner:
+    with OnnxrtRunner(path, optimization=optimization) as runner:
         feed = {runner.input_names[0]: np.random.default_rng(0).standard_normal((batch, 3, input_size, input_size))}
         feed = {k: v.astype(np.float32) for k, v in feed.items()}
         for _ in range(warmup):
@@ -34,4 +36,5 @@ def onnx_latency(path: str | Path, input_size: int, batch: int = 1, warmup: int 
             "runs": runs,
             "provider": runner.session.get_providers()[0],
             "intra_op_threads": options.intra_op_num_threads,
+            "optimization": optimization,
         }

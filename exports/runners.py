@@ -113,6 +113,22 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or "Failed to allocate memory" in text or "bad_alloc" in text
 
 
+OPTIMIZATION_LEVELS = {
+    "all": "ORT_ENABLE_ALL",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "basic": "ORT_ENABLE_BASIC",
+    "disabled": "ORT_DISABLE_ALL",
+}
+# The level a precision's model gets on the CPU where it is not "all": ONNX Runtime's layout optimizations (level
+# "all" over "extended") crash the process while building the session of torchvision's ViT-B in fp16 (SIGSEGV,
+# onnxruntime 1.32 on a Xeon with AMX); the checks judge the graph's numbers, which the level does not change.
+CPU_OPTIMIZATION = {"fp16": "extended"}
+
+
+def cpu_optimization(precision: str) -> str:
+    return CPU_OPTIMIZATION.get(precision, "all")
+
+
 class OnnxrtRunner(BaseRunner):
     """An ONNX Runtime session on exactly ``provider``.
 
@@ -121,11 +137,20 @@ class OnnxrtRunner(BaseRunner):
     :class:`ModelFileError`.
     """
 
-    def __init__(self, path: str | Path, provider: str = "CPUExecutionProvider", threads: int | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        provider: str = "CPUExecutionProvider",
+        threads: int | None = None,
+        optimization: str = "all",
+    ):
         super().__init__(f"onnxrt:{Path(path).name}")
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise ValueError(f"optimization must be one of {', '.join(OPTIMIZATION_LEVELS)}, got {optimization!r}")
         self.path = Path(path)
         self.provider = provider
         self.threads = threads
+        self.optimization = optimization
         self.session = None
 
     def metadata(self) -> dict[str, str]:
@@ -144,6 +169,7 @@ class OnnxrtRunner(BaseRunner):
         if not self.path.is_file():
             raise ModelFileError(f"model file {self.path} does not exist")
         options = ort.SessionOptions()
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[self.optimization])
         if self.threads:
             options.intra_op_num_threads = self.threads
         state = require("onnxruntime.capi.onnxruntime_pybind11_state")

@@ -30,7 +30,7 @@ from exports.latency import onnx_latency
 from exports.metadata import DeployMeta
 from exports.onnx_export import export_onnx, exporter_name
 from exports.precisions import PRECISIONS, Conversion
-from exports.runners import OnnxrtRunner, infer_array
+from exports.runners import OnnxrtRunner, cpu_optimization, infer_array
 from exports.trt_commands import GOLDEN_INPUTS, GOLDEN_OUTPUTS, EngineTarget, build_script
 from pipeline.artifacts.checkpoint import ModelMeta
 from pipeline.artifacts.checks import TOLERANCES, Check, GateResult
@@ -230,7 +230,10 @@ class ExportStage(Stage):
                     ctx.log(f"[export] {note}")
             for spec in reduced:
                 if spec.golden_from_onnx:
-                    with step(f"the {spec.name} golden outputs"), OnnxrtRunner(files[spec.name]) as runner:
+                    with (
+                        step(f"the {spec.name} golden outputs"),
+                        OnnxrtRunner(files[spec.name], optimization=cpu_optimization(spec.name)) as runner,
+                    ):
                         outputs = infer_array(runner, golden, ort_batch(meta.input_size))
                     save_outputs(outputs, ctx.out / spec.golden_outputs, runner=f"onnxrt-{spec.name}")
 
@@ -240,7 +243,9 @@ class ExportStage(Stage):
         script.chmod(0o755)
         made = {p: ctx.out / f for p, f in ONNX_FILES.items() if (ctx.out / f).is_file()}
         with step("the ONNX Runtime latency measurement"):
-            result.report["latency"] = {p: onnx_latency(path, meta.input_size) for p, path in made.items()}  # ORT CPU
+            result.report["latency"] = {  # ORT CPU
+                p: onnx_latency(path, meta.input_size, optimization=cpu_optimization(p)) for p, path in made.items()
+            }
         if "int8" in made and times_cpu_int8(cfg):
             cpu = deploy_meta(meta, source, cfg, "int8", INT8_TARGETS.get("cpu").description)
             try:  # a figure beside the export, not part of it: where it cannot be made, say why and go on
@@ -358,7 +363,9 @@ def reduced_precision_gates(cfg: Config, meta: DeployMeta, files: dict[str, Path
     logits: dict[str, list[np.ndarray]] = {p: [] for p in files}
     labels = []
     with contextlib.ExitStack() as active:
-        runners = {p: active.enter_context(OnnxrtRunner(path)) for p, path in files.items()}
+        runners = {
+            p: active.enter_context(OnnxrtRunner(path, optimization=cpu_optimization(p))) for p, path in files.items()
+        }
         for images, batch_labels in eval_batches(cfg, meta, cfg.export.eval_samples):
             labels.append(batch_labels)
             for p, runner in runners.items():

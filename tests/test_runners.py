@@ -151,3 +151,24 @@ def test_a_chunk_without_memory_runs_again_in_halves_in_order():
     with SmallArena(limit=1, message="Invalid rank for input") as runner, pytest.raises(RuntimeError, match="rank"):
         infer_array(runner, np.arange(4.0))  # any other error is not retried
     assert runner.sizes == [4]
+
+
+def test_fp16_models_get_onnx_runtimes_extended_level_on_the_cpu(model):
+    """ONNX Runtime's layout optimizations crashed the export (SIGSEGV while building the session of
+    torchvision's ViT-B in fp16): fp16 sessions on the CPU are built at the extended level, the rest at all."""
+    import onnxruntime as ort
+
+    from exports.latency import onnx_latency
+    from exports.runners import cpu_optimization
+
+    _, path = model
+    assert cpu_optimization("fp16") == "extended"
+    assert cpu_optimization("fp32") == cpu_optimization("int8") == "all"
+    for level, expected in (("extended", "ORT_ENABLE_EXTENDED"), ("all", "ORT_ENABLE_ALL")):
+        with OnnxrtRunner(path, optimization=level) as runner:
+            used = runner.session.get_session_options().graph_optimization_level
+            assert used == getattr(ort.GraphOptimizationLevel, expected)
+            assert infer_array(runner, _images(2)).shape[0] == 2
+    with pytest.raises(ValueError, match="optimization must be one of"):
+        OnnxrtRunner(path, optimization="fastest")
+    assert onnx_latency(path, 8, runs=2, warmup=1, optimization="extended")["optimization"] == "extended"
