@@ -25,7 +25,7 @@ import numpy as np
 from .deps import require
 from .errors import EdgeError, ImageError, ModelFileError  # noqa: F401  (the runtime's errors, in one import)
 from .metadata import DeployMeta, MetadataError
-from .runners import BaseRunner, OnnxrtRunner
+from .runners import BaseRunner, OnnxrtRunner, cpu_optimization
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # The runtime on its own: what an app copies into a package of its own, and the packages it needs.
@@ -128,14 +128,24 @@ class Classifier:
     def _load_onnx(cls, path: Path, provider: str, threads: int | None) -> Classifier:
         if provider not in PROVIDERS:
             raise ModelFileError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
-        runner = OnnxrtRunner(path, PROVIDERS[provider], threads)
+        meta = cls._read_meta(path, provider, threads)
+        # The session is built at the level its precision runs safely at (fp16 on the CPU: see CPU_OPTIMIZATION),
+        # known only once the metadata has been read from an unoptimized session.
+        level = cpu_optimization(meta.precision) if provider == "cpu" else "all"
+        runner = OnnxrtRunner(path, PROVIDERS[provider], threads, optimization=level)
+        runner.activate()
+        return cls(meta, runner, path)
+
+    @staticmethod
+    def _read_meta(path: Path, provider: str, threads: int | None) -> DeployMeta:
+        runner = OnnxrtRunner(path, PROVIDERS[provider], threads, optimization="disabled")
         runner.activate()
         try:
-            meta = DeployMeta.from_props(runner.metadata(), str(path))
+            return DeployMeta.from_props(runner.metadata(), str(path))
         except MetadataError as exc:
-            runner.deactivate()
             raise ModelFileError(str(exc)) from None
-        return cls(meta, runner, path)
+        finally:
+            runner.deactivate()
 
     @classmethod
     def _load_engine(cls, path: Path) -> Classifier:

@@ -93,6 +93,20 @@ def test_top_k_on_saved_images(model_file, images):
     assert len(classifier.predict([images["red.png"]], top_k=10)[0]) == 3  # k is capped at the class count
 
 
+def test_fp16_models_get_the_cpu_level_the_export_checks_use(tmp_path):
+    """ONNX Runtime's level "all" crashed building torchvision ViT-B fp16 sessions: the runtime learns the
+    precision from the model's metadata first, then builds the session at the level the checks use."""
+    import onnxruntime as ort
+
+    for precision, level in (("fp16", "ORT_ENABLE_EXTENDED"), ("fp32", "ORT_ENABLE_ALL")):
+        meta = DeployMeta(**{**META.__dict__, "precision": precision})
+        path = export_onnx(Brightness(), tmp_path / f"{precision}.onnx", 32, 18, False, meta)
+        with Classifier.load(path) as classifier:
+            assert classifier.meta.precision == precision
+            used = classifier.runner.session.get_session_options().graph_optimization_level
+            assert used == getattr(ort.GraphOptimizationLevel, level)
+
+
 def test_top_classes_orders_and_names():
     logits = np.array([[0.0, 2.0, 1.0], [5.0, 5.0, -1.0]], dtype=np.float32)
     rows = top_classes(logits, 2, META)
