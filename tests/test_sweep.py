@@ -42,6 +42,9 @@ def test_grid_is_methods_by_seeds_by_axes_with_one_shared_teacher(tmp_path):
         assert cell.teacher == teacher.key
     names = {c.name for c in sweep.cells}
     assert "default-kd-seed1-student.optim.lr=0.05" in names
+    # seed-major within each axis combination: a sweep cut short has each method's first seed
+    assert [c.labels["seed"] for c in sweep.cells[:6]] == [0, 0, 0, 1, 1, 1]
+    assert [c.labels["method"] for c in sweep.cells[:3]] == ["kd", "vanilla", "dkd"]
     labels = next(c.labels for c in sweep.cells if c.name == "default-dkd-seed0-student.optim.lr=0.01")
     assert labels == {"preset": "default", "method": "dkd", "seed": 0, "student.optim.lr": "0.01"}
 

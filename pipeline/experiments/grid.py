@@ -217,8 +217,9 @@ def expand_grid(
             # One teacher for every method and seed of this combination: trained with --teacher-seed, else the
             # first seed of the grid, else the config's seed.
             tseed = teacher_seed if teacher_seed is not None else seeds[0] if seeds else base.seed
-            for method in methods or [base.student.method]:
-                for seed in seeds or [base.seed]:
+            # Seed-major: a sweep cut short has every method's first seeds, not every seed of the first methods.
+            for seed in seeds or [base.seed]:
+                for method in methods or [base.student.method]:
                     cfg = resolve([*cell_sets, f"student.method={method}", f"seed={seed}"])
                     args = [*source, *set_args, "--method", method, "--seed", str(seed)]
                     key = None
