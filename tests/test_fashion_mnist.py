@@ -14,7 +14,7 @@ from PIL import Image
 from exports.metadata import DeployMeta
 from exports.runtime import preprocess
 from pipeline.config import DataConfig, list_presets, load_config
-from pipeline.data import idx, load_data
+from pipeline.data import DataBundle, RawData, idx, load_data
 from pipeline.errors import ConfigError, DatasetError
 from stages.export import deploy_transform
 
@@ -201,9 +201,28 @@ def test_fmnist_presets_name_their_pair():
     assert names
     for name in names:
         cfg = load_config(name)
+        assert cfg.data.dataset == "fashion_mnist"
+        if name.startswith("fmnist-teacher-"):  # trains the teacher that a students' preset imports
+            assert (cfg.teacher.arch, cfg.teacher.source) == (name.removeprefix("fmnist-teacher-"), "train")
+            continue
         _, teacher, student = name.split("-")[:3]
-        assert (cfg.data.dataset, cfg.teacher.arch, cfg.student.arch) == ("fashion_mnist", teacher, student)
-        assert cfg.teacher.source == "train"
+        assert (cfg.teacher.arch, cfg.student.arch) == (teacher, student)
+
+
+def test_the_students_held_out_images_are_held_out_from_the_imported_teacher_too():
+    """The students' val share (and so their plateau check) is never an image the strong teacher trained on."""
+    teacher_cfg, student_cfg = load_config("fmnist-teacher-resnet20"), load_config("fmnist-resnet20-mobile_half")
+    assert student_cfg.teacher.source == "import" and student_cfg.teacher.arch == teacher_cfg.teacher.arch
+    raw = RawData(train=range(60_000), test=range(10_000), info=None)  # only the split's indices are read
+
+    def split(cfg, name):
+        bundle = DataBundle(raw, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.train_subset)
+        return set(bundle.source(name).indices)
+
+    teacher_train, student_val = split(teacher_cfg, "train"), split(student_cfg, "val")
+    assert len(teacher_train) == 54_000 and len(student_val) == 2_000
+    assert not student_val & teacher_train
+    assert len(split(student_cfg, "train")) == 8_000
 
 
 # --- the whole pipeline on real images ------------------------------------------------------------------
