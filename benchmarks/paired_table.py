@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipeline.report.collect import RunData, read_runs
+from pipeline.report.table import Stat
 
 
 def plateau(run: RunData, points: float) -> tuple[bool | None, str]:
@@ -32,13 +33,6 @@ def plateau(run: RunData, points: float) -> tuple[bool | None, str]:
     tail = vals[-max(2, math.ceil(len(vals) / 5)) :]
     spread = max(tail) - min(tail)
     return spread <= points, f"{min(tail):.2f}-{max(tail):.2f} over the last {len(tail)} of {len(vals)} epochs"
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
 
 
 def table(root: Path, pairs: list[tuple[str, str]], points: float, test_images: int) -> str:
@@ -61,11 +55,11 @@ def table(root: Path, pairs: list[tuple[str, str]], points: float, test_images: 
         out.append(f"| teacher | {' | '.join('' for _ in seeds)} | {teacher:.2f} | | |")
     for method, cells in by_method.items():
         tests = [cells[s].metric("train", "test_top1") for s in seeds if s in cells]
-        vals = [cells[s].metric("train", "val_top1") for s in seeds if s in cells]
+        vals = [v for s in seeds if s in cells and (v := cells[s].metric("train", "val_top1")) is not None]
         minutes = [cells[s].manifests["train"].meta.get("duration_s", 0) / 60 for s in seeds if s in cells]
         row = [f"{cells[s].metric('train', 'test_top1'):.2f}" if s in cells else "" for s in seeds]
         out.append(
-            f"| {method} | {' | '.join(row)} | {_mean_std(tests)} | {_mean_std([v for v in vals if v is not None])} "
+            f"| {method} | {' | '.join(row)} | {Stat(tests).format()} | {Stat(vals).format()} "
             f"| {statistics.mean(minutes):.1f} min |"
         )
 
