@@ -1,16 +1,19 @@
 """``python -m pipeline`` and the ``kdpipe`` console script: see :mod:`pipeline.cli`."""
 
 import os
-import signal
 import sys
+
+from pipeline import interrupts
 
 
 def main() -> None:
     """Both entry points: the CLI, or its one-line error when click or torch cannot be imported (the CLI's
     promise, kept before the CLI exists), and exit status 130 for a Ctrl-C while the imports run."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # before the imports: not death by the signal
+    interrupts.catch()  # before the imports: not death by the signal, and not lost inside one
     try:
         from pipeline.cli import main as cli_main
+
+        interrupts.check()
     except KeyboardInterrupt:
         sys.exit(130)
     except ImportError as exc:  # click or another core package is missing: the CLI's one line, without the CLI

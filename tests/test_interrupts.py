@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import interrupts
 from pipeline.artifacts.store import RunStore
 from pipeline.cli import main, run_cli
 
@@ -72,6 +73,49 @@ def test_sigint_during_startup_is_130_not_death_by_signal(tmp_path, delay):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (proc.returncode, err)
     assert "Traceback" not in err
+
+
+def test_a_ctrl_c_inside_an_import_is_raised_once_the_import_is_over(tmp_path, monkeypatch):
+    """Raised inside ``import torch`` it was lost (torch drops what its numpy import raises) or fatal (pybind11
+    aborts): the handler holds it until the import has finished."""
+    (tmp_path / "interrupted_module.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(0.3)\nFINISHED = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    interrupts.catch()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            import interrupted_module  # noqa: F401
+
+            time.sleep(10)
+            pytest.fail("the held signal was never raised")
+        assert sys.modules["interrupted_module"].FINISHED
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.modules.pop("interrupted_module", None)
+
+
+def test_a_ctrl_c_a_library_swallowed_stops_the_run_before_its_first_stage(tmp_path, tiny_overrides, monkeypatch):
+    import pipeline.config
+
+    load_config = pipeline.config.load_config
+
+    def swallowing(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)
+        except KeyboardInterrupt:
+            pass  # what a library's ``except BaseException`` does
+        return load_config(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.config, "load_config", swallowing)
+    out = tmp_path / "run"
+    interrupts.catch()
+    try:
+        assert run_cli(["run", "teacher", "--out", str(out), *_tiny_args(tiny_overrides)]) == 130
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert not (out / "teacher").exists()
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from exports.errors import EdgeError
+from pipeline import interrupts
 from pipeline.cli.experiments import compare, report, sweep
 from pipeline.errors import (
     CheckFailedError,
@@ -390,6 +391,7 @@ for _command in (sweep, compare, report):  # the experiment commands, defined in
 
 def run_cli(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit status (user errors print one line, never a traceback)."""
+    interrupts.forget()
     try:
         cli.main(args=argv, prog_name="python -m pipeline", standalone_mode=False)
     except (PipelineError, EdgeError) as exc:
@@ -421,15 +423,9 @@ def _interrupted_exit() -> int:
     return 130
 
 
-def catch_interrupts() -> None:
-    """Turn SIGINT into KeyboardInterrupt even where the parent ignored it: a shell starts background jobs with
-    SIGINT ignored, and Python keeps that, so an interrupted run would carry on to the end."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def main() -> None:
     """The console entry point: exit 130 after cleaning up when interrupted, at any moment, never by the signal."""
-    catch_interrupts()
+    interrupts.catch()
     try:
         code = run_cli()
     except KeyboardInterrupt:  # between run_cli's handlers, e.g. a second Ctrl-C while the first is reported

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pipeline import interrupts
 from pipeline.artifacts.code_version import changed_files, source_hashes, stage_code_version
 from pipeline.artifacts.manifest import Manifest, environment, fingerprint
 from pipeline.artifacts.store import RunStore, describe_file, disk_errors, external_input
@@ -236,6 +237,7 @@ def run_stage(
     keep: frozenset[str] = frozenset(),
 ) -> Outcome | None:
     """Run one stage if it is stale. Under torchrun rank 0 decides and commits; ``None`` on ranks that sit it out."""
+    interrupts.check()  # a Ctrl-C that a library swallowed (during ``import torch``) stops the run here
     stage = get_stage(name)
     current = world()
     if current.is_distributed and not stage.distributed:
