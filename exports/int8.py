@@ -39,6 +39,7 @@ from exports.deps import require
 from exports.errors import MissingDependencyError
 from exports.metadata import INPUT_NAME, DeployMeta
 from exports.onnx_export import check_onnx, write_metadata
+from exports.runners import TENSORRT_INT8
 from pipeline.artifacts.atomic import atomic_write_text
 from pipeline.artifacts.hashing import sha256_bytes, sha256_file, sha256_json
 from pipeline.errors import UnsupportedModelError, one_line
@@ -273,7 +274,7 @@ INT8_TARGETS: Registry[Int8Target] = Registry("INT8 target")
 for _target in (
     Int8Target(
         "tensorrt",
-        "int8 Q/DQ, symmetric, per-channel weights (TensorRT explicit quantization)",
+        TENSORRT_INT8,
         _tensorrt_options,
         builds_engine=True,
     ),

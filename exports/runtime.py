@@ -129,9 +129,9 @@ class Classifier:
         if provider not in PROVIDERS:
             raise ModelFileError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
         meta = cls._read_meta(path, provider, threads)
-        # The session is built at the level its precision runs safely at (fp16 on the CPU: see CPU_OPTIMIZATION),
+        # The session is built at the level where its numbers are its graph's (see cpu_optimization),
         # known only once the metadata has been read from an unoptimized session.
-        level = cpu_optimization(meta.precision) if provider == "cpu" else "all"
+        level = cpu_optimization(meta.precision, meta.quantization) if provider == "cpu" else "all"
         runner = OnnxrtRunner(path, PROVIDERS[provider], threads, optimization=level)
         runner.activate()
         return cls(meta, runner, path)

@@ -232,7 +232,7 @@ class ExportStage(Stage):
                 if spec.golden_from_onnx:
                     with (
                         step(f"the {spec.name} golden outputs"),
-                        OnnxrtRunner(files[spec.name], optimization=cpu_optimization(spec.name)) as runner,
+                        OnnxrtRunner(files[spec.name], optimization=_cpu_level(cfg, spec.name)) as runner,
                     ):
                         outputs = infer_array(runner, golden, ort_batch(meta.input_size))
                     save_outputs(outputs, ctx.out / spec.golden_outputs, runner=f"onnxrt-{spec.name}")
@@ -244,7 +244,7 @@ class ExportStage(Stage):
         made = {p: ctx.out / f for p, f in ONNX_FILES.items() if (ctx.out / f).is_file()}
         with step("the ONNX Runtime latency measurement"):
             result.report["latency"] = {  # ORT CPU
-                p: onnx_latency(path, meta.input_size, optimization=cpu_optimization(p)) for p, path in made.items()
+                p: onnx_latency(path, meta.input_size, optimization=_cpu_level(cfg, p)) for p, path in made.items()
             }
         if "int8" in made and times_cpu_int8(cfg):
             cpu = deploy_meta(meta, source, cfg, "int8", INT8_TARGETS.get("cpu").description)
@@ -266,6 +266,12 @@ class ExportStage(Stage):
 
 
 CPU_INT8_SAMPLES = 32  # calibration images of the cpu-target model timed beside another target's: speed only
+
+
+def _cpu_level(cfg: Config, precision: str) -> str:
+    """The ONNX Runtime level at which this export's ``precision`` model is judged, timed and its goldens made."""
+    target = INT8_TARGETS.get(cfg.export.int8_target).description if precision == "int8" else ""
+    return cpu_optimization(precision, target)
 
 
 def times_cpu_int8(cfg: Config) -> bool:
@@ -364,7 +370,7 @@ def reduced_precision_gates(cfg: Config, meta: DeployMeta, files: dict[str, Path
     labels = []
     with contextlib.ExitStack() as active:
         runners = {
-            p: active.enter_context(OnnxrtRunner(path, optimization=cpu_optimization(p))) for p, path in files.items()
+            p: active.enter_context(OnnxrtRunner(path, optimization=_cpu_level(cfg, p))) for p, path in files.items()
         }
         for images, batch_labels in eval_batches(cfg, meta, cfg.export.eval_samples):
             labels.append(batch_labels)

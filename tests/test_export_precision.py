@@ -13,7 +13,9 @@ per-tensor INT8 activations cannot represent together with the others, and which
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -33,6 +35,7 @@ from exports.runners import OnnxrtRunner, infer_array, run_onnx
 
 pytestmark = pytest.mark.accuracy  # verdicts on trained or converted models (CI reruns these under AVX2)
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZE = 16
 CLASSES = 3
 
@@ -370,3 +373,21 @@ def iter_reader(batches: list[dict]):
             return batches.pop(0) if batches else None
 
     return Reader()
+
+
+def test_int8_sensitivity_tells_a_faithful_int8_graph_from_one_that_lost_channels(onnx_models, data, tmp_path):
+    """benchmarks/int8_sensitivity.py: SQNR against fp32 of every quantized tensor in graph order, then the
+    logits; the broken model's per-tensor scale, set by one huge channel, zeroes the channels fc reads."""
+    spec = importlib.util.spec_from_file_location("int8_sensitivity", ROOT / "benchmarks" / "int8_sensitivity.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    calibration, test, _ = data
+    cache = CalibrationCache(tmp_path / "cache")
+    logits = {}
+    for name in ("ok", "int8_broken"):
+        dst = tmp_path / f"{name}.int8.onnx"
+        quantize_int8(onnx_models[name], dst, calibration, cache, META)
+        rows = script.sensitivity(Path(onnx_models[name]), dst, [test[:64], test[64:]])
+        assert rows[-1][:2] == ("logits", "output") and len(rows) > 2
+        logits[name] = rows[-1][2]
+    assert logits["ok"] > 25 > 10 > logits["int8_broken"], logits

@@ -158,12 +158,15 @@ def test_fp16_models_get_onnx_runtimes_extended_level_on_the_cpu(model):
     torchvision's ViT-B in fp16): fp16 sessions on the CPU are built at the extended level, the rest at all."""
     import onnxruntime as ort
 
+    from exports.int8 import INT8_TARGETS
     from exports.latency import onnx_latency
     from exports.runners import cpu_optimization
 
     _, path = model
     assert cpu_optimization("fp16") == "extended"
     assert cpu_optimization("fp32") == cpu_optimization("int8") == "all"
+    assert cpu_optimization("int8", INT8_TARGETS.get("cpu").description) == "all"
+    assert cpu_optimization("int8", INT8_TARGETS.get("tensorrt").description) == "disabled"
     for level, expected in (("extended", "ORT_ENABLE_EXTENDED"), ("all", "ORT_ENABLE_ALL")):
         with OnnxrtRunner(path, optimization=level) as runner:
             used = runner.session.get_session_options().graph_optimization_level

@@ -93,14 +93,24 @@ def test_top_k_on_saved_images(model_file, images):
     assert len(classifier.predict([images["red.png"]], top_k=10)[0]) == 3  # k is capped at the class count
 
 
-def test_fp16_models_get_the_cpu_level_the_export_checks_use(tmp_path):
-    """ONNX Runtime's level "all" crashed building torchvision ViT-B fp16 sessions: the runtime learns the
-    precision from the model's metadata first, then builds the session at the level the checks use."""
+def test_fp16_and_int8_models_get_the_cpu_level_the_export_checks_use(tmp_path):
+    """ONNX Runtime's level "all" crashed building torchvision ViT-B fp16 sessions, and its fused integer kernels
+    departed from a TensorRT-target INT8 graph: the runtime learns precision and quantization from the model's
+    metadata first, then builds the session at the level the checks use."""
     import onnxruntime as ort
 
-    for precision, level in (("fp16", "ORT_ENABLE_EXTENDED"), ("fp32", "ORT_ENABLE_ALL")):
-        meta = DeployMeta(**{**META.__dict__, "precision": precision})
-        path = export_onnx(Brightness(), tmp_path / f"{precision}.onnx", 32, 18, False, meta)
+    from exports.int8 import INT8_TARGETS
+
+    tensorrt, cpu = (INT8_TARGETS.get(t).description for t in ("tensorrt", "cpu"))
+    cases = [
+        ("fp16", "", "ORT_ENABLE_EXTENDED"),
+        ("fp32", "", "ORT_ENABLE_ALL"),
+        ("int8", tensorrt, "ORT_DISABLE_ALL"),  # its Q/DQ graph as written, as TensorRT computes it
+        ("int8", cpu, "ORT_ENABLE_ALL"),  # fused integer kernels, as it is deployed
+    ]
+    for i, (precision, quantization, level) in enumerate(cases):
+        meta = DeployMeta(**{**META.__dict__, "precision": precision, "quantization": quantization})
+        path = export_onnx(Brightness(), tmp_path / f"{i}.onnx", 32, 18, False, meta)
         with Classifier.load(path) as classifier:
             assert classifier.meta.precision == precision
             used = classifier.runner.session.get_session_options().graph_optimization_level
