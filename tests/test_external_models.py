@@ -112,6 +112,12 @@ def test_input_too_small_for_the_model_is_a_config_error():
         build_model("torchvision:alexnet", CLASSES, 8)
 
 
+def test_a_library_assert_on_the_input_size_is_a_config_error():
+    # timm's halo attention asserts with an empty message; the line must still say what and where
+    with pytest.raises(ConfigError, match=r"cannot run timm:halonet_h1 on 64 px inputs: AssertionError at .*halo_attn"):
+        build_model("timm:halonet_h1", CLASSES, 64)
+
+
 def test_cli_refuses_unknown_timm_name_in_one_line(capsys):
     assert run_cli(["run", "--set", "student.arch=timm:resnet5", "--out", "/nonexistent/x"]) == 2
     err = capsys.readouterr().err.strip()
