@@ -47,6 +47,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -85,6 +86,8 @@ DISTILL_SETS = (
     "student.optim.milestones=[]",
     "verify.samples=32",
 )
+# a student with fewer sites than the default 3 layers: distilled again with as many layers as it has
+SITES_REFUSAL = re.compile(r"declares (\d+) re-parameterization sites")
 
 # --- the catalogue: families and their smallest variant ---
 
@@ -609,21 +612,29 @@ def run_distill(
         sizes = _sizes(sizes[-1], first_size)
     if export and export.get("status") in ("pass", "gate"):  # a size the model is known to take
         sizes = [export["size"]]
+    plan = [(size, None) for size in sizes]
     with open(logs / f"{safe}.distill.log", "w") as log:
-        for size in sizes:
+        while plan and time.monotonic() < deadline:
+            size, layers = plan.pop(0)
             shutil.rmtree(work, ignore_errors=True)
             cmd = [sys.executable, "-m", "pipeline", "run", *DISTILL_STAGES, "--out", str(work)]
-            for item in (f"student.arch={key}", f"data.image_size={size}", *DISTILL_SETS, *extra):
+            layer_set = [f"student.method_args.layers={layers}"] if layers else []
+            for item in (f"student.arch={key}", f"data.image_size={size}", *DISTILL_SETS, *layer_set, *extra):
                 cmd += ["--set", item]
             rc, _, stderr, secs = run_child(cmd, deadline - time.monotonic(), log, cpu)
             status = classify(rc, stderr)
             attempt = {"size": size, "rc": rc, "status": status, "seconds": round(secs, 1), **read_distill(work)}
             attempt["command"] = " ".join(cmd)
+            if layers:
+                attempt["layers"] = layers
             if status != "pass":
                 attempt["error"] = failure_line(status, rc, stderr, timeout)
             result["attempts"].append(attempt)
-            if status in ("pass", "gate", "timeout") or time.monotonic() >= deadline:
+            if status != "error":
                 break
+            sites = SITES_REFUSAL.search(attempt["error"])
+            if sites:  # the model, not the size: fewer layers where it has a site at all, no other size
+                plan = [(size, int(sites[1]))] if int(sites[1]) and not layers else []
     final = result["attempts"][-1]
     result |= {"status": final["status"], "size": final["size"], "error": final.get("error", "")}
     shutil.rmtree(work, ignore_errors=True)  # the log keeps what the stages printed
@@ -675,8 +686,9 @@ def result_cell(r: dict, detail: str = "") -> str:
     reason = (r["error"] or detail).removeprefix("error: ")
     cell = r["status"] if r["status"] == "pass" else f"{r['status']}: {reason}"
     if len(r["attempts"]) > 1:
-        first = r["attempts"][0]
-        cell += f" (at {first['size']} px: {first['status']}: {first.get('error', '').removeprefix('error: ')})"
+        first = r["attempts"][-2] if r["attempts"][-1].get("layers") else r["attempts"][0]
+        where = "with 3 layers" if r["attempts"][-1].get("layers") else f"at {first['size']} px"
+        cell += f" ({where}: {first['status']}: {first.get('error', '').removeprefix('error: ')})"
     return cell
 
 
@@ -695,6 +707,7 @@ def write_doc(
     started: str | None,
     machines: list[str] | None = None,
     distill: dict | None = None,
+    distill_run: dict | None = None,
 ) -> None:
     measured = [results[r["key"]] for r in rows if r["key"] in results]
     missing = [r for r in rows if r["key"] not in results]
@@ -786,14 +799,17 @@ def write_doc(
             for c in (row["family"], f"`{row['model']}`", params, str(r["size"]), *cells, lat_cell, result)
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += distill_section(rows, distill or {})
+    lines += distill_section(rows, distill or {}, distill_run or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
 
-def distill_section(rows: list[dict], distill: dict) -> list[str]:
-    """The ``--distill`` results: every model of the catalogue, measured or not."""
+def distill_section(rows: list[dict], distill: dict, run: dict) -> list[str]:
+    """The ``--distill`` results: every model of the catalogue, measured or not; ``run``: the state's
+    ``distill_started``, ``distill_machines`` and ``distill_commands``."""
     measured = [distill[r["key"]] for r in rows if r["key"] in distill]
+    total_s = sum(a["seconds"] for r in measured for a in r["attempts"])
+    commands = run.get("distill_commands") or []
     lines = [
         "",
         "## Distillation path",
@@ -802,9 +818,15 @@ def distill_section(rows: list[dict], distill: dict) -> list[str]:
         f"teacher, stages `{' '.join(DISTILL_STAGES)}` on a few synthetic images (`{' '.join(DISTILL_SETS)}`): "
         "the branches placed and trained a few steps, fused back into the plain model, and the fused model checked "
         "against the trained one (`verify`). No accuracy is judged. Refused in one line (exit 2) is a student "
-        "KDiffusion does not accept (no site to branch, e.g. LayerNorm-only models), with the reason.",
+        "KDiffusion does not accept (no site to branch, e.g. LayerNorm-only models), with the reason. A student "
+        "with fewer than the default 3 sites is distilled again with as many layers as it has "
+        "(`student.method_args.layers=N`, what the refusal tells a user to set): `layers` is the count that ran.",
         "",
-        f"- measured: **{len(measured)} of {len(rows)} models**"
+        f"- machine{'s' if len(run.get('distill_machines') or []) > 1 else ''}: "
+        f"{'; '.join(run.get('distill_machines') or ['-'])}",
+        f"- run started: {run.get('distill_started', '-')}",
+        f"- command{'s' if len(commands) > 1 else ''}: `{' ; '.join(commands) or '-'}`",
+        f"- measured: **{len(measured)} of {len(rows)} models**, {total_s / 60:.0f} min of subprocess time"
         + (f"; {len(rows) - len(measured)} not measured yet" if len(measured) < len(rows) else ""),
         "- "
         + ", ".join(
@@ -812,20 +834,22 @@ def distill_section(rows: list[dict], distill: dict) -> list[str]:
             for status in ("pass", "gate", "error", "timeout", "killed", "traceback")
         ),
         "",
-        "| family | model | px | fused blocks | verify max abs | seconds | result |",
-        "|---|---|---|---|---|---|---|",
+        "| family | model | px | layers | fused blocks | verify max abs | seconds | result |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(rows, key=lambda r: (r["lib"] != "timm", r["family"], r["model"])):
         r = distill.get(row["key"])
         if r is None:
-            lines.append(f"| {row['family']} | `{row['model']}` | | | | | not measured yet |")
+            lines.append(f"| {row['family']} | `{row['model']}` | | | | | | not measured yet |")
             continue
         final = r["attempts"][-1]
+        layers = str(final.get("layers", 3)) if r["status"] == "pass" else "-"
         result = result_cell(r, "; ".join(final["failed"]))
         cells = (
             row["family"],
             f"`{row['model']}`",
             str(r["size"]),
+            layers,
             _fmt(final.get("fused_blocks", "-")),
             _fmt(final.get("max_abs", "-")),
             _fmt(sum(a["seconds"] for a in r["attempts"])),
@@ -843,7 +867,7 @@ def write_state_doc(doc: Path, state: dict, rows: list[dict], precisions: list[s
     results, distill = state.get("results", {}), state.get("distill", {})
     known = {r["key"] for r in rows}
     rows = rows + [row_of(key, results.get(key)) for key in sorted({*results, *distill} - known)]
-    write_doc(doc, results, rows, precisions, command, state.get("started"), state.get("machines"), distill)
+    write_doc(doc, results, rows, precisions, command, state.get("started"), state.get("machines"), distill, state)
 
 
 def row_of(key: str, result: dict | None) -> dict:
@@ -916,12 +940,14 @@ def main(argv: list[str] | None = None) -> int:
     state = json.loads(results_path.read_text()) if results_path.exists() else {}
     section = "distill" if args.distill else "results"
     results: dict = state.get(section, {})
-    state.setdefault("started", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    prefix = "distill_" if args.distill else ""  # each path keeps its own start, machines and commands
     if not args.doc_only:
-        state.setdefault("commands", []).append("OMP_NUM_THREADS=1 python benchmarks/model_matrix.py " + " ".join(argv))
+        state.setdefault(prefix + "started", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        line = "OMP_NUM_THREADS=1 python benchmarks/model_matrix.py " + " ".join(argv)
+        state.setdefault(prefix + "commands", []).append(line)
         machine = describe_machine()
-        if machine not in state.setdefault("machines", []):
-            state["machines"].append(machine)
+        if machine not in state.setdefault(prefix + "machines", []):
+            state[prefix + "machines"].append(machine)
     command = " ; ".join(state.get("commands", [])) or "(none)"
     doc = args.doc or args.out / "model-matrix.md"
     todo = [r for r in rows if r["key"] not in results]

@@ -48,7 +48,7 @@ def test_variants_are_registered_with_their_defaults():
         ({"layers": 1.5}, "layers must be an integer"),
         ({"target_mode": "noise"}, "target_mode"),
         ({"schedule": "sigmoid"}, "unknown schedule"),
-        ({"layers": 4}, "declares 3 re-parameterization sites"),
+        ({"layers": 4}, "declares 3 re-parameterization sites.*set student.method_args.layers=3"),
         ({"feature_loss": "kl"}, "feature_loss"),
         ({"lambda_guided": -0.1}, r"option lambda_guided must be in \[0, 1e\+06\]"),
         ({"branches": 4}, "has no option 'branches'"),

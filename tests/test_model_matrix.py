@@ -224,3 +224,28 @@ def test_matrix_sample_has_verdicts_and_no_traceback(tmp_path):
     doc = (tmp_path / "model-matrix.md").read_text()
     assert "## Distillation path" in doc and f"**{len(distilled)} of {len(SAMPLE)} models**" in doc
     assert f"**{len(SAMPLE)} of {len(SAMPLE)} models**" in doc  # the export matrix still in the doc
+
+
+def test_a_student_with_fewer_sites_is_distilled_with_as_many_layers(tmp_path, monkeypatch):
+    """The refusal names the sites the model has; the matrix runs it again with that many layers, at the same size,
+    and a student with none is not retried at another size (BatchNorm does not come with more pixels)."""
+    matrix = load_matrix()
+    calls = []
+
+    def fake_child(cmd, timeout, log, cpu):
+        calls.append(cmd)
+        arch = cmd[cmd.index("--set") + 1]
+        if "layers=2" in " ".join(cmd):
+            return 0, "", "", 1.0
+        sites = 2 if "fastvit" in arch else 0
+        return 2, "", f"error: student X declares {sites} re-parameterization sites; KDiffusion with layers=3", 1.0
+
+    monkeypatch.setattr(matrix, "run_child", fake_child)
+    row = {"key": "timm:fastvit_t8", "sizes": [64, 256]}
+    r = matrix.run_distill(row, tmp_path, 60, [])
+    assert r["status"] == "pass" and [a["size"] for a in r["attempts"]] == [64, 64]
+    assert r["attempts"][-1]["layers"] == 2 and "student.method_args.layers=2" in calls[-1]
+    assert "with 3 layers: error" in matrix.result_cell(r)
+    calls.clear()
+    r = matrix.run_distill({"key": "timm:vit_tiny_patch16_224", "sizes": [64, 224]}, tmp_path, 60, [])
+    assert r["status"] == "error" and len(calls) == 1 and "declares 0" in r["error"]

@@ -261,9 +261,10 @@ def _paired_taps(student: nn.Module, teacher: nn.Module, layers: int) -> tuple[l
     if len(sites) < layers:
         skipped = getattr(getattr(student, "info", None), "extra", {}).get("skipped_sites") or []
         why = f" ({'; '.join(skipped)})" if skipped else ""
+        hint = f": set student.method_args.layers={len(sites)} to branch the deepest {len(sites)}" if sites else ""
         raise ConfigError(
             f"student {student_name} declares {len(sites)} re-parameterization sites{why}; KDiffusion with "
-            f"layers={layers} needs {layers}"
+            f"layers={layers} needs {layers}{hint}"
         )
     if len(stages) < layers:
         raise ConfigError(f"teacher {teacher_name} declares {len(stages)} stage taps; layers={layers} needs {layers}")
