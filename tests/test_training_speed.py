@@ -224,3 +224,23 @@ def test_the_benchmark_runs_end_to_end_at_tiny_settings(tmp_path):
     assert "- KD, 1 thread(s), batch 8: default now (channels_last) / peer = " in table
     runs = json.loads(out.with_suffix(".json").read_text())
     assert len(runs) == 6 and all(r["images_per_s"][0] > 0 for r in runs)
+
+
+def test_the_default_run_benchmark_pairs_arms_by_seed():
+    spec = importlib.util.spec_from_file_location("bench_default_run", BENCH.with_name("bench_default_run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(arm, seed, teacher_s, train_s, teacher, student):
+        stages = {"teacher": teacher_s, "train": train_s, "export": 5.0}
+        return {"arm": arm, "seed": seed, "total": teacher_s + train_s + 5.0, "stages": stages,
+                "top1": {"teacher": teacher, "train": student}, "speed": ""}  # fmt: skip
+
+    default = [run("default", 0, 60, 40, 90.0, 85.0), run("default", 1, 62, 38, 91.0, 84.5)]
+    baseline = [run("baseline", 0, 90, 60, 90.5, 85.0), run("baseline", 1, 88, 62, 90.0, 85.5)]
+    lines = module.summary(default, baseline)
+    assert "**0.67x** for the training stages" in lines[0] and "0.68x for the whole run" in lines[0]
+    assert lines[1].endswith("-0.50, +1.00") and lines[2].endswith("+0.00, -1.00")
+    rows = module.table("arm", default + baseline)
+    assert len(rows) == 6 and rows[2].startswith("| default | 0 | 105.0 | 60.0 | 40.0 | 5.0 | 90.00 | 85.00 |")
+    assert rows[5].startswith("| baseline | 1 | 155.0 |")
