@@ -47,6 +47,14 @@ TOLERANCES: dict[str, float] = {
 
 
 @dataclass(frozen=True)
+class Floor:
+    """A measured float-error level under which a ``<=`` gate cannot judge, and how it was measured."""
+
+    value: float
+    why: str
+
+
+@dataclass(frozen=True)
 class Check:
     """One gate: ``value op threshold``. Truthy when it passed."""
 
@@ -77,12 +85,29 @@ class Check:
         return cls.of(name, metric, value, TOLERANCES[key], op, detail)
 
     @classmethod
-    def scaled(cls, name: str, metric: str, value: float, atol_key: str, rtol_key: str, scale: float) -> Check:
+    def scaled(
+        cls,
+        name: str,
+        metric: str,
+        value: float,
+        atol_key: str,
+        rtol_key: str,
+        scale: float,
+        floor: Floor | None = None,
+    ) -> Check:
         """``value <= atol + rtol * scale``: an absolute bound on an error that grows with the reference's magnitude
-        ``scale`` (its max abs), so a correct result with huge activations passes and a wrong one still fails."""
+        ``scale`` (its max abs), so a correct result with huge activations passes and a wrong one still fails.
+        ``floor`` raises the bound to a measured float-error level where that is higher."""
         atol, rtol = TOLERANCES[atol_key], TOLERANCES[rtol_key]
         detail = f"(atol {atol:g} + rtol {rtol:g} x max |reference| {scale:.3g})"
-        return cls.of(name, metric, value, atol + rtol * scale, "<=", detail)
+        return cls.of(name, metric, value, atol + rtol * scale, "<=", detail).raised_to(floor)
+
+    def raised_to(self, floor: Floor | None) -> Check:
+        """This ``<=`` check with its threshold raised to ``floor.value`` where that is higher, saying so."""
+        if floor is None or self.op != "<=" or not floor.value > self.threshold:
+            return self
+        detail = f"(float-error floor: {floor.why})"
+        return Check.of(self.name, self.metric, self.value, floor.value, "<=", detail)
 
     def __bool__(self) -> bool:
         return self.passed

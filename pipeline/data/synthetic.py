@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from pipeline.config import DataConfig
@@ -102,16 +103,26 @@ def make_synthetic(num_classes: int, train_size: int, test_size: int, seed: int)
     return out[0], out[1]
 
 
+def resized(images: TensorImages, size: int) -> TensorImages:
+    """The same images at ``size`` px (bilinear, antialiased when shrinking), uint8 as rendered."""
+    pixels = images.images.float()
+    pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=size < _SIZE, align_corners=False)
+    return TensorImages(pixels.round().clamp(0, 255).to(torch.uint8), images.labels)
+
+
 @DATASETS.register(name="synthetic")
 def synthetic(cfg: DataConfig) -> RawData:
     num_classes = cfg.num_classes or DEFAULT_CLASSES
     train, test = make_synthetic(num_classes, cfg.synthetic.train_size, cfg.synthetic.test_size, cfg.synthetic.seed)
+    size = cfg.image_size or _SIZE
+    if size != _SIZE:  # the same task at another resolution, e.g. for a model that needs larger inputs
+        train, test = resized(train, size), resized(test, size)
     # Mean/std of the generator's pixel distribution, fixed so they do not depend on sample counts.
     info = DataInfo(
         name="synthetic",
         num_classes=num_classes,
         class_names=tuple(f"class_{i:02d}" for i in range(num_classes)),
-        input_size=_SIZE,
+        input_size=size,
         mean=(0.5, 0.5, 0.5),
         std=(0.15, 0.15, 0.15),
         recipe="cifar",

@@ -62,8 +62,15 @@ def write_json(path: Path, data: object) -> None:
 
 @torch.no_grad()
 def batched_logits(
-    model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 256
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    device: torch.device,
+    batch: int = 256,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """fp32 logits of ``model`` in eval mode on ``images``, ``batch`` at a time, on the CPU."""
+    """Logits of ``model`` in eval mode on ``images``, ``batch`` at a time, returned on the CPU in ``dtype`` (fp32;
+    float64 for a model cast to it, whose inputs are then cast too)."""
     model.to(device).eval()
-    return torch.cat([model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)])
+    chunks = (images[i : i + batch].to(device) for i in range(0, len(images), batch))
+    cast = torch.float64 if dtype == torch.float64 else None  # fp32 inputs stay as the model's autocast expects
+    return torch.cat([model(chunk.to(cast) if cast else chunk).to(dtype).cpu() for chunk in chunks])
