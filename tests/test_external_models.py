@@ -213,6 +213,20 @@ def test_repvgg_fusion_composes_with_timms_reparameterize(teacher):
     assert not any(isinstance(m, (MultiBranchConvBN, nn.BatchNorm2d)) for m in fused.modules())
 
 
+def test_branches_inside_a_library_block_with_its_own_fuse_are_restored_first(teacher):
+    # timm's RepViT ConvNorm.fuse() reads its own conv and BatchNorm, where KDiffusion put an m-branch block
+    torch.manual_seed(0)
+    student = _calibrating(build_model("timm:repvit_m1", CLASSES, SIZE))
+    distiller = build_distiller("kdiffusion", student, teacher, {"warmup_epochs": 0})
+    assert len(multibranch_blocks(student)) == 3
+    _steps(distiller, 1)
+    fused = fuse_model(_recalibrated(student))
+    assert not any(isinstance(m, (MultiBranchConvBN, nn.BatchNorm2d)) for m in fused.modules())
+    images = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert _max_rel(student(images), fused(images)) <= 1e-4
+
+
 @pytest.mark.parametrize("teacher_name", ["timm:vit_tiny_patch16_224", "torchvision:resnet18"])
 def test_pooled_head_teachers_guide_through_their_classifier(teacher_name):
     torch.manual_seed(0)

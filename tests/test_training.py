@@ -86,9 +86,10 @@ def test_non_finite_loss_names_step_and_term_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_out_of_memory_suggests_a_smaller_batch(data):
+@pytest.mark.parametrize("failure", ["oom", "cpu_oom"])
+def test_out_of_memory_suggests_a_smaller_batch(data, failure):
     with pytest.raises(TrainingOutOfMemoryError, match=r"at epoch 1, step 2.*--set data.batch_size=8"):
-        _train(data, fail_at=2, failure="oom")
+        _train(data, fail_at=2, failure=failure)
 
 
 def test_tensorboard_events_hold_every_named_scalar(data, tmp_path):

@@ -53,6 +53,11 @@ class Scripted(Distiller):
             raise KeyboardInterrupt("simulated kill")
         if self.calls == self.fail_at and self.failure == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if self.calls == self.fail_at and self.failure == "cpu_oom":  # what torch's CPU allocator raises
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                "to allocate 1207959552 bytes. Error code 12 (Cannot allocate memory)"
+            )
         logits = self.student(images)
         self.dtypes["logits"] = logits.dtype
         with torch.autocast(images.device.type, enabled=False):  # an fp32 island, as KDiffusion's chain

@@ -94,8 +94,8 @@ def fuse_model(model: nn.Module, inplace: bool = False) -> nn.Module:
     then fold the remaining BatchNorms.
 
     Blocks that re-parameterize themselves in place (timm's RepVGG, MobileOne and FastViT blocks,
-    ``reparameterize()``) run first, outermost first, after any m-branch block inside them has been turned back
-    into the conv + BatchNorm they expect.
+    ``reparameterize()``) run first, outermost first, and library blocks with ``fuse()`` (timm's RepViT, iFormer,
+    SHViT), each after any m-branch block inside it has been turned back into the conv + BatchNorm it expects.
     """
     model = model if inplace else copy.deepcopy(model)
     model.eval()
@@ -108,8 +108,20 @@ def fuse_model(model: nn.Module, inplace: bool = False) -> nn.Module:
         except AttributeError:
             continue
         if callable(getattr(module, "fuse", None)):
+            if not callable(getattr(module, "fuse_conv_bn", None)):  # a library block, not an m-branch block
+                restore_conv_bn(model, name, module)
             model.set_submodule(name, module.fuse())
     return fold_batchnorm(model, inplace=True)
+
+
+def restore_conv_bn(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Turn every m-branch block inside ``module`` (at ``path`` in ``model``) back into the conv + BatchNorm that
+    the module's own fusion reads (timm's RepVGG/MobileOne ``reparameterize()``, RepViT's ``fuse()``)."""
+    for name, inner in list(module.named_modules()):
+        if inner is not module and callable(getattr(inner, "fuse_conv_bn", None)):
+            conv, bn = inner.fuse_conv_bn()
+            model.set_submodule(f"{path}.{name}" if path else name, conv)
+            model.set_submodule(inner.norm_path, bn)
 
 
 def reparameterize_blocks(model: nn.Module) -> int:
@@ -134,9 +146,5 @@ def reparameterize_blocks(model: nn.Module) -> int:
             return len(done)
         path, module = host
         done[id(module)] = module
-        for name, inner in list(module.named_modules()):
-            if callable(getattr(inner, "fuse_conv_bn", None)):
-                conv, bn = inner.fuse_conv_bn()
-                model.set_submodule(f"{path}.{name}" if path else name, conv)
-                model.set_submodule(inner.norm_path, bn)
+        restore_conv_bn(model, path, module)
         module.reparameterize()

@@ -103,8 +103,11 @@ def lr_at(epoch: int, cfg: OptimConfig) -> float:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
+    """A device's allocation failure: CUDA's, cuDNN/cuBLAS's, or the CPU allocator's (a plain RuntimeError)."""
     text = str(exc)
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+    return isinstance(exc, torch.OutOfMemoryError) or any(
+        marker in text for marker in ("out of memory", "ALLOC_FAILED", "can't allocate memory")
+    )
 
 
 def _out_of_memory(where: str, batch: int) -> TrainingOutOfMemoryError:
