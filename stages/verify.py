@@ -45,6 +45,7 @@ def verification_batch(cfg: Config, samples: int) -> tuple[torch.Tensor, torch.T
 # Two fp32 evaluations of one float64 function differ by up to about twice either one's rounding error; the factor
 # leaves as much again for the fused arithmetic's other order of operations.
 ROUNDING_FACTOR = 4.0
+ROUNDING_CAP = 1e-2  # the most a floor may allow, relative to the logits
 
 
 def fp32_rounding(
@@ -62,18 +63,21 @@ def fp32_rounding(
     return {"max_abs": stats["max_abs"], "rel_fro": stats["rel_fro"]}
 
 
-def rounding_floors(rounding: dict[str, float] | None) -> dict[str, Floor]:
+def rounding_floors(rounding: dict[str, float] | None, scale: float) -> dict[str, Floor]:
     """The gates' floors from :func:`fp32_rounding`: a fused model may differ from the trained one by
-    :data:`ROUNDING_FACTOR` times the trained model's own fp32 error, whatever the fixed gate says."""
+    :data:`ROUNDING_FACTOR` times the trained model's own fp32 error, whatever the fixed gate says, but never by
+    more than :data:`ROUNDING_CAP` of the logits (``scale``: their max abs): a model whose fp32 arithmetic is that far
+    from exact cannot be verified in fp32, and fails."""
     if not rounding:
         return {}
-    return {
-        key: Floor(
-            ROUNDING_FACTOR * rounding[key],
-            f"{ROUNDING_FACTOR:g} x the trained model's own fp32 error, {label} {rounding[key]:.3g}",
-        )
-        for key, label in (("max_abs", "max |fp32 - float64|"), ("rel_fro", "‖fp32 - float64‖F / ‖float64‖F"))
-    }
+    caps = {"max_abs": ROUNDING_CAP * scale, "rel_fro": ROUNDING_CAP}
+    labels = {"max_abs": "max |fp32 - float64|", "rel_fro": "‖fp32 - float64‖F / ‖float64‖F"}
+    floors = {}
+    for key, label in labels.items():
+        value = min(ROUNDING_FACTOR * rounding[key], caps[key])
+        why = f"{ROUNDING_FACTOR:g} x the trained model's own fp32 error, {label} {rounding[key]:.3g}"
+        floors[key] = Floor(value, why + (f", capped at {ROUNDING_CAP:g} of the logits" if value == caps[key] else ""))
+    return floors
 
 
 @register_stage
@@ -102,7 +106,7 @@ class VerifyStage(Stage):
             rounding = fp32_rounding(trained, images, ctx.device, reference)
         stats = diff_stats(reference, candidate)
         top1_ref, top1_fused = top1_accuracy(reference, labels), top1_accuracy(candidate, labels)
-        floors = rounding_floors(rounding)
+        floors = rounding_floors(rounding, magnitude(reference))
         checks = [
             Check.scaled(
                 "logits_max_abs",

@@ -11,7 +11,7 @@ from pipeline.artifacts.checks import Check
 from pipeline.compare import diff_stats, magnitude
 from pipeline.reparam.fold import fold_batchnorm
 from stages.support.kit import batched_logits
-from stages.verify import ROUNDING_FACTOR, fp32_rounding, rounding_floors
+from stages.verify import ROUNDING_CAP, ROUNDING_FACTOR, fp32_rounding, rounding_floors
 
 CPU = torch.device("cpu")
 
@@ -51,7 +51,7 @@ def test_a_well_conditioned_model_keeps_the_fixed_gates():
     reference = batched_logits(model, images, CPU)
     rounding = fp32_rounding(model, images, CPU, reference)
     assert 0 < rounding["max_abs"] < 1e-5 and rounding["rel_fro"] < 1e-6
-    floors = rounding_floors(rounding)
+    floors = rounding_floors(rounding, magnitude(reference))
     assert _gate(reference, reference + 2e-4, floors).passed is False  # the fixed 1e-4 gate still decides
     assert _gate(reference, reference + 2e-4, floors).detail.startswith("(atol")
 
@@ -61,7 +61,7 @@ def test_an_ill_conditioned_model_fused_correctly_passes_and_a_wrong_fusion_fail
     fused = fold_batchnorm(model)
     reference, candidate = batched_logits(model, images, CPU), batched_logits(fused, images, CPU)
     rounding = fp32_rounding(model, images, CPU, reference)
-    floors = rounding_floors(rounding)
+    floors = rounding_floors(rounding, magnitude(reference))
     assert _gate(reference, candidate).passed is False  # the fixed gate alone: a false alarm
     check = _gate(reference, candidate, floors)
     assert check.passed and "trained model's own fp32 error" in check.detail
@@ -80,4 +80,12 @@ def test_a_model_without_float64_kernels_has_no_floor():
 
     images = torch.randn(2, 3, 4, 4)
     assert fp32_rounding(Float32Only(), images, CPU, images.flatten(1)) is None
-    assert rounding_floors(None) == {}
+    assert rounding_floors(None, 1.0) == {}
+
+
+def test_the_floor_is_capped_where_fp32_cannot_represent_the_model():
+    floors = rounding_floors({"max_abs": 30.0, "rel_fro": 0.5}, scale=100.0)
+    assert floors["max_abs"].value == ROUNDING_CAP * 100.0 and floors["rel_fro"].value == ROUNDING_CAP
+    assert "capped" in floors["rel_fro"].why
+    reference = torch.full((2, 3), 100.0)
+    assert _gate(reference, reference + 5.0, floors).passed is False
