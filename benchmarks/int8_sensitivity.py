@@ -12,11 +12,14 @@ large channel sets a per-tensor scale that zeroes the others (that tensor's own 
 channel, can stay high), which a calibration method or keeping that node in fp32 can fix.
 
 Usage: python benchmarks/int8_sensitivity.py RUN_FOLDER [--images 256] [--preset P] [--set K=V ...] [--all]
+(the test split of the data the run's export recorded, unless --preset / --set name another)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -28,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.config import load_config
+from pipeline.config import DataConfig, from_dict, load_config
 from pipeline.data import load_data
 
 
@@ -77,11 +80,22 @@ def sqnr(reference: np.ndarray, other: np.ndarray) -> float:
     return float("inf") if noise == 0 else 10 * float(np.log10((reference**2).sum() / noise))
 
 
+def run_data(run: Path, preset: str | None, overrides: list[str]) -> DataConfig:
+    """The data the run's export was made on (its manifest's ``data`` parameters), unless ``--preset`` or ``--set``
+    say otherwise; the default preset's for a run without an export manifest."""
+    cfg = load_config(preset or "default", None, overrides)
+    manifest = run / "export" / "manifest.json"
+    if preset or overrides or not manifest.is_file():
+        return cfg.data
+    recorded = json.loads(manifest.read_text()).get("params", {}).get("data", {})
+    return from_dict(DataConfig, {**dataclasses.asdict(cfg.data), **recorded}, "data")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--images", type=int, default=256, help="test images (default 256)")
-    parser.add_argument("--preset", default="default", help="the run's preset, for its test split")
+    parser.add_argument("--preset", default=None, help="the data's preset (default: the run's export manifest)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--all", action="store_true", help="every tensor, not only the stage boundaries")
     args = parser.parse_args(argv)
@@ -89,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     fp32, int8 = args.run / "export" / "model.onnx", args.run / "export" / "model.int8.onnx"
     if not (fp32.is_file() and int8.is_file()):
         raise SystemExit(f"{args.run}: no export/model.onnx and export/model.int8.onnx (run the export with int8)")
-    test = load_data(load_config(args.preset, None, args.overrides).data).dataset("test")
+    test = load_data(run_data(args.run, args.preset, args.overrides)).dataset("test")
     count = min(args.images, len(test))
     images = torch.stack([test[i][0] for i in range(count)]).numpy()
     rows = sensitivity(fp32, int8, [images[i : i + 32] for i in range(0, count, 32)])

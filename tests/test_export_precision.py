@@ -391,3 +391,16 @@ def test_int8_sensitivity_tells_a_faithful_int8_graph_from_one_that_lost_channel
         assert rows[-1][:2] == ("logits", "output") and len(rows) > 2
         logits[name] = rows[-1][2]
     assert logits["ok"] > 25 > 10 > logits["int8_broken"], logits
+
+
+def test_int8_sensitivity_reads_the_data_of_the_runs_export(tmp_path):
+    spec = importlib.util.spec_from_file_location("int8_sensitivity", ROOT / "benchmarks" / "int8_sensitivity.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "export").mkdir()
+    recorded = {"dataset": "synthetic", "num_classes": 7, "synthetic": {"train_size": 50, "test_size": 9, "seed": 4}}
+    (tmp_path / "export" / "manifest.json").write_text(json.dumps({"params": {"data": recorded}}))
+    data = script.run_data(tmp_path, None, [])
+    assert (data.num_classes, data.synthetic.test_size, data.synthetic.seed) == (7, 9, 4)
+    assert script.run_data(tmp_path, None, ["data.num_classes=3"]).num_classes == 3  # --set names other data
+    assert script.run_data(tmp_path / "elsewhere", None, []).num_classes is None  # no manifest: the default preset's
