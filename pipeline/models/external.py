@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import difflib
 import functools
-from pathlib import Path
 
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, one_line, raised_in_library
 from pipeline.models.spec import ModelInfo
 
 __all__ = ["LIBRARIES", "build_external", "check_external", "external_info", "is_external", "pretrained_defaults"]
@@ -104,34 +103,25 @@ def build_external(name: str, num_classes: int, input_size: int | None = None) -
     try:
         model = build(model_name, num_classes, size)
     except MODEL_ERRORS as exc:  # e.g. a token grid the size cannot make
-        raise ConfigError(f"cannot build {name} for {size} px inputs: {one_line(exc)}") from None
+        raise ConfigError(f"cannot build {name} for {size} px inputs: {describe_error(exc)}") from None
     for module in model.modules():  # a captured feature must not be overwritten by a later in-place activation
         if isinstance(getattr(module, "inplace", None), bool):
             module.inplace = False
     try:
         model.info = external_info(name, size, model)
     except MODEL_ERRORS as exc:  # the probe's forward pass, e.g. an input too small for the model's strides
-        raise ConfigError(f"cannot run {name} on {size} px inputs: {one_line(exc)}") from None
+        raise ConfigError(f"cannot run {name} on {size} px inputs: {describe_error(exc)}") from None
     return model
 
 
-def one_line(exc: BaseException) -> str:
-    """The first line of a library's error; for a bare ``assert`` (timm's ``_assert(cond, '')``), its type and the
-    line of library code that raised it, which is all the user can act on."""
-    lines = str(exc).strip().splitlines()
-    if lines:
-        return lines[0]
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    where = ""
-    if tb is not None:
-        frame = tb.tb_frame
-        if frame.f_code.co_filename.endswith("torch/__init__.py") and frame.f_back is not None:
-            frame = frame.f_back  # ``torch._assert``: the model's line that called it
-        parts = Path(frame.f_code.co_filename).parts
-        where = f" at {'/'.join(parts[-2:])}:{frame.f_lineno}"
-    return f"{type(exc).__name__}{where} (an input size the model does not accept?)"
+def describe_error(exc: BaseException) -> str:
+    """The library's message in one line; for a bare ``assert`` (timm's ``_assert(cond, '')``), its type and the
+    library module that raised it, which is all the user can act on."""
+    message = one_line(exc)
+    if message:
+        return message
+    where = raised_in_library(exc, LIBRARIES) or "the model"
+    return f"{type(exc).__name__} raised in {where} (an input size the model does not accept?)"
 
 
 def _build_timm(name: str, num_classes: int, size: int) -> nn.Module:

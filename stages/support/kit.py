@@ -71,6 +71,5 @@ def batched_logits(
     """Logits of ``model`` in eval mode on ``images``, ``batch`` at a time, returned on the CPU in ``dtype`` (fp32;
     float64 for a model cast to it, whose inputs are then cast too)."""
     model.to(device).eval()
-    chunks = (images[i : i + batch].to(device) for i in range(0, len(images), batch))
-    cast = torch.float64 if dtype == torch.float64 else None  # fp32 inputs stay as the model's autocast expects
-    return torch.cat([model(chunk.to(cast) if cast else chunk).to(dtype).cpu() for chunk in chunks])
+    inputs = images.double() if dtype == torch.float64 else images
+    return torch.cat([model(inputs[i : i + batch].to(device)).to(dtype).cpu() for i in range(0, len(images), batch)])
