@@ -29,7 +29,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -178,7 +178,7 @@ def quantize_int8(
             )
     if not cached:
         cache.record(key)
-    write_metadata(dst, meta)
+    write_metadata(dst, replace(meta, int8_target=spec.name))
     check_onnx(dst)
     return Int8Result(key, cached is not None, cache.ranges_path(key), fallback)
 

@@ -40,7 +40,8 @@ class DeployMeta:
     recipe: str = ""
     color: str = "rgb"  # rgb | gray (the model was trained on grayscale images as three equal channels)
     precision: str = "fp32"
-    quantization: str = ""  # how reduced precision was made (and for which backend)
+    quantization: str = ""  # how reduced precision was made (and for which backend), in words
+    int8_target: str = ""  # an INT8 model's target (export.int8_target: tensorrt | cpu), which decides how it runs
     source_sha256: str = ""
     exporter: str = ""
     opset: int = 0

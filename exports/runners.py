@@ -123,19 +123,21 @@ OPTIMIZATION_LEVELS = {
 # "all" over "extended") crash the process while building the session of torchvision's ViT-B in fp16 (SIGSEGV,
 # onnxruntime 1.32 on a Xeon with AMX); the checks judge the graph's numbers, which these levels do not change.
 CPU_OPTIMIZATION = {"fp16": "extended"}
-# The INT8 model made for TensorRT, as its metadata names it (``quantization``).
+# How the ``quantization`` metadata of a TensorRT-target INT8 model read before ``int8_target`` was recorded:
+# files exported then are still recognised by it.
 TENSORRT_INT8 = "int8 Q/DQ, symmetric, per-channel weights (TensorRT explicit quantization)"
 
 
-def cpu_optimization(precision: str, quantization: str = "") -> str:
+def cpu_optimization(precision: str, int8_target: str = "", quantization: str = "") -> str:
     """The ONNX Runtime level at which a model's numbers are those of its graph on the CPU.
 
     A TensorRT-target INT8 model runs unfused: from level "basic" up, ONNX Runtime's CPU fuses its Q/DQ nodes
     into integer kernels whose results can depart far from the graph as written, which is what TensorRT computes
     (a Fashion-MNIST student, DKD: top-1 76.6 % unfused, 40.0 % fused; fp32 76.8 %; onnxruntime 1.32, AMD EPYC).
-    A cpu-target model is judged fused, as it is deployed.
+    A cpu-target model is judged fused, as it is deployed. ``int8_target`` is the model's metadata field; a file
+    without it is recognised by its ``quantization`` text.
     """
-    if precision == "int8" and quantization == TENSORRT_INT8:
+    if precision == "int8" and (int8_target or ("tensorrt" if quantization == TENSORRT_INT8 else "")) == "tensorrt":
         return "disabled"
     return CPU_OPTIMIZATION.get(precision, "all")
 

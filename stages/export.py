@@ -270,8 +270,7 @@ CPU_INT8_SAMPLES = 32  # calibration images of the cpu-target model timed beside
 
 def _cpu_level(cfg: Config, precision: str) -> str:
     """The ONNX Runtime level at which this export's ``precision`` model is judged, timed and its goldens made."""
-    target = INT8_TARGETS.get(cfg.export.int8_target).description if precision == "int8" else ""
-    return cpu_optimization(precision, target)
+    return cpu_optimization(precision, cfg.export.int8_target)
 
 
 def times_cpu_int8(cfg: Config) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -252,7 +253,7 @@ def test_int8_for_tensorrt_is_symmetric_qdq_with_per_channel_weights(onnx_models
     assert all(z.dtype == np.int8 and not z.any() for z in zero_points)
     conv_weight_dq = [n for n in graph.node if n.op_type == "DequantizeLinear" and "conv1.weight" in n.input[0]]
     assert conv_weight_dq and consts[conv_weight_dq[0].input[1]].size == 8  # one scale per output channel
-    assert DeployMeta.from_props(read_metadata(dst)) == META
+    assert DeployMeta.from_props(read_metadata(dst)) == replace(META, int8_target="tensorrt")  # the target recorded
 
 
 def test_qdq_checker_names_what_tensorrt_rejects(onnx_models, data, tmp_path):
@@ -260,6 +261,7 @@ def test_qdq_checker_names_what_tensorrt_rejects(onnx_models, data, tmp_path):
     cache = CalibrationCache(tmp_path / "cache")
     cpu = tmp_path / "cpu.onnx"
     quantize_int8(onnx_models["ok"], cpu, calibration, cache, META, target="cpu")
+    assert DeployMeta.from_props(read_metadata(cpu)).int8_target == "cpu"
     assert any("uint8" in p for p in tensorrt_qdq_problems(cpu))
 
     trt = tmp_path / "trt.onnx"

@@ -103,10 +103,9 @@ def test_every_precision_is_a_checked_artifact(exported):
         assert (meta.precision, meta.num_classes, meta.input_size, meta.opset) == (precision, 4, 32, 18)
         assert meta.exporter.startswith("torch.onnx.export(dynamo=False)")
         assert meta.class_names == ["c0", "c1", "c2", "c3"] and meta.std == [0.15] * 3
-    assert (
-        "TensorRT explicit quantization"
-        in DeployMeta.from_props(read_metadata(folder / "model.int8.onnx")).quantization
-    )
+    int8 = DeployMeta.from_props(read_metadata(folder / "model.int8.onnx"))
+    assert "TensorRT explicit quantization" in int8.quantization and int8.int8_target == "tensorrt"
+    assert DeployMeta.from_props(read_metadata(folder / "model.onnx")).int8_target == ""
     assert manifest.params["dynamo"] is False and manifest.params["opset"] == 18
     assert os.stat(folder / "build_engine.sh").st_mode & stat.S_IXUSR
     script = (folder / "build_engine.sh").read_text()

@@ -96,20 +96,25 @@ def test_top_k_on_saved_images(model_file, images):
 def test_fp16_and_int8_models_get_the_cpu_level_the_export_checks_use(tmp_path):
     """ONNX Runtime's level "all" crashed building torchvision ViT-B fp16 sessions, and its fused integer kernels
     departed from a TensorRT-target INT8 graph: the runtime learns precision and quantization from the model's
-    metadata first, then builds the session at the level the checks use."""
+    metadata first (the INT8 target it was made for, or for older files the quantization text), then builds the
+    session at the level the checks use."""
     import onnxruntime as ort
 
     from exports.int8 import INT8_TARGETS
 
     tensorrt, cpu = (INT8_TARGETS.get(t).description for t in ("tensorrt", "cpu"))
     cases = [
-        ("fp16", "", "ORT_ENABLE_EXTENDED"),
-        ("fp32", "", "ORT_ENABLE_ALL"),
-        ("int8", tensorrt, "ORT_DISABLE_ALL"),  # its Q/DQ graph as written, as TensorRT computes it
-        ("int8", cpu, "ORT_ENABLE_ALL"),  # fused integer kernels, as it is deployed
+        ("fp16", "", "", "ORT_ENABLE_EXTENDED"),
+        ("fp32", "", "", "ORT_ENABLE_ALL"),
+        ("int8", "tensorrt", tensorrt, "ORT_DISABLE_ALL"),  # its Q/DQ graph as written, as TensorRT computes it
+        ("int8", "cpu", cpu, "ORT_ENABLE_ALL"),  # fused integer kernels, as it is deployed
+        ("int8", "", tensorrt, "ORT_DISABLE_ALL"),  # exported before int8_target was recorded
+        ("int8", "cpu", "int8, reworded", "ORT_ENABLE_ALL"),  # the recorded target decides, not the text
+        ("int8", "tensorrt", "int8, reworded", "ORT_DISABLE_ALL"),
     ]
-    for i, (precision, quantization, level) in enumerate(cases):
-        meta = DeployMeta(**{**META.__dict__, "precision": precision, "quantization": quantization})
+    for i, (precision, target, quantization, level) in enumerate(cases):
+        fields = {"precision": precision, "int8_target": target, "quantization": quantization}
+        meta = DeployMeta(**{**META.__dict__, **fields})
         path = export_onnx(Brightness(), tmp_path / f"{i}.onnx", 32, 18, False, meta)
         with Classifier.load(path) as classifier:
             assert classifier.meta.precision == precision
