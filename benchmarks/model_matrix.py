@@ -708,6 +708,7 @@ def write_doc(
     machines: list[str] | None = None,
     distill: dict | None = None,
     distill_run: dict | None = None,
+    wall_s: float | None = None,
 ) -> None:
     measured = [results[r["key"]] for r in rows if r["key"] in results]
     missing = [r for r in rows if r["key"] not in results]
@@ -740,6 +741,7 @@ def write_doc(
         f"- measured: **{len(measured)} of {len(rows)} models** ({len(timm_measured)} of {len(timm_rows)} timm "
         "families, "
         f"{len(tv_measured)} of {len(tv_rows)} torchvision classifiers), {total_s / 60:.0f} min of subprocess time"
+        + _wall(wall_s)
         + (
             f"; the other {len(missing)} remain to be measured (rerun the command: it skips finished models)"
             if missing
@@ -804,6 +806,11 @@ def write_doc(
     path.write_text("\n".join(lines) + "\n")
 
 
+def _wall(seconds: float | None) -> str:
+    """The wall clock of the command(s), catalogue included: with ``--jobs`` it is less than the subprocess time."""
+    return f", {seconds / 60:.0f} min of wall clock (catalogue included)" if seconds else ""
+
+
 def distill_section(rows: list[dict], distill: dict, run: dict) -> list[str]:
     """The ``--distill`` results: every model of the catalogue, measured or not; ``run``: the state's
     ``distill_started``, ``distill_machines`` and ``distill_commands``."""
@@ -827,6 +834,7 @@ def distill_section(rows: list[dict], distill: dict, run: dict) -> list[str]:
         f"- run started: {run.get('distill_started', '-')}",
         f"- command{'s' if len(commands) > 1 else ''}: `{' ; '.join(commands) or '-'}`",
         f"- measured: **{len(measured)} of {len(rows)} models**, {total_s / 60:.0f} min of subprocess time"
+        + _wall(run.get("distill_wall_s"))
         + (f"; {len(rows) - len(measured)} not measured yet" if len(measured) < len(rows) else ""),
         "- "
         + ", ".join(
@@ -867,7 +875,18 @@ def write_state_doc(doc: Path, state: dict, rows: list[dict], precisions: list[s
     results, distill = state.get("results", {}), state.get("distill", {})
     known = {r["key"] for r in rows}
     rows = rows + [row_of(key, results.get(key)) for key in sorted({*results, *distill} - known)]
-    write_doc(doc, results, rows, precisions, command, state.get("started"), state.get("machines"), distill, state)
+    write_doc(
+        doc,
+        results,
+        rows,
+        precisions,
+        command,
+        state.get("started"),
+        state.get("machines"),
+        distill,
+        state,
+        state.get("wall_s"),
+    )
 
 
 def row_of(key: str, result: dict | None) -> dict:
@@ -892,6 +911,7 @@ def main(argv: list[str] | None = None) -> int:
         return make_checkpoint(argv[1], int(argv[2]), argv[3])
     if argv[:1] == ["--checkpoint-worker"]:
         return checkpoint_worker()
+    tic = time.perf_counter()  # the wall clock counts the catalogue too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "model-matrix")
     parser.add_argument("--doc", type=Path, default=None, help="the Markdown matrix (default: <out>/model-matrix.md)")
@@ -941,6 +961,11 @@ def main(argv: list[str] | None = None) -> int:
     section = "distill" if args.distill else "results"
     results: dict = state.get(section, {})
     prefix = "distill_" if args.distill else ""  # each path keeps its own start, machines and commands
+    wall_before = state.get(prefix + "wall_s", 0.0)  # earlier invocations' wall clock
+
+    def account_wall() -> None:
+        state[prefix + "wall_s"] = round(wall_before + time.perf_counter() - tic, 1)
+
     if not args.doc_only:
         state.setdefault(prefix + "started", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
         line = "OMP_NUM_THREADS=1 python benchmarks/model_matrix.py " + " ".join(argv)
@@ -978,6 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
             with lock:  # results go to disk as each model finishes
                 results[row["key"]] = result
                 state[section] = results
+                account_wall()
                 _write_json(results_path, state)
                 print(
                     f"[matrix] {next(done)}/{len(todo)} {row['key']} ({row.get('family')}): {result['status']} "

@@ -21,6 +21,7 @@ import numpy as np
 
 from exports.deps import require
 from exports.metadata import INPUT_NAME
+from exports.runners import default_threads
 from pipeline.errors import UnsupportedModelError
 from pipeline.registry import Registry
 
@@ -102,6 +103,22 @@ class CalibrationPasses:
     images: int  # per pass
 
 
+def _keep_to_our_cpus(calibrator) -> None:
+    """Rebuild the calibrator's session with :func:`~exports.runners.default_threads` where the process is held
+    to fewer CPUs than the machine has: ONNX Runtime's quantization tools build theirs with default options."""
+    threads = default_threads()
+    if not threads:
+        return
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibrator's own
+    options.intra_op_num_threads = threads
+    del calibrator.infer_session
+    calibrator.infer_session = ort.InferenceSession(
+        calibrator.augmented_model_path, sess_options=options, providers=calibrator.execution_providers
+    )
+
+
 def collect_ranges(
     model: str | Path,
     images: np.ndarray,
@@ -133,6 +150,7 @@ def collect_ranges(
             augmented_model_path=str(Path(tmp) / "augmented.onnx"),
             calibrate_method=calibration_method(method),
         )
+        _keep_to_our_cpus(calibrator)
         if isinstance(calibrator, calibrate.HistogramCalibrater):
             calibrator.collector = _robust_collector(calibrator, name)
         passes = None

@@ -15,6 +15,7 @@ Part of the edge runtime: numpy and, when activated, ONNX Runtime only. The Tens
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
@@ -142,6 +143,23 @@ def cpu_optimization(precision: str, int8_target: str = "", quantization: str = 
     return CPU_OPTIMIZATION.get(precision, "all")
 
 
+def default_threads() -> int | None:
+    """ONNX Runtime's intra-op thread count for this process: the CPUs it may run on, where that is fewer than
+    the machine has (``taskset``, a container's cpuset, one CPU per job of the support matrix); else None,
+    ONNX Runtime's own default.
+
+    Left to its default, ONNX Runtime sizes its pool by the machine's cores and pins each pool thread to one of
+    them, outside the process's CPU set: under ``taskset -c 0`` on a 2-core machine a session ran a thread
+    pinned to CPU 1 (onnxruntime 1.32), where the support matrix ran another export. A count given explicitly
+    leaves the threads on the process's CPUs.
+    """
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API (macOS, Windows)
+        return None
+    return allowed if allowed < (os.cpu_count() or allowed) else None
+
+
 class OnnxrtRunner(BaseRunner):
     """An ONNX Runtime session on exactly ``provider``.
 
@@ -183,8 +201,9 @@ class OnnxrtRunner(BaseRunner):
             raise ModelFileError(f"model file {self.path} does not exist")
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[self.optimization])
-        if self.threads:
-            options.intra_op_num_threads = self.threads
+        threads = self.threads or default_threads()
+        if threads:
+            options.intra_op_num_threads = threads
         state = require("onnxruntime.capi.onnxruntime_pybind11_state")
         load_errors = tuple(getattr(state, name) for name in _ORT_LOAD_ERRORS if hasattr(state, name))
         try:

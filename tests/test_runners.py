@@ -4,6 +4,10 @@ every backend, sessions released on exit; and the Classifier that stands on it r
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from exports.onnx_export import export_onnx
 from exports.runners import BaseRunner, OnnxrtRunner, infer_array, run_onnx
 from exports.runtime import Classifier
 
+ROOT = Path(__file__).resolve().parents[1]
 META = DeployMeta("affine", 3, 8, [0.5] * 3, [0.25] * 3, 8, 8, class_names=["a", "b", "c"])
 
 
@@ -180,3 +185,42 @@ def test_fp16_models_get_onnx_runtimes_extended_level_on_the_cpu(model):
     with pytest.raises(ValueError, match="optimization must be one of"):
         OnnxrtRunner(path, optimization="fastest")
     assert onnx_latency(path, 8, runs=2, warmup=1, optimization="extended")["optimization"] == "extended"
+
+
+ALLOWED_CPUS = """
+import os, sys
+import numpy as np
+from exports.calibration import collect_ranges
+from exports.runners import OnnxrtRunner, default_threads, infer_array
+
+def threads_cpus():  # every thread of this process and the CPUs it may run on
+    return {t: open(f"/proc/self/task/{t}/status").read().split("Cpus_allowed_list:")[1].split()[0]
+            for t in os.listdir("/proc/self/task")}
+
+images = np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)
+with OnnxrtRunner(sys.argv[1]) as runner:
+    infer_array(runner, images)
+    assert runner.session.get_session_options().intra_op_num_threads == default_threads() == 1
+    seen = threads_cpus()
+collect_ranges(sys.argv[1], images, "minmax", ["MatMul", "Gemm"], "affine", "input")
+seen.update(threads_cpus())
+print(sorted(set(seen.values())))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_onnx_runtime_threads_stay_on_the_cpus_the_process_may_use(model):
+    """Left to its default, ONNX Runtime pinned a pool thread to CPU 1 of a process held to CPU 0 (the support
+    matrix runs one export per CPU): sessions of a restricted process, the calibrator's too, size their pool by
+    the CPUs it may use, so no thread of theirs runs elsewhere."""
+    cpu = min(os.sched_getaffinity(0))
+    proc = subprocess.run(
+        [sys.executable, "-c", ALLOWED_CPUS, str(model[1])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [f"['{cpu}']"]
