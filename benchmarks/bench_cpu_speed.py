@@ -4,8 +4,10 @@ setting, at each thread count, against the peer-style loop (benchmarks/peer_loop
 Settings (``training.*`` options of :func:`pipeline.training.fit`, the loop every training stage runs):
 
 - ``before``: contiguous fp32, the CPU default before ``training.channels_last=auto``;
-- ``channels_last``: the CPU default now (``channels_last=auto``), and what ``amp=auto`` keeps on a processor
-  without native bf16;
+- ``channels_last``: ``channels_last=auto``, the CPU default before ``training.teacher_graph=auto``;
+- ``channels_last+graph``: the CPU default now: KD's and DKD's teacher as a graph optimized for inference
+  (``training.teacher_graph``; KDiffusion reads the teacher's features and runs as in ``channels_last``, a check
+  on the noise), and what ``amp=auto`` keeps on a processor without native bf16;
 - ``channels_last+bf16``: bf16 autocast, what ``amp=auto`` adds on a processor with native bf16 (AMX or
   AVX512-BF16); skipped, with the reason, on any other (oneDNN would emulate bf16, slower than fp32);
 - ``compile``, ``channels_last+compile``: ``training.compile`` (torch.compile of student and teacher, Inductor's
@@ -37,11 +39,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SETTINGS = {  # training options on top of TrainingConfig's defaults
-    "before": {"channels_last": False, "amp": "none"},
-    "channels_last": {"channels_last": True, "amp": "none"},
-    "channels_last+bf16": {"channels_last": True, "amp": "bf16"},
-    "compile": {"channels_last": False, "amp": "none", "compile": True},
-    "channels_last+compile": {"channels_last": True, "amp": "none", "compile": True},
+    "before": {"channels_last": False, "amp": "none", "teacher_graph": False},
+    "channels_last": {"channels_last": True, "amp": "none", "teacher_graph": False},
+    "channels_last+graph": {"channels_last": True, "amp": "none", "teacher_graph": True},
+    "channels_last+bf16": {"channels_last": True, "amp": "bf16", "teacher_graph": False},
+    "compile": {"channels_last": False, "amp": "none", "compile": True, "teacher_graph": False},
+    "channels_last+compile": {"channels_last": True, "amp": "none", "compile": True, "teacher_graph": False},
 }
 PEER = "peer"
 BEFORE = "before"  # the baseline of the "vs before" column
@@ -56,7 +59,7 @@ class Cell:
 
 def default_setting(native_bf16: str | None, amp_auto: bool = False) -> str:
     """The setting a run gets on this processor with the defaults (``amp_auto``: with ``training.amp=auto``)."""
-    return "channels_last+bf16" if amp_auto and native_bf16 else "channels_last"
+    return "channels_last+bf16" if amp_auto and native_bf16 else "channels_last+graph"
 
 
 def skip_reason(setting: str, native_bf16: str | None) -> str:

@@ -32,7 +32,9 @@ Resumable: results go to ``<out>/results.json`` (or ``--results``) as each model
 the models already there. The committed ``docs/model-matrix.json`` holds the results behind the doc, with the
 machine of every run, so the next session carries on with ``--results docs/model-matrix.json``. Models run in
 order of parameter count, smallest first. ``--jobs N`` exports N models at once, each child on a core of its own
-(``OMP_NUM_THREADS=1`` unless set, and pinned to one CPU, so ONNX Runtime's own thread pool stays on it too).
+(``OMP_NUM_THREADS=1`` unless set, and pinned to one CPU; ONNX Runtime's sessions then size their pools by that one
+CPU, :func:`exports.runners.default_threads`, instead of pinning threads to the other jobs' cores). The doc gives
+the subprocess time and the wall clock of the command(s), catalogue included.
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/model_matrix.py [--out runs/model-matrix] [--limit N]
@@ -67,6 +69,7 @@ MATRIX_SETS = (
     "export.eval_samples=100",  # fp16 / INT8 vs fp32: top-1 agreement >= 0.99 allows one flip in 100
     "export.calibration_samples=32",  # INT8 ranges and the fp16 guard: 32 images of every activation
     "export.parity_samples=16",  # fp32 ONNX vs PyTorch, 20 logits each
+    "export.cpu_int8_latency=false",  # the matrix gives the exported INT8 model's latency, not a cpu-target one's
 )
 DEFAULT_SIZE = 64
 PRECISIONS = ("fp32", "fp16", "int8")

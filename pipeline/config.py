@@ -109,6 +109,9 @@ class TrainingConfig:
     amp: str = "none"
     channels_last: bool | str = "auto"  # true | false | auto: true on a CPU, false (as before) on a GPU
     compile: bool = False  # torch.compile the student and the teacher
+    # true | false | auto: the teacher of KD and DKD (logits only) as a graph optimized for inference; auto: on a
+    # CPU in fp32 without compile (pipeline.models.inference_graph)
+    teacher_graph: bool | str = "auto"
     sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only)
     cudnn_benchmark: bool | None = None  # None: on unless ``deterministic``
     deterministic: bool = False  # deterministic GPU kernels (slower); CPU training is deterministic anyway
@@ -144,6 +147,8 @@ class ExportConfig:
     int8_target: str = "tensorrt"  # tensorrt: symmetric Q/DQ TensorRT builds; cpu: ONNX Runtime CPU (U8S8)
     fp16_guard: bool = True  # keep nodes whose activations leave the fp16-safe range in fp32
     fp16_safe_max: float = 16384.0  # |activation| above this on calibration data keeps the node in fp32
+    # without CUDA, also time a cpu-target INT8 model (not kept) beside a TensorRT-target one, which ORT runs unfused
+    cpu_int8_latency: bool = True
 
 
 @dataclass

@@ -276,8 +276,14 @@ def _cpu_level(cfg: Config, precision: str) -> str:
 def times_cpu_int8(cfg: Config) -> bool:
     """Whether to time a cpu-target INT8 model beside the exported one: on a machine without a CUDA GPU, where
     ONNX Runtime on the CPU is the only INT8 figure and runs a TensorRT-placed Q/DQ model unfused (slower than
-    fp32), so the exported model's figure alone would read as "INT8 is slow here"."""
-    return "int8" in cfg.export.precisions and cfg.export.int8_target != "cpu" and not torch.cuda.is_available()
+    fp32), so the exported model's figure alone would read as "INT8 is slow here". ``export.cpu_int8_latency=false``
+    saves its quantization where the figure is not wanted (the support matrix)."""
+    return (
+        cfg.export.cpu_int8_latency
+        and "int8" in cfg.export.precisions
+        and cfg.export.int8_target != "cpu"
+        and not torch.cuda.is_available()
+    )
 
 
 def cpu_int8_latency(fp32: Path, calibration: np.ndarray, meta: DeployMeta, cache: Path) -> dict:

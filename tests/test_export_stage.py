@@ -290,6 +290,7 @@ def test_a_tensorrt_target_export_on_a_cpu_also_times_the_cpu_target(exported, t
 
     assert times_cpu_int8(load_config("default"))
     assert not times_cpu_int8(load_config("default", None, ["export.precisions=[fp32,fp16]"]))
+    assert not times_cpu_int8(load_config("default", None, ["export.cpu_int8_latency=false"]))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: True)
         assert not times_cpu_int8(load_config("default"))

@@ -197,11 +197,14 @@ def test_the_benchmark_skips_bf16_without_native_bf16_and_names_the_defaults():
     assert bench.skip_reason("channels_last+bf16", None).startswith("no native bf16")
     assert bench.skip_reason("channels_last+bf16", "avx512_bf16") == ""
     assert bench.skip_reason("channels_last", None) == ""
-    assert bench.default_setting("amx_tile") == bench.default_setting(None) == "channels_last"
+    assert bench.default_setting("amx_tile") == bench.default_setting(None) == "channels_last+graph"
     assert bench.default_setting("amx_tile", amp_auto=True) == "channels_last+bf16"
-    assert bench.default_setting(None, amp_auto=True) == "channels_last"
-    for name in ("before", "channels_last", "channels_last+bf16"):  # the settings the loop really takes
-        check_training(TrainingConfig(**bench.SETTINGS[name]), CPU)
+    assert bench.default_setting(None, amp_auto=True) == "channels_last+graph"
+    for name, settings in bench.SETTINGS.items():  # the settings the loop really takes
+        check_training(TrainingConfig(**settings), CPU)
+        # each cell says whether the teacher is a graph; only the default's is, as auto makes it on a CPU in fp32
+        assert settings["teacher_graph"] == (name == "channels_last+graph")
+    assert resolve(TrainingConfig(), CPU) == resolve(TrainingConfig(**bench.SETTINGS["channels_last+graph"]), CPU)
 
 
 @pytest.mark.slow  # a subprocess training six tiny cells: about 10 s on 2 CPU cores
@@ -210,7 +213,7 @@ def test_the_benchmark_runs_end_to_end_at_tiny_settings(tmp_path):
     command = [
         sys.executable, str(BENCH), "--methods", "kd,kdiffusion", "--teacher", "resnet20", "--student", "resnet20",
         "--batch", "8", "--steps", "2", "--warmup", "0", "--threads", "1",
-        "--settings", "peer,before,channels_last,channels_last+bf16", "--out", str(out),
+        "--settings", "peer,before,channels_last,channels_last+graph,channels_last+bf16", "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}  # no native bf16, whatever the CPU
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -218,12 +221,17 @@ def test_the_benchmark_runs_end_to_end_at_tiny_settings(tmp_path):
     table = out.read_text()
     assert table == done.stdout.strip() + "\n" and "--batch 8 --steps 2" in table
     for method in ("kd", "kdiffusion"):
-        for setting in ("peer", "before (default before)", "channels_last (default now; with training.amp=auto)"):
+        for setting in (
+            "peer",
+            "before (default before)",
+            "channels_last",
+            "channels_last+graph (default now; with training.amp=auto)",
+        ):
             assert f"| {method} | 1 | {setting} | " in table
         assert f"| {method} | 1 | channels_last+bf16 | skipped: no native bf16" in table
-    assert "- KD, 1 thread(s), batch 8: default now (channels_last) / peer = " in table
+    assert "- KD, 1 thread(s), batch 8: default now (channels_last+graph) / peer = " in table
     runs = json.loads(out.with_suffix(".json").read_text())
-    assert len(runs) == 6 and all(r["images_per_s"][0] > 0 for r in runs)
+    assert len(runs) == 8 and all(r["images_per_s"][0] > 0 for r in runs)
 
 
 def test_the_default_run_benchmark_pairs_arms_by_seed():

@@ -62,6 +62,9 @@ class Distiller(nn.Module):
     # The frozen teacher's forward runs under ``torch.inference_mode`` (no autograd bookkeeping at all) in
     # the methods that call :meth:`teacher_grad_off`; benchmarks turn this off to time it against ``no_grad``.
     teacher_inference_mode = True
+    # Methods that read the teacher's logits only (through :meth:`teacher_logits`), never its features: their
+    # teacher may run as a graph optimized for inference (``training.teacher_graph``).
+    reads_teacher_logits_only: ClassVar[bool] = False
     # The allowed interval of each numeric option (its type comes from the ``__init__`` annotation).
     option_bounds: ClassVar[dict[str, Bound]] = {}
 
@@ -70,6 +73,9 @@ class Distiller(nn.Module):
         self.student = student
         # Not registered as a submodule: the teacher is neither trained nor saved with the method.
         object.__setattr__(self, "teacher", teacher)
+        self._graph_wanted = False
+        object.__setattr__(self, "_teacher_graph", None)  # made on the first batch (use_teacher_graph)
+        self.teacher_graph_note = ""  # why the teacher runs as itself although a graph was wanted
         if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
@@ -85,6 +91,7 @@ class Distiller(nn.Module):
         # The one hook behind to(), cuda(), cpu(), half() and friends: the unregistered teacher follows them all.
         if self.teacher is not None:
             self.teacher._apply(fn, recurse)
+            object.__setattr__(self, "_teacher_graph", None)  # traced from the old weights: made again
         return super()._apply(fn, recurse)
 
     def teacher_grad_off(self) -> AbstractContextManager:
@@ -94,6 +101,23 @@ class Distiller(nn.Module):
         for their backward; a loss that would save one raw must clone it first.
         """
         return torch.inference_mode() if self.teacher_inference_mode else torch.no_grad()
+
+    def use_teacher_graph(self) -> None:
+        """Run :meth:`teacher_logits` through the teacher traced as a graph optimized for inference
+        (:func:`pipeline.models.inference_graph.inference_graph`), made from the first batch it sees."""
+        if not self.reads_teacher_logits_only:
+            raise ValueError(f"{type(self).__name__} reads the teacher's features; its forward cannot be a graph")
+        self._graph_wanted = True
+
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for ``images``, without autograd (:meth:`teacher_grad_off`)."""
+        if self._graph_wanted and self._teacher_graph is None and not self.teacher_graph_note:
+            from pipeline.models.inference_graph import inference_graph
+
+            graph, self.teacher_graph_note = inference_graph(self.teacher, images)
+            object.__setattr__(self, "_teacher_graph", graph)
+        with self.teacher_grad_off():
+            return (self._teacher_graph or self.teacher)(images)
 
     def set_progress(self, epochs: float) -> None:
         self.progress = epochs

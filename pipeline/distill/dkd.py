@@ -53,6 +53,8 @@ def _kl(log_q: Tensor, log_p: Tensor) -> Tensor:
 class DKD(Distiller):
     """CE plus decoupled KD (alpha TCKD + beta NCKD) with a linear warm-up (DKD)."""
 
+    reads_teacher_logits_only = True
+    teacher_inference_mode = False  # its loss saves the teacher's probabilities for the backward pass
     option_bounds: ClassVar[dict[str, Bound]] = {
         "temperature": TEMPERATURE,
         "alpha": WEIGHT,
@@ -82,8 +84,7 @@ class DKD(Distiller):
 
     def losses(self, images, targets):
         logits = self.student(images)
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
+        teacher_logits = self.teacher_logits(images)
         tckd, nckd = dkd_parts(logits, teacher_logits, targets, self.temperature)
         ramp = warmup_factor(self.progress, self.warmup_epochs)
         return logits, {

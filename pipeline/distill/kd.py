@@ -29,6 +29,7 @@ class KD(Distiller):
     0.1, KD weight 0.9)."""
 
     option_bounds: ClassVar[dict[str, Bound]] = {"temperature": TEMPERATURE, "ce_weight": WEIGHT, "kd_weight": WEIGHT}
+    reads_teacher_logits_only = True
 
     def __init__(self, student, teacher, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9):
         super().__init__(student, teacher)
@@ -40,8 +41,7 @@ class KD(Distiller):
 
     def losses(self, images, targets):
         logits = self.student(images)
-        with self.teacher_grad_off():
-            teacher_logits = self.teacher(images)
+        teacher_logits = self.teacher_logits(images)
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, targets),
             "kd": self.kd_weight * kd_loss(logits, teacher_logits, self.temperature),

@@ -228,6 +228,10 @@ class _Trainer:
         self.memory_format = speed.memory_format(training)
 
         distiller.to(device, memory_format=self.memory_format)
+        if training.teacher_graph and distiller.reads_teacher_logits_only:
+            distiller.use_teacher_graph()
+            log(f"{desc}: the teacher runs as a graph optimized for inference (training.teacher_graph)")
+        self.graph_note_logged = False
         use_sync_bn = training.sync_bn and self.world.is_distributed
         self.batchnorms = speed.convert_sync_batchnorm(distiller) if use_sync_bn else {}
         if training.compile:
@@ -350,6 +354,9 @@ class _Trainer:
         pending, block = None, 0  # this rank's metric sums not read yet, over ``block`` steps
         for batch in self.bar:
             stats = self._train_step(batch, steps)
+            if self.distiller.teacher_graph_note and not self.graph_note_logged:
+                self.log(f"{self.desc}: the teacher runs as a module, not a graph: {self.distiller.teacher_graph_note}")
+                self.graph_note_logged = True
             pending = stats if pending is None else pending + stats
             self.step += 1
             self.global_step += 1

@@ -59,10 +59,16 @@ def auto_speed(device_type: str) -> AutoSpeed:
 def resolve(cfg: TrainingConfig, device: torch.device | str) -> TrainingConfig:
     """``cfg`` with each ``auto`` replaced by its value on ``device``'s kind (and this processor, for a CPU)."""
     auto = auto_speed(torch.device(device).type)
+    amp = auto.amp if cfg.amp == AUTO else cfg.amp
     return dataclasses.replace(
         cfg,
         channels_last=auto.channels_last if cfg.channels_last == AUTO else cfg.channels_last,
-        amp=auto.amp if cfg.amp == AUTO else cfg.amp,
+        amp=amp,
+        teacher_graph=(
+            torch.device(device).type == "cpu" and amp == "none" and not cfg.compile
+            if cfg.teacher_graph == AUTO
+            else cfg.teacher_graph
+        ),
     )
 
 
@@ -81,6 +87,13 @@ def check_training(cfg: TrainingConfig, device: torch.device) -> None:
         raise ConfigError(f"training.amp must be one of {', '.join(AMP_DTYPES)}, {AUTO}, got {cfg.amp!r}")
     if not isinstance(cfg.channels_last, bool) and cfg.channels_last != AUTO:
         raise ConfigError(f"training.channels_last must be true, false or {AUTO}, got {cfg.channels_last!r}")
+    if not isinstance(cfg.teacher_graph, bool) and cfg.teacher_graph != AUTO:
+        raise ConfigError(f"training.teacher_graph must be true, false or {AUTO}, got {cfg.teacher_graph!r}")
+    if cfg.teacher_graph is True and (device.type != "cpu" or resolve(cfg, device).amp != "none" or cfg.compile):
+        raise ConfigError(
+            "training.teacher_graph=true runs the teacher as a oneDNN graph in fp32: it needs a CPU, training.amp="
+            "none and training.compile=false; use training.teacher_graph=auto to have it only where it applies"
+        )
     if cfg.amp == "fp16" and device.type != "cuda":
         raise ConfigError(
             "training.amp=fp16 needs a CUDA device (fp16 training needs a GradScaler and GPU kernels); "
