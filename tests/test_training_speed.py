@@ -85,7 +85,7 @@ def test_auto_on_cuda_keeps_the_gpu_settings_as_they_were(processor, flags):
 
 def test_explicit_settings_are_kept_whatever_the_processor(processor):
     processor(SAPPHIRE_RAPIDS)
-    explicit = TrainingConfig(amp="none", channels_last=False)
+    explicit = TrainingConfig(amp="none", channels_last=False, teacher_graph=False)
     assert resolve(explicit, CPU) == explicit
     processor(AVX2)
     assert resolve(TrainingConfig(amp="bf16", channels_last=True), CPU).amp == "bf16"
