@@ -116,8 +116,9 @@ class Distiller(nn.Module):
 
             graph, self.teacher_graph_note = inference_graph(self.teacher, images)
             object.__setattr__(self, "_teacher_graph", graph)
+        forward = self.teacher if self._teacher_graph is None else self._teacher_graph
         with self.teacher_grad_off():
-            return (self._teacher_graph or self.teacher)(images)
+            return forward(images)
 
     def set_progress(self, epochs: float) -> None:
         self.progress = epochs

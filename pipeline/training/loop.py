@@ -230,7 +230,10 @@ class _Trainer:
         distiller.to(device, memory_format=self.memory_format)
         if training.teacher_graph and distiller.reads_teacher_logits_only:
             distiller.use_teacher_graph()
-            log(f"{desc}: the teacher runs as a graph optimized for inference (training.teacher_graph)")
+            log(
+                f"{desc}: the teacher is traced on the first batch into a graph optimized for inference "
+                "(training.teacher_graph)"
+            )
         self.graph_note_logged = False
         use_sync_bn = training.sync_bn and self.world.is_distributed
         self.batchnorms = speed.convert_sync_batchnorm(distiller) if use_sync_bn else {}
