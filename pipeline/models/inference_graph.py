@@ -7,8 +7,10 @@ teacher's forward is most of a KD step (WRN-16-2 has about 8x the FLOPs of Mobil
 the same logits up to float rounding (folding changes the order of operations, as channels_last does), so it
 is not in the stage fingerprints (docs/training.md, "Speed").
 
-TorchScript's tracing is deprecated in favour of ``torch.compile``; ``torch.compile(freezing=True)`` of the
-same teacher was 1.1x of eager here against 1.6x for the traced graph, and needs a C++ compiler at run time.
+The KD step with the graph: 1.19x of channels_last alone, 1.71x the peer-style loop (WRN-16-2 -> MobileNetV2-half,
+batch 64, 2 threads, AMD EPYC; docs/bench-cpu-speed.md). TorchScript's tracing is deprecated in favour of
+``torch.compile``, but ``torch.compile(freezing=True)`` of the same teacher gained about 1.1x of eager in a rough
+check (a loaded machine, 1 thread) against about 1.5x for the traced graph, and needs a C++ compiler at run time.
 Where tracing fails or is gone, or the graph's logits depart from the module's, the module itself runs and the
 reason is returned for the log.
 """
