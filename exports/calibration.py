@@ -21,7 +21,7 @@ import numpy as np
 
 from exports.deps import require
 from exports.metadata import INPUT_NAME
-from exports.runners import default_threads
+from exports.runners import default_threads, session_options
 from pipeline.errors import UnsupportedModelError
 from pipeline.registry import Registry
 
@@ -106,16 +106,13 @@ class CalibrationPasses:
 def _keep_to_our_cpus(calibrator) -> None:
     """Rebuild the calibrator's session with :func:`~exports.runners.default_threads` where the process is held
     to fewer CPUs than the machine has: ONNX Runtime's quantization tools build theirs with default options."""
-    threads = default_threads()
-    if not threads:
+    if not default_threads():
         return
-    ort = require("onnxruntime")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibrator's own
-    options.intra_op_num_threads = threads
     del calibrator.infer_session
-    calibrator.infer_session = ort.InferenceSession(
-        calibrator.augmented_model_path, sess_options=options, providers=calibrator.execution_providers
+    calibrator.infer_session = require("onnxruntime").InferenceSession(
+        calibrator.augmented_model_path,
+        sess_options=session_options("disabled"),  # the calibrator's own level
+        providers=calibrator.execution_providers,
     )
 
 

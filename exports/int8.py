@@ -37,9 +37,8 @@ import numpy as np
 from exports.calibration import calibration_method, collect_ranges, pass_rule
 from exports.deps import require
 from exports.errors import MissingDependencyError
-from exports.metadata import INPUT_NAME, DeployMeta
+from exports.metadata import INPUT_NAME, TENSORRT_INT8, DeployMeta
 from exports.onnx_export import check_onnx, write_metadata
-from exports.runners import TENSORRT_INT8
 from pipeline.artifacts.atomic import atomic_write_text
 from pipeline.artifacts.hashing import sha256_bytes, sha256_file, sha256_json
 from pipeline.errors import UnsupportedModelError, one_line

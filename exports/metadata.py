@@ -14,6 +14,9 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 COLORS = ("rgb", "gray")
 _REQUIRED = ("arch", "num_classes", "input_size", "mean", "std", "resize", "crop")
+# The ``quantization`` text of a TensorRT-target INT8 model; files exported before ``int8_target`` was recorded
+# are read as that target by it.
+TENSORRT_INT8 = "int8 Q/DQ, symmetric, per-channel weights (TensorRT explicit quantization)"
 
 
 class MetadataError(ValueError):
@@ -69,6 +72,9 @@ class DeployMeta:
                 values[name] = raw if kinds[name] == "str" else json.loads(raw)
             except ValueError:
                 raise MetadataError(f"{where} has malformed metadata {name}={raw!r}") from None
+        legacy = not values.get("int8_target") and values.get("quantization") == TENSORRT_INT8
+        if values.get("precision") == "int8" and legacy:  # exported before int8_target was recorded
+            values["int8_target"] = "tensorrt"
         meta = cls(**values)
         if len(meta.mean) != 3 or len(meta.std) != 3 or min(meta.std) <= 0:
             raise MetadataError(f"{where} has malformed normalization (mean={meta.mean}, std={meta.std})")

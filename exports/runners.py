@@ -124,21 +124,17 @@ OPTIMIZATION_LEVELS = {
 # "all" over "extended") crash the process while building the session of torchvision's ViT-B in fp16 (SIGSEGV,
 # onnxruntime 1.32 on a Xeon with AMX); the checks judge the graph's numbers, which these levels do not change.
 CPU_OPTIMIZATION = {"fp16": "extended"}
-# How the ``quantization`` metadata of a TensorRT-target INT8 model read before ``int8_target`` was recorded:
-# files exported then are still recognised by it.
-TENSORRT_INT8 = "int8 Q/DQ, symmetric, per-channel weights (TensorRT explicit quantization)"
 
 
-def cpu_optimization(precision: str, int8_target: str = "", quantization: str = "") -> str:
+def cpu_optimization(precision: str, int8_target: str = "") -> str:
     """The ONNX Runtime level at which a model's numbers are those of its graph on the CPU.
 
     A TensorRT-target INT8 model runs unfused: from level "basic" up, ONNX Runtime's CPU fuses its Q/DQ nodes
     into integer kernels whose results can depart far from the graph as written, which is what TensorRT computes
     (a Fashion-MNIST student, DKD: top-1 76.6 % unfused, 40.0 % fused; fp32 76.8 %; onnxruntime 1.32, AMD EPYC).
-    A cpu-target model is judged fused, as it is deployed. ``int8_target`` is the model's metadata field; a file
-    without it is recognised by its ``quantization`` text.
+    A cpu-target model is judged fused, as it is deployed. ``int8_target`` is the model's metadata field.
     """
-    if precision == "int8" and (int8_target or ("tensorrt" if quantization == TENSORRT_INT8 else "")) == "tensorrt":
+    if precision == "int8" and int8_target == "tensorrt":
         return "disabled"
     return CPU_OPTIMIZATION.get(precision, "all")
 
@@ -158,6 +154,17 @@ def default_threads() -> int | None:
     except AttributeError:  # no affinity API (macOS, Windows)
         return None
     return allowed if allowed < (os.cpu_count() or allowed) else None
+
+
+def session_options(optimization: str = "all", threads: int | None = None):
+    """ONNX Runtime session options at ``optimization`` with ``threads`` (default: :func:`default_threads`)."""
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization])
+    threads = threads or default_threads()
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
 
 
 class OnnxrtRunner(BaseRunner):
@@ -199,11 +206,7 @@ class OnnxrtRunner(BaseRunner):
             )
         if not self.path.is_file():
             raise ModelFileError(f"model file {self.path} does not exist")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[self.optimization])
-        threads = self.threads or default_threads()
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(self.optimization, self.threads)
         state = require("onnxruntime.capi.onnxruntime_pybind11_state")
         load_errors = tuple(getattr(state, name) for name in _ORT_LOAD_ERRORS if hasattr(state, name))
         try:

@@ -131,7 +131,7 @@ class Classifier:
         meta = cls._read_meta(path, provider, threads)
         # The session is built at the level where its numbers are its graph's (see cpu_optimization),
         # known only once the metadata has been read from an unoptimized session.
-        level = cpu_optimization(meta.precision, meta.int8_target, meta.quantization) if provider == "cpu" else "all"
+        level = cpu_optimization(meta.precision, meta.int8_target) if provider == "cpu" else "all"
         runner = OnnxrtRunner(path, PROVIDERS[provider], threads, optimization=level)
         runner.activate()
         return cls(meta, runner, path)

@@ -163,7 +163,6 @@ def test_fp16_models_get_onnx_runtimes_extended_level_on_the_cpu(model):
     torchvision's ViT-B in fp16): fp16 sessions on the CPU are built at the extended level, the rest at all."""
     import onnxruntime as ort
 
-    from exports.int8 import INT8_TARGETS
     from exports.latency import onnx_latency
     from exports.runners import cpu_optimization
 
@@ -172,11 +171,6 @@ def test_fp16_models_get_onnx_runtimes_extended_level_on_the_cpu(model):
     assert cpu_optimization("fp32") == cpu_optimization("int8") == "all"
     assert cpu_optimization("int8", "cpu") == "all"
     assert cpu_optimization("int8", "tensorrt") == "disabled"
-    # files exported before the metadata named the target: recognised by their quantization text
-    assert cpu_optimization("int8", quantization=INT8_TARGETS.get("tensorrt").description) == "disabled"
-    assert cpu_optimization("int8", quantization=INT8_TARGETS.get("cpu").description) == "all"
-    # the recorded target decides, whatever the text says
-    assert cpu_optimization("int8", "cpu", INT8_TARGETS.get("tensorrt").description) == "all"
     for level, expected in (("extended", "ORT_ENABLE_EXTENDED"), ("all", "ORT_ENABLE_ALL")):
         with OnnxrtRunner(path, optimization=level) as runner:
             used = runner.session.get_session_options().graph_optimization_level
