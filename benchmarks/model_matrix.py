@@ -19,14 +19,15 @@ fewest parameters (counted on the meta device, 20 classes; ``test_*`` models are
 family has another). A torchvision classifier is every name of
 ``torchvision.models.list_models(module=torchvision.models)``; its family is its builder's module.
 
-Inputs are 64 px, or the pretrained config's size for a model with a fixed input size; where 64 px
-fails with an error (not a gate), the model is tried again at its pretrained config's size (224 for
-torchvision) and both attempts are recorded.
+Inputs are 64 px, models with a "fixed" input size included (timm builds a transformer's token grid for the
+size it is given); where the model cannot be built or run at 64 px, 96 px, and where 96 px cannot either, or
+64 px fails later with an error (not a gate), its pretrained config's size (224 for torchvision). Every attempt
+is recorded.
 
 :data:`MATRIX_SETS` sizes the samples for a support matrix rather than an accuracy figure: random weights
 have nothing to measure to a tenth of a point, and 178 models must fit an hour on two cores. Every gate
 still judges (fp16 and INT8 against fp32 on 100 test images, one flip allowed; parity on 16; the INT8
-ranges from 32 calibration images); ``--set`` options given here come after them and win.
+ranges from 16 calibration images; latency a median of 5 passes); ``--set`` options given here come after them and win.
 
 Resumable: results go to ``<out>/results.json`` (or ``--results``) as each model finishes, and a rerun skips
 the models already there. The committed ``docs/model-matrix.json`` holds the results behind the doc, with the
@@ -67,11 +68,14 @@ MATRIX_SETS = (
     "data.synthetic.train_size=128",  # the calibration images are drawn from it
     "data.synthetic.test_size=100",
     "export.eval_samples=100",  # fp16 / INT8 vs fp32: top-1 agreement >= 0.99 allows one flip in 100
-    "export.calibration_samples=32",  # INT8 ranges and the fp16 guard: 32 images of every activation
+    "export.calibration_samples=16",  # INT8 ranges and the fp16 guard: 16 images of every activation
     "export.parity_samples=16",  # fp32 ONNX vs PyTorch, 20 logits each
     "export.cpu_int8_latency=false",  # the matrix gives the exported INT8 model's latency, not a cpu-target one's
+    "export.latency_runs=5",  # a median of 5 after 1 warm-up: ViT-L's unfused INT8 takes 7 s a pass
+    "export.latency_warmup=1",
 )
 DEFAULT_SIZE = 64
+SECOND_SIZE = 96  # where 64 px cannot be built: Inception's valid convolutions need 75 px, not its 299
 PRECISIONS = ("fp32", "fp16", "int8")
 # ``--distill``: the model as a KDiffusion student of a small zoo teacher, a few steps on a few synthetic images;
 # what is judged is the path (branches placed, trained, fused back, the fused model equal to the trained one),
@@ -164,7 +168,6 @@ def timm_catalogue() -> list[dict]:
             continue
         cfg = get_pretrained_cfg(pick)
         cfg_size = int(cfg.input_size[-1]) if cfg is not None else 224
-        fixed = bool(getattr(cfg, "fixed_input_size", False)) if cfg is not None else False
         rows.append(
             {
                 "key": f"timm:{pick}",
@@ -173,7 +176,7 @@ def timm_catalogue() -> list[dict]:
                 "model": pick,
                 "params": counts[pick],
                 "variants": len(names),
-                "sizes": [cfg_size] if fixed else _sizes(cfg_size),
+                "sizes": _sizes(cfg_size),
             }
         )
     return rows
@@ -200,9 +203,11 @@ def torchvision_catalogue() -> list[dict]:
     return rows
 
 
-def _sizes(fallback: int, first: int | None = None) -> list[int]:
-    first = first or DEFAULT_SIZE
-    return [first] if fallback == first else [first, fallback]
+def _sizes(own: int, first: int | None = None) -> list[int]:
+    """The input sizes tried, in order: ``first`` (64 px), :data:`SECOND_SIZE`, then the model's own size; only
+    those below its own. A transformer's token grid is built for the size (timm's ``img_size``), so a model with
+    a "fixed" input size takes 64 px too: random weights have no position embeddings to keep."""
+    return [*sorted({s for s in (first or DEFAULT_SIZE, SECOND_SIZE) if s < own}), own]
 
 
 def rows_for(keys: list[str]) -> list[dict]:
@@ -217,7 +222,6 @@ def rows_for(keys: list[str]) -> list[dict]:
 
             cfg = get_pretrained_cfg(name)
             cfg_size = int(cfg.input_size[-1]) if cfg is not None else 224
-            fixed = bool(getattr(cfg, "fixed_input_size", False)) if cfg is not None else False
             rows.append(
                 {
                     "key": key,
@@ -226,7 +230,7 @@ def rows_for(keys: list[str]) -> list[dict]:
                     "model": name,
                     "variants": 1,
                     "params": count_parameters(lambda name=name: timm.create_model(name, num_classes=CLASSES)),
-                    "sizes": [cfg_size] if fixed else _sizes(cfg_size),
+                    "sizes": _sizes(cfg_size),
                 }
             )
         elif lib == "torchvision":
@@ -504,8 +508,10 @@ def read_export(work: Path) -> dict:
         out["manifest_status"] = data.get("status")
     report = export / "report.json"
     if report.exists():
-        latency = json.loads(report.read_text()).get("latency", {})
+        figures = json.loads(report.read_text())
+        latency = figures.get("latency", {})
         out["latency_ms"] = {p: round(v["median_ms"], 3) for p, v in latency.items() if "median_ms" in v}
+        out["timings_s"] = figures.get("timings_s", {})  # where the export's time went, step by step
     return out
 
 
@@ -530,10 +536,10 @@ def run_model(
     deadline = time.monotonic() + timeout
     result = {**row, "attempts": []}
     with open(logs / f"{safe}.log", "w") as log:
-        sizes = row.get("sizes") or [DEFAULT_SIZE]
-        if first_size and sizes[0] == DEFAULT_SIZE:  # a model with a fixed size keeps it
-            sizes = _sizes(sizes[-1], first_size)
-        for size in sizes:
+        sizes = _sizes((row.get("sizes") or [DEFAULT_SIZE])[-1], first_size)  # the last is the model's own
+        for i, size in enumerate(sizes):
+            if 0 < i < len(sizes) - 1 and result["attempts"][-1].get("stage") != "checkpoint":
+                continue  # a second small size only where the first could not be built, not for an export error
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             ckpt = work / "model.safetensors"
@@ -610,9 +616,7 @@ def run_distill(
     logs.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     result = {"key": key, "attempts": []}
-    sizes = row.get("sizes") or [DEFAULT_SIZE]
-    if first_size and sizes[0] == DEFAULT_SIZE:
-        sizes = _sizes(sizes[-1], first_size)
+    sizes = _sizes((row.get("sizes") or [DEFAULT_SIZE])[-1], first_size)
     if export and export.get("status") in ("pass", "gate"):  # a size the model is known to take
         sizes = [export["size"]]
     plan = [(size, None) for size in sizes]

@@ -149,6 +149,8 @@ class ExportConfig:
     fp16_safe_max: float = 16384.0  # |activation| above this on calibration data keeps the node in fp32
     # without CUDA, also time a cpu-target INT8 model (not kept) beside a TensorRT-target one, which ORT runs unfused
     cpu_int8_latency: bool = True
+    latency_runs: int = 20  # timed ONNX Runtime passes per model (batch 1; the report gives median and p90)
+    latency_warmup: int = 3  # untimed passes before them
 
 
 @dataclass

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -123,10 +124,12 @@ def validate_export(cfg: Config) -> None:
     CALIBRATION_METHODS.get(cfg.export.calibration_method)
     if not 0 < cfg.export.fp16_safe_max <= FP16_MAX:
         raise ConfigError(f"export.fp16_safe_max must be in (0, {FP16_MAX:g}], got {cfg.export.fp16_safe_max:g}")
-    for key in ("golden_samples", "parity_samples", "calibration_samples", "eval_samples"):
+    for key in ("golden_samples", "parity_samples", "calibration_samples", "eval_samples", "latency_runs"):
         value = getattr(cfg.export, key)
         if value is not None and value < 1:
             raise ConfigError(f"export.{key} must be at least 1")
+    if cfg.export.latency_warmup < 0:
+        raise ConfigError("export.latency_warmup must be at least 0")
 
 
 @register_stage
@@ -169,15 +172,23 @@ class ExportStage(Stage):
         model, meta = load_any_model(
             source, lambda: foreign_meta(cfg.student.arch, bundle(cfg).info, cfg.data.image_size), ctx.log
         )
-        step = functools.partial(library_errors, "export", model=meta.arch)  # a library's failure: one line
+        timings: dict[str, float] = {}  # seconds per step, in the report: where an export's time goes
+
+        @contextlib.contextmanager
+        def step(what: str, key: str) -> Iterator[None]:
+            tic = time.perf_counter()
+            with library_errors("export", what, model=meta.arch):  # a library's failure: one line
+                yield
+            timings[key] = round(timings.get(key, 0.0) + time.perf_counter() - tic, 2)
+
         if meta.form != "fused":
-            with step("re-parameterization and BatchNorm folding"):
+            with step("re-parameterization and BatchNorm folding", "fold"):
                 model = fuse_model(model)
         profile = engine_profile(cfg, meta.input_size)
         base = deploy_meta(meta, source, cfg)
         fp32 = ctx.out / ONNX_FILES[REFERENCE_PRECISION]
         try:
-            with step(f"ONNX export (opset {cfg.export.opset}, dynamo={cfg.export.dynamo})"):
+            with step(f"ONNX export (opset {cfg.export.opset}, dynamo={cfg.export.dynamo})", "onnx_export"):
                 export_onnx(model, fp32, meta.input_size, cfg.export.opset, cfg.export.dynamo, base)
             fallback = ""
         except UnsupportedModelError as exc:
@@ -189,11 +200,11 @@ class ExportStage(Stage):
             ctx.log(f"[export] warning: {fallback}; trying the TorchScript exporter (export.dynamo=false)")
             cfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, dynamo=False))
             base = deploy_meta(meta, source, cfg)
-            with step(f"ONNX export (opset {cfg.export.opset}, dynamo=False, after dynamo=True failed)"):
+            with step(f"ONNX export (opset {cfg.export.opset}, dynamo=False, after dynamo=True failed)", "onnx_export"):
                 export_onnx(model, fp32, meta.input_size, cfg.export.opset, False, base)
         ctx.log(f"[export] wrote {fp32.name} (opset {cfg.export.opset}, dynamo={cfg.export.dynamo})")
 
-        with step("the ONNX Runtime fp32 check"):
+        with step("the ONNX Runtime fp32 check", "fp32_check"):
             result = fp32_checks(model, fp32, cfg, base)
         if fallback:
             result.report["exporter_fallback"] = fallback
@@ -221,9 +232,9 @@ class ExportStage(Stage):
                     lambda precision, how: deploy_meta(meta, source, cfg, precision, how),
                     ctx.log,
                 )
-                with step(f"{spec.name} conversion"):
+                with step(f"{spec.name} conversion", spec.name):
                     result.merge(spec.convert(job), section=spec.name)
-            with step("the ONNX Runtime evaluation of " + "/".join(files)):
+            with step("the ONNX Runtime evaluation of " + "/".join(files), "evaluation"):
                 result.merge(reduced_precision_gates(cfg, base, files), section="gates")
             for note in result.notes:
                 if note.startswith("warning:"):
@@ -231,7 +242,7 @@ class ExportStage(Stage):
             for spec in reduced:
                 if spec.golden_from_onnx:
                     with (
-                        step(f"the {spec.name} golden outputs"),
+                        step(f"the {spec.name} golden outputs", "golden"),
                         OnnxrtRunner(files[spec.name], optimization=_cpu_level(cfg, spec.name)) as runner,
                     ):
                         outputs = infer_array(runner, golden, ort_batch(meta.input_size))
@@ -242,15 +253,24 @@ class ExportStage(Stage):
         script.write_text(build_script(targets, profile, cfg.engine.workspace_mib))
         script.chmod(0o755)
         made = {p: ctx.out / f for p, f in ONNX_FILES.items() if (ctx.out / f).is_file()}
-        with step("the ONNX Runtime latency measurement"):
+        with step("the ONNX Runtime latency measurement", "latency"):
             result.report["latency"] = {  # ORT CPU
-                p: onnx_latency(path, meta.input_size, optimization=_cpu_level(cfg, p)) for p, path in made.items()
+                p: onnx_latency(
+                    path,
+                    meta.input_size,
+                    warmup=cfg.export.latency_warmup,
+                    runs=cfg.export.latency_runs,
+                    optimization=_cpu_level(cfg, p),
+                )
+                for p, path in made.items()
             }
         if "int8" in made and times_cpu_int8(cfg):
             cpu = deploy_meta(meta, source, cfg, "int8", INT8_TARGETS.get("cpu").description)
             try:  # a figure beside the export, not part of it: where it cannot be made, say why and go on
-                with step("the cpu-target INT8 model (timed only)"):
-                    timed = cpu_int8_latency(fp32, calibration, cpu, calibration_cache)
+                with step("the cpu-target INT8 model (timed only)", "int8_cpu_latency"):
+                    timed = cpu_int8_latency(
+                        fp32, calibration, cpu, calibration_cache, cfg.export.latency_warmup, cfg.export.latency_runs
+                    )
             except UnsupportedModelError as exc:
                 result.report["int8_cpu_latency"] = {"target": "cpu", "error": str(exc)}
                 ctx.log(f"[export] warning: no INT8 timing on this CPU: {exc}")
@@ -261,6 +281,7 @@ class ExportStage(Stage):
                     f"{result.report['latency']['int8']['median_ms']:.3f} ms for the {cfg.export.int8_target} "
                     "model, which ONNX Runtime runs unfused"
                 )
+        result.report["timings_s"] = timings
         write_json(ctx.out / REPORT, result.report)
         return StageResult(checks=result.checks, metrics=result.metrics, reason=result.note)
 
@@ -286,7 +307,9 @@ def times_cpu_int8(cfg: Config) -> bool:
     )
 
 
-def cpu_int8_latency(fp32: Path, calibration: np.ndarray, meta: DeployMeta, cache: Path) -> dict:
+def cpu_int8_latency(
+    fp32: Path, calibration: np.ndarray, meta: DeployMeta, cache: Path, warmup: int = 3, runs: int = 20
+) -> dict:
     """ORT CPU latency of the ``cpu``-target INT8 model of ``fp32``, made in a temporary folder and not kept.
 
     Only its speed is wanted, which the calibrated ranges do not change (the graph is the same whatever they
@@ -296,7 +319,7 @@ def cpu_int8_latency(fp32: Path, calibration: np.ndarray, meta: DeployMeta, cach
     with tempfile.TemporaryDirectory(prefix="int8-cpu-") as tmp:
         model = Path(tmp) / "model.int8.cpu.onnx"
         quantize_int8(fp32, model, images, CalibrationCache(cache), meta, method="minmax", target="cpu")
-        figures = onnx_latency(model, meta.input_size)
+        figures = onnx_latency(model, meta.input_size, warmup=warmup, runs=runs)
     return {**figures, "target": "cpu", "calibration_samples": len(images), "kept": False}
 
 
