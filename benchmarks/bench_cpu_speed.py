@@ -5,9 +5,9 @@ Settings (``training.*`` options of :func:`pipeline.training.fit`, the loop ever
 
 - ``before``: contiguous fp32, the CPU default before ``training.channels_last=auto``;
 - ``channels_last``: ``channels_last=auto``, the CPU default before ``training.teacher_graph=auto``;
-- ``channels_last+graph``: the CPU default now: KD's and DKD's teacher as a graph optimized for inference
-  (``training.teacher_graph``; KDiffusion reads the teacher's features and runs as in ``channels_last``, a check
-  on the noise), and what ``amp=auto`` keeps on a processor without native bf16;
+- ``channels_last+graph``: the CPU default now: the teacher as a graph optimized for inference
+  (``training.teacher_graph``: its logits, and the tapped features KDiffusion reads), and what ``amp=auto`` keeps
+  on a processor without native bf16;
 - ``channels_last+bf16``: bf16 autocast, what ``amp=auto`` adds on a processor with native bf16 (AMX or
   AVX512-BF16); skipped, with the reason, on any other (oneDNN would emulate bf16, slower than fp32);
 - ``compile``, ``channels_last+compile``: ``training.compile`` (torch.compile of student and teacher, Inductor's

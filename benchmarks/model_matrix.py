@@ -334,6 +334,7 @@ class CheckpointWorker:
     def __init__(self, cpu: int | None = None):
         self.cpu = cpu
         self.proc: subprocess.Popen | None = None
+        self.exports = ExportZygote(cpu)  # the same job's exports, on the same CPU
 
     def make(self, arch: str, size: int, path: Path, timeout: float, log) -> tuple[int | None, str, str, float]:
         """Like :func:`run_child` on ``--make-checkpoint arch size path``: (rc, stdout, stderr, seconds)."""
@@ -371,6 +372,133 @@ class CheckpointWorker:
         if rc != 0:
             self.close()
         log.write(f"$ checkpoint worker: {arch} {size} {path}\n[rc {rc}]\n--- stdout\n{out}\n--- stderr\n{err}\n")
+        return rc, out, err, time.perf_counter() - tic
+
+    def close(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            for stream in (self.proc.stdin, self.proc.stdout):
+                with contextlib.suppress(OSError):
+                    stream.close()
+            self.proc = None
+
+
+def export_zygote() -> int:
+    """Child mode (``--export-zygote``): the export's libraries imported once, then one forked process per JSON
+    line ``[argv, stdout_path, stderr_path]`` on stdin, each running ``python -m pipeline ARGV`` as a fresh
+    interpreter would, less the imports (about 5 s a model, 15 minutes of the matrix's subprocess time). Answers
+    ``{"pid"}`` when the child starts and ``{"rc"}`` when it ends (minus the signal that killed it, as subprocess
+    gives it). Nothing runs in this process but imports, and none that starts a thread (importing ONNX Runtime
+    starts one; it costs 0.05 s in the child), so no thread or lock is held across a fork."""
+    import atexit
+    import runpy
+    import traceback
+
+    import onnx  # noqa: F401
+    import onnxscript  # noqa: F401
+    import timm  # noqa: F401
+    import torchvision  # noqa: F401
+
+    import pipeline.cli  # noqa: F401
+    import stages.export  # noqa: F401
+
+    for line in sys.stdin:
+        argv, out_path, err_path = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the export: its own session (the parent kills the group on a timeout), its own files
+            os.setsid()
+            files = ((0, os.devnull, os.O_RDONLY), (1, out_path, os.O_WRONLY), (2, err_path, os.O_WRONLY))
+            for fd, path, mode in files:
+                os.dup2(os.open(path, mode), fd)
+            code = 1
+            try:
+                sys.argv = [sys.executable, *argv]
+                runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+                if not isinstance(exc.code, (int, type(None))):
+                    print(exc.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                with contextlib.suppress(BaseException):
+                    atexit._run_exitfuncs()
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        print(json.dumps({"pid": pid}), flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"rc": os.waitstatus_to_exitcode(status)}), flush=True)
+    return 0
+
+
+class ExportZygote:
+    """An ``--export-zygote`` child for one job (its CPU, the memory limit, both inherited by every export it
+    forks), started on first use and again after it dies."""
+
+    def __init__(self, cpu: int | None = None):
+        self.cpu = cpu
+        self.proc: subprocess.Popen | None = None
+
+    def run(self, cmd: list[str], timeout: float, log) -> tuple[int | None, str, str, float]:
+        """Like :func:`run_child` on ``cmd`` (``python -m pipeline ...``): (rc, stdout, stderr, seconds)."""
+        if cmd[1:3] != ["-m", "pipeline"]:
+            raise ValueError(f"the zygote runs python -m pipeline only, not {cmd[:3]}")
+        import select
+        import tempfile
+
+        tic = time.perf_counter()
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--export-zygote"],
+                cwd=ROOT,
+                text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                env={"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"},
+                preexec_fn=_child_setup(self.cpu),
+            )
+        deadline = time.monotonic() + max(timeout, 1)
+
+        def reply() -> dict | None:  # None: past the deadline; {}: the zygote died
+            ready = select.select([self.proc.stdout], [], [], max(deadline - time.monotonic(), 0))[0]
+            if not ready:
+                return None
+            line = self.proc.stdout.readline()
+            return json.loads(line) if line else {}
+
+        with tempfile.TemporaryDirectory(prefix="matrix-") as tmp:
+            out_path, err_path = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            out_path.touch()
+            err_path.touch()
+            rc: int | None = None
+            try:
+                self.proc.stdin.write(json.dumps([cmd[3:], str(out_path), str(err_path)]) + "\n")
+                self.proc.stdin.flush()
+                started = reply()
+            except BrokenPipeError:
+                started = {}
+            ended = reply() if started else None
+            if started and ended is None:  # past the deadline: the export's group; the zygote then reports it
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(started["pid"], signal.SIGKILL)
+                self.proc.stdout.readline()
+            elif ended:
+                rc = ended["rc"]
+            elif started == {} or ended == {}:  # the zygote died (the OOM killer): so did what it ran
+                if started:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(started["pid"], signal.SIGKILL)
+                rc = self.proc.wait() or -signal.SIGKILL
+            if not ended:
+                self.close()
+            out, err = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
+        log.write(f"$ {' '.join(cmd)}\n[rc {rc}]\n--- stdout\n{out}\n--- stderr\n{err}\n")
         return rc, out, err, time.perf_counter() - tic
 
     def close(self) -> None:
@@ -570,7 +698,7 @@ def run_model(
                 ]
                 for item in (*MATRIX_SETS, *extra):
                     cmd += ["--set", item]
-                rc, stdout, stderr, secs = run_child(cmd, deadline - time.monotonic(), log, worker.cpu)
+                rc, stdout, stderr, secs = worker.exports.run(cmd, deadline - time.monotonic(), log)
                 attempt["export_s"] = round(secs, 1)
                 attempt["command"] = " ".join(cmd)
                 status = classify(rc, stderr)
@@ -918,6 +1046,8 @@ def main(argv: list[str] | None = None) -> int:
         return make_checkpoint(argv[1], int(argv[2]), argv[3])
     if argv[:1] == ["--checkpoint-worker"]:
         return checkpoint_worker()
+    if argv[:1] == ["--export-zygote"]:
+        return export_zygote()
     tic = time.perf_counter()  # the wall clock counts the catalogue too
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "model-matrix")
@@ -1025,6 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for worker in slots:
                 worker.close()
+                worker.exports.close()
     write_state_doc(doc, state, rows, precisions, command)
     print(f"[matrix] wrote {doc}")
     return 0

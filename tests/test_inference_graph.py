@@ -1,9 +1,10 @@
-"""The teacher of KD and DKD as a graph optimized for inference (``training.teacher_graph``), without timing.
+"""The distillation teacher as a graph optimized for inference (``training.teacher_graph``), without timing.
 
-What is checked: the graph gives the module's logits up to float rounding at any batch size and layout, the
-methods train through it (DKD's backward included) to the losses they reach without it, ``auto`` turns it on
-only on a CPU in fp32 without compile and only for the methods that read logits alone, and a teacher the
-tracer cannot follow runs as itself, with the reason logged.
+What is checked: the graph gives the module's logits and tapped features up to float rounding at any batch size
+and layout, the methods that read the teacher by one eval-mode forward train through it (backward included) to
+the losses they reach without it, ``auto`` turns it on only on a CPU in fp32 without compile, a method that runs
+its teacher otherwise (OFD's batch statistics) keeps the module, and a teacher the tracer cannot follow runs as
+itself, with the reason logged.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 
 from pipeline.config import OptimConfig, TrainingConfig, load_config
 from pipeline.distill import build_distiller
+from pipeline.distill.features import TappedModel, tapped_forward
 from pipeline.errors import ConfigError
 from pipeline.models import build_model
 from pipeline.models.inference_graph import inference_graph
@@ -69,8 +71,27 @@ def test_a_teacher_the_tracer_cannot_follow_runs_as_itself_with_the_reason():
     assert (graph is None) == bool(why)
 
 
-@pytest.mark.parametrize("method", ["kd", "dkd"])
-def test_kd_and_dkd_train_through_the_graph_to_the_same_losses(method):
+def _graphed(distiller) -> bool:
+    return any(graph is not None for graph in distiller._teacher_graphs.values())
+
+
+def test_the_graph_gives_the_modules_features_too():
+    teacher = _teacher()
+    taps = teacher.info.stages
+    graph, why = inference_graph(TappedModel(teacher, taps), torch.randn(4, 3, 32, 32))
+    assert graph is not None and why == ""
+    images = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        expected, features = tapped_forward(teacher, taps, images)
+        logits, *got = graph(images)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert len(got) == len(features) == len(taps)
+    for have, want in zip(got, features):
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["kd", "dkd", "kdiffusion", "fitnet", "at", "vid", "reviewkd"])
+def test_the_methods_train_through_the_graph_to_the_same_losses(method):
     images, targets = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1])
     runs = []
     for graph in (False, True):
@@ -80,18 +101,18 @@ def test_kd_and_dkd_train_through_the_graph_to_the_same_losses(method):
             distiller.use_teacher_graph()
         distiller.train()
         _, losses = distiller(images, targets)
-        sum(losses.values()).backward()  # DKD saves the teacher's probabilities for backward
-        assert (distiller._teacher_graph is not None) == graph and distiller.teacher_graph_note == ""
+        sum(losses.values()).backward()  # the losses that save the teacher's outputs for backward
+        assert _graphed(distiller) == graph and distiller.teacher_graph_note == ""
         runs.append({k: float(v.detach()) for k, v in losses.items()})
     assert runs[0].keys() == runs[1].keys()
     for name in runs[0]:
         assert runs[1][name] == pytest.approx(runs[0][name], rel=1e-4, abs=1e-6), name
 
 
-def test_a_method_that_reads_features_keeps_its_teacher_module():
-    distiller = build_distiller("fitnet", build_model("resnet20", 4), _teacher(), {})
-    assert not distiller.reads_teacher_logits_only
-    with pytest.raises(ValueError, match="reads the teacher's features"):
+def test_a_method_that_runs_its_teacher_otherwise_keeps_its_teacher_module():
+    distiller = build_distiller("ofd", build_model("resnet20", 4), _teacher(), {})
+    assert not distiller.teacher_graph_ok
+    with pytest.raises(ValueError, match="reads its teacher other than by one eval-mode forward"):
         distiller.use_teacher_graph()
 
 
@@ -139,15 +160,15 @@ def test_fit_logs_the_graph_and_falls_back_to_the_module_with_the_reason():
     assert any(
         "the teacher is traced on the first batch into a graph optimized for inference" in line for line in lines
     )
-    assert distiller._teacher_graph is not None
+    assert _graphed(distiller)
 
     lines.clear()
     distiller = build_distiller("kd", TinyNet(), Lookup(), {})
     fit(distiller, loader, None, optim, CPU, log=lines.append, training=TrainingConfig())
     fallback = [line for line in lines if "the teacher runs as a module, not a graph: tracing failed" in line]
-    assert len(fallback) == 1 and distiller._teacher_graph is None
+    assert len(fallback) == 1 and not _graphed(distiller)
 
     lines.clear()
     distiller = build_distiller("kd", TinyNet(), TinyNet(), {})
     fit(distiller, loader, None, optim, CPU, log=lines.append, training=TrainingConfig(teacher_graph=False))
-    assert not any("graph" in line for line in lines) and distiller._teacher_graph is None
+    assert not any("graph" in line for line in lines) and not _graphed(distiller)

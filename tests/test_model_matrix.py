@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,8 @@ def test_each_child_runs_on_one_cpu_with_one_thread(tmp_path, monkeypatch):
             "export.calibration_samples",
             "export.parity_samples",
             "export.cpu_int8_latency",
+            "export.latency_runs",
+            "export.latency_warmup",
         }
         for item in mm.MATRIX_SETS
     )
@@ -147,6 +150,35 @@ def test_the_checkpoint_worker_serves_models_and_is_replaced_when_it_fails(tmp_p
             assert rc == -9 and mm.classify(rc, err) == "killed" and worker.proc is None
         finally:
             worker.close()
+
+
+def test_the_export_zygote_forks_each_export_as_a_fresh_process_would_run_it(tmp_path):
+    """Exports forked from one process with the libraries imported: the output, exit status and one-line errors
+    of ``python -m pipeline``, a timeout kills the export (not a hang) and the next export gets a new zygote, and the
+    zygote holds one thread when it forks."""
+    mm = load_matrix()
+    zygote = mm.ExportZygote()
+    cli = [sys.executable, "-m", "pipeline"]
+    with open(tmp_path / "log", "w") as log:
+        try:
+            rc, out, err, _ = zygote.run([*cli, "presets"], 120, log)
+            assert rc == 0 and "fmnist-teacher-resnet20" in out, err
+            first = zygote.proc.pid
+            assert len(os.listdir(f"/proc/{first}/task")) == 1  # no thread to lose across a fork
+            rc, _, err, _ = zygote.run([*cli, "run", "export", "--checkpoint", str(tmp_path / "none.pt")], 120, log)
+            assert rc == 2 and mm.classify(rc, err) == "error" and err.strip().startswith("error:"), err
+            assert "\n" not in err.strip() and zygote.proc.pid == first  # the same zygote, imports paid once
+            run = [*cli, "run", "all", "--out", str(tmp_path / "run"), "--set", "teacher.optim.epochs=50"]
+            tic = time.monotonic()
+            rc, _, _, _ = zygote.run(run, 5, log)
+            assert rc is None and mm.classify(rc, "") == "timeout" and time.monotonic() - tic < 60
+            assert zygote.proc is None  # ended with its export; the next export starts a new one
+            rc, out, _, _ = zygote.run([*cli, "presets"], 120, log)
+            assert rc == 0 and zygote.proc.pid != first
+        finally:
+            zygote.close()
+    with pytest.raises(ValueError, match="python -m pipeline only"):
+        zygote.run([sys.executable, "-c", "pass"], 10, None)
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -51,6 +50,9 @@ def at_loss(student: Tensor, teacher: Tensor, p: float) -> Tensor:
 class AT(Distiller):
     """CE plus attention transfer on every paired stage (AT)."""
 
+    teacher_graph_ok = True
+    teacher_inference_mode = False  # its loss saves the teacher's features for the backward pass
+
     option_bounds: ClassVar[dict[str, Bound]] = {
         "p": Bound(0.0, 16.0, low_open=True),
         "ce_weight": WEIGHT,
@@ -70,8 +72,7 @@ class AT(Distiller):
 
     def losses(self, images, targets):
         logits, feats = tapped_forward(self.student, self.student_taps, images)
-        with torch.no_grad():
-            _, t_feats = tapped_forward(self.teacher, self.teacher_taps, images)
+        _, t_feats = self.teacher_outputs(images, self.teacher_taps)
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, targets),
             "at": self.at_weight * sum(at_loss(s, t, self.p) for s, t in zip(feats, t_feats)),

@@ -7,6 +7,7 @@ depend on every method's code (pipeline.artifacts.code_version); ``pipeline.dist
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import ClassVar
@@ -62,9 +63,9 @@ class Distiller(nn.Module):
     # The frozen teacher's forward runs under ``torch.inference_mode`` (no autograd bookkeeping at all) in
     # the methods that call :meth:`teacher_grad_off`; benchmarks turn this off to time it against ``no_grad``.
     teacher_inference_mode = True
-    # Methods that read the teacher's logits only (through :meth:`teacher_logits`), never its features: their
-    # teacher may run as a graph optimized for inference (``training.teacher_graph``).
-    reads_teacher_logits_only: ClassVar[bool] = False
+    # Methods that read the teacher only through :meth:`teacher_outputs` (one eval-mode forward: its logits and
+    # its tapped features): their teacher may run as a graph optimized for inference (``training.teacher_graph``).
+    teacher_graph_ok: ClassVar[bool] = False
     # The allowed interval of each numeric option (its type comes from the ``__init__`` annotation).
     option_bounds: ClassVar[dict[str, Bound]] = {}
 
@@ -74,7 +75,7 @@ class Distiller(nn.Module):
         # Not registered as a submodule: the teacher is neither trained nor saved with the method.
         object.__setattr__(self, "teacher", teacher)
         self._graph_wanted = False
-        object.__setattr__(self, "_teacher_graph", None)  # made on the first batch (use_teacher_graph)
+        self._teacher_graphs: dict[tuple, nn.Module | None] = {}  # per tap set, made on its first batch
         self.teacher_graph_note = ""  # why the teacher runs as itself although a graph was wanted
         if teacher is not None:
             teacher.eval()
@@ -91,7 +92,7 @@ class Distiller(nn.Module):
         # The one hook behind to(), cuda(), cpu(), half() and friends: the unregistered teacher follows them all.
         if self.teacher is not None:
             self.teacher._apply(fn, recurse)
-            object.__setattr__(self, "_teacher_graph", None)  # traced from the old weights: made again
+            self._teacher_graphs = {}  # traced from the old weights: made again
         return super()._apply(fn, recurse)
 
     def teacher_grad_off(self) -> AbstractContextManager:
@@ -103,22 +104,34 @@ class Distiller(nn.Module):
         return torch.inference_mode() if self.teacher_inference_mode else torch.no_grad()
 
     def use_teacher_graph(self) -> None:
-        """Run :meth:`teacher_logits` through the teacher traced as a graph optimized for inference
+        """Run :meth:`teacher_outputs` through the teacher traced as a graph optimized for inference
         (:func:`pipeline.models.inference_graph.inference_graph`), made from the first batch it sees."""
-        if not self.reads_teacher_logits_only:
-            raise ValueError(f"{type(self).__name__} reads the teacher's features; its forward cannot be a graph")
+        if not self.teacher_graph_ok:
+            raise ValueError(f"{type(self).__name__} reads its teacher other than by one eval-mode forward")
         self._graph_wanted = True
 
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits for ``images``, without autograd (:meth:`teacher_grad_off`)."""
-        if self._graph_wanted and self._teacher_graph is None and not self.teacher_graph_note:
+    def teacher_outputs(self, images: torch.Tensor, taps: Sequence = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The teacher's logits for ``images`` and its features at ``taps`` (:class:`~pipeline.models.spec.Tap`),
+        without autograd (:meth:`teacher_grad_off`)."""
+        from pipeline.distill.features import TappedModel, tapped_forward  # not for the stages that need no method
+
+        taps = tuple(taps)
+        if self._graph_wanted and taps not in self._teacher_graphs and not self.teacher_graph_note:
             from pipeline.models.inference_graph import inference_graph
 
-            graph, self.teacher_graph_note = inference_graph(self.teacher, images)
-            object.__setattr__(self, "_teacher_graph", graph)
-        forward = self.teacher if self._teacher_graph is None else self._teacher_graph
+            self._teacher_graphs[taps], self.teacher_graph_note = inference_graph(
+                TappedModel(self.teacher, taps), images
+            )
+        graph = self._teacher_graphs.get(taps)
         with self.teacher_grad_off():
-            return forward(images)
+            if graph is None:
+                return tapped_forward(self.teacher, taps, images)
+            logits, *features = graph(images)
+            return logits, features
+
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for ``images``, without autograd (:meth:`teacher_outputs`)."""
+        return self.teacher_outputs(images)[0]
 
     def set_progress(self, epochs: float) -> None:
         self.progress = epochs

@@ -63,6 +63,9 @@ class Embed(nn.Module):
 class CRD(Distiller):
     """CE plus contrastive representation distillation with a momentum memory bank (CRD)."""
 
+    teacher_graph_ok = True
+    teacher_inference_mode = False  # its loss saves the teacher's features for the backward pass
+
     option_bounds: ClassVar[dict[str, Bound]] = {
         "feat_dim": Bound(1, 65536),
         "nce_k": Bound(1, 1 << 20),
@@ -118,8 +121,7 @@ class CRD(Distiller):
         if indices.min() < 0 or indices.max() >= self.num_samples:
             raise ValueError(f"crd was built for {self.num_samples} samples but got index {int(indices.max())}")
         logits, (s_feat,) = tapped_forward(self.student, [self.student_tap], images)
-        with torch.no_grad():
-            t_logits, (t_feat,) = tapped_forward(self.teacher, [self.teacher_tap], images)
+        t_logits, (t_feat,) = self.teacher_outputs(images, [self.teacher_tap])
         v_s, v_t = self.embed_s(s_feat), self.embed_t(t_feat)
         with torch.no_grad():
             sample = torch.cat([indices[:, None], self._negatives(targets)], dim=1)

@@ -53,7 +53,7 @@ def _kl(log_q: Tensor, log_p: Tensor) -> Tensor:
 class DKD(Distiller):
     """CE plus decoupled KD (alpha TCKD + beta NCKD) with a linear warm-up (DKD)."""
 
-    reads_teacher_logits_only = True
+    teacher_graph_ok = True
     teacher_inference_mode = False  # its loss saves the teacher's probabilities for the backward pass
     option_bounds: ClassVar[dict[str, Bound]] = {
         "temperature": TEMPERATURE,

@@ -22,6 +22,7 @@ from pipeline.models.hooks import FeatureTaps
 from pipeline.models.spec import Tap, model_name
 
 __all__ = [
+    "TappedModel",
     "aligned_pairs",
     "bn_before_taps",
     "embedding_tap",
@@ -126,6 +127,19 @@ def tapped_forward(model: nn.Module, taps: Sequence[Tap], images: Tensor) -> tup
     with FeatureTaps(model, {str(i): tap for i, tap in enumerate(taps)}) as captured:
         logits = model(images)
     return logits, [captured.features[str(i)] for i in range(len(taps))]
+
+
+class TappedModel(nn.Module):
+    """``model`` with its features at ``taps`` as outputs after the logits: one forward a tracer can record."""
+
+    def __init__(self, model: nn.Module, taps: Sequence[Tap]):
+        super().__init__()
+        self.model, self.taps = model, tuple(taps)
+        self.training = model.training  # its own flag only: the model's modules keep theirs
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        logits, features = tapped_forward(self.model, self.taps, images)
+        return (logits, *features)
 
 
 def aligned_pairs(num_student: int, num_teacher: int) -> list[tuple[int, int]]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -26,6 +25,9 @@ from pipeline.distill.features import match_spatial, paired_stage_taps, tap_chan
 @register_method(name="fitnet")
 class FitNet(Distiller):
     """CE plus an L2 hint between a regressed student stage and the matching teacher stage (FitNet)."""
+
+    teacher_graph_ok = True
+    teacher_inference_mode = False  # its loss saves the teacher's features for the backward pass
 
     option_bounds: ClassVar[dict[str, Bound]] = {
         "hint_stage": Bound(-64, 64),
@@ -53,8 +55,7 @@ class FitNet(Distiller):
 
     def losses(self, images, targets):
         logits, (feat,) = tapped_forward(self.student, [self.student_tap], images)
-        with torch.no_grad():
-            _, (target,) = tapped_forward(self.teacher, [self.teacher_tap], images)
+        _, (target,) = self.teacher_outputs(images, [self.teacher_tap])
         pred, target = match_spatial(self.regressor(feat), target)
         return logits, {
             "ce": self.ce_weight * F.cross_entropy(logits, targets),

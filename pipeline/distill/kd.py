@@ -29,7 +29,7 @@ class KD(Distiller):
     0.1, KD weight 0.9)."""
 
     option_bounds: ClassVar[dict[str, Bound]] = {"temperature": TEMPERATURE, "ce_weight": WEIGHT, "kd_weight": WEIGHT}
-    reads_teacher_logits_only = True
+    teacher_graph_ok = True
 
     def __init__(self, student, teacher, temperature: float = 4.0, ce_weight: float = 0.1, kd_weight: float = 0.9):
         super().__init__(student, teacher)

@@ -74,6 +74,9 @@ def hcl_loss(student: Tensor, teacher: Tensor) -> Tensor:
 class ReviewKD(Distiller):
     """CE plus knowledge review: ABF-fused student stages against every teacher stage, with the HCL loss."""
 
+    teacher_graph_ok = True
+    teacher_inference_mode = False  # its loss saves the teacher's features for the backward pass
+
     option_bounds: ClassVar[dict[str, Bound]] = {
         "max_mid_channels": Bound(1, 65536),
         "warmup_epochs": EPOCHS,
@@ -106,8 +109,7 @@ class ReviewKD(Distiller):
 
     def losses(self, images, targets):
         logits, feats = tapped_forward(self.student, self.student_taps, images)
-        with torch.no_grad():
-            _, t_feats = tapped_forward(self.teacher, self.teacher_taps, images)
+        _, t_feats = self.teacher_outputs(images, self.teacher_taps)
         feats, t_feats = _as_maps(feats), _as_maps(t_feats)
         deeper, loss = None, 0.0
         for abf, feat, target in reversed(list(zip(self.abfs, feats, t_feats))):

@@ -60,6 +60,9 @@ class GaussianRegressor(nn.Module):
 class VID(Distiller):
     """CE plus variational information distillation on every paired stage (VID)."""
 
+    teacher_graph_ok = True
+    teacher_inference_mode = False  # its loss saves the teacher's features for the backward pass
+
     option_bounds: ClassVar[dict[str, Bound]] = {
         "init_variance": Bound(0.0, 1e6, low_open=True),
         "eps": Bound(0.0, 1.0, low_open=True),
@@ -95,7 +98,6 @@ class VID(Distiller):
 
     def losses(self, images, targets):
         logits, feats = tapped_forward(self.student, self.student_taps, images)
-        with torch.no_grad():
-            _, t_feats = tapped_forward(self.teacher, self.teacher_taps, images)
+        _, t_feats = self.teacher_outputs(images, self.teacher_taps)
         nll = sum(q(s, t) for q, s, t in zip(self.regressors, feats, t_feats))
         return logits, {"ce": self.ce_weight * F.cross_entropy(logits, targets), "vid": self.vid_weight * nll}

@@ -228,7 +228,7 @@ class _Trainer:
         self.memory_format = speed.memory_format(training)
 
         distiller.to(device, memory_format=self.memory_format)
-        if training.teacher_graph and distiller.reads_teacher_logits_only:
+        if training.teacher_graph and distiller.teacher_graph_ok:
             distiller.use_teacher_graph()
             log(
                 f"{desc}: the teacher is traced on the first batch into a graph optimized for inference "

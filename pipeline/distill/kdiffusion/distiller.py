@@ -65,6 +65,7 @@ class KDiffusion(Distiller):
             speed option: the same loss up to float rounding).
     """
 
+    teacher_graph_ok = True
     option_bounds: ClassVar[dict[str, Bound]] = {
         "m": Bound(1, 64),
         "layers": Bound(1, 16),
@@ -194,15 +195,14 @@ class KDiffusion(Distiller):
     def losses(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with FeatureTaps(self.student, self.student_taps) as student_taps:
             logits = self.student(images)
-        with self.teacher_grad_off(), FeatureTaps(self.teacher, self.teacher_taps) as teacher_taps:
-            teacher_logits = self.teacher(images)
+        teacher_logits, teacher_features = self.teacher_outputs(images, self.teacher_taps.values())
         out = {"ce": self.lambda_ce * F.cross_entropy(logits, targets)}
         if self.lambda_kd:
             out["kd"] = self.lambda_kd * kd_loss(logits, teacher_logits, self.temperature)
         ramp = self.warmup_factor()
         feature = logits.new_zeros((), dtype=torch.float32)
         for layer, loss_fn in enumerate(self.layer_losses):
-            result = loss_fn(self.student_features(student_taps.features, layer), teacher_taps.features[f"tap{layer}"])
+            result = loss_fn(self.student_features(student_taps.features, layer), teacher_features[layer])
             feature = feature + result.loss
         out["diff" if self.feature_loss == "chain" else "avg"] = ramp * self.lambda_diff * feature
         if self.lambda_guided:
