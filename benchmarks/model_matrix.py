@@ -34,8 +34,11 @@ the models already there. The committed ``docs/model-matrix.json`` holds the res
 machine of every run, so the next session carries on with ``--results docs/model-matrix.json``. Models run in
 order of parameter count, smallest first. ``--jobs N`` exports N models at once, each child on a core of its own
 (``OMP_NUM_THREADS=1`` unless set, and pinned to one CPU; ONNX Runtime's sessions then size their pools by that one
-CPU, :func:`exports.runners.default_threads`, instead of pinning threads to the other jobs' cores). The doc gives
-the subprocess time and the wall clock of the command(s), catalogue included.
+CPU, :func:`exports.runners.default_threads`, instead of pinning threads to the other jobs' cores). Each job's
+exports are forked from one process that has imported the libraries (:func:`export_zygote`): the command recorded
+runs as it would from a shell, less 5 s of imports. The doc gives the subprocess time, the wall clock of the
+command(s), catalogue included, and the seconds of each export step summed over the models (``timings_s`` of the
+export report).
 
 Usage:
     OMP_NUM_THREADS=1 python benchmarks/model_matrix.py [--out runs/model-matrix] [--limit N]
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -146,13 +150,31 @@ def count_parameters(build) -> int | None:
     return sum(p.numel() for p in model.parameters())
 
 
-def timm_catalogue() -> list[dict]:
+def count_timm(name: str) -> int | None:
+    import timm
+
+    return count_parameters(lambda: timm.create_model(name, num_classes=CLASSES))
+
+
+def timm_catalogue(jobs: int = 1) -> list[dict]:
+    """One row per timm family, its smallest variant; the 1,300 models counted by ``jobs`` processes (about 3
+    minutes in one on 2026-12 Xeons)."""
     import timm
     from timm.models import get_pretrained_cfg
 
+    families = sorted(group_families(timm.list_models()).items())
+    names = [name for _, members in families for name in members]
+    if jobs > 1:  # forked before any thread or tensor exists; the workers only build models on the meta device
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            counted = dict(zip(names, pool.map(count_timm, names, chunksize=8)))
+    else:
+        counted = {name: count_timm(name) for name in names}
     rows = []
-    for family, names in sorted(group_families(timm.list_models()).items()):
-        counts = {n: count_parameters(lambda n=n: timm.create_model(n, num_classes=CLASSES)) for n in names}
+    for family, names in families:
+        counts = {n: counted[n] for n in names}
         pick = smallest(counts)
         if pick is None:
             rows.append(
@@ -255,7 +277,7 @@ def rows_for(keys: list[str]) -> list[dict]:
     return rows
 
 
-def catalogue(out: Path, timm_on: bool = True, torchvision_on: bool = True) -> list[dict]:
+def catalogue(out: Path, timm_on: bool = True, torchvision_on: bool = True, jobs: int = 1) -> list[dict]:
     """Every model of the matrix, cached in ``<out>/catalogue.json`` per library version."""
     import timm
     import torchvision
@@ -264,7 +286,8 @@ def catalogue(out: Path, timm_on: bool = True, torchvision_on: bool = True) -> l
     versions = {"timm": timm.__version__, "torchvision": torchvision.__version__}
     cached = json.loads(path.read_text()) if path.exists() else {}
     changed = False
-    for lib, on, make in (("timm", timm_on, timm_catalogue), ("torchvision", torchvision_on, torchvision_catalogue)):
+    timm_rows = functools.partial(timm_catalogue, jobs)
+    for lib, on, make in (("timm", timm_on, timm_rows), ("torchvision", torchvision_on, torchvision_catalogue)):
         if on and cached.get(lib, {}).get("version") != versions[lib]:
             tic = time.perf_counter()
             cached[lib] = {"version": versions[lib], "rows": make()}
@@ -867,7 +890,8 @@ def write_doc(
         f"(`{' '.join(MATRIX_SETS)}`); the verdicts are the export manifest's checks, the latency is the export "
         "report's ONNX Runtime CPU figure (batch 1, median, ms). Random weights put fp32 at chance, where the INT8 "
         "top-1 drop is not judged (noise) and INT8 is judged by its agreement with fp32 instead: `pass (accuracy "
-        "drop not judged)`.",
+        "drop not judged)`. Each model runs at 64 px (a transformer's token grid built for it, as timm's `img_size` "
+        f"does), else at {SECOND_SIZE} px, else at its own size: the `px` column; the attempts are in the JSON.",
         "",
         f"- machine{'s' if len(machines or []) > 1 else ''}: {'; '.join(machines or [describe_machine()])}",
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
@@ -882,6 +906,7 @@ def write_doc(
             if missing
             else ""
         ),
+        *_step_times(measured),
         "",
         "## Summary",
         "",
@@ -939,6 +964,19 @@ def write_doc(
     lines += distill_section(rows, distill or {}, distill_run or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
+
+
+def _step_times(measured: list[dict]) -> list[str]:
+    """Where the export time went: each step of the export report's ``timings_s``, summed over every attempt."""
+    steps: dict[str, float] = {}
+    for r in measured:
+        for attempt in r["attempts"]:
+            for step, seconds in attempt.get("timings_s", {}).items():
+                steps[step] = steps.get(step, 0.0) + seconds
+    if not steps:
+        return []
+    ranked = sorted(steps.items(), key=lambda kv: -kv[1])
+    return ["- export steps, summed over the models: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in ranked)]
 
 
 def _wall(seconds: float | None) -> str:
@@ -1089,7 +1127,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.models:
         rows = rows_for([k.strip() for k in args.models.split(",") if k.strip()])
     else:
-        rows = catalogue(args.out, not args.no_timm, not args.no_torchvision)
+        rows = catalogue(args.out, not args.no_timm, not args.no_torchvision, args.jobs)
     if args.only:
         wanted = {w.strip() for w in args.only.split(",") if w.strip()}
         rows = [r for r in rows if r["family"] in wanted or r["model"] in wanted or r["key"] in wanted]
