@@ -239,7 +239,6 @@ def rows_for(keys: list[str]) -> list[dict]:
     for key in keys:
         lib, name = key.split(":", 1)
         if lib == "timm":
-            import timm
             from timm.models import get_pretrained_cfg
 
             cfg = get_pretrained_cfg(name)
@@ -251,7 +250,7 @@ def rows_for(keys: list[str]) -> list[dict]:
                     "family": timm_family(name),
                     "model": name,
                     "variants": 1,
-                    "params": count_parameters(lambda name=name: timm.create_model(name, num_classes=CLASSES)),
+                    "params": count_timm(name),
                     "sizes": _sizes(cfg_size),
                 }
             )
