@@ -55,6 +55,7 @@ import json
 import os
 import queue
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -75,11 +76,11 @@ MATRIX_SETS = (
     "export.calibration_samples=16",  # INT8 ranges and the fp16 guard: 16 images of every activation
     "export.parity_samples=16",  # fp32 ONNX vs PyTorch, 20 logits each
     "export.cpu_int8_latency=false",  # the matrix gives the exported INT8 model's latency, not a cpu-target one's
-    "export.latency_runs=5",  # a median of 5 after 1 warm-up: ViT-L's unfused INT8 takes 7 s a pass
+    "export.latency_runs=5",  # a median of 5 after 1 warm-up: ViT-L's unfused INT8 took 6.4 s a pass
     "export.latency_warmup=1",
 )
 DEFAULT_SIZE = 64
-SECOND_SIZE = 96  # where 64 px cannot be built: Inception's valid convolutions need 75 px, not its 299
+SECOND_SIZE = 96  # where 64 px cannot be built: Inception runs at 96 px instead of its 299
 PRECISIONS = ("fp32", "fp16", "int8")
 # ``--distill``: the model as a KDiffusion student of a small zoo teacher, a few steps on a few synthetic images;
 # what is judged is the path (branches placed, trained, fused back, the fused model equal to the trained one),
@@ -348,24 +349,20 @@ def checkpoint_worker() -> int:
     return 0
 
 
-class CheckpointWorker:
-    """A ``--checkpoint-worker`` child for one job (its CPU, the memory limit): importing torch and timm took
-    about 4 s of a small model's 16, once per model in a fresh process. A worker that fails a model, dies or
-    runs past the model's deadline is ended, and the next model starts a new one."""
+class ServingChild:
+    """A long-lived child of this script in ``mode`` (``--checkpoint-worker``, ``--export-zygote``), on one job's CPU
+    under the memory limit, talking JSON lines on stdin/stdout; started on first use and again after it ends."""
+
+    mode = ""
 
     def __init__(self, cpu: int | None = None):
         self.cpu = cpu
         self.proc: subprocess.Popen | None = None
-        self.exports = ExportZygote(cpu)  # the same job's exports, on the same CPU
 
-    def make(self, arch: str, size: int, path: Path, timeout: float, log) -> tuple[int | None, str, str, float]:
-        """Like :func:`run_child` on ``--make-checkpoint arch size path``: (rc, stdout, stderr, seconds)."""
-        import select
-
-        tic = time.perf_counter()
+    def start(self) -> subprocess.Popen:
         if self.proc is None or self.proc.poll() is not None:
             self.proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--checkpoint-worker"],
+                [sys.executable, str(Path(__file__).resolve()), self.mode],
                 cwd=ROOT,
                 text=True,
                 stdin=subprocess.PIPE,
@@ -375,26 +372,24 @@ class CheckpointWorker:
                 env={"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"},
                 preexec_fn=_child_setup(self.cpu),
             )
-        rc: int | None
-        out = err = ""
+        return self.proc
+
+    def send(self, message) -> bool:
+        """Write one JSON line; ``False`` where the child has gone."""
         try:
-            self.proc.stdin.write(json.dumps([arch, size, str(path)]) + "\n")
+            self.proc.stdin.write(json.dumps(message) + "\n")
             self.proc.stdin.flush()
-            ready = select.select([self.proc.stdout], [], [], max(timeout, 1))[0]
-            line = self.proc.stdout.readline() if ready else None
         except BrokenPipeError:
-            line = ""
-        if line is None:  # past the deadline
-            rc = None
-        elif not line:  # the worker died (the OOM killer, a crash in a library)
-            rc = self.proc.wait()
-        else:
-            reply = json.loads(line)
-            rc, out, err = reply["rc"], reply["stdout"], reply["stderr"]
-        if rc != 0:
-            self.close()
-        log.write(f"$ checkpoint worker: {arch} {size} {path}\n[rc {rc}]\n--- stdout\n{out}\n--- stderr\n{err}\n")
-        return rc, out, err, time.perf_counter() - tic
+            return False
+        return True
+
+    def reply(self, deadline: float) -> dict | None:
+        """The child's next JSON line: ``None`` past ``deadline`` (monotonic), ``{}`` where the child died."""
+        ready = select.select([self.proc.stdout], [], [], max(deadline - time.monotonic(), 0))[0]
+        if not ready:
+            return None
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else {}
 
     def close(self) -> None:
         if self.proc is not None:
@@ -405,6 +400,35 @@ class CheckpointWorker:
                 with contextlib.suppress(OSError):
                     stream.close()
             self.proc = None
+
+
+class CheckpointWorker(ServingChild):
+    """A ``--checkpoint-worker`` child for one job (its CPU, the memory limit): importing torch and timm took
+    about 4 s of a small model's 16, once per model in a fresh process. A worker that fails a model, dies or
+    runs past the model's deadline is ended, and the next model starts a new one."""
+
+    mode = "--checkpoint-worker"
+
+    def __init__(self, cpu: int | None = None):
+        super().__init__(cpu)
+        self.exports = ExportZygote(cpu)  # the same job's exports, on the same CPU
+
+    def make(self, arch: str, size: int, path: Path, timeout: float, log) -> tuple[int | None, str, str, float]:
+        """Like :func:`run_child` on ``--make-checkpoint arch size path``: (rc, stdout, stderr, seconds)."""
+        tic = time.perf_counter()
+        self.start()
+        out = err = ""
+        reply = self.reply(time.monotonic() + max(timeout, 1)) if self.send([arch, size, str(path)]) else {}
+        if reply is None:  # past the deadline
+            rc: int | None = None
+        elif not reply:  # the worker died (the OOM killer, a crash in a library)
+            rc = self.proc.wait()
+        else:
+            rc, out, err = reply["rc"], reply["stdout"], reply["stderr"]
+        if rc != 0:
+            self.close()
+        log.write(f"$ checkpoint worker: {arch} {size} {path}\n[rc {rc}]\n--- stdout\n{out}\n--- stderr\n{err}\n")
+        return rc, out, err, time.perf_counter() - tic
 
 
 def export_zygote() -> int:
@@ -457,55 +481,28 @@ def export_zygote() -> int:
     return 0
 
 
-class ExportZygote:
+class ExportZygote(ServingChild):
     """An ``--export-zygote`` child for one job (its CPU, the memory limit, both inherited by every export it
     forks), started on first use and again after it dies."""
 
-    def __init__(self, cpu: int | None = None):
-        self.cpu = cpu
-        self.proc: subprocess.Popen | None = None
+    mode = "--export-zygote"
 
     def run(self, cmd: list[str], timeout: float, log) -> tuple[int | None, str, str, float]:
         """Like :func:`run_child` on ``cmd`` (``python -m pipeline ...``): (rc, stdout, stderr, seconds)."""
         if cmd[1:3] != ["-m", "pipeline"]:
             raise ValueError(f"the zygote runs python -m pipeline only, not {cmd[:3]}")
-        import select
         import tempfile
 
         tic = time.perf_counter()
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--export-zygote"],
-                cwd=ROOT,
-                text=True,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-                env={"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"},
-                preexec_fn=_child_setup(self.cpu),
-            )
+        self.start()
         deadline = time.monotonic() + max(timeout, 1)
-
-        def reply() -> dict | None:  # None: past the deadline; {}: the zygote died
-            ready = select.select([self.proc.stdout], [], [], max(deadline - time.monotonic(), 0))[0]
-            if not ready:
-                return None
-            line = self.proc.stdout.readline()
-            return json.loads(line) if line else {}
-
         with tempfile.TemporaryDirectory(prefix="matrix-") as tmp:
             out_path, err_path = Path(tmp) / "stdout", Path(tmp) / "stderr"
             out_path.touch()
             err_path.touch()
             rc: int | None = None
-            try:
-                self.proc.stdin.write(json.dumps([cmd[3:], str(out_path), str(err_path)]) + "\n")
-                self.proc.stdin.flush()
-                started = reply()
-            except BrokenPipeError:
-                started = {}
-            ended = reply() if started else None
+            started = self.reply(deadline) if self.send([cmd[3:], str(out_path), str(err_path)]) else {}
+            ended = self.reply(deadline) if started else None
             if started and ended is None:  # past the deadline: the export's group; the zygote then reports it
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(started["pid"], signal.SIGKILL)
@@ -522,16 +519,6 @@ class ExportZygote:
             out, err = out_path.read_text(errors="replace"), err_path.read_text(errors="replace")
         log.write(f"$ {' '.join(cmd)}\n[rc {rc}]\n--- stdout\n{out}\n--- stderr\n{err}\n")
         return rc, out, err, time.perf_counter() - tic
-
-    def close(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            for stream in (self.proc.stdin, self.proc.stdout):
-                with contextlib.suppress(OSError):
-                    stream.close()
-            self.proc = None
 
 
 MEMORY_GB = 20.0  # address-space limit of each child (virtual: ORT and torch reserve far more than they touch)

@@ -8,10 +8,12 @@ the same logits up to float rounding (folding changes the order of operations, a
 is not in the stage fingerprints (docs/training.md, "Speed"). The methods that read the teacher's features trace
 it with them as outputs (:class:`pipeline.distill.features.TappedModel`), and each is checked like the logits.
 
-The KD step with the graph: 1.19x of channels_last alone, 1.71x the peer-style loop (WRN-16-2 -> MobileNetV2-half,
-batch 64, 2 threads, AMD EPYC; docs/bench-cpu-speed.md). TorchScript's tracing is deprecated in favour of
-``torch.compile``, but ``torch.compile(freezing=True)`` of the same teacher gained about 1.1x of eager in a rough
-check (a loaded machine, 1 thread) against about 1.5x for the traced graph, and needs a C++ compiler at run time.
+The KD step with the graph (WRN-16-2 -> MobileNetV2-half, batch 64, 2 threads; docs/bench-cpu-speed.md): 1.19x of
+channels_last alone and 1.71x the peer-style loop on an AMD EPYC (2026-12-06), 1.04x and 1.43x on an Intel Xeon
+with AMX (2026-12-07), where the teacher's forward alone went from 75 to 52 ms. TorchScript's tracing is
+deprecated in favour of ``torch.compile``, but ``torch.compile(freezing=True)`` of the same teacher gained about
+1.1x of eager in a rough check (a loaded machine, 1 thread) against about 1.5x for the traced graph, and needs a
+C++ compiler at run time.
 Where tracing fails or is gone, or the graph's outputs depart from the module's, the module itself runs and the
 reason is returned for the log.
 """
