@@ -21,7 +21,7 @@ import numpy as np
 from exports.calibration import activation_ranges
 from exports.deps import require
 from exports.metadata import INPUT_NAME, DeployMeta
-from exports.onnx_export import check_onnx, write_metadata
+from exports.onnx_export import check_onnx, set_metadata
 from pipeline.artifacts.atomic import atomic_write
 
 FP16_MAX = 65504.0
@@ -96,8 +96,7 @@ def fp16_model(
     errors: list[str] = []
     try:
         for _ in range(MAX_RETRIES + 1):
-            onnx.save(_converted(src, [*guard, *converter]), str(partial))
-            write_metadata(partial, meta)
+            onnx.save(set_metadata(_converted(src, [*guard, *converter]), meta), str(partial))
             problem = invalid_graph(partial)
             if problem is None:
                 with open(partial, "rb") as valid:

@@ -13,7 +13,16 @@ from exports.deps import require
 from exports.errors import ModelTooLargeError
 from exports.metadata import INPUT_NAME, OUTPUT_NAME, DeployMeta
 
-__all__ = ["INPUT_NAME", "OUTPUT_NAME", "check_onnx", "export_onnx", "exporter_name", "read_metadata", "write_metadata"]
+__all__ = [
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "check_onnx",
+    "export_onnx",
+    "exporter_name",
+    "read_metadata",
+    "set_metadata",
+    "write_metadata",
+]
 
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension for the dynamo exporter
 ONNX_FILE_LIMIT = 2**31  # protobuf's limit on one message: one self-contained .onnx holds at most 2 GiB
@@ -63,9 +72,16 @@ def export_onnx(
         kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, example, str(path), **kwargs)
-    if meta is not None:
-        write_metadata(path, meta)
+        if dynamo:  # the metadata goes in before the one write: loading and saving again cost ViT-L 13 s
+            program = torch.onnx.export(model, example, None, **kwargs)
+            if meta is not None:
+                program.model.metadata_props.clear()
+                program.model.metadata_props.update(meta.to_props())
+            program.save(str(path), external_data=False)
+        else:
+            torch.onnx.export(model, example, str(path), **kwargs)
+            if meta is not None:
+                write_metadata(path, meta)
     check_onnx(path)
     return path
 
@@ -73,12 +89,17 @@ def export_onnx(
 def write_metadata(path: str | Path, meta: DeployMeta) -> None:
     """Replace the file's ``metadata_props`` with ``meta`` (other tools' keys are dropped)."""
     onnx = require("onnx")
-    proto = onnx.load(str(path))
+    proto = set_metadata(onnx.load(str(path)), meta)
+    onnx.save(proto, str(path))
+
+
+def set_metadata(proto, meta: DeployMeta):
+    """``proto`` (a ``ModelProto``) with its ``metadata_props`` replaced by ``meta``."""
     del proto.metadata_props[:]
     for key, value in meta.to_props().items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(proto, str(path))
+    return proto
 
 
 def check_onnx(path: str | Path) -> None:

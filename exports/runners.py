@@ -156,10 +156,16 @@ def default_threads() -> int | None:
     return allowed if allowed < (os.cpu_count() or allowed) else None
 
 
-def session_options(optimization: str = "all", threads: int | None = None):
-    """ONNX Runtime session options at ``optimization`` with ``threads`` (default: :func:`default_threads`)."""
+def session_options(optimization: str = "all", threads: int | None = None, prepack: bool = True):
+    """ONNX Runtime session options at ``optimization`` with ``threads`` (default: :func:`default_threads`).
+
+    ``prepack=False`` keeps the CPU kernels from re-laying out constant weights, which changes their sums'
+    order: a model whose constant Q/DQ was folded then computes exactly what its file does.
+    """
     ort = require("onnxruntime")
     options = ort.SessionOptions()
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization])
     threads = threads or default_threads()
     if threads:
@@ -172,7 +178,9 @@ class OnnxrtRunner(BaseRunner):
 
     ONNX Runtime would otherwise fall back to the CPU quietly; here an unavailable provider, or a session
     that does not use it, is a :class:`ProviderError`. A file ONNX Runtime cannot load is a
-    :class:`ModelFileError`.
+    :class:`ModelFileError`. ``model``, where given, is run in place of the file's bytes: the same model
+    prepared in memory (:func:`exports.constant_qdq.fold_constant_qdq`); ``path`` still names it.
+    ``prepack``: see :func:`session_options`.
     """
 
     def __init__(
@@ -181,6 +189,8 @@ class OnnxrtRunner(BaseRunner):
         provider: str = "CPUExecutionProvider",
         threads: int | None = None,
         optimization: str = "all",
+        model: bytes | None = None,
+        prepack: bool = True,
     ):
         super().__init__(f"onnxrt:{Path(path).name}")
         if optimization not in OPTIMIZATION_LEVELS:
@@ -189,6 +199,8 @@ class OnnxrtRunner(BaseRunner):
         self.provider = provider
         self.threads = threads
         self.optimization = optimization
+        self.model = model
+        self.prepack = prepack
         self.session = None
 
     def metadata(self) -> dict[str, str]:
@@ -204,13 +216,14 @@ class OnnxrtRunner(BaseRunner):
             raise ProviderError(
                 f"ONNX Runtime provider {self.provider} is not available; available: {', '.join(available)}"
             )
-        if not self.path.is_file():
+        if self.model is None and not self.path.is_file():
             raise ModelFileError(f"model file {self.path} does not exist")
-        options = session_options(self.optimization, self.threads)
+        options = session_options(self.optimization, self.threads, self.prepack)
         state = require("onnxruntime.capi.onnxruntime_pybind11_state")
         load_errors = tuple(getattr(state, name) for name in _ORT_LOAD_ERRORS if hasattr(state, name))
         try:
-            session = ort.InferenceSession(str(self.path), sess_options=options, providers=[self.provider])
+            source = str(self.path) if self.model is None else self.model
+            session = ort.InferenceSession(source, sess_options=options, providers=[self.provider])
         except load_errors as exc:
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise ModelFileError(f"{self.path} is not a loadable ONNX model ({first})") from None

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 
 from exports.calibration import CALIBRATION_METHODS
+from exports.constant_qdq import fold_constant_qdq
 from exports.fp16 import FP16_MAX
 from exports.golden import save_inputs, save_outputs
 from exports.int8 import INT8_TARGETS, CalibrationCache, quantize_int8
-from exports.latency import onnx_latency
+from exports.latency import onnx_latency, runner_latency
 from exports.metadata import DeployMeta
 from exports.onnx_export import export_onnx, exporter_name
 from exports.precisions import PRECISIONS, Conversion
@@ -47,7 +48,7 @@ from pipeline.compare import (
 )
 from pipeline.config import Config
 from pipeline.data.transforms import eval_preprocess_spec
-from pipeline.errors import ConfigError, UnsupportedModelError, library_errors
+from pipeline.errors import ConfigError, UnsupportedModelError, library_errors, one_line
 from pipeline.models.loading import foreign_meta, load_any_model
 from pipeline.precision_order import PRECISION_ORDER, REFERENCE_PRECISION
 from pipeline.progress import progress_bar
@@ -217,10 +218,10 @@ class ExportStage(Stage):
         specs = [PRECISIONS.get(p) for p in exported_precisions(cfg)]
         reduced = [spec for spec in specs if spec.name != REFERENCE_PRECISION]
         calibration_cache = Path(cfg.export.calibration_cache or ctx.store.cache("calibration"))
+        files = {REFERENCE_PRECISION: fp32}
         if reduced:
             calibration = calibration_images(cfg, base)
             result.report["calibration"] = {"split": "train", "samples": len(calibration)}
-            files = {REFERENCE_PRECISION: fp32}
             for spec in reduced:
                 files[spec.name] = ctx.out / spec.onnx_file
                 job = Conversion(
@@ -234,36 +235,29 @@ class ExportStage(Stage):
                 )
                 with step(f"{spec.name} conversion", spec.name):
                     result.merge(spec.convert(job), section=spec.name)
-            with step("the ONNX Runtime evaluation of " + "/".join(files), "evaluation"):
-                result.merge(reduced_precision_gates(cfg, base, files), section="gates")
-            for note in result.notes:
-                if note.startswith("warning:"):
-                    ctx.log(f"[export] {note}")
-            for spec in reduced:
-                if spec.golden_from_onnx:
-                    with (
-                        step(f"the {spec.name} golden outputs", "golden"),
-                        OnnxrtRunner(files[spec.name], optimization=_cpu_level(cfg, spec.name)) as runner,
-                    ):
-                        outputs = infer_array(runner, golden, ort_batch(meta.input_size))
-                    save_outputs(outputs, ctx.out / spec.golden_outputs, runner=f"onnxrt-{spec.name}")
 
         targets = [EngineTarget(spec.name, spec.onnx_file) for spec in specs if not spec.why_no_engine(cfg.export)]
         script = ctx.out / BUILD_SCRIPT
         script.write_text(build_script(targets, profile, cfg.engine.workspace_mib))
         script.chmod(0o755)
-        made = {p: ctx.out / f for p, f in ONNX_FILES.items() if (ctx.out / f).is_file()}
-        with step("the ONNX Runtime latency measurement", "latency"):
-            result.report["latency"] = {  # ORT CPU
-                p: onnx_latency(
-                    path,
-                    meta.input_size,
-                    warmup=cfg.export.latency_warmup,
-                    runs=cfg.export.latency_runs,
-                    optimization=_cpu_level(cfg, p),
-                )
-                for p, path in made.items()
-            }
+        made = {p: path for p, path in files.items() if path.is_file()}
+        with CpuSessions(cfg, made) as sessions:  # each model's session, shared by the steps below
+            if reduced:
+                with step("the ONNX Runtime evaluation of " + "/".join(files), "evaluation"):
+                    result.merge(reduced_precision_gates(cfg, base, sessions), section="gates")
+                for note in result.notes:
+                    if note.startswith("warning:"):
+                        ctx.log(f"[export] {note}")
+                for spec in reduced:
+                    if spec.golden_from_onnx:
+                        with step(f"the {spec.name} golden outputs", "golden"):
+                            outputs = infer_array(sessions[spec.name], golden, ort_batch(meta.input_size))
+                        save_outputs(outputs, ctx.out / spec.golden_outputs, runner=f"onnxrt-{spec.name}")
+            with step("the ONNX Runtime latency measurement", "latency"):
+                result.report["latency"] = {  # ORT CPU
+                    p: sessions.latency(p, meta.input_size, cfg.export.latency_warmup, cfg.export.latency_runs)
+                    for p in made
+                }
         if "int8" in made and times_cpu_int8(cfg):
             cpu = deploy_meta(meta, source, cfg, "int8", INT8_TARGETS.get("cpu").description)
             try:  # a figure beside the export, not part of it: where it cannot be made, say why and go on
@@ -392,18 +386,62 @@ def fp32_parity_gate(reference: np.ndarray, candidate: np.ndarray) -> GateResult
     return GateResult(checks, metrics, report)
 
 
-def reduced_precision_gates(cfg: Config, meta: DeployMeta, files: dict[str, Path]) -> GateResult:
+class CpuSessions:
+    """The exported models' ONNX Runtime CPU sessions, each opened once, at the level its numbers are judged at
+    (:func:`_cpu_level`), for the evaluation, the goldens and the latency.
+
+    A model judged unoptimized (level "disabled": the TensorRT-target INT8) runs with its constant Q/DQ nodes
+    evaluated once (:func:`exports.constant_qdq.fold_constant_qdq`): the same outputs, without quantizing
+    every weight again on each pass; its latency entry says how many were folded.
+    """
+
+    def __init__(self, cfg: Config, files: dict[str, Path]):
+        self.cfg = cfg
+        self.files = files
+        self.folded: dict[str, int | str] = {}  # nodes folded, or why none were
+        self._open: dict[str, OnnxrtRunner] = {}
+        self._active = contextlib.ExitStack()
+
+    def __enter__(self) -> CpuSessions:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._active.close()
+
+    def __getitem__(self, precision: str) -> OnnxrtRunner:
+        if precision not in self._open:
+            level = _cpu_level(self.cfg, precision)
+            path = self.files[precision]
+            prepared = None
+            if level == "disabled":
+                try:
+                    prepared = fold_constant_qdq(path)
+                except Exception as exc:  # a speed-up only: the file runs as it is, and the report says why
+                    self.folded[precision] = f"not folded: {type(exc).__name__}: {one_line(exc)}"
+            if prepared is not None:
+                self.folded[precision] = prepared[1]
+            model = prepared[0] if prepared is not None else None
+            # unpacked weights: the sums in the file's order, so the folded model's outputs are the file's, bit for bit
+            runner = OnnxrtRunner(path, optimization=level, model=model, prepack=model is None)
+            self._open[precision] = self._active.enter_context(runner)
+        return self._open[precision]
+
+    def latency(self, precision: str, input_size: int, warmup: int, runs: int) -> dict:
+        figures = runner_latency(self[precision], input_size, warmup=warmup, runs=runs)
+        if precision in self.folded:
+            figures["constant_qdq_folded"] = self.folded[precision]
+        return figures
+
+
+def reduced_precision_gates(cfg: Config, meta: DeployMeta, sessions: CpuSessions) -> GateResult:
     """One pass over the evaluation set through every exported precision, then each one's gate against fp32."""
+    files = sessions.files
     logits: dict[str, list[np.ndarray]] = {p: [] for p in files}
     labels = []
-    with contextlib.ExitStack() as active:
-        runners = {
-            p: active.enter_context(OnnxrtRunner(path, optimization=_cpu_level(cfg, p))) for p, path in files.items()
-        }
-        for images, batch_labels in eval_batches(cfg, meta, cfg.export.eval_samples):
-            labels.append(batch_labels)
-            for p, runner in runners.items():
-                logits[p].append(infer_array(runner, images, ort_batch(meta.input_size)))
+    for images, batch_labels in eval_batches(cfg, meta, cfg.export.eval_samples):
+        labels.append(batch_labels)
+        for p in files:
+            logits[p].append(infer_array(sessions[p], images, ort_batch(meta.input_size)))
     labels_all = np.concatenate(labels)
     out = {p: np.concatenate(chunks) for p, chunks in logits.items()}
     mismatch = label_mismatch(cfg, meta)

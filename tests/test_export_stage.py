@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from exports.golden import load_inputs, load_outputs
 from exports.metadata import DeployMeta
 from exports.onnx_export import read_metadata
-from exports.runners import run_onnx
+from exports.runners import OnnxrtRunner, infer_array, run_onnx
 from pipeline.artifacts.checkpoint import ModelMeta, save_checkpoint
 from pipeline.artifacts.store import RunStore
 from pipeline.cli import run_cli
@@ -132,6 +132,10 @@ def test_golden_files_hold_the_reference(exported):
     runner, int8 = load_outputs(folder / "golden_outputs_int8.json")
     assert runner == "onnxrt-int8"
     np.testing.assert_allclose(run_onnx(folder / "model.int8.onnx", images), int8, atol=1e-6)
+    # made on the model with its weights' Q/DQ folded: the file's own outputs at its level, bit for bit
+    assert json.loads((folder / "report.json").read_text())["latency"]["int8"]["constant_qdq_folded"] > 0
+    with OnnxrtRunner(folder / "model.int8.onnx", optimization="disabled") as as_written:
+        assert np.array_equal(infer_array(as_written, images), int8)
 
 
 def test_rerun_reuses_the_calibration_cache(exported):
