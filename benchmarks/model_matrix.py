@@ -76,7 +76,7 @@ MATRIX_SETS = (
     "export.calibration_samples=16",  # INT8 ranges and the fp16 guard: 16 images of every activation
     "export.parity_samples=16",  # fp32 ONNX vs PyTorch, 20 logits each
     "export.cpu_int8_latency=false",  # the matrix gives the exported INT8 model's latency, not a cpu-target one's
-    "export.latency_runs=5",  # a median of 5 after 1 warm-up: ViT-L's unfused INT8 took 6.4 s a pass
+    "export.latency_runs=5",  # a median of 5 after 1 warm-up (on the session the checks warmed): a comparison
     "export.latency_warmup=1",
 )
 DEFAULT_SIZE = 64

@@ -291,11 +291,15 @@ def tensorrt_qdq_problems(path: str | Path) -> list[str]:
     onnx = require("onnx")
     numpy_helper = require("onnx.numpy_helper")
     graph = onnx.load(str(path)).graph
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    tensors = {t.name: t for t in graph.initializer}  # made arrays only where read: the weights are most of a model
     for node in graph.node:
         value = next((a for a in node.attribute if a.name == "value"), None)
         if node.op_type == "Constant" and value is not None:
-            consts[node.output[0]] = numpy_helper.to_array(value.t)
+            tensors[node.output[0]] = value.t
+
+    def array(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(tensors[name]) if name in tensors else None
+
     producers = {out: node for node in graph.node for out in node.output}
     consumers: dict[str, list] = {}
     for node in graph.node:
@@ -307,8 +311,8 @@ def tensorrt_qdq_problems(path: str | Path) -> list[str]:
     problems = []
     for node in qdq:
         where = f"{node.op_type} {node.name or node.output[0]}"
-        scale = consts.get(node.input[1]) if len(node.input) > 1 else None
-        zero = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        scale = array(node.input[1]) if len(node.input) > 1 else None
+        zero = array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if scale is None or not np.all(np.isfinite(scale)) or not np.all(scale > 0):
             problems.append(f"{where}: scale must be a positive finite constant")
             continue
@@ -320,19 +324,19 @@ def tensorrt_qdq_problems(path: str | Path) -> list[str]:
             problems.append(f"{where}: zero point is not 0; TensorRT quantization is symmetric")
         if scale.size > 1:
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            problem = _channel_axis_problem(node, axis, consts, producers, consumers)
+            problem = _channel_axis_problem(node, axis, tensors, producers, consumers)
             if problem:
                 problems.append(f"{where}: {problem}")
     return problems
 
 
-def _channel_axis_problem(node, axis: int, consts: dict, producers: dict, consumers: dict) -> str:
+def _channel_axis_problem(node, axis: int, tensors: dict, producers: dict, consumers: dict) -> str:
     weight = node.input[0]
-    if weight not in consts and weight in producers and producers[weight].op_type == "QuantizeLinear":
+    if weight not in tensors and weight in producers and producers[weight].op_type == "QuantizeLinear":
         weight = producers[weight].input[0]  # DQ of a Q/DQ pair on an fp32 weight
-    if weight not in consts:
+    if weight not in tensors:
         return "per-channel scale on an activation; TensorRT needs per-tensor activation scales"
-    rank = consts[weight].ndim
+    rank = len(tensors[weight].dims)
     dequantized = [node.output[0]]
     if node.op_type == "QuantizeLinear":
         dequantized = [dq.output[0] for dq, _ in consumers.get(node.output[0], []) if dq.op_type == "DequantizeLinear"]

@@ -362,6 +362,27 @@ def test_a_cpu_int8_timing_that_cannot_be_made_warns_and_the_export_goes_on(tmp_
     assert "warning: no INT8 timing on this CPU" in capsys.readouterr().err
 
 
+def test_a_constant_qdq_fold_that_fails_leaves_the_int8_model_run_as_written(tmp_path, monkeypatch):
+    """Folding the weights' Q/DQ only makes the INT8 checks faster: where it fails, they run the file as it is,
+    with the same verdicts and goldens, and the report says why."""
+    import stages.export
+
+    def broken(path):
+        raise RuntimeError("ONNX Runtime refused the constant subgraph")
+
+    monkeypatch.setattr(stages.export, "fold_constant_qdq", broken)
+    ckpt = _checkpoint(tmp_path / "student.safetensors")
+    out = tmp_path / "run"
+    extra = _args("export.precisions=[fp32,int8]", "export.cpu_int8_latency=false")
+    assert run_cli(["run", "export", "--checkpoint", str(ckpt), "--out", str(out), *extra]) == 0
+    folder = out / "export"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["latency"]["int8"]["constant_qdq_folded"].startswith("not folded: RuntimeError: ONNX Runtime")
+    images = load_inputs(folder / "golden_inputs.json")
+    with OnnxrtRunner(folder / "model.int8.onnx", optimization="disabled") as as_written:
+        assert np.array_equal(infer_array(as_written, images), load_outputs(folder / "golden_outputs_int8.json")[1])
+
+
 def test_a_model_over_protobufs_2_gib_is_refused_before_the_export_in_one_line(tmp_path, monkeypatch, capsys):
     """torchvision's vit_h_14 (2.4 GiB of fp32 weights) failed minutes into the export with ``EncodeError:
     Failed to serialize proto``; the limit is lowered here so that a small model stands in for it."""
