@@ -53,6 +53,22 @@ def one_line(exc: BaseException | str) -> str:
     return " ".join(line.strip() for line in lines)
 
 
+# How an allocation failure reads when a library raises it as a RuntimeError: torch's CPU allocator, an mmap
+# (safetensors loading a checkpoint), ONNX Runtime's arena, C++'s bad_alloc, CUDA.
+_OUT_OF_MEMORY = (
+    "Cannot allocate memory",
+    "can't allocate memory",
+    "Failed to allocate memory",
+    "bad_alloc",
+    "CUDA out of memory",
+)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is the machine running out of memory (a limit of the machine, not a bug: one line)."""
+    return isinstance(exc, MemoryError) or any(text in str(exc) for text in _OUT_OF_MEMORY)
+
+
 def clipped(message: str, limit: int = 400) -> str:
     """``message`` cut to about ``limit`` characters for one line, keeping its start and its end (where a
     library's message often names the failing node or file)."""

@@ -169,3 +169,40 @@ def test_a_long_message_is_clipped_to_one_line_keeping_its_start_and_end():
     assert clipped("short") == "short" and len(clipped(long)) <= 400
     assert clipped(long).startswith("start x") and clipped(long).endswith("names model.onnx")
     assert len(clipped(long, 300)) <= 300
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        RuntimeError(
+            "unable to mmap 3322837232 bytes from file <run/train/student.safetensors>: Cannot allocate memory (12)"
+        ),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 1"
+        ),
+        MemoryError(),
+    ],
+)
+def test_running_out_of_memory_is_one_line_with_exit_2(raised, monkeypatch, tmp_path, capsys):
+    """The machine's limit, not a bug: safetensors mapping a 3.3 GB checkpoint under a 20 GiB address-space limit
+    (the support matrix's torchvision regnet_y_128gf) raised a RuntimeError that reached the user as a traceback."""
+    import pipeline.cli.runner
+
+    def run_stages(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(pipeline.cli.runner, "run_stages", run_stages)
+    assert run_cli(["run", "teacher", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: out of memory: ") and "lower data.batch_size" in err[0]
+
+
+def test_a_runtime_error_that_is_not_memory_is_still_raised(monkeypatch, tmp_path):
+    import pipeline.cli.runner
+
+    def run_stages(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pipeline.cli.runner, "run_stages", run_stages)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli(["run", "teacher", "--out", str(tmp_path / "run")])

@@ -25,6 +25,7 @@ from pipeline.errors import (
     interrupted,
     missing_dependency,
     one_line,
+    out_of_memory,
 )
 
 
@@ -411,9 +412,15 @@ def run_cli(argv: list[str] | None = None) -> int:
         _echo_err(f"error: {message}")
         return 2
     except Exception as exc:
-        if not interrupted(exc):
+        if interrupted(exc):
+            return _interrupted_exit()
+        if not out_of_memory(exc):
             raise
-        return _interrupted_exit()
+        _echo_err(
+            f"error: out of memory: {clipped(one_line(exc) or type(exc).__name__)}; lower data.batch_size or "
+            "data.image_size, run fewer jobs beside it, or use a machine with more memory"
+        )
+        return 2
     return 0
 
 
