@@ -3,7 +3,7 @@
 A TensorRT-target INT8 model keeps its weights in fp32 behind a QuantizeLinear/DequantizeLinear pair
 (``AddQDQPairToWeight``), and its CPU checks run it unoptimized (:func:`exports.runners.cpu_optimization`),
 so every pass quantizes and dequantizes every weight again: torchvision's ViT-L/32 took 5.4 s a pass on one
-core against 0.1 s with the pairs evaluated once (onnxruntime 1.32, Xeon). An engine builder folds them, and
+core against 0.3 s with the pairs evaluated once (onnxruntime 1.32, Xeon, 2026-12-07). An engine builder folds them, and
 so does this module, with ONNX Runtime's own kernels at the same level: the dequantized weights are bit for
 bit what each pass computed, so the outputs are unchanged (tests/test_constant_qdq.py), and activations
 stay fake-quantized as written.
@@ -38,7 +38,7 @@ def fold_constant_qdq(path: str | Path) -> tuple[bytes, int] | None:
             kept.append(node)
     if not folded:
         return None
-    read = {i for n in kept for i in n.input} | {o.name for o in graph.output}
+    read = _names_read(kept) | {o.name for o in graph.output}
     wanted = [o for n in folded for o in n.output if o in read]
     values = _evaluate(model, folded, wanted)
     initializers = [t for t in graph.initializer if t.name in read]
@@ -49,6 +49,17 @@ def fold_constant_qdq(path: str | Path) -> tuple[bytes, int] | None:
     if model.ByteSize() >= ONNX_FILE_LIMIT:
         return None
     return model.SerializeToString(), len(folded)
+
+
+def _names_read(nodes) -> set[str]:
+    """The tensors ``nodes`` read, those read inside their subgraphs (If, Loop, Scan) included."""
+    names = set()
+    for node in nodes:
+        names.update(node.input)
+        for attribute in node.attribute:
+            for graph in (attribute.g, *attribute.graphs) if attribute.HasField("g") else attribute.graphs:
+                names |= _names_read(graph.node)
+    return names
 
 
 def _evaluate(model, nodes: list, outputs: list[str]) -> dict:

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from exports.constant_qdq import QDQ_OPS, fold_constant_qdq
@@ -72,3 +73,40 @@ def test_folding_keeps_the_outputs_of_the_file_bit_for_bit(models):
 def test_a_model_without_constant_qdq_is_left_as_it_is(models):
     fp32, _, _ = models
     assert fold_constant_qdq(fp32) is None
+
+
+def test_a_weight_read_inside_a_subgraph_is_kept(tmp_path):
+    """An initializer read only by a node inside an If branch is still read: folding must not drop it."""
+    weight = numpy_helper.from_array(np.arange(4, dtype=np.float32), "w")
+    scale = numpy_helper.from_array(np.array(0.5, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(0, np.int8), "z")
+
+    def branch(name: str, addend: str):
+        out = helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [4])
+        return helper.make_graph([helper.make_node("Add", ["x", addend], [f"y_{name}"])], name, [], [out])
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("QuantizeLinear", ["w", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
+            helper.make_node("If", ["c"], ["y"], then_branch=branch("then", "w"), else_branch=branch("else", "dq")),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [4]),
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        initializer=[weight, scale, zero],
+    )
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(path))
+    folded, count = fold_constant_qdq(path)
+    assert count == 2
+    for condition in (True, False):
+        feed = {"x": np.ones(4, np.float32), "c": np.array(condition)}
+        with (
+            OnnxrtRunner(path, optimization="disabled") as as_written,
+            OnnxrtRunner(path, optimization="disabled", model=folded, prepack=False) as prepared,
+        ):
+            assert np.array_equal(prepared.infer(feed)["y"], as_written.infer(feed)["y"])
