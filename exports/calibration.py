@@ -22,7 +22,7 @@ import numpy as np
 from exports.deps import require
 from exports.metadata import INPUT_NAME
 from exports.runners import default_threads, session_options
-from pipeline.errors import UnsupportedModelError
+from pipeline.errors import UnsupportedModelError, out_of_memory
 from pipeline.registry import Registry
 
 PASS_IMAGES = 32  # images per calibration pass, at most ...
@@ -157,7 +157,7 @@ def collect_ranges(
                 calibrator.collect_data(array_reader(images[start : start + passes.images], input_name, passes.images))
             ranges = calibrator.compute_data()
         except Exception as exc:
-            if not _out_of_memory(exc):
+            if not out_of_memory(exc):
                 raise
             measured = (
                 f"{passes.image_mib:.0f} MiB of activations per image in {passes.tensors} tensors, passes of "
@@ -203,12 +203,6 @@ def _minmax_image_bytes(calibrator) -> tuple[int, int]:
     if not sizes:
         return PASS_MIB * 2**20, len(names)
     return int(sum(sizes) / len(sizes) * len(names)), len(names)
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """numpy's MemoryError, or ONNX Runtime failing to allocate (its arena's message, or a bad_alloc)."""
-    text = str(exc)
-    return isinstance(exc, MemoryError) or "Failed to allocate memory" in text or "bad_alloc" in text
 
 
 def _finite(tensor: str, data, name: str) -> np.ndarray:

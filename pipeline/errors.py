@@ -53,19 +53,21 @@ def one_line(exc: BaseException | str) -> str:
     return " ".join(line.strip() for line in lines)
 
 
-# How an allocation failure reads when a library raises it as a RuntimeError: torch's CPU allocator, an mmap
-# (safetensors loading a checkpoint), ONNX Runtime's arena, C++'s bad_alloc, CUDA.
+# How an allocation failure reads when a library raises it as a RuntimeError: torch's CPU allocator, CUDA and
+# cuDNN/cuBLAS, an mmap (safetensors loading a checkpoint), ONNX Runtime's arena, C++'s bad_alloc.
 _OUT_OF_MEMORY = (
+    "out of memory",
+    "ALLOC_FAILED",
     "Cannot allocate memory",
     "can't allocate memory",
     "Failed to allocate memory",
     "bad_alloc",
-    "CUDA out of memory",
 )
 
 
 def out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is the machine running out of memory (a limit of the machine, not a bug: one line)."""
+    """Whether ``exc`` is the machine running out of memory (a limit of the machine, not a bug: one line).
+    ``torch.OutOfMemoryError`` says "out of memory" in its message."""
     return isinstance(exc, MemoryError) or any(text in str(exc) for text in _OUT_OF_MEMORY)
 
 

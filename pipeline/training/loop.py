@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import OptimConfig, TrainingConfig
 from pipeline.distill import Distiller
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, out_of_memory
 from pipeline.progress import progress_bar
 from pipeline.training import speed
 from pipeline.training.data import EpochSampler, ShardSampler, mix_seed
@@ -102,14 +102,6 @@ def lr_at(epoch: int, cfg: OptimConfig) -> float:
     return cfg.lr * lr_factor(epoch, cfg)
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A device's allocation failure: CUDA's, cuDNN/cuBLAS's, or the CPU allocator's (a plain RuntimeError)."""
-    text = str(exc)
-    return isinstance(exc, torch.OutOfMemoryError) or any(
-        marker in text for marker in ("out of memory", "ALLOC_FAILED", "can't allocate memory")
-    )
-
-
 def _out_of_memory(where: str, batch: int) -> TrainingOutOfMemoryError:
     current = world()
     per_rank = batch // current.size
@@ -134,7 +126,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, desc: s
             sums[1] += (logits.argmax(1) == targets).sum()
             sums[2] += targets.numel()
     except RuntimeError as exc:
-        if not is_out_of_memory(exc):
+        if not out_of_memory(exc):
             raise
         raise TrainingOutOfMemoryError(
             f"out of memory in {desc} with batches of {loader.batch_size}; lower data.eval_batch_size"
@@ -197,7 +189,7 @@ def fit(
                 test_loader,
             )
         except RuntimeError as exc:
-            if not is_out_of_memory(exc):
+            if not out_of_memory(exc):
                 raise
             raise _out_of_memory(f"setting up {desc} on {device}", train_loader.sampler.batch_size) from None
         return trainer.run()
@@ -333,7 +325,7 @@ class _Trainer:
                 self.log(epoch_line(self.desc, self.epoch, self.optim.epochs, record, eta))
                 self.monitor.epoch(self.global_step, record)
         except RuntimeError as exc:  # torch.OutOfMemoryError, or a cuDNN/cuBLAS allocation failure
-            if not is_out_of_memory(exc):
+            if not out_of_memory(exc):
                 raise
             where = f"in {self.desc} at epoch {self.epoch + 1}, step {self.step + 1}"
             raise _out_of_memory(where, self.sampler.batch_size) from None
