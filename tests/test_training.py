@@ -106,9 +106,16 @@ def test_tensorboard_events_hold_every_named_scalar(data, tmp_path):
     assert all(math.isfinite(e.value) and e.value > 0 for e in events.Scalars("train/images_per_s"))
 
 
-def test_tensorboard_curves_continue_after_a_resume_without_the_killed_runs_points(data, tmp_path):
+@pytest.mark.parametrize("writers_before", [0, 9])
+def test_tensorboard_curves_continue_after_a_resume_without_the_killed_runs_points(
+    data, tmp_path, monkeypatch, writers_before
+):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer import event_file_writer
 
+    # An event file is named by its second, then a per-process writer count: at 9 writers the killed
+    # run's file ends in .9 and a resume in the same second writes .10, which sorts first.
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(writers_before))
     training = TrainingConfig(log_every=1, checkpoint_every=2)
     with pytest.raises(KeyboardInterrupt):  # killed in step 6; steps 1-5 logged, checkpoint after step 4
         _train(data, scratch=tmp_path / "scratch", fail_at=6, logdir=tmp_path / "tb", training=training)

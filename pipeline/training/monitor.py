@@ -8,12 +8,24 @@ without a doubled stretch.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from pathlib import Path
 
 from pipeline.progress import format_duration
 
 LOSS_TAG = "train/loss/{}"
+
+
+def _wait_for_a_later_second(logdir: Path) -> None:
+    """TensorBoard reads event files in name order, and a name is the creation second then a writer
+    count: a resume within the killed run's second could sort first (``.10`` before ``.9``), and the
+    killed run's ``purge_step`` marker would then drop the resumed points."""
+    fields = [path.name.split(".")[3] for path in logdir.glob("events.out.tfevents.*")]
+    seconds = [int(field) for field in fields if field.isdigit()]
+    wait = max(seconds, default=0) + 1 - time.time()
+    if 0 < wait <= 2:  # a file from a clock far ahead cannot be waited out
+        time.sleep(wait)
 
 
 class Monitor:
@@ -28,6 +40,7 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             logdir.mkdir(parents=True, exist_ok=True)
+            _wait_for_a_later_second(logdir)
             self.writer = SummaryWriter(str(logdir), purge_step=purge_step)
 
     def step(self, global_step: int, losses: dict[str, float], lr: float, steps: int = 1) -> None:
