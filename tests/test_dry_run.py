@@ -109,7 +109,8 @@ def test_dry_run_names_where_each_value_came_from(tmp_path, capsys):
     assert run_cli(["run", "all", "--dry-run", "--out", str(out), *args]) == 0
     printed = capsys.readouterr().out
     origins = _origins(printed)
-    assert origins["training.amp"] == "default"
+    assert origins["training.amp"] == "preset default"
+    assert origins["training.compile"] == "default"
     assert origins["teacher.arch"] == "preset default"
     assert origins["student.optim.lr"] == f"--config {path}"
     assert origins["data.image_size"] == "--set"
