@@ -187,6 +187,19 @@ def test_a_finished_task_is_skipped_until_its_record_no_longer_holds(tmp_path):
     assert results[0].status == "up to date" and backend.started == []
 
 
+def test_a_resumed_sweep_counts_every_finished_cell_before_the_slots_free_up(tmp_path, monkeypatch):
+    from pipeline.experiments import scheduler
+
+    finished = {"c1", "c3"}
+    monkeypatch.setattr(scheduler, "is_up_to_date", lambda folder, argv, code: folder.name in finished)
+    tasks = [Task(f"c{i}", tmp_path / f"c{i}", ("run", "all"), tmp_path / f"c{i}.log") for i in range(4)]
+    stream = io.StringIO()
+    backend = FakeBackend({}, slots=1)
+    run_tasks(tasks, backend, StatusLine(4, stream), poll_s=0)
+    assert stream.getvalue().splitlines()[0].startswith("sweep: 2/4 done, 1 running")  # c3 too, while c0 runs
+    assert backend.started == ["c0", "c2"]
+
+
 def test_sweep_tasks_put_teachers_first_and_make_cells_wait_for_theirs(tmp_path):
     sweep = expand_grid(tmp_path, [], None, ["kd", "vanilla"], [0], TINY_SETS)
     tasks = sweep_tasks(sweep)

@@ -254,8 +254,8 @@ def run_tasks(
                         continue
                     stale.add(task.name)
                 free = [s for s in range(backend.slots) if s not in running]
-                if not free:
-                    break
+                if not free:  # go on: the finished cells further down count as done from the start
+                    continue
                 pending.remove(task)
                 running[free[0]] = (task, backend.start(task, free[0]), time.monotonic())
             refresh()
