@@ -218,8 +218,9 @@ def test_device_data_enters_the_stage_fingerprints_only_when_on(tiny_cfg):
 
     from stages.support.kit import training_params
 
-    assert training_params(tiny_cfg) == {"amp": "none", "sync_bn": False}  # old fingerprints still hold
-    on = dataclasses.replace(tiny_cfg, training=dataclasses.replace(tiny_cfg.training, device_data=True))
+    fp32 = dataclasses.replace(tiny_cfg, training=dataclasses.replace(tiny_cfg.training, amp="none"))
+    assert training_params(fp32) == {"amp": "none", "sync_bn": False}  # old fingerprints still hold
+    on = dataclasses.replace(fp32, training=dataclasses.replace(fp32.training, device_data=True))
     assert training_params(on) == {"amp": "none", "sync_bn": False, "device_data": True}
 
 
