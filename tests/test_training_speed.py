@@ -99,10 +99,10 @@ def test_the_default_run_is_channels_last_on_a_cpu_and_bf16_only_where_native(pr
     assert TrainingConfig().amp == "none"
     default = load_config("default", None, [])
     assert (default.training.channels_last, default.training.amp) == ("auto", "auto")
-    processor(SAPPHIRE_RAPIDS)
-    assert (resolve(default.training, CPU).channels_last, resolve(default.training, CPU).amp) == (True, "bf16")
-    processor(AVX2)
-    assert (resolve(default.training, CPU).channels_last, resolve(default.training, CPU).amp) == (True, "none")
+    for flags, amp in ((SAPPHIRE_RAPIDS, "bf16"), (ZEN4, "bf16"), (AVX2, "none")):
+        processor(flags)
+        resolved = resolve(default.training, CPU)
+        assert (resolved.channels_last, resolved.amp) == (True, amp)
 
 
 @pytest.mark.parametrize(
