@@ -255,3 +255,23 @@ def test_the_default_run_benchmark_pairs_arms_by_seed():
     rows = module.table("arm", default + baseline)
     assert len(rows) == 6 and rows[2].startswith("| default | 0 | 105.0 | 60.0 | 40.0 | 5.0 | 90.00 | 85.00 |")
     assert rows[5].startswith("| baseline | 1 | 155.0 |")
+
+
+@pytest.mark.slow  # a subprocess that imports torch and traces one step: about 15 s on 2 CPU cores
+def test_a_compile_the_machine_cannot_build_is_one_line_with_its_fix(tmp_path):
+    """Inductor builds its CPU kernels with a C++ compiler on the first step; without one the user gets the
+    reason and the setting to change, exit 2, not torch's traceback."""
+    sets = [a for item in [*TINY, "training.compile=true"] for a in ("--set", item)]
+    command = [sys.executable, "-m", "pipeline", "run", "teacher", "--device", "cpu", "--out", str(tmp_path / "run")]
+    env = {
+        **os.environ,
+        "CXX": str(tmp_path / "no-such-compiler"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),  # nothing compiled earlier to fall back on
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run([*command, *sets], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and "torch.compile could not build its kernels (training.compile=true)" in error[0]
+    assert "no-such-compiler" in error[0] and error[0].endswith("or set training.compile=false")

@@ -324,7 +324,10 @@ class _Trainer:
                 eta = (time.perf_counter() - started) / (self.epoch - first) * (self.optim.epochs - self.epoch)
                 self.log(epoch_line(self.desc, self.epoch, self.optim.epochs, record, eta))
                 self.monitor.epoch(self.global_step, record)
-        except RuntimeError as exc:  # torch.OutOfMemoryError, or a cuDNN/cuBLAS allocation failure
+        except RuntimeError as exc:  # torch.OutOfMemoryError, a cuDNN/cuBLAS allocation failure, a failed compile
+            failed_compile = speed.compile_error(exc, self.training)
+            if failed_compile is not None:
+                raise failed_compile from None
             if not out_of_memory(exc):
                 raise
             where = f"in {self.desc} at epoch {self.epoch + 1}, step {self.step + 1}"

@@ -14,9 +14,8 @@ and, on a CPU, the processor (docs/bench-cpu-speed.md):
 - ``amp=auto`` is bf16 on a CPU with native bf16 arithmetic (AMX or AVX512-BF16, :func:`pipeline.artifacts.machine.
   native_bf16`), none on any other CPU (emulated bf16 is slower than fp32) and none on CUDA (as before).
   bf16 changes the weights beyond float noise, so ``auto`` enters the fingerprints as what it became: the
-  same config on another processor is other weights. It is opt-in, not the default, until trained accuracy
-  in bf16 is shown to match fp32 within seed noise, and because a default that depends on the processor
-  would stop a teacher trained on one machine from being reused by hash on another.
+  same config on another processor is other weights. ``TrainingConfig`` keeps ``none``, and the presets choose:
+  bf16 pays for a teacher at two threads, not for a MobileNetV2-half student at one (docs/bench-cpu-speed.md).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from torch import nn
 
 from pipeline.artifacts import machine
 from pipeline.config import TrainingConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError, clipped
 
 AUTO = "auto"
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -204,3 +203,25 @@ def compile_models(*models: nn.Module | None) -> None:
     for model in models:
         if model is not None:
             model.compile()
+
+
+class CompileError(PipelineError):
+    """torch.compile could not build its kernels on this machine: a setting it cannot honour, not a bug."""
+
+
+def compile_error(exc: BaseException, cfg: TrainingConfig) -> CompileError | None:
+    """``exc`` as one line with its fix when torch.compile's backend failed, else None.
+
+    Compilation is lazy: Inductor builds its kernels on the first step, so a machine without a working C++
+    compiler (Inductor's CPU kernels, Triton's launcher on CUDA) fails there, not when the option is read.
+    """
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    if not isinstance(exc, BackendCompilerFailed):
+        return None
+    option = "training.cuda_graphs" if cfg.cuda_graphs else "training.compile"
+    cause = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return CompileError(
+        f"torch.compile could not build its kernels ({option}=true): {clipped(cause)}; install a C++ compiler "
+        f"(e.g. apt-get install g++) or set {option}=false"
+    )
