@@ -8,6 +8,7 @@ user mistake never ends in a traceback. The edge runtime has its own base class,
 from __future__ import annotations
 
 import contextlib
+import errno
 
 
 class PipelineError(Exception):
@@ -69,6 +70,26 @@ def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is the machine running out of memory (a limit of the machine, not a bug: one line).
     ``torch.OutOfMemoryError`` says "out of memory" in its message."""
     return isinstance(exc, MemoryError) or any(text in str(exc) for text in _OUT_OF_MEMORY)
+
+
+# A write the file system refused: a full disk, a quota, exhausted inodes, a read-only mount. Python's own files
+# raise OSError with one of these codes; libraries that write through their own code say it in their message
+# (safetensors: "No space left on device (os error 28)"; torch.save's zip writer: "unexpected pos N vs M").
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+_NO_SPACE_TEXT = (
+    "No space left on device",
+    "Disk quota exceeded",
+    "Read-only file system",
+    "PytorchStreamWriter failed writing",
+    "inline_container.cc",
+)
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is the file system refusing a write (a limit of the machine, not a bug: one line)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _NO_SPACE_ERRNOS
+    return any(text in str(exc) for text in _NO_SPACE_TEXT)
 
 
 def clipped(message: str, limit: int = 400) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import io
 import json
 import os
 import shutil
@@ -258,6 +259,93 @@ def test_a_full_disk_fails_the_stage_in_one_line_and_leaves_nothing(run, monkeyp
     assert "stage 'teacher' failed" in message and os.strerror(code) in message
     assert (out / "teacher" / "manifest.json").read_text() == before
     assert not any((out / ".staging").iterdir())
+
+
+class _FullDisk(io.RawIOBase):
+    """A file that takes ``room`` bytes, then refuses every write as a full disk does."""
+
+    def __init__(self, room: int):
+        self.room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return len(data)
+
+
+def test_a_write_torch_save_makes_on_a_full_disk_is_one_line(run, monkeypatch, capsys):
+    """torch.save swallows the OSError and reports its zip writer's position check instead ("unexpected pos")."""
+    import pipeline.training.state
+
+    out, args = run
+    before = (out / "teacher" / "manifest.json").read_text()
+    monkeypatch.setattr(
+        pipeline.training.state, "atomic_write", lambda path, write: write(io.BufferedWriter(_FullDisk(4096)))
+    )
+    assert run_cli(["run", "teacher", "--force", "--out", str(out), *args]) == 2
+    message = _error(capsys)
+    assert "stage 'teacher' failed: a file could not be written, the disk is likely full (" in message
+    assert "unexpected pos" in message and message.endswith("nothing was committed, free space and rerun")
+    assert (out / "teacher" / "manifest.json").read_text() == before
+    assert not any((out / ".staging").iterdir())
+
+
+def test_a_write_safetensors_makes_on_a_full_disk_is_one_line(run, monkeypatch, capsys):
+    import pipeline.artifacts.checkpoint as checkpoint
+
+    out, args = run
+
+    def full(*args, **kwargs):  # what safetensors raises on a full tmpfs, its os error in the message
+        raise checkpoint.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    assert run_cli(["run", "teacher", "--force", "--out", str(out), *args]) == 2
+    assert "the disk is likely full (Error while serializing: I/O error: No space left" in _error(capsys)
+
+
+def test_a_stage_failing_on_a_nearly_full_disk_says_how_much_was_free(run, monkeypatch, capsys):
+    """ONNX's shape inference writes a truncated file on a full disk without an error, and the reader's error
+    ("Wire format was corrupt") says nothing of space: the runner adds what was free, once."""
+    import pipeline.artifacts.store as store
+    import stages.teacher
+    from pipeline.errors import UnsupportedModelError
+
+    out, args = run
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(2**30, 2**30, 2**20))
+
+    def truncated(*args, **kwargs):
+        raise UnsupportedModelError("export: fp16 conversion of m failed: DecodeError: Wire format was corrupt")
+
+    monkeypatch.setattr(stages.teacher, "save_checkpoint", truncated)
+    assert run_cli(["run", "teacher", "--force", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"note: only 1.0 MiB free on the disk of {out}; if it filled up, free space and rerun" in err
+    assert "error: export: fp16 conversion of m failed" in err
+
+    def full(*args, **kwargs):  # a full disk that says so is said once, by the error
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(stages.teacher, "save_checkpoint", full)
+    assert run_cli(["run", "teacher", "--force", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert "MiB free" not in err and "error: stage 'teacher' failed: No space left on device" in err
+
+
+def test_a_full_disk_outside_a_stage_is_one_line(run, monkeypatch, capsys):
+    import pipeline.report
+
+    out, _ = run
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(pipeline.report, "atomic_write_text", full)
+    assert run_cli(["report", str(out)]) == 2
+    assert _error(capsys).startswith("error: a file could not be written: [Errno 28] No space left on device: ")
 
 
 def test_leftovers_of_killed_runs_are_cleaned_by_the_next_run(run, capsys):

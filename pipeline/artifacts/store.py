@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.artifacts.hashing import sha256_file
 from pipeline.artifacts.manifest import MANIFEST, Artifact, Manifest, unsafe_path
-from pipeline.errors import ArtifactError, ConfigError
+from pipeline.errors import ArtifactError, ConfigError, clipped, no_space, one_line
 
 _STAGING = ".staging"
 _SCRATCH = ".scratch"
@@ -32,7 +32,6 @@ _LOCK = ".lock"
 _CACHE = ".cache"
 MARKER = ".kdpipe-run"  # says "a run folder": the pipeline may write and delete in it
 _OWN = (MARKER, _LOCK, _STAGING, _SCRATCH, _LOGS, _CACHE)
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 @dataclass(frozen=True)
@@ -346,13 +345,31 @@ def disk_errors(what: str) -> Iterator[None]:
     """A full disk (or exhausted inodes, or a read-only file system) as one line instead of a traceback."""
     try:
         yield
-    except OSError as exc:
-        if exc.errno not in _NO_SPACE:
+    except Exception as exc:
+        if not no_space(exc):
             raise
-        where = f" ({exc.filename})" if exc.filename else ""
-        raise ArtifactError(
-            f"{what} failed: {exc.strerror}{where}; nothing was committed, free space and rerun"
-        ) from None
+        if isinstance(exc, OSError):
+            cause = f"{exc.strerror}{f' ({exc.filename})' if exc.filename else ''}"
+        else:
+            cause = f"a file could not be written, the disk is likely full ({clipped(one_line(exc))})"
+        raise ArtifactError(f"{what} failed: {cause}; nothing was committed, free space and rerun") from None
+
+
+LOW_SPACE = 64 * 2**20
+
+
+def low_space(folder: Path) -> str:
+    """A note when ``folder``'s file system is nearly full, for a stage that failed: some libraries (ONNX's shape
+    inference) write a truncated file there without an error and then fail to read it, saying nothing of space."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return (
+        ""
+        if free >= LOW_SPACE
+        else f"only {free / 2**20:.1f} MiB free on the disk of {folder}; if it filled up, free space and rerun"
+    )
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -24,6 +24,7 @@ from pipeline.errors import (
     clipped,
     interrupted,
     missing_dependency,
+    no_space,
     one_line,
     out_of_memory,
 )
@@ -414,6 +415,9 @@ def run_cli(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if interrupted(exc):
             return _interrupted_exit()
+        if no_space(exc):  # outside a stage (a sweep's records, the report): the stage runner says it itself
+            _echo_err(f"error: a file could not be written: {clipped(one_line(exc))}; free space and rerun")
+            return 2
         if not out_of_memory(exc):
             raise
         _echo_err(

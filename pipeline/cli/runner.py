@@ -21,9 +21,9 @@ from pathlib import Path
 from pipeline import interrupts
 from pipeline.artifacts.code_version import changed_files, source_hashes, stage_code_version
 from pipeline.artifacts.manifest import Manifest, environment, fingerprint
-from pipeline.artifacts.store import RunStore, describe_file, disk_errors, external_input
+from pipeline.artifacts.store import RunStore, describe_file, disk_errors, external_input, low_space
 from pipeline.config import Config
-from pipeline.errors import ArtifactError, CheckFailedError, PipelineError
+from pipeline.errors import ArtifactError, CheckFailedError, PipelineError, no_space
 from pipeline.training.distributed import barrier, broadcast_object, check_shared_folder, launch, solo, world
 from stages import Stage, StageContext, get_stage, stage_order
 
@@ -271,7 +271,10 @@ def run_stage(
     try:
         with disk_errors(f"stage {name!r}"):
             result = stage.run(ctx)
-    except BaseException:
+    except BaseException as exc:
+        said = isinstance(exc, ArtifactError) and exc.__context__ is not None and no_space(exc.__context__)
+        if isinstance(exc, Exception) and not said and (note := low_space(store.root)):
+            log(f"note: {note}")
         store.discard(staged)
         raise
     seconds = time.perf_counter() - tic
