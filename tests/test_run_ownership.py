@@ -323,7 +323,7 @@ def test_a_stage_failing_on_a_nearly_full_disk_says_how_much_was_free(run, monke
     monkeypatch.setattr(stages.teacher, "save_checkpoint", truncated)
     assert run_cli(["run", "teacher", "--force", "--out", str(out), *args]) == 2
     err = capsys.readouterr().err
-    assert f"note: only 1.0 MiB free on the disk of {out}; if it filled up, free space and rerun" in err
+    assert f"note: only 1.0 MiB free for the run folder {out}; if a disk filled up, free space and rerun" in err
     assert "error: export: fp16 conversion of m failed" in err
 
     def full(*args, **kwargs):  # a full disk that says so is said once, by the error
@@ -332,7 +332,7 @@ def test_a_stage_failing_on_a_nearly_full_disk_says_how_much_was_free(run, monke
     monkeypatch.setattr(stages.teacher, "save_checkpoint", full)
     assert run_cli(["run", "teacher", "--force", "--out", str(out), *args]) == 2
     err = capsys.readouterr().err
-    assert "MiB free" not in err and "error: stage 'teacher' failed: No space left on device" in err
+    assert "note: only" not in err and "error: stage 'teacher' failed: No space left on device" in err
 
 
 def test_a_full_disk_outside_a_stage_is_one_line(run, monkeypatch, capsys):

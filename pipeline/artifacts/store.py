@@ -341,35 +341,43 @@ def external_input(path: str | Path) -> Artifact:
 
 
 @contextmanager
-def disk_errors(what: str) -> Iterator[None]:
-    """A full disk (or exhausted inodes, or a read-only file system) as one line instead of a traceback."""
+def disk_errors(what: str, root: Path) -> Iterator[None]:
+    """A full disk (or a quota, exhausted inodes, a read-only file system) as one line instead of a traceback."""
     try:
         yield
     except Exception as exc:
         if not no_space(exc):
             raise
         if isinstance(exc, OSError):
-            cause = f"{exc.strerror}{f' ({exc.filename})' if exc.filename else ''}"
+            cause = f"{exc.strerror} ({exc.filename or free_space(root)})"
         else:
-            cause = f"a file could not be written, the disk is likely full ({clipped(one_line(exc))})"
+            cause = (
+                f"a file could not be written, the disk is likely full ({clipped(one_line(exc))}; {free_space(root)})"
+            )
         raise ArtifactError(f"{what} failed: {cause}; nothing was committed, free space and rerun") from None
 
 
 LOW_SPACE = 64 * 2**20
 
 
-def low_space(folder: Path) -> str:
-    """A note when ``folder``'s file system is nearly full, for a stage that failed: some libraries (ONNX's shape
-    inference) write a truncated file there without an error and then fail to read it, saying nothing of space."""
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return ""
-    return (
-        ""
-        if free >= LOW_SPACE
-        else f"only {free / 2**20:.1f} MiB free on the disk of {folder}; if it filled up, free space and rerun"
-    )
+def free_space(root: Path, below: float = float("inf")) -> str:
+    """What the disks of the run folder and of the temporary folder have free (those with less than ``below``)."""
+    places = {}
+    for label, folder in (("the run folder", root), ("the temporary folder", Path(tempfile.gettempdir()))):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            continue
+        if free < below:
+            places.setdefault(free, f"{free / 2**20:.1f} MiB free for {label} {folder}")
+    return ", ".join(places.values())
+
+
+def low_space(root: Path) -> str:
+    """A note for a stage that failed on a nearly full disk: some libraries (ONNX's shape inference) write a
+    truncated file there without an error and then fail to read it, saying nothing of space."""
+    low = free_space(root, below=LOW_SPACE)
+    return f"only {low}; if a disk filled up, free space and rerun" if low else ""
 
 
 def _fsync_tree(folder: Path) -> None:

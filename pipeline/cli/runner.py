@@ -269,7 +269,7 @@ def run_stage(
     started = datetime.now(timezone.utc)
     tic = time.perf_counter()
     try:
-        with disk_errors(f"stage {name!r}"):
+        with disk_errors(f"stage {name!r}", store.root):
             result = stage.run(ctx)
     except BaseException as exc:
         said = isinstance(exc, ArtifactError) and exc.__context__ is not None and no_space(exc.__context__)
@@ -310,7 +310,7 @@ def run_stage(
         upstream=links,
     )
     try:
-        with disk_errors(f"committing stage {name!r}"):
+        with disk_errors(f"committing stage {name!r}", store.root):
             store.commit(staged, manifest)
     except BaseException:
         store.discard(staged)
