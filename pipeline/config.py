@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 import types
 import typing
@@ -21,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.artifacts import machine
 from pipeline.errors import ConfigError
 from pipeline.precision_order import PRECISION_ORDER, REFERENCE_PRECISION
 
@@ -60,11 +60,7 @@ class DataConfig:
 def auto_workers() -> int:
     """Decoding and augmenting on every usable core but one (at most 8) keeps a GPU fed without
     starving the main process; DDP launchers should divide this by the processes per machine."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores - 1))
+    return max(1, min(8, machine.usable_cpus() - 1))
 
 
 @dataclass

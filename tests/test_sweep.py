@@ -318,12 +318,29 @@ def test_the_shared_teacher_gets_the_threads_of_every_slot_and_a_cell_its_share(
     assert [backend.environment(0, t)["OMP_NUM_THREADS"] for t in two[:2]] == ["3", "3"]  # two teachers at once
 
 
-def test_run_threads_sets_torchs_threads_and_refuses_zero(tmp_path, monkeypatch, capsys):
+def test_cells_share_the_cpus_the_sweep_may_use_not_the_machines(monkeypatch):
+    """Under taskset or a container's cpuset the machine's count would give each cell many times its CPUs."""
+    import os
+
+    from pipeline.artifacts import machine
+    from pipeline.config import auto_workers
+    from pipeline.experiments.scheduler import LocalBackend
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert machine.usable_cpus() == 4
+    assert LocalBackend(slots=2).threads == 2
+    assert auto_workers() == 3
+
+
+def test_run_threads_sets_torchs_threads_and_refuses_zero_or_more_than_the_usable_cpus(tmp_path, monkeypatch, capsys):
     import torch
 
     import pipeline.cli.runner
+    from pipeline.artifacts import machine
     from pipeline.cli import run_cli
 
+    monkeypatch.setattr(machine, "usable_cpus", lambda: 4)  # e.g. a cpuset of 4 on a larger machine
     seen = []
     monkeypatch.setattr(pipeline.cli.runner, "run_stages", lambda *a, **k: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()
@@ -334,6 +351,12 @@ def test_run_threads_sets_torchs_threads_and_refuses_zero(tmp_path, monkeypatch,
     assert seen == [2]
     assert run_cli(["run", "fuse", "--out", str(tmp_path), "--threads", "0"]) == 2
     assert "--threads" in capsys.readouterr().err
+    for command in (["run", "fuse"], ["sweep", "--method", "kd"]):
+        assert run_cli([*command, "--out", str(tmp_path / "more"), "--threads", "5", *_set_args(TINY_SETS)]) == 2
+        err = capsys.readouterr().err
+        assert "error: --threads 5 is more than the 4 CPU(s) this process may use" in err, err
+        assert err.rstrip().endswith("use --threads 4 or fewer")
+    assert seen == [2] and not (tmp_path / "more").exists()  # refused before anything ran or was written
 
 
 def _set_args(sets: list[str]) -> list[str]:

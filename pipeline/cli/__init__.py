@@ -80,7 +80,8 @@ def cli() -> None:
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="CPU threads for torch's operators [default: torch's, or OMP_NUM_THREADS].",
+    help="CPU threads for torch's operators, at most the CPUs this process may use [default: torch's, or "
+    "OMP_NUM_THREADS].",
 )
 def run(
     stages,
@@ -103,10 +104,12 @@ def run(
 
     Up-to-date artifacts of earlier stages are reused, e.g. `run export engine --checkpoint student.safetensors`.
     """
+    from pipeline.artifacts.machine import check_threads
     from pipeline.cli.runner import run_stages
     from pipeline.config import check_path, load_config
     from stages import get_stage, stage_order
 
+    check_threads(threads, "--threads")
     sets, labels = list(overrides), ["--set"] * len(overrides)  # labels: where each value came from (--dry-run)
     for option, key, value in (
         ("--method", "student.method", method),

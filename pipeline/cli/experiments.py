@@ -56,7 +56,7 @@ def _ints(values: tuple[str, ...]) -> list[int]:
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="CPU threads per cell [default: the cores divided by --jobs].",
+    help="CPU threads per cell, at most the CPUs this process may use [default: those CPUs divided by --jobs].",
 )
 @click.option(
     "--cluster",
@@ -105,6 +105,7 @@ def sweep(
     Each cell is `run all` into OUT/cells/<name>; a teacher that cells need is trained once and imported
     by every cell. Run the same command again to skip finished cells and resume the others.
     """
+    from pipeline.artifacts.machine import check_threads
     from pipeline.config import check_preset_name
     from pipeline.experiments.grid import expand_grid, split_list
     from pipeline.experiments.scheduler import LocalBackend, slots_for, visible_gpus
@@ -129,6 +130,7 @@ def sweep(
         options = ClusterOptions(partition, time_min, gpus_per_cell, cpus_per_cell, mem_gb, torchrun)
         backend = SubmititBackend(make_executor(out.resolve() / "submitit", cluster.split("-")[-1], options), options)
     else:
+        check_threads(threads, "--threads")
         gpus = [] if device == "cpu" else visible_gpus()
         backend = LocalBackend(slots_for(jobs, gpus), gpus, threads or 0)
     click.echo(f"sweep: {len(grid.cells)} cells, {len(grid.teachers)} shared teacher(s) in {out}", err=True)

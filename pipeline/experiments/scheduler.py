@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from pipeline.artifacts import machine
 from pipeline.experiments.state import is_up_to_date, mark_finished, sources_digest
 from pipeline.progress import format_duration
 
@@ -102,11 +103,11 @@ class LocalBackend:
 
     slots: int
     gpus: list[str] = field(default_factory=list)
-    threads: int = 0  # per task; 0: the CPU cores divided by ``slots``
+    threads: int = 0  # per task; 0: the usable CPUs divided by ``slots``
 
     def __post_init__(self):
         if not self.threads:
-            self.threads = max(1, (os.cpu_count() or 1) // self.slots)
+            self.threads = max(1, machine.usable_cpus() // self.slots)
 
     def task_threads(self, task: Task | None = None) -> int:
         """A task that runs with fewer others than there are slots (a shared teacher, before any cell starts)
