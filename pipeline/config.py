@@ -532,12 +532,20 @@ def check_paths(cfg: Config) -> None:
             check_path(value, key)
 
 
-def check_path(value: str, what: str) -> None:
-    """Refuse an empty path, a NUL byte, or a path the operating system would call too long."""
+def check_path(value: str, what: str, text: bool = False) -> None:
+    """Refuse an empty path, a NUL byte, or a path the operating system would call too long; with ``text``, one
+    that is not UTF-8 (a run folder's path is written as text: TensorBoard's event files, the logs)."""
     if not value.strip():
         raise ConfigError(f"{what} is empty; give a path or leave it out")
     if "\0" in value:
         raise ConfigError(f"{what} contains a NUL byte")
+    if text and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"{what} {value!a} is not valid UTF-8, which the run's logs and TensorBoard need; choose a UTF-8 name"
+            ) from None
     if len(value.encode(errors="surrogateescape")) > _MAX_PATH or any(
         len(part.encode(errors="surrogateescape")) > _MAX_NAME for part in Path(value).parts
     ):

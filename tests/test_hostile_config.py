@@ -59,6 +59,8 @@ OPTIONS = [
     (["--teacher-checkpoint", ""], "teacher.checkpoint is empty"),
     (["--data-root", ""], "data.root is empty"),
     (["--out", ""], "--out is empty"),
+    (["--out", "run\udcff"], "--out 'run\\udcff' is not valid UTF-8"),  # the byte 0xff of a Latin-1 file name
+    (["--threads", "100000"], "--threads 100000 is more than the"),
     (["--set", "name=/abs/run"], "must be a plain folder name"),
     (["--set", "name=.."], "must be a plain folder name"),
     (["--device", "meta"], "unknown device 'meta'; use auto, cpu, cuda or cuda:N"),
@@ -158,3 +160,8 @@ def test_an_empty_preset_name_is_refused_by_sweep_too(presets, tmp_path, capsys)
     """`sweep --preset ''` must not quietly sweep the default preset either."""
     argv = ["sweep", *(a for p in presets for a in ("--preset", p)), "--dry-run", "--out", str(tmp_path / "run")]
     _refused(argv, "--preset is empty", tmp_path, capsys)
+
+
+def test_a_sweep_folder_whose_name_is_not_utf8_is_refused(tmp_path, capsys):
+    """TensorBoard writes the run folder's path as UTF-8: a Latin-1 name was a traceback in the first cell."""
+    _refused(["sweep", "--method", "kd", "--out", str(tmp_path / "grid\udcff")], "is not valid UTF-8", tmp_path, capsys)

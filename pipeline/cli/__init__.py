@@ -125,7 +125,7 @@ def run(
     for name in (*(s for s in stages if s != "all"), *keep):
         get_stage(name)  # an unknown name is a one-line error listing the registered stages
     if out is not None:
-        check_path(out, "--out")  # before it becomes a Path: Path("") is the current folder
+        check_path(out, "--out", text=True)  # before it becomes a Path: Path("") is the current folder
         out = Path(out)
     default = "default" if config_file is None else None
     cfg = load_config(preset if preset is not None else default, config_file, sets, log=_echo_err)

@@ -106,11 +106,12 @@ def sweep(
     by every cell. Run the same command again to skip finished cells and resume the others.
     """
     from pipeline.artifacts.machine import check_threads
-    from pipeline.config import check_preset_name
+    from pipeline.config import check_path, check_preset_name
     from pipeline.experiments.grid import expand_grid, split_list
     from pipeline.experiments.scheduler import LocalBackend, slots_for, visible_gpus
     from pipeline.experiments.sweep import check_results, results_table, run_sweep, sweep_tasks
 
+    check_path(str(out), "--out", text=True)
     for name in presets:
         check_preset_name(name.replace(",", " "))  # "" or ",": split_list would drop it and sweep the default
     sets = list(overrides)
