@@ -80,8 +80,8 @@ _NO_SPACE_TEXT = (
     "No space left on device",
     "Disk quota exceeded",
     "Read-only file system",
-    "PytorchStreamWriter failed writing",
-    "inline_container.cc",
+    "PytorchStreamWriter failed",  # torch's writer only: its reader's errors say PytorchStreamReader
+    "unexpected pos ",
 )
 
 

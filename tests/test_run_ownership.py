@@ -294,6 +294,21 @@ def test_a_write_torch_save_makes_on_a_full_disk_is_one_line(run, monkeypatch, c
     assert not any((out / ".staging").iterdir())
 
 
+def test_a_torch_file_that_cannot_be_read_is_not_taken_for_a_full_disk(tmp_path):
+    import torch
+
+    from pipeline.errors import no_space
+
+    path = tmp_path / "state.pt"
+    torch.save({"w": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:-200])  # truncated: the zip reader's enforce fails, in the same source file
+    with pytest.raises(RuntimeError) as read:
+        torch.load(path)
+    with pytest.raises(RuntimeError) as written:
+        torch.save({"w": torch.zeros(1000)}, io.BufferedWriter(_FullDisk(4096)))
+    assert not no_space(read.value) and no_space(written.value)
+
+
 def test_a_write_safetensors_makes_on_a_full_disk_is_one_line(run, monkeypatch, capsys):
     import pipeline.artifacts.checkpoint as checkpoint
 
