@@ -77,6 +77,8 @@ def test_a_session_is_released_when_the_block_fails(model):
 def test_files_onnx_runtime_cannot_load_are_model_file_errors(tmp_path):
     with pytest.raises(ModelFileError, match="does not exist"):
         OnnxrtRunner(tmp_path / "none.onnx").activate()
+    with pytest.raises(ModelFileError, match="is not a regular file"):
+        OnnxrtRunner(tmp_path).activate()
     (tmp_path / "junk.onnx").write_text("not a model")
     runner = OnnxrtRunner(tmp_path / "junk.onnx")
     with pytest.raises(ModelFileError, match="is not a loadable ONNX model"):

@@ -147,6 +147,9 @@ assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
 def test_files_it_cannot_use_are_clear_errors(tmp_path, model_file):
     with pytest.raises(ModelFileError, match="does not exist"):
         Classifier.load(tmp_path / "none.onnx")
+    os.mkfifo(tmp_path / "pipe.onnx")  # would block the reader forever; a device like /dev/zero never ends
+    with pytest.raises(ModelFileError, match="pipe.onnx is not a regular file"):
+        Classifier.load(tmp_path / "pipe.onnx")
     (tmp_path / "junk.onnx").write_text("not a model")
     with pytest.raises(ModelFileError, match="is not a loadable ONNX model"):
         Classifier.load(tmp_path / "junk.onnx")
