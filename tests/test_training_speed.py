@@ -72,7 +72,9 @@ def test_a_kernel_path_forced_below_bf16_has_no_native_bf16(processor, monkeypat
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
     assert resolve(AUTO, CPU).amp == "none"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
-    assert resolve(AUTO, CPU).amp == "bf16"
+    assert resolve(AUTO, CPU).amp == "bf16" and describe(AUTO, CPU).endswith("(amp=auto: amx_tile)")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # AMX off: bf16 on the AVX512-BF16 path, and said so
+    assert resolve(AUTO, CPU).amp == "bf16" and describe(AUTO, CPU).endswith("(amp=auto: avx512_bf16)")
 
 
 @pytest.mark.parametrize("flags", [AVX2, SAPPHIRE_RAPIDS])

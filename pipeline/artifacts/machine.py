@@ -46,12 +46,16 @@ def native_bf16() -> str | None:
     """The flag of :data:`BF16_FLAGS` that gives this processor bf16 arithmetic in hardware, or ``None``.
 
     Without one, oneDNN emulates bf16 with fp32 instructions and conversions, usually slower than fp32 itself. A
-    kernel path forced below bf16 (``ONEDNN_MAX_CPU_ISA=AVX2``, ``AVX512_CORE``) counts as none.
+    kernel path forced below bf16 (``ONEDNN_MAX_CPU_ISA=AVX2``, ``AVX512_CORE``) counts as none, and one forced to
+    ``AVX512_CORE_BF16`` on a processor with AMX as ``avx512_bf16``.
     """
     forced = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if forced not in ("", "ALL", "DEFAULT") and not any(level in forced for level in ("BF16", "FP16", "AMX")):
-        return None
     isa = cpu_isa()
+    if forced not in ("", "ALL", "DEFAULT"):
+        if not any(level in forced for level in ("BF16", "FP16", "AMX")):
+            return None
+        if "AMX" not in forced:  # AVX512_CORE_BF16 or _FP16: the AVX512-BF16 path, AMX turned off
+            isa = [flag for flag in isa if flag != "amx_tile"]
     return next((flag for flag in BF16_FLAGS if flag in isa), None)
 
 
