@@ -57,9 +57,9 @@ class Cell:
     setting: str  # PEER or a key of SETTINGS
 
 
-def default_setting(native_bf16: str | None, amp_auto: bool = False) -> str:
+def default_setting(fast_bf16: str | None, amp_auto: bool = False) -> str:
     """The setting a run gets on this processor with the defaults (``amp_auto``: with ``training.amp=auto``)."""
-    return "channels_last+bf16" if amp_auto and native_bf16 else "channels_last+graph"
+    return "channels_last+bf16" if amp_auto and fast_bf16 else "channels_last+graph"
 
 
 def skip_reason(setting: str, native_bf16: str | None) -> str:
@@ -125,9 +125,9 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def report(results: dict[Cell, float], failed: dict[Cell, str], skipped: dict[str, str], args, header: str) -> str:
-    from pipeline.artifacts.machine import native_bf16
+    from pipeline.artifacts.machine import fast_bf16
 
-    flag = native_bf16()
+    flag = fast_bf16()  # what training.amp=auto takes bf16 for
     now, auto = default_setting(flag), default_setting(flag, amp_auto=True)
     notes = {BEFORE: "default before", now: "default now"}
     notes[auto] = notes.get(auto, "") + ("; " if auto in notes else "") + "with training.amp=auto"

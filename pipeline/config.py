@@ -101,7 +101,7 @@ class TrainingConfig:
     the run's device and processor, and ``amp=auto`` enters the fingerprints as what it became.
     """
 
-    # none | bf16 | fp16 (GradScaler; CUDA only) | auto: bf16 on a CPU with native bf16 (AMX, AVX512-BF16), else none
+    # none | bf16 | fp16 (GradScaler; CUDA only) | auto: bf16 on a CPU where it beats fp32 (AMX, AVX512-BF16 on AMD)
     amp: str = "none"
     channels_last: bool | str = "auto"  # true | false | auto: true on a CPU, false (as before) on a GPU
     compile: bool = False  # torch.compile the student and the teacher

@@ -32,6 +32,8 @@ def test_a_forced_kernel_path_is_recorded_and_used():
 
 
 def test_isa_flags_come_from_cpuinfo(monkeypatch):
-    monkeypatch.setattr(machine, "_cpuinfo", lambda: ("Some Xeon", frozenset({"avx2", "amx_tile", "sse2"})))
+    monkeypatch.setattr(
+        machine, "_cpuinfo", lambda: ("Some Xeon", frozenset({"avx2", "amx_tile", "sse2"}), "GenuineIntel")
+    )
     assert machine.cpu_isa() == ["avx2", "amx_tile"]
     assert machine.describe_cpu().startswith("Some Xeon (avx2 amx_tile)")

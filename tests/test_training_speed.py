@@ -1,9 +1,9 @@
 """The automatic CPU speed choice (``training.channels_last=auto``, ``training.amp=auto``), without timing anything.
 
-The processor is faked through :mod:`pipeline.artifacts.machine`'s ISA flags, so every case runs on any
-machine: bf16 only where the flags say the processor has native bf16, channels_last on a CPU, nothing
-CPU-only on CUDA, and the resolved precision in the stage's recorded parameters (so another processor is
-other weights).
+The processor is faked through :mod:`pipeline.artifacts.machine`'s vendor and ISA flags, so every case runs on
+any machine: bf16 only where the processor computes it faster than fp32 (AMX, AMD's AVX512-BF16), channels_last
+on a CPU, nothing CPU-only on CUDA, and the resolved precision in the stage's recorded parameters (so another
+processor is other weights).
 """
 
 from __future__ import annotations
@@ -32,19 +32,23 @@ from tests.trainkit import DATA, Scripted, TinyNet, tiny_data
 
 CPU = torch.device("cpu")
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu_speed.py"
-AVX2 = ["avx2"]
-AVX512 = ["avx2", "avx512f"]  # AVX-512 without its bf16 extension: oneDNN would emulate bf16
-ZEN4 = ["avx2", "avx512f", "avx512_bf16"]
-SAPPHIRE_RAPIDS = ["avx2", "avx512f", "avx512_bf16", "amx_tile"]
+# (vendor, ISA flags) of the processors the policy tells apart
+AVX2 = ("GenuineIntel", ["avx2"])
+AVX512 = ("GenuineIntel", ["avx2", "avx512f"])  # AVX-512 without its bf16 extension: oneDNN would emulate bf16
+COOPER_LAKE = ("GenuineIntel", ["avx2", "avx512f", "avx512_bf16"])  # Intel's AVX512-BF16 without AMX
+ZEN4 = ("AuthenticAMD", ["avx2", "avx512f", "avx512_bf16"])
+SAPPHIRE_RAPIDS = ("GenuineIntel", ["avx2", "avx512f", "avx512_bf16", "amx_tile"])
 
 
 @pytest.fixture
 def processor(monkeypatch):
-    """Fake this machine's ISA flags: ``processor(flags)``."""
+    """Fake this machine's vendor and ISA flags: ``processor(ZEN4)``."""
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
 
-    def fake(flags: list[str]) -> None:
+    def fake(cpu: tuple[str, list[str]]) -> None:
+        vendor, flags = cpu
         monkeypatch.setattr(machine, "cpu_isa", lambda: list(flags))
+        monkeypatch.setattr(machine, "cpu_vendor", lambda: vendor)
 
     return fake
 
@@ -55,9 +59,10 @@ AUTO = TrainingConfig(amp="auto", channels_last="auto")
 @pytest.mark.parametrize(
     "flags, amp, why",
     [(AVX2, "none", "no native bf16"), (AVX512, "none", "no native bf16"), (ZEN4, "bf16", "avx512_bf16"),
-     (SAPPHIRE_RAPIDS, "bf16", "amx_tile")],
+     (SAPPHIRE_RAPIDS, "bf16", "amx_tile"),
+     (COOPER_LAKE, "none", "avx512_bf16 without AMX: not faster than fp32 on GenuineIntel")],
 )  # fmt: skip
-def test_auto_on_a_cpu_is_channels_last_and_bf16_only_with_native_bf16(processor, flags, amp, why):
+def test_auto_on_a_cpu_is_channels_last_and_bf16_only_where_it_beats_fp32(processor, flags, amp, why):
     processor(flags)
     resolved = resolve(AUTO, CPU)
     assert (resolved.channels_last, resolved.amp) == (True, amp)
@@ -73,8 +78,9 @@ def test_a_kernel_path_forced_below_bf16_has_no_native_bf16(processor, monkeypat
     assert resolve(AUTO, CPU).amp == "none"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     assert resolve(AUTO, CPU).amp == "bf16" and describe(AUTO, CPU).endswith("(amp=auto: amx_tile)")
-    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # AMX off: bf16 on the AVX512-BF16 path, and said so
-    assert resolve(AUTO, CPU).amp == "bf16" and describe(AUTO, CPU).endswith("(amp=auto: avx512_bf16)")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")  # AMX off: Intel's AVX512-BF16 path, measured slower
+    assert resolve(AUTO, CPU).amp == "none"
+    assert describe(AUTO, CPU).endswith("(amp=auto: avx512_bf16 without AMX: not faster than fp32 on GenuineIntel)")
 
 
 @pytest.mark.parametrize("flags", [AVX2, SAPPHIRE_RAPIDS])
@@ -95,13 +101,13 @@ def test_explicit_settings_are_kept_whatever_the_processor(processor):
     assert (cfg.training.amp, cfg.training.channels_last) == ("none", False)
 
 
-def test_the_default_run_is_channels_last_on_a_cpu_and_bf16_only_where_native(processor):
+def test_the_default_run_is_channels_last_on_a_cpu_and_bf16_only_where_it_beats_fp32(processor):
     """The default preset asks for ``amp=auto`` (its teacher trains about 2x faster in bf16 on AMX); the typed
     default stays fp32, so a config of one's own changes no weights by processor (docs/bench-cpu-speed.md)."""
     assert TrainingConfig().amp == "none"
     default = load_config("default", None, [])
     assert (default.training.channels_last, default.training.amp) == ("auto", "auto")
-    for flags, amp in ((SAPPHIRE_RAPIDS, "bf16"), (ZEN4, "bf16"), (AVX2, "none")):
+    for flags, amp in ((SAPPHIRE_RAPIDS, "bf16"), (ZEN4, "bf16"), (COOPER_LAKE, "none"), (AVX2, "none")):
         processor(flags)
         resolved = resolve(default.training, CPU)
         assert (resolved.channels_last, resolved.amp) == (True, amp)

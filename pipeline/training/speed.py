@@ -11,8 +11,9 @@ and, on a CPU, the processor (docs/bench-cpu-speed.md):
 - ``channels_last=auto`` (the default) is true on a CPU: oneDNN's convolutions run NHWC without reordering
   every activation, and the weights differ from contiguous training by float rounding only (like another
   kernel path), so it is not in the fingerprints. On CUDA it stays false, as before.
-- ``amp=auto`` is bf16 on a CPU with native bf16 arithmetic (AMX or AVX512-BF16, :func:`pipeline.artifacts.machine.
-  native_bf16`), none on any other CPU (emulated bf16 is slower than fp32) and none on CUDA (as before).
+- ``amp=auto`` is bf16 on a CPU where bf16 arithmetic beats fp32 (AMX, or AVX512-BF16 on AMD:
+  :func:`pipeline.artifacts.machine.fast_bf16`), none on any other CPU (emulated bf16 is slower than fp32, and
+  Intel's AVX512-BF16 without AMX was no faster) and none on CUDA (as before).
   bf16 changes the weights beyond float noise, so ``auto`` enters the fingerprints as what it became: the
   same config on another processor is other weights. ``TrainingConfig`` keeps ``none``, and the presets choose:
   bf16 pays for a teacher at two threads, not for a MobileNetV2-half student at one (docs/bench-cpu-speed.md).
@@ -51,8 +52,10 @@ class AutoSpeed:
 def auto_speed(device_type: str) -> AutoSpeed:
     if device_type != "cpu":
         return AutoSpeed(channels_last=False, amp="none", why=f"{device_type}: set GPU precision explicitly")
-    flag = machine.native_bf16()
-    return AutoSpeed(channels_last=True, amp="bf16" if flag else "none", why=flag or "no native bf16")
+    fast, native = machine.fast_bf16(), machine.native_bf16()
+    slow = f"{native} without AMX: not faster than fp32 on {machine.cpu_vendor() or 'this processor'}"
+    why = fast or (slow if native else "no native bf16")
+    return AutoSpeed(channels_last=True, amp="bf16" if fast else "none", why=why)
 
 
 def resolve(cfg: TrainingConfig, device: torch.device | str) -> TrainingConfig:
