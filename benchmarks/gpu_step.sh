@@ -1,12 +1,14 @@
 # Sourced by benchmarks/gpu_checks.sh. `step NAME SECONDS COMMAND...` runs COMMAND with a time limit, logs it to
 # $out/NAME.log and appends its exit status and duration to $out/summary.txt (so one hang costs only its share);
 # a limit of 0 skips the step and says so, as does a name
-# missing from GPU_CHECKS_ONLY when that is set. `limit WANTED RESERVE` prints WANTED cut to what is left of $budget
+# missing from GPU_CHECKS_ONLY when that is set (`selected NAME`). `limit WANTED RESERVE` prints WANTED cut to what is left of $budget
 # (counted from $start) after keeping RESERVE seconds for the steps after it.
+selected() { [[ -z ${GPU_CHECKS_ONLY:-} || ",$GPU_CHECKS_ONLY," == *",$1,"* ]]; }
+
 step() {
     local name=$1 limit=$2
     shift 2
-    if [[ -n ${GPU_CHECKS_ONLY:-} && ",$GPU_CHECKS_ONLY," != *",$name,"* ]]; then
+    if ! selected "$name"; then
         echo "== $name: not selected (GPU_CHECKS_ONLY=$GPU_CHECKS_ONLY)" | tee -a "$out/summary.txt"
         return 0
     fi
@@ -18,8 +20,8 @@ step() {
     timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
     local rc=$?
     local why=""
-    ((rc == 124 || rc == 137)) && why=" (stopped at its ${limit} s limit; partial results kept)"
-    echo "== $name: exit $rc in $((SECONDS - tic)) s$why" | tee -a "$out/summary.txt"
+    ((rc == 124 || rc == 137)) && why="; stopped there, partial results kept"
+    echo "== $name: exit $rc in $((SECONDS - tic)) s (limit ${limit} s$why)" | tee -a "$out/summary.txt"
 }
 
 limit() {
