@@ -7,6 +7,8 @@ pipeline; the pipeline's CLI reports them exactly as it reports its own errors (
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class EdgeError(Exception):
     """Base class of the runtime's user-facing errors."""
@@ -27,6 +29,11 @@ class MissingDependencyError(EdgeError):
 
 class ModelFileError(EdgeError):
     """A model file that is missing, unreadable, or not exported by this pipeline."""
+
+    @classmethod
+    def not_a_file(cls, path) -> ModelFileError:
+        """For a path that is not a regular file: missing, or a folder, a pipe, a device (which never ends)."""
+        return cls(f"model file {path} {'is not a regular file' if Path(path).exists() else 'does not exist'}")
 
 
 class ModelTooLargeError(EdgeError):

@@ -217,9 +217,7 @@ class OnnxrtRunner(BaseRunner):
                 f"ONNX Runtime provider {self.provider} is not available; available: {', '.join(available)}"
             )
         if self.model is None and not self.path.is_file():
-            raise ModelFileError(
-                f"model file {self.path} {'is not a regular file' if self.path.exists() else 'does not exist'}"
-            )
+            raise ModelFileError.not_a_file(self.path)
         options = session_options(self.optimization, self.threads, self.prepack)
         state = require("onnxruntime.capi.onnxruntime_pybind11_state")
         load_errors = tuple(getattr(state, name) for name in _ORT_LOAD_ERRORS if hasattr(state, name))

@@ -117,7 +117,7 @@ class Classifier:
     def load(cls, path: str | Path, provider: str = "cpu", threads: int | None = None) -> Classifier:
         path = Path(path)
         if not path.is_file():
-            raise ModelFileError(f"model file {path} {'is not a regular file' if path.exists() else 'does not exist'}")
+            raise ModelFileError.not_a_file(path)
         if path.suffix == ".onnx":
             return cls._load_onnx(path, provider, threads)
         if path.suffix in (".engine", ".plan"):
