@@ -56,10 +56,41 @@ def test_a_prefix_on_some_keys_only_is_kept(tmp_path):
     assert sorted(load_state_dict_file(tmp_path / "ckpt.pth")) == ["head.bias", "module.fc.weight"]
 
 
-def test_pickled_objects_are_never_loaded(tmp_path):
-    torch.save({"model": nn.Linear(2, 2)}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match="weights_only=True"):
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_pickled_objects_are_never_loaded_and_are_named(tmp_path, legacy):
+    torch.save({"model": _Net()}, tmp_path / "evil.pth", _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(CheckpointError, match="weights_only=True") as err:
         load_state_dict_file(tmp_path / "evil.pth")
+    message = str(err.value)
+    assert "test_checkpoint._Net" in message  # the file's own class first, before torch's building blocks
+    assert "state_dict()" in message and "weights_only=False" not in message  # no advice to unpickle it
+    if not legacy:
+        assert "a pickled model, not its weights" in message and "torch.nn.modules.linear.Linear" in message
+
+
+def test_a_corrupt_torch_file_gets_one_line(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"PK\x03\x04" + b"x" * 64)
+    with pytest.raises(CheckpointError, match="cannot be loaded as weights") as err:
+        load_state_dict_file(tmp_path / "junk.pth")
+    assert "\n" not in str(err.value)
+
+
+def test_the_one_state_dict_under_a_key_of_its_own(tmp_path):
+    sd = {"fc.weight": torch.ones(2, 2), "fc.bias": torch.ones(2)}
+    torch.save({"net": sd, "acc": 93.2, "epoch": 200}, tmp_path / "ckpt.pth")  # many CIFAR repositories
+    assert sorted(load_state_dict_file(tmp_path / "ckpt.pth")) == ["fc.bias", "fc.weight"]
+    torch.save({"student": sd, "teacher": sd, "epoch": 3}, tmp_path / "two.pth")
+    with pytest.raises(CheckpointError, match=r"several state dicts \(student, teacher\)"):
+        load_state_dict_file(tmp_path / "two.pth")
+    torch.save({"epoch": 3, "acc": 1.0}, tmp_path / "none.pth")
+    with pytest.raises(CheckpointError, match=r"not hold a state dict of tensors \(its keys: epoch, acc\)"):
+        load_state_dict_file(tmp_path / "none.pth")
 
 
 def test_strict_load_explains_mismatch():

@@ -299,6 +299,28 @@ def test_ema_only_and_torchvision_reference_layouts(tmp_path):
     assert set(load_state_dict_file(tmp_path / "ddp.pth")) == set(model.state_dict())
 
 
+def test_weights_under_a_wrappers_prefix_are_found(tmp_path):
+    """A LightningModule's ``model.`` beside other modules' keys; a distiller's student beside its teacher."""
+    torch.manual_seed(0)
+    student = build_model("torchvision:resnet18", CLASSES, SIZE)
+    teacher = build_model("torchvision:resnet34", CLASSES, SIZE)
+    state = {f"model.{k}": v for k, v in student.state_dict().items()} | {"criterion.weight": torch.ones(CLASSES)}
+    torch.save({"state_dict": state, "epoch": 3, "pytorch-lightning_version": "2.4.0"}, tmp_path / "pl.ckpt")
+    fresh, lines = build_model("torchvision:resnet18", CLASSES, SIZE), []
+    load_foreign_weights(fresh, tmp_path / "pl.ckpt", CLASSES, "dataset", lines.append)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in student.state_dict().items())
+    assert lines == [f"{tmp_path / 'pl.ckpt'}: loading the 122 weights under 'model.', ignoring 1 other keys"]
+
+    both = {f"student.{k}": v for k, v in student.state_dict().items()}
+    torch.save(both | {f"teacher.{k}": v for k, v in teacher.state_dict().items()}, tmp_path / "kd.pth")
+    load_foreign_weights(build_model("torchvision:resnet18", CLASSES, SIZE), tmp_path / "kd.pth", CLASSES, "d", print)
+    torch.save(both | {f"ema.{k}": v for k, v in student.state_dict().items()}, tmp_path / "same.pth")
+    with pytest.raises(CheckpointError, match=r"under several prefixes \(ema\., student\.\)"):
+        load_foreign_weights(build_model("torchvision:resnet18", CLASSES, SIZE), tmp_path / "same.pth", CLASSES, "d")
+    with pytest.raises(CheckpointError, match="missing keys"):  # a prefix is never taken for another architecture
+        load_foreign_weights(build_model("torchvision:resnet34", CLASSES, SIZE), tmp_path / "pl.ckpt", CLASSES, "d")
+
+
 def test_wrong_architecture_names_missing_and_unexpected_keys(tmp_path):
     torch.save(_timm_train_checkpoint(build_model("timm:resnet10t", CLASSES, SIZE)), tmp_path / "c.pth")
     with pytest.raises(CheckpointError, match=r"missing keys \(e\.g\. \[.*unexpected keys \(e\.g\. \["):

@@ -11,6 +11,7 @@ import argparse
 import collections
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -186,18 +187,65 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for bad or unsafe pickles
-            raise CheckpointError(f"{path} cannot be loaded as weights with weights_only=True ({exc})") from None
+            raise _unloadable(path, exc) from None
     for key in WEIGHT_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             if key == "model_ema":  # torchvision's ExponentialMovingAverage: an AveragedModel of the model
                 state = {k: v for k, v in state.items() if k != "n_averaged"}
             break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    else:
+        state = _only_nested_state_dict(path, state)
+    if not _is_state_dict(state):
+        keys = f" (its keys: {', '.join(map(str, list(state)[:6]))})" if isinstance(state, dict) else ""
+        raise CheckpointError(f"{path} does not hold a state dict of tensors{keys}")
     while state and (prefix := next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state)), None)):
         state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
+
+
+def _is_state_dict(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _only_nested_state_dict(path: Path, state: object) -> object:
+    """A checkpoint dict under a key of its own making (``net`` in many CIFAR repositories, ``student``...):
+    its one entry that is a state dict; several are ambiguous and refused by name."""
+    if not isinstance(state, dict) or _is_state_dict(state):
+        return state
+    nested = [key for key, value in state.items() if value and _is_state_dict(value)]
+    if len(nested) > 1:
+        raise CheckpointError(
+            f"{path} holds several state dicts ({', '.join(map(str, nested))}): save the one to load as a bare "
+            "state dict (torch.save(ckpt[KEY], 'weights.pth'))"
+        )
+    return state[nested[0]] if nested else state
+
+
+def _unloadable(path: Path, exc: Exception) -> CheckpointError:
+    """Why ``weights_only`` refused a file: the pickled classes by name when that is the cause, not torch's
+    advice to unpickle them (which runs the file's code)."""
+    try:
+        # the file's own classes (a model's) before torch's building blocks
+        names = sorted(
+            torch.serialization.get_unsafe_globals_in_checkpoint(str(path)), key=lambda n: (n.startswith("torch."), n)
+        )
+    except Exception:  # not a zip checkpoint (legacy format, or not torch at all): torch's message names one
+        names = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))[:1]
+    if not names:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return CheckpointError(f"{path} cannot be loaded as weights with weights_only=True ({first})")
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    what = (
+        "a pickled model, not its weights"
+        if any(n.startswith("torch.nn.modules.") for n in names)
+        else ("pickled Python objects besides the weights")
+    )
+    return CheckpointError(
+        f"{path} holds {what} ({shown}); unpickling them would run code from the file, so it is not loaded "
+        "(weights_only=True). Where you trust the file, save only the weights and pass that file: "
+        "torch.save(model.state_dict(), 'weights.pth')"
+    )
 
 
 def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -42,6 +42,7 @@ def load_foreign_weights(model: nn.Module, path: str | Path, num_classes: int, d
     Class-count mismatches are named plainly, and pre-0.4.1 BatchNorm checkpoints are accepted.
     """
     state = load_state_dict_file(path)
+    state = select_prefixed(model, state, str(path), log)
     added = fill_legacy_batchnorm(model, state)
     if added:
         log(f"{path} predates PyTorch 0.4.1; added {len(added)} BatchNorm num_batches_tracked counters")
@@ -84,6 +85,44 @@ def load_any_model(path: str | Path, describe, log=print) -> tuple[nn.Module, Mo
             "--preset/--data-root or --set data.num_classes=N"
         ) from None
     return model.eval(), meta
+
+
+def select_prefixed(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, log=print
+) -> dict[str, torch.Tensor]:
+    """The model's weights when the file keeps them under a wrapper's attribute: a LightningModule's
+    ``model.``, a distiller's ``student.``, beside other modules' keys.
+
+    Used only when no key matches the model as is; a prefix is taken when the keys under it are exactly the
+    model's (BatchNorm counters aside), and refused by name when several prefixes fit (a teacher and a student
+    of the same architecture).
+    """
+    expected = set(model.state_dict())
+    if not expected or expected & set(state):
+        return state
+    needed = {k for k in expected if not k.endswith(".num_batches_tracked")}
+    anchor = min(needed or expected)
+    prefixes = sorted({k[: -len(anchor)] for k in state if k.endswith("." + anchor)})
+    fits = []
+    for prefix in prefixes:
+        keys = {k[len(prefix) :] for k in state if k.startswith(prefix)}
+        if needed <= keys <= expected:
+            fits.append(prefix)
+    if len(fits) > 1:
+        raise CheckpointError(
+            f"{source} holds weights for this architecture under several prefixes ({', '.join(fits)}): save the "
+            "one to load alone, without its prefix, as a bare state dict"
+        )
+    if not fits:
+        return state
+    prefix = fits[0]
+    chosen = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    others = len(state) - len(chosen)
+    log(
+        f"{source}: loading the {len(chosen)} weights under {prefix!r}"
+        + (f", ignoring {others} other keys" if others else "")
+    )
+    return chosen
 
 
 def fill_legacy_batchnorm(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
