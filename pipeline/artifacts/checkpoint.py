@@ -172,8 +172,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a foreign file: safetensors, or a torch file read with ``weights_only=True``.
 
     Accepts a bare state dict or a training script's checkpoint dict (the first of :data:`WEIGHT_KEYS`
-    it holds; other entries such as ``optimizer``, ``epoch`` or the ``args`` Namespace are ignored) and the
-    key prefixes that DataParallel/DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) leave, in any nesting.
+    it holds, else its only entry that is a state dict; other entries such as ``optimizer``, ``epoch`` or the
+    ``args`` Namespace are ignored) and the key prefixes that DataParallel/DDP (``module.``) and
+    ``torch.compile`` (``_orig_mod.``) leave, in any nesting.
     """
     path = _existing(path)
     if path.suffix == ".safetensors":
