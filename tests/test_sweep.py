@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -257,6 +258,30 @@ def test_slurm_without_slurm_is_a_one_line_user_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --cluster slurm needs SLURM") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cells").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "training.amp=bogus"], "training.amp must be one of"),
+        (["--set", "student.method_args.bogus=1"], "method 'kd' has no option 'bogus'"),
+        (["--set", "student.arch=resnet20,nonet"], "unknown model 'nonet'"),
+        (["--seed=-1"], r"seed must be in \[0, 2\*\*32\), got -1"),
+        (["--teacher-seed=-3"], "got -3"),
+        (["--device", "cuda"], "the cells ask for device 'cuda', but this machine has no GPU"),
+    ],
+)
+def test_a_cells_bad_setting_stops_the_sweep_before_any_task(tmp_path, capsys, monkeypatch, argv, message):
+    """Each cell gets the run's own checks up front: a typo is one line and exit 2, not a failed task per cell
+    (on a cluster, a queued job per cell)."""
+    from pipeline.cli import run_cli
+
+    monkeypatch.setattr("pipeline.experiments.scheduler.visible_gpus", lambda: [])
+    sets = [a for s in TINY_SETS for a in ("--set", s)]
+    assert run_cli(["sweep", "--out", str(tmp_path / "sweep"), "--method", "kd", *sets, *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_a_paper_preset_without_its_teacher_is_refused_before_anything_runs(tmp_path):

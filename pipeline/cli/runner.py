@@ -83,12 +83,23 @@ def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     """Fail on unknown names before any stage spends time (a typo should not cost a teacher run)."""
     import torch
 
+    from pipeline.training.distributed import check_device
+    from pipeline.training.speed import check_training
+
+    check_settings(cfg)
+    device = check_device(cfg.device)
+    check_training(cfg.training, device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    for name in names:
+        get_stage(name).validate(cfg)
+
+
+def check_settings(cfg: Config) -> None:
+    """The checks of :func:`validate` that do not depend on this machine's devices (a sweep submitted to a
+    cluster checks its cells with these)."""
     from pipeline.data import check_data_config, dataset_names
     from pipeline.distill.catalog import check_method_args, method_names
     from pipeline.errors import ConfigError
     from pipeline.models import check_model_name
-    from pipeline.training.distributed import check_device
-    from pipeline.training.speed import check_training
 
     check_model_name(cfg.teacher.arch)
     check_model_name(cfg.student.arch)
@@ -102,10 +113,6 @@ def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     check_data_config(cfg.data)
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
-    device = check_device(cfg.device)
-    check_training(cfg.training, device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    for name in names:
-        get_stage(name).validate(cfg)
 
 
 def run_stages(

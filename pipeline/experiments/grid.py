@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,8 +191,10 @@ def expand_grid(
     seeds: list[int],
     sets: list[str],
     teacher_seed: int | None = None,
+    check: Callable[[Config], None] | None = None,
 ) -> Sweep:
-    """The sweep's cells and the teachers they share; every cell's config is resolved (and so checked) here."""
+    """The sweep's cells and the teachers they share; every cell's config is resolved (and so checked) here,
+    and given to ``check`` (the runner's validation), so that a bad value stops the sweep before any task starts."""
     from pipeline.distill.catalog import method_names
 
     root = Path(root)
@@ -221,6 +224,8 @@ def expand_grid(
             for seed in seeds or [base.seed]:
                 for method in methods or [base.student.method]:
                     cfg = resolve([*cell_sets, f"student.method={method}", f"seed={seed}"])
+                    if check is not None:
+                        check(cfg)
                     args = [*source, *set_args, "--method", method, "--seed", str(seed)]
                     key = None
                     if cfg.teacher.source == "import" and not cfg.teacher.checkpoint:
@@ -229,7 +234,10 @@ def expand_grid(
                             "or train it once for every cell with --set teacher.source=train"
                         )
                     if not cfg.teacher.checkpoint:
-                        key = teacher_key(resolve([*cell_sets, f"seed={tseed}"]))
+                        teacher_cfg = resolve([*cell_sets, f"seed={tseed}"])
+                        if check is not None:
+                            check(teacher_cfg)
+                        key = teacher_key(teacher_cfg)
                         targs = ("run", "teacher", *source, *set_args, "--seed", str(tseed))
                         teachers.setdefault(key, TeacherRun(key, targs))
                         args += ["--teacher-checkpoint", str(teachers[key].checkpoint(root).resolve())]
