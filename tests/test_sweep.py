@@ -269,6 +269,8 @@ def test_slurm_without_slurm_is_a_one_line_user_error(tmp_path, capsys):
         (["--seed=-1"], r"seed must be in \[0, 2\*\*32\), got -1"),
         (["--teacher-seed=-3"], "got -3"),
         (["--device", "cuda"], "the cells ask for device 'cuda', but this machine has no GPU"),
+        (["--method", ","], "--method is empty"),
+        (["--seed", ""], "--seed is empty"),
     ],
 )
 def test_a_cells_bad_setting_stops_the_sweep_before_any_task(tmp_path, capsys, monkeypatch, argv, message):

@@ -126,6 +126,9 @@ def sweep(
     check_path(str(out), "--out", text=True)
     for name in presets:
         check_preset_name(name.replace(",", " "))  # "" or ",": split_list would drop it and sweep the default
+    for option, values in (("--method", methods), ("--seed", seeds)):
+        if any(not value.replace(",", " ").strip() for value in values):  # likewise: `--method "$METHODS"` unset
+            raise ConfigError(f"{option} is empty; give a value or leave it out")
     sets = list(overrides)
     for key, value in (("data.root", data_root), ("device", device), ("teacher.checkpoint", teacher_checkpoint)):
         if value is not None:
