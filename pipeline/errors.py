@@ -33,6 +33,18 @@ class DatasetError(PipelineError):
     """A dataset that is missing, incomplete, or does not match its recorded checksum."""
 
 
+class UnreadableImageError(DatasetError):
+    """One image file that PIL cannot decode (corrupt, truncated, empty, or a decompression bomb)."""
+
+    def __init__(self, message: str, path: str = "", reason: str = ""):
+        super().__init__(message)  # one argument, as a DataLoader worker re-raises it in the main process
+        self.path, self.reason = path, reason
+
+    @classmethod
+    def of(cls, path: str, reason: str) -> UnreadableImageError:
+        return cls(f"{path} is not a readable image ({reason}); remove or replace it", path, reason)
+
+
 class CheckFailedError(PipelineError):
     """A stage ran but one of its numeric gates did not pass."""
 

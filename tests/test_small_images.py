@@ -11,7 +11,7 @@ from pipeline.config import DataConfig, load_config
 from pipeline.data import load_data
 from pipeline.data.synthetic import TensorImages
 from pipeline.data.transforms import CifarTransform
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DatasetError
 from tests.fake_data import write_image_tree
 
 
@@ -42,6 +42,21 @@ def test_cache_off_decodes_the_same_images_on_every_read(folder):
     for i in range(len(cached.raw.train)):
         assert torch.equal(cached.raw.train[i][0], lazy.raw.train[i][0])
         assert cached.raw.train[i][1] == lazy.raw.train[i][1]
+
+
+def test_every_unreadable_image_is_named_in_one_error(folder):
+    """Decoding the cache reads every file: all the bad ones are listed at once, not one per attempt."""
+    bad = [folder / "train" / "a" / "broken.png", folder / "train" / "c" / "empty.jpg", folder / "val" / "b" / "x.png"]
+    bad[0].write_text("not an image")
+    bad[1].write_bytes(b"")
+    bad[2].write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16)
+    with pytest.raises(DatasetError, match="2 images are not readable; remove or replace them: ") as err:
+        load_data(_cfg(folder))
+    assert str(bad[0]) in str(err.value) and str(bad[1]) in str(err.value)  # the train split is decoded first
+    for path in bad[:2]:
+        path.unlink()
+    with pytest.raises(DatasetError, match=f"^{bad[2]} is not a readable image"):
+        load_data(_cfg(folder))
 
 
 def test_images_of_other_sizes_are_fitted_as_the_deployed_model_sees_them(tmp_path):

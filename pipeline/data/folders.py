@@ -27,7 +27,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from pipeline.artifacts.hashing import sha256_bytes
 from pipeline.config import DataConfig
 from pipeline.data import DATASETS, DataInfo, RawData
-from pipeline.errors import ConfigError, DatasetError
+from pipeline.errors import ConfigError, DatasetError, UnreadableImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,7 +45,7 @@ def _load_rgb(path: str) -> Image.Image:
             image = Image.open(f)
             return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # corrupt, truncated, empty, bomb
-        raise DatasetError(f"{path} is not a readable image ({exc}); remove or replace it") from None
+        raise UnreadableImageError.of(path, str(exc)) from None
 
 
 class ClassFolder(DatasetFolder):

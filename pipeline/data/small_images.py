@@ -24,7 +24,8 @@ from torchvision.transforms.v2 import functional as TF
 from pipeline.config import DataConfig
 from pipeline.data import DataInfo, RawData
 from pipeline.data.synthetic import TensorImages
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DatasetError, UnreadableImageError
+from pipeline.progress import progress_bar
 
 RECIPES = ("auto", "cifar", "imagenet")
 CACHE_MODES = ("auto", "always", "never")
@@ -57,13 +58,28 @@ class FittedImages(Dataset):
         return TF.center_crop(TF.resize(image, self.size, antialias=True), self.size), int(label)
 
 
-def decode_all(dataset: Dataset) -> TensorImages:
-    """Every image of ``dataset`` (uint8 CHW of one size) in one tensor, decoded once."""
-    images, labels = [], []
-    for i in range(len(dataset)):
-        image, label = dataset[i]
+def decode_all(dataset: Dataset, desc: str = "decoding images") -> TensorImages:
+    """Every image of ``dataset`` (uint8 CHW of one size) in one tensor, decoded once.
+
+    Every unreadable file is named in one error, so that a folder with several is fixed in one pass.
+    """
+    images, labels, unreadable = [], [], []
+    for i in progress_bar(range(len(dataset)), desc=desc, leave=False):
+        try:
+            image, label = dataset[i]
+        except UnreadableImageError as exc:
+            unreadable.append(exc)
+            continue
         images.append(image)
         labels.append(label)
+    if len(unreadable) == 1:
+        raise unreadable[0]
+    if unreadable:
+        shown = ", ".join(exc.path for exc in unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
+        raise DatasetError(
+            f"{len(unreadable)} images are not readable; remove or replace them: {shown} "
+            f"(the first: {unreadable[0].reason})"
+        )
     return TensorImages(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
 
 
@@ -74,6 +90,6 @@ def with_small_image_recipe(raw: RawData, cfg: DataConfig) -> RawData:
     train, test = FittedImages(raw.train, size), FittedImages(raw.test, size)
     decoded_bytes = (len(train) + len(test)) * 3 * size * size
     if cfg.cache == "always" or (cfg.cache == "auto" and decoded_bytes <= AUTO_CACHE_BYTES):
-        train, test = decode_all(train), decode_all(test)
+        train, test = decode_all(train, "decoding train images"), decode_all(test, "decoding test images")
     info = DataInfo(**{**raw.info.__dict__, "input_size": size, "recipe": "cifar"})
     return RawData(train, test, info)
