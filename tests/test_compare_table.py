@@ -88,6 +88,19 @@ def test_comparison_groups_seeds_and_gives_deltas(tmp_path):
     assert render(c, "csv").splitlines()[0].startswith("method,dataset,teacher,student,n,")
 
 
+def test_a_run_named_twice_or_copied_counts_once(tmp_path):
+    """A second copy of one run would pass for a second seed (n=2, std 0)."""
+    import shutil
+
+    k0, k1 = fake_run(tmp_path / "k0", "kd", 0, 73.0), fake_run(tmp_path / "k1", "kd", 1, 75.0)
+    shutil.copytree(k0, tmp_path / "copy")
+    c = build_comparison([k0, k1, k0, tmp_path / "copy"])
+    assert c.get("kd", ("cifar100", "resnet32x4", "ShuffleV1")).top1.values == [73.0, 75.0]
+    assert f"{k0}: named more than once (itself, or as a cell of a sweep); counted once" in c.notes
+    assert f"{tmp_path / 'copy'} is a copy of {k0} (the same train manifest); counted once" in c.notes
+    assert f"{tmp_path / 'copy'} is a copy" in render(c, "table")
+
+
 def test_report_of_a_partial_run_says_what_is_missing(tmp_path):
     run = fake_run(tmp_path / "run", "kd", 0, 73.0, history=[60.0, 73.0])
     html = write_report(run).read_text()

@@ -81,18 +81,41 @@ class RunData:
         return {k: v for k, v in self.labels.items() if k not in ("preset", "method", "seed")}
 
 
-def read_runs(paths: list[str | Path]) -> tuple[list[RunData], list[Path]]:
-    """Every run under ``paths`` (run folders or sweep folders) and the sweep folders among them."""
-    runs, sweeps = [], []
+def read_runs(paths: list[str | Path], notes: list[str] | None = None) -> tuple[list[RunData], list[Path]]:
+    """Every run under ``paths`` (run folders or sweep folders) and the sweep folders among them.
+
+    A run met twice (a folder named twice, a sweep and one of its cells, a copied folder: the same ``train``
+    manifest) is counted once, as its sweep cell where it is one, and ``notes`` gets a line saying so: a
+    second copy would pass for a second seed.
+    """
+    runs: dict[tuple[str, str], RunData] = {}
+    sweeps = []
+
+    def add(run: RunData) -> None:
+        train = run.manifests.get("train")
+        key = ("train", train.digest) if train else ("folder", str(run.root.resolve()))
+        first = runs.get(key)
+        if first is None:
+            runs[key] = run
+            return
+        if run.labels and not first.labels:
+            runs[key], first, run = run, run, first
+        if notes is None:
+            return
+        if run.root.resolve() == first.root.resolve():
+            notes.append(f"{first.root}: named more than once (itself, or as a cell of a sweep); counted once")
+        else:
+            notes.append(f"{run.root} is a copy of {first.root} (the same train manifest); counted once")
+
     for path in map(Path, paths):
         if is_sweep(path):
             sweeps.append(path)
             for cell in read_sweep(path).cells:
                 folder = cell.folder(path)
                 if RunStore(folder).stages():
-                    runs.append(RunData.read(folder, cell.labels, cell.name))
+                    add(RunData.read(folder, cell.labels, cell.name))
         elif RunStore(path).stages():
-            runs.append(RunData.read(path))
+            add(RunData.read(path))
         else:
             raise ConfigError(f"{path} is neither a run folder (stage manifests) nor a sweep folder (sweep.json)")
-    return runs, sweeps
+    return list(runs.values()), sweeps

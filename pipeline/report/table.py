@@ -163,7 +163,8 @@ def _best_top1(run: RunData) -> float | None:
 
 
 def build_comparison(paths: list[str | Path]) -> Comparison:
-    runs, _ = read_runs(paths)
+    notes: list[str] = []
+    runs, _ = read_runs(paths, notes)
     groups: dict[tuple[str, tuple], list[RunData]] = {}
     teachers: dict[tuple, dict[str, float]] = {}  # pair -> teacher sha -> top-1 (one figure per distinct teacher)
     for run in runs:
@@ -217,7 +218,6 @@ def build_comparison(paths: list[str | Path]) -> Comparison:
             other = entries.get((ref, pair))
             if other and row != ref and other.top1.mean is not None:
                 setattr(entry, attr, entry.top1.mean - other.top1.mean)
-    notes = []
     if any(e.top1.n and not e.best.n for (r, _), e in entries.items() if r != "teacher"):
         notes.append("best epoch: not shown where history.json has no per-epoch test top-1")
     return Comparison(rows, pairs, entries, [str(p) for p in paths], notes)
