@@ -286,6 +286,22 @@ def test_a_cells_bad_setting_stops_the_sweep_before_any_task(tmp_path, capsys, m
     assert not (tmp_path / "sweep").exists()
 
 
+def test_a_second_sweep_into_a_folder_in_use_is_refused(tmp_path):
+    """Two sweeps in one folder would start the same cells and write each other's logs."""
+    import os
+
+    from pipeline.artifacts.store import hold_folder
+    from pipeline.experiments.sweep import run_sweep
+
+    sweep = expand_grid(tmp_path / "sweep", [], None, ["kd"], [0], TINY_SETS)
+    (tmp_path / "sweep").mkdir()
+    busy = f"sweep folder .* is in use by another sweep \\(pid {os.getpid()}\\)"
+    # the first sweep, still running, holds the folder
+    with hold_folder(tmp_path / "sweep", "sweep folder", "sweep"), pytest.raises(ConfigError, match=busy):
+        run_sweep(sweep, backend=None)
+    assert not (tmp_path / "sweep" / "sweep.json").exists()
+
+
 def test_a_paper_preset_without_its_teacher_is_refused_before_anything_runs(tmp_path):
     preset = "cifar100-resnet32x4-shufflev1"
     with pytest.raises(ConfigError, match="imports its resnet32x4 teacher: pass --teacher-checkpoint"):

@@ -125,33 +125,8 @@ class RunStore:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the run folder for one run: a second run into it would resume from the first's scratch
-        state while the first still writes it. An flock dies with its process, so a crash never leaves
-        the folder locked; where the file system has no locks (some network mounts), runs are not locked."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no advisory locks
-            yield
-            return
-        try:  # O_NOFOLLOW: a symbolic link in place of the lock must not make us overwrite its target
-            fd = os.open(self.root / _LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        except OSError as exc:
-            raise ArtifactError(f"cannot open the run lock {self.root / _LOCK} ({exc.strerror}); remove it") from None
-        with open(fd, "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                    yield
-                    return
-                handle.seek(0)
-                owner = handle.read().strip()
-                raise ConfigError(
-                    f"run folder {self.root} is in use by another run{f' (pid {owner})' if owner else ''}; "
-                    "wait for it to finish or choose another --out"
-                ) from None
-            handle.truncate(0)
-            handle.write(str(os.getpid()))
-            handle.flush()
+        state while the first still writes it."""
+        with hold_folder(self.root, "run folder", "run"):
             yield
 
     def folder(self, stage: str) -> Path:
@@ -304,6 +279,39 @@ class RunStore:
 
     def discard(self, staged: Path) -> None:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+@contextmanager
+def hold_folder(root: Path, kind: str, user: str) -> Iterator[None]:
+    """An exclusive lock on ``root`` (its ``.lock`` file, holding our pid) for one ``user`` at a time. An flock
+    dies with its process, so a crash never leaves the folder locked; where the file system has no locks (some
+    network mounts), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks
+        yield
+        return
+    try:  # O_NOFOLLOW: a symbolic link in place of the lock must not make us overwrite its target
+        fd = os.open(root / _LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except OSError as exc:
+        raise ArtifactError(f"cannot open the {user} lock {root / _LOCK} ({exc.strerror}); remove it") from None
+    with open(fd, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                yield
+                return
+            handle.seek(0)
+            owner = handle.read().strip()
+            raise ConfigError(
+                f"{kind} {root} is in use by another {user}{f' (pid {owner})' if owner else ''}; "
+                "wait for it to finish or choose another --out"
+            ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
 
 
 def modified(folder: Path, artifact: Artifact) -> str:

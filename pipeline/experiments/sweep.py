@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.artifacts.store import hold_folder
 from pipeline.errors import PipelineError
 from pipeline.experiments.grid import Sweep
 from pipeline.experiments.scheduler import Backend, StatusLine, Task, TaskResult, run_tasks
@@ -33,9 +34,12 @@ def sweep_tasks(sweep: Sweep) -> list[Task]:
 
 
 def run_sweep(sweep: Sweep, backend: Backend, status: StatusLine | None = None) -> list[TaskResult]:
-    sweep.write()
-    tasks = sweep_tasks(sweep)
-    return run_tasks(tasks, backend, status or StatusLine(len(tasks)))
+    """Run the grid, one sweep at a time in its folder: a second would start the same cells and share their logs."""
+    sweep.root.mkdir(parents=True, exist_ok=True)
+    with hold_folder(sweep.root, "sweep folder", "sweep"):
+        sweep.write()
+        tasks = sweep_tasks(sweep)
+        return run_tasks(tasks, backend, status or StatusLine(len(tasks)))
 
 
 def results_table(results: list[TaskResult]) -> str:
