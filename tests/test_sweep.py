@@ -302,6 +302,23 @@ def test_a_second_sweep_into_a_folder_in_use_is_refused(tmp_path):
     assert not (tmp_path / "sweep" / "sweep.json").exists()
 
 
+def test_a_sweep_needs_a_folder_of_its_own(tmp_path):
+    from pipeline.artifacts.store import RunStore
+    from pipeline.experiments.sweep import check_sweep_folder
+
+    check_sweep_folder(tmp_path / "new")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("years of work")
+    with pytest.raises(ConfigError, match=r"not empty and holds no sweep \(thesis.txt\)"):
+        check_sweep_folder(tmp_path / "mine")
+    RunStore(tmp_path / "run").ensure_writable()
+    with pytest.raises(ConfigError, match="is a run folder; give the sweep a folder of its own"):
+        check_sweep_folder(tmp_path / "run")
+    expand_grid(tmp_path / "sweep", [], None, ["kd"], [0], TINY_SETS).write()
+    (tmp_path / "sweep" / "notes.md").write_text("what this sweep is for")
+    check_sweep_folder(tmp_path / "sweep")  # a sweep's own folder, whatever the user keeps beside it
+
+
 def test_a_paper_preset_without_its_teacher_is_refused_before_anything_runs(tmp_path):
     preset = "cifar100-resnet32x4-shufflev1"
     with pytest.raises(ConfigError, match="imports its resnet32x4 teacher: pass --teacher-checkpoint"):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.artifacts.store import hold_folder
-from pipeline.errors import PipelineError
-from pipeline.experiments.grid import Sweep
+from pipeline.artifacts.store import MARKER, hold_folder
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.experiments.grid import CELLS, SWEEP_FILE, TEACHERS, Sweep
 from pipeline.experiments.scheduler import Backend, StatusLine, Task, TaskResult, run_tasks
 
 LOGS = "logs"
@@ -33,8 +33,27 @@ def sweep_tasks(sweep: Sweep) -> list[Task]:
     return tasks
 
 
+def check_sweep_folder(root: Path) -> None:
+    """A sweep works in a new or empty folder, or one a sweep made: not in a run folder (a hybrid that `compare`
+    would read as the sweep alone), nor among someone's files."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise ConfigError(f"sweep folder {root} is not a folder; choose another with --out")
+    names = {p.name for p in root.iterdir()}
+    if MARKER in names:
+        raise ConfigError(f"{root} is a run folder; give the sweep a folder of its own with --out")
+    foreign = sorted(names - {SWEEP_FILE, CELLS, TEACHERS, LOGS, ".lock"})
+    if foreign and SWEEP_FILE not in names:
+        raise ConfigError(
+            f"{root} is not empty and holds no sweep ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+            "choose an empty or new folder with --out"
+        )
+
+
 def run_sweep(sweep: Sweep, backend: Backend, status: StatusLine | None = None) -> list[TaskResult]:
     """Run the grid, one sweep at a time in its folder: a second would start the same cells and share their logs."""
+    check_sweep_folder(sweep.root)
     sweep.root.mkdir(parents=True, exist_ok=True)
     with hold_folder(sweep.root, "sweep folder", "sweep"):
         sweep.write()
