@@ -53,6 +53,22 @@ def _moves(source: Path) -> list[int]:
     return lines
 
 
+def test_a_pipe_in_place_of_the_file_is_written_into_not_replaced(tmp_path):
+    """``--output /dev/stdout`` or a FIFO: renaming over it would put a regular file where the node was."""
+    import os
+    import stat
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so that opening for writing does not block
+    try:
+        atomic_write_text(fifo, "hello")
+        assert os.read(reader, 100) == b"hello"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and [p.name for p in tmp_path.iterdir()] == ["pipe"]
+
+
 def test_only_pipeline_atomic_moves_a_file_into_place():
     moves = {
         path.relative_to(ROOT).as_posix(): lines

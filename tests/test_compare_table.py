@@ -101,6 +101,25 @@ def test_a_run_named_twice_or_copied_counts_once(tmp_path):
     assert f"{tmp_path / 'copy'} is a copy" in render(c, "table")
 
 
+@pytest.mark.parametrize("command", ["compare", "report"])
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys, command):
+    from pipeline.cli import run_cli
+
+    run = fake_run(tmp_path / "k0", "kd", 0, 73.0)
+    (tmp_path / "file.txt").write_text("x")
+    for output, message in (
+        (
+            tmp_path / "file.txt" / "out.md",
+            f"cannot write {tmp_path / 'file.txt' / 'out.md'} (a file stands where one of its folders should be)",
+        ),
+        ("", "--output . is a folder; give a file name"),
+    ):
+        assert run_cli([command, str(run), "--output", str(output)]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}" + ("; choose another --output" * bool(output))
+    assert run_cli([command, str(run), "--output", str(tmp_path / "new" / "dir" / "out")]) == 0  # folders made
+    assert (tmp_path / "new" / "dir" / "out").stat().st_size > 0
+
+
 def test_report_of_a_partial_run_says_what_is_missing(tmp_path):
     run = fake_run(tmp_path / "run", "kd", 0, 73.0, history=[60.0, 73.0])
     html = write_report(run).read_text()

@@ -19,8 +19,16 @@ __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Replace ``path`` with what ``write`` puts into the binary file it is given."""
+    """Replace ``path`` with what ``write`` puts into the binary file it is given.
+
+    A device, pipe or socket in its place (``/dev/stdout``, a FIFO) is written into, not replaced: a rename would
+    put a regular file where the device node was (as root, in ``/dev``).
+    """
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        with open(path, "wb") as f:
+            write(f)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -4,6 +4,8 @@ and :mod:`pipeline.report`, registered on the main group by :mod:`pipeline.cli`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -184,14 +186,37 @@ run_folders = click.argument(
 def compare(paths, best, fmt, output):
     """The paper-shaped table: methods x teacher->student pairs, mean ± std of test top-1 over seeds,
     Δ vs vanilla and KD, published figures, and per deployed model its size, FLOPs, latency and INT8 drop."""
+    from pipeline.artifacts.atomic import atomic_write_text
     from pipeline.report.table import build_comparison, render
 
     text = render(build_comparison(list(paths)), fmt, best=best)
     if output:
-        output.write_text(text)
+        with _writing(output):
+            atomic_write_text(output, text)
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(text)
+
+
+@contextmanager
+def _writing(output: Path | None) -> Iterator[None]:
+    """A file the command cannot write (a read-only place, a missing mount) is a user's choice to change."""
+    from pipeline.config import check_path
+    from pipeline.errors import no_space
+
+    if output is not None:
+        check_path(str(output), "--output")
+        if output.is_dir():  # also "": click makes it Path(".")
+            raise ConfigError(f"--output {output} is a folder; give a file name")
+    try:
+        yield
+    except OSError as exc:
+        if no_space(exc):
+            raise
+        why = exc.strerror or str(exc)
+        if isinstance(exc, FileExistsError | NotADirectoryError):  # from making its folders
+            why = "a file stands where one of its folders should be"
+        raise ConfigError(f"cannot write {output or exc.filename} ({why}); choose another --output") from None
 
 
 @click.command()
@@ -206,4 +231,6 @@ def report(paths, output):
     for a sweep, or several folders as with `compare`, the comparison table and accuracy vs latency."""
     from pipeline.report import write_report
 
-    click.echo(str(write_report(list(paths), output)))
+    with _writing(output):
+        written = write_report(list(paths), output)
+    click.echo(str(written))
