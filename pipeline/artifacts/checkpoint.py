@@ -237,11 +237,8 @@ def _unloadable(path: Path, exc: Exception) -> CheckpointError:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return CheckpointError(f"{path} cannot be loaded as weights with weights_only=True ({first})")
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    what = (
-        "a pickled model, not its weights"
-        if any(n.startswith("torch.nn.modules.") for n in names)
-        else ("pickled Python objects besides the weights")
-    )
+    model = any(n.startswith("torch.nn.modules.") for n in names)
+    what = "a pickled model, not its weights" if model else "pickled Python objects besides the weights"
     return CheckpointError(
         f"{path} holds {what} ({shown}); unpickling them would run code from the file, so it is not loaded "
         "(weights_only=True). Where you trust the file, save only the weights and pass that file: "
