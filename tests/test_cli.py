@@ -52,6 +52,9 @@ def test_unwritable_out(tmp_path, capsys):
 def test_inspect_needs_a_run_folder(tmp_path, capsys):
     assert run_cli(["inspect", str(tmp_path)]) == 2
     assert "holds no stage manifests" in capsys.readouterr().err
+    (tmp_path / "sweep.json").write_text('{"cells": [], "teachers": []}')
+    assert run_cli(["inspect", str(tmp_path)]) == 2
+    assert f"is a sweep folder: inspect one of its runs ({tmp_path}/cells/<cell>)" in capsys.readouterr().err
 
 
 def test_listings(capsys):

@@ -213,6 +213,13 @@ def inspect(run_dir, as_json):
     order = {name: i for i, name in enumerate(stage_order())}
     names = sorted(store.stages(), key=lambda n: (order.get(n, len(order)), n))  # the run reads top to bottom
     if not names:
+        from pipeline.experiments.grid import CELLS, is_sweep
+
+        if is_sweep(run_dir):
+            raise ConfigError(
+                f"{run_dir} is a sweep folder: inspect one of its runs ({run_dir / CELLS}/<cell>), or read them all "
+                "with `compare` or `report`"
+            )
         raise ConfigError(f"{run_dir} holds no stage manifests; is it a run folder?")
     audits = {name: store.audit(name) for name in names}
     problems = [p for _, found in audits.values() for p in found]
