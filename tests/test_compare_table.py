@@ -120,6 +120,19 @@ def test_an_output_that_cannot_be_written_is_one_line(tmp_path, capsys, command)
     assert (tmp_path / "new" / "dir" / "out").stat().st_size > 0
 
 
+def test_a_sweep_cell_named_on_its_own_too_keeps_its_sweep_labels(tmp_path):
+    from pipeline.experiments.grid import expand_grid
+    from pipeline.report.collect import read_runs
+
+    sweep = expand_grid(tmp_path / "sweep", [], None, ["kd"], [0], ["data.num_classes=4"])
+    sweep.write()
+    cell = fake_run(sweep.cells[0].folder(tmp_path / "sweep"), "kd", 0, 73.0)
+    notes: list[str] = []
+    runs, _ = read_runs([cell, tmp_path / "sweep"], notes)
+    assert len(runs) == 1 and runs[0].labels["method"] == "kd" and runs[0].name == sweep.cells[0].name
+    assert notes == [f"{runs[0].root}: named more than once (itself, or as a cell of a sweep); counted once"]
+
+
 def test_report_of_a_partial_run_says_what_is_missing(tmp_path):
     run = fake_run(tmp_path / "run", "kd", 0, 73.0, history=[60.0, 73.0])
     html = write_report(run).read_text()

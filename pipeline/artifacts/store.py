@@ -28,10 +28,10 @@ from pipeline.errors import ArtifactError, ConfigError, clipped, no_space, one_l
 _STAGING = ".staging"
 _SCRATCH = ".scratch"
 _LOGS = "tensorboard"
-_LOCK = ".lock"
+LOCK = ".lock"
 _CACHE = ".cache"
 MARKER = ".kdpipe-run"  # says "a run folder": the pipeline may write and delete in it
-_OWN = (MARKER, _LOCK, _STAGING, _SCRATCH, _LOGS, _CACHE)
+_OWN = (MARKER, LOCK, _STAGING, _SCRATCH, _LOGS, _CACHE)
 
 
 @dataclass(frozen=True)
@@ -292,9 +292,9 @@ def hold_folder(root: Path, kind: str, user: str) -> Iterator[None]:
         yield
         return
     try:  # O_NOFOLLOW: a symbolic link in place of the lock must not make us overwrite its target
-        fd = os.open(root / _LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     except OSError as exc:
-        raise ArtifactError(f"cannot open the {user} lock {root / _LOCK} ({exc.strerror}); remove it") from None
+        raise ArtifactError(f"cannot open the {user} lock {root / LOCK} ({exc.strerror}); remove it") from None
     with open(fd, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.artifacts.store import MARKER, hold_folder
+from pipeline.artifacts.store import LOCK, MARKER, hold_folder
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.experiments.grid import CELLS, SWEEP_FILE, TEACHERS, Sweep
 from pipeline.experiments.scheduler import Backend, StatusLine, Task, TaskResult, run_tasks
@@ -43,7 +43,7 @@ def check_sweep_folder(root: Path) -> None:
     names = {p.name for p in root.iterdir()}
     if MARKER in names:
         raise ConfigError(f"{root} is a run folder; give the sweep a folder of its own with --out")
-    foreign = sorted(names - {SWEEP_FILE, CELLS, TEACHERS, LOGS, ".lock"})
+    foreign = sorted(names - {SWEEP_FILE, CELLS, TEACHERS, LOGS, LOCK})
     if foreign and SWEEP_FILE not in names:
         raise ConfigError(
             f"{root} is not empty and holds no sweep ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "

@@ -98,8 +98,9 @@ def read_runs(paths: list[str | Path], notes: list[str] | None = None) -> tuple[
         if first is None:
             runs[key] = run
             return
-        if run.labels and not first.labels:
-            runs[key], first, run = run, run, first
+        if run.labels and not first.labels:  # keep the sweep's cell, with its labels
+            runs[key] = run
+            first, run = run, first
         if notes is None:
             return
         if run.root.resolve() == first.root.resolve():
