@@ -307,6 +307,9 @@ def test_a_sweep_needs_a_folder_of_its_own(tmp_path):
     from pipeline.experiments.sweep import check_sweep_folder
 
     check_sweep_folder(tmp_path / "new")
+    (tmp_path / "started" / "submitit").mkdir(parents=True)  # a cluster sweep stopped before it wrote sweep.json
+    (tmp_path / "started" / ".lock").write_text("")
+    check_sweep_folder(tmp_path / "started")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.txt").write_text("years of work")
     with pytest.raises(ConfigError, match=r"not empty and holds no sweep \(thesis.txt\)"):

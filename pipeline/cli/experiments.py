@@ -123,7 +123,14 @@ def sweep(
     from pipeline.config import check_path, check_preset_name
     from pipeline.experiments.grid import expand_grid, split_list
     from pipeline.experiments.scheduler import LocalBackend, slots_for, visible_gpus
-    from pipeline.experiments.sweep import check_results, results_table, run_sweep, sweep_tasks
+    from pipeline.experiments.sweep import (
+        SUBMITIT,
+        check_results,
+        check_sweep_folder,
+        results_table,
+        run_sweep,
+        sweep_tasks,
+    )
 
     check_path(str(out), "--out", text=True)
     for name in presets:
@@ -150,7 +157,9 @@ def sweep(
         from pipeline.experiments.cluster import ClusterOptions, SubmititBackend, make_executor
 
         options = ClusterOptions(partition, time_min, gpus_per_cell, cpus_per_cell, mem_gb, torchrun)
-        backend = SubmititBackend(make_executor(out.resolve() / "submitit", cluster.split("-")[-1], options), options)
+        check_sweep_folder(out)  # before the executor makes its folder there
+        executor = make_executor(out.resolve() / SUBMITIT, cluster.split("-")[-1], options)
+        backend = SubmititBackend(executor, options)
     else:
         check_threads(threads, "--threads")
         gpus = [] if device == "cpu" else visible_gpus()

@@ -10,6 +10,7 @@ from pipeline.experiments.grid import CELLS, SWEEP_FILE, TEACHERS, Sweep
 from pipeline.experiments.scheduler import Backend, StatusLine, Task, TaskResult, run_tasks
 
 LOGS = "logs"
+SUBMITIT = "submitit"  # the cluster jobs' scripts and pickles
 
 
 class SweepFailedError(PipelineError):
@@ -43,7 +44,7 @@ def check_sweep_folder(root: Path) -> None:
     names = {p.name for p in root.iterdir()}
     if MARKER in names:
         raise ConfigError(f"{root} is a run folder; give the sweep a folder of its own with --out")
-    foreign = sorted(names - {SWEEP_FILE, CELLS, TEACHERS, LOGS, LOCK})
+    foreign = sorted(names - {SWEEP_FILE, CELLS, TEACHERS, LOGS, SUBMITIT, LOCK})
     if foreign and SWEEP_FILE not in names:
         raise ConfigError(
             f"{root} is not empty and holds no sweep ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
