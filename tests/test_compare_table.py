@@ -25,7 +25,9 @@ def _stage(root: Path, stage: str, params: dict, metrics: dict, files: dict[str,
     store.commit(staged, Manifest(stage, "ok", params, [], outputs, [], "code", metrics=metrics))
 
 
-def fake_run(root: Path, method: str, seed: int, top1: float, history: list[float] = ()) -> Path:
+def fake_run(
+    root: Path, method: str, seed: int, top1: float, history: list[float] = (), optim: dict | None = None
+) -> Path:
     _stage(
         root,
         "teacher",
@@ -37,7 +39,7 @@ def fake_run(root: Path, method: str, seed: int, top1: float, history: list[floa
     _stage(
         root,
         "train",
-        {"arch": "ShuffleV1", "method": method, "seed": seed, "data": DATA},
+        {"arch": "ShuffleV1", "method": method, "seed": seed, "data": DATA, **({"optim": optim} if optim else {})},
         {"test_top1": top1},
         {"history.json": json.dumps(epochs)},
     )
@@ -131,6 +133,31 @@ def test_a_sweep_cell_named_on_its_own_too_keeps_its_sweep_labels(tmp_path):
     runs, _ = read_runs([cell, tmp_path / "sweep"], notes)
     assert len(runs) == 1 and runs[0].labels["method"] == "kd" and runs[0].name == sweep.cells[0].name
     assert notes == [f"{runs[0].root}: named more than once (itself, or as a cell of a sweep); counted once"]
+
+
+def test_runs_of_other_recipes_are_rows_of_their_own_and_compared_like_for_like(tmp_path):
+    """Two sweeps of other lengths named together: one mean over both would pool two recipes."""
+    short, long_ = {"epochs": 16, "lr": 0.05}, {"epochs": 32, "lr": 0.05}
+    runs = [
+        fake_run(tmp_path / "v16", "vanilla", 0, 70.0, optim=short),
+        fake_run(tmp_path / "v32", "vanilla", 0, 72.0, optim=long_),
+        fake_run(tmp_path / "k16-0", "kd", 0, 73.0, optim=short),
+        fake_run(tmp_path / "k16-1", "kd", 1, 75.0, optim=short),
+        fake_run(tmp_path / "k32", "kd", 0, 77.0, optim=long_),
+    ]
+    c = build_comparison(runs)
+    pair = ("cifar100", "resnet32x4", "ShuffleV1")
+    assert c.rows == [
+        "teacher",
+        "vanilla [student.optim.epochs=16]",
+        "vanilla [student.optim.epochs=32]",
+        "kd [student.optim.epochs=16]",
+        "kd [student.optim.epochs=32]",
+    ]
+    assert c.get("kd [student.optim.epochs=16]", pair).top1.values == [73.0, 75.0]  # seeds still pool
+    assert c.get("kd [student.optim.epochs=16]", pair).delta_vanilla == pytest.approx(4.0)  # against vanilla at 16
+    assert c.get("kd [student.optim.epochs=32]", pair).delta_vanilla == pytest.approx(5.0)
+    assert c.get("vanilla [student.optim.epochs=32]", pair).delta_kd == pytest.approx(-5.0)
 
 
 def test_report_of_a_partial_run_says_what_is_missing(tmp_path):

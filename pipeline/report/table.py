@@ -162,6 +162,48 @@ def _best_top1(run: RunData) -> float | None:
     return max(values) if values else None
 
 
+# Settings of the train stage that may differ within a row: the seed varies by design, and a dataset's folder
+# is where one machine keeps it (the data themselves are checked by their checksums).
+_POOLED = ("seed", "data.root")
+_STUDENT_KEYS = ("arch", "method", "method_args", "optim")  # the train stage's params that are `student.*` settings
+
+
+def _settings(run: RunData) -> dict[str, str]:
+    """The train stage's settings as config keys (``student.optim.epochs``) and shown values."""
+    flat: dict[str, str] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+    params = run.manifests["train"].params
+    walk({f"student.{k}" if k in _STUDENT_KEYS else k: v for k, v in params.items()}, "")
+    return {k: v for k, v in flat.items() if k not in _POOLED}
+
+
+def _split_mixed_settings(groups: dict[tuple[str, tuple], list[RunData]]) -> dict[tuple[str, tuple], list[RunData]]:
+    """Split a row whose runs were trained with other settings (two sweeps of other recipes, two machines that
+    chose other precisions), labelled as a sweep's axes are: a mean over seeds never pools two recipes."""
+    out: dict[tuple[str, tuple], list[RunData]] = {}
+    for (row, pair), members in groups.items():
+        settings = [_settings(r) for r in members]
+        keys = sorted({k for s in settings for k in s})
+        differing = [k for k in keys if len({s.get(k) for s in settings}) > 1]
+        for run, values in zip(members, settings):
+            label = ", ".join(f"{k}={values.get(k, '(absent)')}" for k in differing)
+            name = row if not label else f"{row[:-1]}, {label}]" if row.endswith("]") else f"{row} [{label}]"
+            out.setdefault((name, pair), []).append(run)
+    return out
+
+
+def _reference(row: str, ref: str) -> tuple[str, str]:
+    """The rows a row is compared with: ``ref`` with the same settings label, then plain ``ref``."""
+    return (ref + row[row.index(" [") :], ref) if " [" in row else (ref, ref)
+
+
 def build_comparison(paths: list[str | Path]) -> Comparison:
     notes: list[str] = []
     runs, _ = read_runs(paths, notes)
@@ -175,13 +217,11 @@ def build_comparison(paths: list[str | Path]) -> Comparison:
         top1 = run.metric("teacher", "test_top1")
         if top1 is not None:
             teachers.setdefault(pair, {})[run.teacher_sha256 or run.name] = float(top1)
+    groups = _split_mixed_settings(groups)
     pairs = list(dict.fromkeys(pair for _, pair in groups))
     methods = list(dict.fromkeys(row for row, _ in groups))
-    rows = (
-        ["teacher"]
-        + [r for r in ("vanilla", "kd") if r in methods]
-        + [r for r in methods if r not in ("vanilla", "kd")]
-    )
+    first = {"vanilla": 0, "kd": 1}  # then every other row in the order met; a label keeps a row with its method
+    rows = ["teacher", *sorted(methods, key=lambda r: first.get(r.split(" [")[0], 2))]
     entries: dict = {}
     for pair, by_sha in teachers.items():
         entries[("teacher", pair)] = Entry(
@@ -215,8 +255,10 @@ def build_comparison(paths: list[str | Path]) -> Comparison:
         if row == "teacher":
             continue
         for ref, attr in (("vanilla", "delta_vanilla"), ("kd", "delta_kd")):
-            other = entries.get((ref, pair))
-            if other and row != ref and other.top1.mean is not None:
+            same, plain = _reference(row, ref)
+            name = same if (same, pair) in entries else plain
+            other = entries.get((name, pair))
+            if other and row.split(" [")[0] != ref and other.top1.mean is not None:
                 setattr(entry, attr, entry.top1.mean - other.top1.mean)
     if any(e.top1.n and not e.best.n for (r, _), e in entries.items() if r != "teacher"):
         notes.append("best epoch: not shown where history.json has no per-epoch test top-1")
