@@ -82,6 +82,16 @@ def test_sweep_record_round_trips_and_a_rerun_with_another_seed_adds_cells(tmp_p
     assert json.loads((tmp_path / "sweep.json").read_text())["version"] == 1
 
 
+@pytest.mark.parametrize("field, value", [("name", "../../etc"), ("name", ".."), ("key", "/tmp/x"), ("name", 5)])
+def test_an_edited_record_cannot_point_outside_the_sweep(tmp_path, field, value):
+    expand_grid(tmp_path, [], None, ["kd"], [0], TINY_SETS).write()
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    (record["cells"] if field == "name" else record["teachers"])[0][field] = value
+    (tmp_path / "sweep.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="is not a readable sweep record .* is not a plain folder name"):
+        read_sweep(tmp_path)
+
+
 class FakeHandle:
     def __init__(self, code: int, polls: int):
         self.code, self.polls = code, polls

@@ -105,11 +105,16 @@ def read_sweep(root: str | Path) -> Sweep:
     path = root / SWEEP_FILE
     try:
         data = json.loads(path.read_text())
-        return Sweep(
+        sweep = Sweep(
             root,
             [Cell(c["name"], tuple(c["args"]), c.get("labels", {}), c.get("teacher")) for c in data["cells"]],
             [TeacherRun(t["key"], tuple(t["args"])) for t in data["teachers"]],
         )
+        # the names become folders: an edited record must not point a reader or a rerun outside the sweep
+        for name in [c.name for c in sweep.cells] + [t.key for t in sweep.teachers]:
+            if not isinstance(name, str) or _UNSAFE.search(name) or name in ("", ".", ".."):
+                raise ValueError(f"{name!r} is not a plain folder name")
+        return sweep
     except FileNotFoundError:
         raise ConfigError(f"{root} is not a sweep folder (no {SWEEP_FILE})") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
