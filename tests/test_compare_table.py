@@ -160,6 +160,19 @@ def test_runs_of_other_recipes_are_rows_of_their_own_and_compared_like_for_like(
     assert c.get("vanilla [student.optim.epochs=32]", pair).delta_kd == pytest.approx(-5.0)
 
 
+def test_an_edited_history_is_refused_and_a_missing_one_is_absent(tmp_path):
+    """compare reads the stage's files as a stage reads its inputs: re-hashed against the manifest."""
+    from pipeline.errors import ArtifactError
+
+    run = fake_run(tmp_path / "k0", "kd", 0, 73.0, history=[60.0, 73.0])
+    (run / "train" / "history.json").write_text(json.dumps([{"epoch": 1, "test_top1": 99.0}]))
+    with pytest.raises(ArtifactError, match=r"history.json: modified \(it does not match the train stage's manifest"):
+        build_comparison([run])
+    (run / "train" / "history.json").unlink()  # a partial copy of the folder
+    kd = build_comparison([run]).get("kd", ("cifar100", "resnet32x4", "ShuffleV1"))
+    assert kd.top1.values == [73.0] and kd.best.values == []
+
+
 def test_report_of_a_partial_run_says_what_is_missing(tmp_path):
     run = fake_run(tmp_path / "run", "kd", 0, 73.0, history=[60.0, 73.0])
     html = write_report(run).read_text()

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.artifacts.manifest import Manifest
-from pipeline.artifacts.store import RunStore
-from pipeline.errors import ConfigError
+from pipeline.artifacts.store import RunStore, modified
+from pipeline.errors import ArtifactError, ConfigError
 from pipeline.experiments.grid import is_sweep, read_sweep
 from pipeline.stage_files import HISTORY, REPORT, TEACHER_CHECKPOINT
 
@@ -45,12 +45,29 @@ class RunData:
         return m.metrics.get(key) if m else None
 
     def history(self, stage: str) -> list[dict]:
-        data = _json(self.root / stage / HISTORY) if stage in self.manifests else None
+        data = self._output(stage, HISTORY)
         return data if isinstance(data, list) else []
 
     def stage_report(self, stage: str, name: str = REPORT) -> dict:
-        data = _json(self.root / stage / name) if stage in self.manifests else None
+        data = self._output(stage, name)
         return data if isinstance(data, dict) else {}
+
+    def _output(self, stage: str, name: str) -> dict | list | None:
+        """A JSON file the stage wrote, re-hashed against its manifest as every stage reads its inputs; an edited
+        one is refused. One that is missing (a partial copy of the folder) reads as absent."""
+        manifest = self.manifests.get(stage)
+        artifact = next((a for a in manifest.outputs if a.path == name), None) if manifest else None
+        if artifact is None:
+            return None
+        problem = modified(self.root / stage, artifact)
+        if problem == "missing":
+            return None
+        if problem:
+            raise ArtifactError(
+                f"{self.root / stage / name}: {problem} (it does not match the {stage} stage's manifest); rerun "
+                "the stage with --force"
+            )
+        return _json(self.root / stage / name)
 
     @property
     def method(self) -> str | None:
