@@ -162,9 +162,9 @@ def _best_top1(run: RunData) -> float | None:
     return max(values) if values else None
 
 
-# Settings of the train stage that may differ within a row: the seed varies by design, and a dataset's folder
-# is where one machine keeps it (the data themselves are checked by their checksums).
-_POOLED = ("seed", "data.root")
+# Settings of the train stage that may differ within a row: the seed varies by design; a dataset's folder is
+# where one machine keeps it, and whether its checksums were verified does not change it.
+_POOLED = ("seed", "data.root", "data.verify_checksums")
 _STUDENT_KEYS = ("arch", "method", "method_args", "optim")  # the train stage's params that are `student.*` settings
 
 
