@@ -87,6 +87,38 @@ def test_recipe_and_cache_values_are_checked(folder):
         load_data(DataConfig(recipe="imagenet"))  # the synthetic set keeps its own recipe
 
 
+def test_a_changed_image_folder_makes_its_runs_stale(folder):
+    """Images added, removed, resized or moved to another class change the data settings' fingerprint; a
+    touched file or a stray non-image does not."""
+    import os
+    import shutil
+
+    from pipeline.data.folders import listing_digest
+    from stages.support.kit import data_params
+
+    def fingerprint() -> str:
+        listing_digest.cache_clear()  # one CLI run lists the folder once; here the folder changes in between
+        return data_params(load_config("default", None, [f"data.root={folder}", "data.dataset=imagefolder"]))["files"]
+
+    base = fingerprint()
+    os.utime(folder / "train" / "a" / "0.png", (1, 1))
+    (folder / "train" / "a" / "notes.txt").write_text("not an image")
+    assert fingerprint() == base
+    changes = [
+        lambda: shutil.copy(folder / "train" / "a" / "0.png", folder / "train" / "a" / "new.png"),  # added
+        lambda: (folder / "train" / "a" / "new.png").unlink(),  # removed again: back to base
+        lambda: shutil.move(folder / "train" / "a" / "1.png", folder / "train" / "b" / "1.png"),  # relabelled
+        lambda: (folder / "val" / "c" / "0.png").write_bytes(b"x"),  # replaced
+    ]
+    seen = [base]
+    for change in changes:
+        change()
+        seen.append(fingerprint())
+    assert seen[2] == base and len({seen[0], seen[1], seen[3], seen[4]}) == 4
+    synthetic = data_params(load_config("default"))
+    assert "files" not in synthetic  # other datasets keep the fingerprints they had
+
+
 def test_the_cache_setting_stays_out_of_fingerprints():
     from stages.support.kit import data_params
 

@@ -30,6 +30,11 @@ def data_params(cfg: Config) -> dict:
         data.pop("split_seed")
     if cfg.data.dataset != "synthetic":
         data.pop("synthetic")
+    if cfg.data.dataset == "imagefolder" and cfg.data.root:  # a folder of the user's, which may change between runs
+        from pipeline.data.folders import listing_digest
+
+        if files := listing_digest(str(cfg.data.root)):
+            data["files"] = files
     return data
 
 
