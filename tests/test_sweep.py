@@ -198,6 +198,28 @@ def test_a_finished_task_is_skipped_until_its_record_no_longer_holds(tmp_path):
     assert results[0].status == "up to date" and backend.started == []
 
 
+def test_a_finished_task_that_read_an_image_folder_reruns_when_its_images_change(tmp_path):
+    from pipeline.artifacts.manifest import Manifest
+    from pipeline.artifacts.store import RunStore, describe_file
+    from pipeline.data.folders import listing_digest
+
+    images = tmp_path / "images" / "train" / "cat"
+    images.mkdir(parents=True)
+    (images / "0.png").write_bytes(b"png")
+    data = {"dataset": "imagefolder", "root": str(tmp_path / "images"), "files": listing_digest(str(images.parents[1]))}
+    folder = tmp_path / "cells/c0"
+    store = RunStore(folder)
+    staged = store.staging("teacher")
+    (staged / "w.bin").write_bytes(b"weights")
+    store.commit(staged, Manifest("teacher", "ok", {"data": data}, [], [describe_file(staged, "w.bin")], [], "code"))
+    args = ("run", "all", "--out", str(folder))
+    mark_finished(folder, args)
+    assert is_up_to_date(folder, args)
+    (images / "1.png").write_bytes(b"another")
+    listing_digest.cache_clear()  # a new sweep command lists the folder afresh
+    assert not is_up_to_date(folder, args)
+
+
 def test_a_resumed_sweep_counts_every_finished_cell_before_the_slots_free_up(tmp_path, monkeypatch):
     from pipeline.experiments import scheduler
 

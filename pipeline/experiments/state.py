@@ -2,9 +2,9 @@
 
 When a task's run exits 0, the sweep writes a small record beside its manifests: the arguments it ran
 with, a hash of the project's sources, each stage's fingerprint and the hash of the teacher file it
-imported. A rerun of the sweep skips the task only while all of these still hold and every output re-hashes;
-anything else is handed back to ``python -m pipeline run``, which reruns only its stale stages and
-resumes training from its last checkpoint.
+imported. A rerun of the sweep skips the task only while all of these still hold, every output re-hashes
+and an ImageFolder it read lists the same images; anything else is handed back to ``python -m pipeline run``,
+which reruns only its stale stages and resumes training from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -39,6 +39,16 @@ def _teacher_hash(args: list[str] | tuple[str, ...]) -> str:
     return sha256_file(path) if path.is_file() else "missing"
 
 
+def _folder_changed(data: object) -> bool:
+    """An ImageFolder whose images changed since the stage read it (its ``data.files``): the run decides what
+    reruns."""
+    if not isinstance(data, dict) or "files" not in data:
+        return False
+    from pipeline.data.folders import listing_digest
+
+    return listing_digest(str(data.get("root"))) != data["files"]
+
+
 def mark_finished(folder: Path, args: list[str] | tuple[str, ...]) -> None:
     """Record a run that exited 0 (the run's own manifests are already committed)."""
     store = RunStore(folder)
@@ -69,6 +79,8 @@ def is_up_to_date(folder: Path, args: list[str] | tuple[str, ...], code: str | N
         for name, fp in fingerprints.items():
             manifest = store.manifest(name)
             if manifest is None or manifest.fingerprint != fp or store.outputs_intact(name, manifest):
+                return False
+            if _folder_changed(manifest.params.get("data")):
                 return False
     except PipelineError:  # an unreadable or hand-edited manifest: let the run say what is wrong
         return False
