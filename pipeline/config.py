@@ -196,14 +196,18 @@ def check_preset_name(name: str) -> None:
         raise ConfigError("--preset is empty; give a name that `presets` lists, or leave it out")
 
 
-def preset_data(name: str) -> dict:
+def preset_text(name: str) -> str:
+    """A preset's YAML as shipped, comments (what it is for, how long it takes) included."""
     # Looked up by name, never joined onto a path: `--preset ../../x` must not read a file outside the presets.
     check_preset_name(name)
     if name not in list_presets():
         shown = name if len(name) <= 80 else name[:77] + "..."
         raise ConfigError(f"unknown preset {shown!r}; choose one of: {', '.join(list_presets())}")
-    path = resources.files("pipeline") / "presets" / f"{name}.yaml"
-    return _read_yaml(path.read_text(), f"preset {name}") or {}
+    return (resources.files("pipeline") / "presets" / f"{name}.yaml").read_text()
+
+
+def preset_data(name: str) -> dict:
+    return _read_yaml(preset_text(name), f"preset {name}") or {}
 
 
 def load_config(

@@ -64,6 +64,19 @@ def test_listings(capsys):
     assert "kd" in capsys.readouterr().out
 
 
+def test_presets_name_prints_the_preset_file_with_its_comments(capsys):
+    from pipeline.config import load_config
+
+    assert run_cli(["presets", "fmnist-teacher-resnet20"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("# Fashion-MNIST: the strong teacher")
+    assert "python -m pipeline run teacher --preset fmnist-teacher-resnet20" in text
+    assert f"epochs: {load_config('fmnist-teacher-resnet20').teacher.optim.epochs}" in text
+    for name in ("../../pyproject", "nope", ""):  # looked up among the shipped presets, never as a path
+        assert run_cli(["presets", name]) == 2
+        assert capsys.readouterr().err.startswith("error: ")
+
+
 def test_presets_json_lists_every_preset_with_its_pair(capsys):
     from pipeline.config import list_presets, load_config
 

@@ -99,7 +99,7 @@ def test_preset_builds_its_teacher_and_student(name):
 
 def test_presets_listing_shows_pair_dataset_and_expected_figure(capsys):
     assert run_cli(["presets"]) == 0
-    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
     for name, (teacher, student, _, figure) in CELLS.items():
         line = lines[name]
         assert f"{teacher} -> {student}" in line

@@ -248,11 +248,18 @@ def inspect(run_dir, as_json):
 
 
 @cli.command()
+@click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print each preset's pair, dataset and expected figures as JSON.")
-def presets(as_json):
-    """List experiment presets: teacher -> student, dataset, method and the expected top-1 figures."""
-    from pipeline.config import list_presets, load_config
+def presets(name, as_json):
+    """List experiment presets: teacher -> student, dataset, method and the expected top-1 figures.
 
+    With NAME, print that preset's file: what it is for, how to run it and every setting it makes.
+    """
+    from pipeline.config import list_presets, load_config, preset_text
+
+    if name is not None:
+        click.echo(preset_text(name), nl=False)
+        return
     configs = {name: load_config(name) for name in list_presets()}
     if as_json:
         rows = [
@@ -280,6 +287,7 @@ def presets(as_json):
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     for r in table:
         click.echo(("  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  " + r[4]).rstrip())
+    click.echo("\nWhat one is for, how to run it and what it sets: python -m pipeline presets NAME")
 
 
 @cli.command()
