@@ -143,7 +143,9 @@ def test_export_only_path_on_weights_from_another_codebase(run_dir, tmp_path, ca
     wrong = [*args, "--set", "data.num_classes=5"]
     assert run_cli(["run", "export", "--checkpoint", str(foreign), "--out", str(tmp_path / "wrong"), *wrong]) == 2
     err = capsys.readouterr().err
-    assert "has 4 outputs" in err and "--set student.arch=NAME" in err
+    assert (
+        "has 4 outputs" in err and "but the configured data has 5 classes;" in err and "--set student.arch=NAME" in err
+    )
 
 
 def test_several_stages_run_in_pipeline_order(run_dir, capsys):

@@ -77,7 +77,7 @@ def load_any_model(path: str | Path, describe, log=print) -> tuple[nn.Module, Mo
     log(f"{path} has no pipeline metadata: loading it as a {meta.arch} with {meta.num_classes} classes")
     model = build_model(meta.arch, meta.num_classes, meta.input_size)
     try:
-        load_foreign_weights(model, path, meta.num_classes, f"the configured data ({meta.num_classes} classes)", log)
+        load_foreign_weights(model, path, meta.num_classes, "the configured data", log)
     except CheckpointError as exc:
         raise CheckpointError(
             f"{exc}. A file without pipeline metadata is read as the configured student: name its architecture "
