@@ -274,15 +274,19 @@ def value_origins(
     return origins
 
 
-def _leaves(data: dict, prefix: str = "") -> list[str]:
-    """Dotted keys of the values in nested mappings; a non-empty mapping is a section, anything else a value."""
-    keys = []
+def leaf_items(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as ``{dotted key: value}``; a non-empty mapping is a section, anything else a value."""
+    items: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict) and value:
-            keys += _leaves(value, f"{prefix}{key}.")
+            items.update(leaf_items(value, f"{prefix}{key}."))
         else:
-            keys.append(f"{prefix}{key}")
-    return keys
+            items[f"{prefix}{key}"] = value
+    return items
+
+
+def _leaves(data: dict, prefix: str = "") -> list[str]:
+    return list(leaf_items(data, prefix))
 
 
 def annotated_yaml(data: dict, origins: dict[str, str], prefix: str = "") -> list[str]:

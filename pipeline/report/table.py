@@ -170,18 +170,11 @@ _STUDENT_KEYS = ("arch", "method", "method_args", "optim")  # the train stage's 
 
 def _settings(run: RunData) -> dict[str, str]:
     """The train stage's settings as config keys (``student.optim.epochs``) and shown values."""
-    flat: dict[str, str] = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict) and value:
-                walk(value, f"{prefix}{key}.")
-            else:
-                flat[prefix + key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    from pipeline.config import leaf_items
 
     params = run.manifests["train"].params
-    walk({f"student.{k}" if k in _STUDENT_KEYS else k: v for k, v in params.items()}, "")
-    return {k: v for k, v in flat.items() if k not in _POOLED}
+    flat = leaf_items({f"student.{k}" if k in _STUDENT_KEYS else k: v for k, v in params.items()})
+    return {k: v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in flat.items() if k not in _POOLED}
 
 
 def _split_mixed_settings(groups: dict[tuple[str, tuple], list[RunData]]) -> dict[tuple[str, tuple], list[RunData]]:
