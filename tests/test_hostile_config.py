@@ -104,6 +104,13 @@ def test_hostile_options_are_refused_before_any_stage(argv, message, tmp_path, c
     _refused(["run", "all", *argv], message, tmp_path, capsys)
 
 
+@pytest.mark.parametrize("argv", [["run", "all"], ["run", "all", "--dry-run"], ["run", "export"]])
+def test_a_gpu_this_process_cannot_see_is_refused_before_any_stage(argv, tmp_path, capsys, monkeypatch):
+    """A dry run fails where the run would, and nothing is made, not even the run folder."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # also where CI has a GPU
+    _refused([*argv, "--device", "cuda:0"], "device 'cuda:0' was requested but CUDA is not available", tmp_path, capsys)
+
+
 @pytest.mark.parametrize(
     "env, message",
     [

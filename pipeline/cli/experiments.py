@@ -22,17 +22,6 @@ def _ints(values: tuple[str, ...]) -> list[int]:
         raise ConfigError(f"--seed takes integers (repeat it or give a comma list), got {', '.join(values)}") from None
 
 
-def _local_check(cfg) -> None:
-    """A cell run on this machine: the run's own checks, and a GPU that is there when the cell asks for one."""
-    from pipeline.cli.runner import validate
-    from pipeline.experiments.scheduler import visible_gpus
-    from pipeline.training.distributed import device_type
-
-    validate(cfg)
-    if cfg.device != "auto" and device_type(cfg.device) == "cuda" and not visible_gpus():
-        raise ConfigError(f"the cells ask for device {cfg.device!r}, but this machine has no GPU it may use")
-
-
 @click.command()
 @click.option(
     "--out",
@@ -119,7 +108,7 @@ def sweep(
     by every cell. Run the same command again to skip finished cells and resume the others.
     """
     from pipeline.artifacts.machine import check_threads
-    from pipeline.cli.runner import check_settings
+    from pipeline.cli.runner import check_settings, validate
     from pipeline.config import check_path, check_preset_name
     from pipeline.experiments.grid import expand_grid, split_list
     from pipeline.experiments.scheduler import LocalBackend, slots_for, visible_gpus
@@ -145,7 +134,7 @@ def sweep(
     if teacher_checkpoint is not None:  # imported as the sweep's own teacher is, whatever a --config file says
         sets.append("teacher.source=import")
     # a cluster's nodes, not this machine, have the cells' devices
-    check = check_settings if cluster else _local_check
+    check = check_settings if cluster else validate
     grid = expand_grid(
         out, split_list(presets), config_file, split_list(methods), _ints(seeds), sets, teacher_seed, check
     )

@@ -83,11 +83,12 @@ def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     """Fail on unknown names before any stage spends time (a typo should not cost a teacher run)."""
     import torch
 
-    from pipeline.training.distributed import check_device
+    from pipeline.training.distributed import check_available, check_device
     from pipeline.training.speed import check_training
 
     check_settings(cfg)
     device = check_device(cfg.device)
+    check_available(device, cfg.device)
     check_training(cfg.training, device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     for name in names:
         get_stage(name).validate(cfg)

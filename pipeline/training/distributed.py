@@ -77,6 +77,12 @@ def check_device(name: str) -> torch.device | None:
     return device
 
 
+def check_available(device: torch.device | None, name: str) -> None:
+    """A CUDA device asked for where this process sees none (no GPU, or ``CUDA_VISIBLE_DEVICES`` hides them)."""
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was requested but CUDA is not available; use --set device=cpu")
+
+
 def device_type(name: str) -> str:
     """The kind of device (``cpu`` or ``cuda``) a run with ``device=name`` trains on, without claiming one."""
     device = check_device(name)
@@ -88,8 +94,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = check_device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"device {name!r} was requested but CUDA is not available; use --set device=cpu")
+    check_available(device, name)
     current = world()
     if device.type == "cuda" and current.is_distributed:
         if device.index is not None:
