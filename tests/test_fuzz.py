@@ -10,11 +10,12 @@ CI runs ``KDPIPE_FUZZ_EXAMPLES`` (default 40) examples per property; a larger bu
     KDPIPE_FUZZ_EXAMPLES=2000 KDPIPE_FUZZ_RANDOM=1 KDPIPE_FUZZ_LOG=fuzz.tsv pytest -n0 tests/test_fuzz.py
 
 (``KDPIPE_FUZZ_RANDOM=1`` draws new cases instead of CI's fixed ones; ``KDPIPE_FUZZ_LOG`` appends each case's
-property test, exit status and whether a stage started, for the figures in docs/fuzzing.md.)
+property test, exit status, whether a stage started and the error line, for the figures in docs/fuzzing.md.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,8 +23,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -178,7 +181,8 @@ def _check(argv: list[str], workdir: Path, run: Path | None, started: list[str],
     if os.environ.get("KDPIPE_FUZZ_LOG"):
         with open(os.environ["KDPIPE_FUZZ_LOG"], "a") as log:
             test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
-            log.write(f"{test}\t{argv[0]}\t{code}\t{int(bool(started))}\n")
+            last = err.strip().splitlines()[-1][:100] if code and err.strip() else ""
+            log.write(f"{test}\t{argv[0]}\t{code}\t{int(bool(started))}\t{last}\n")
     return code
 
 
@@ -303,5 +307,121 @@ def test_fuzz_manifests_every_edit_is_detected(stubbed_run, stage, path, value, 
             assert code == 2, f"inspect missed an edit of {stage}/manifest.json at {path}: {value!r}"
         if rerun:
             _check(["run", *rerun, "--out", str(run), *TINY], workdir, run, started, capsys)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class _Ended:
+    def __init__(self, code: int):
+        self.code = code
+
+    def poll(self) -> int:
+        return self.code
+
+    def stop(self) -> None:
+        pass
+
+
+class InProcessBackend:
+    """The sweep's cells as `run_cli` calls in this process, so that the stubbed stages apply; records each
+    task's exit status."""
+
+    codes: ClassVar[list[tuple[str, int]]] = []
+
+    def __init__(self, slots: int = 1, gpus=(), threads: int = 0):
+        self.slots = 1
+
+    def start(self, task, slot: int) -> _Ended:
+        task.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(task.log, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            code = run_cli(task.argv)
+        InProcessBackend.codes.append((task.name, code))
+        return _Ended(code)
+
+
+@pytest.fixture
+def in_process(monkeypatch, started) -> list[tuple[str, int]]:
+    monkeypatch.setattr("pipeline.experiments.scheduler.LocalBackend", InProcessBackend)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # a cell's --threads must not outlive the case
+    InProcessBackend.codes = []
+    return InProcessBackend.codes
+
+
+def _mostly(valid: list[str], hostile: list[str]) -> st.SearchStrategy[str]:
+    """Values where a valid one is drawn about as often as a hostile one, so that cells run in many cases."""
+    return st.one_of(st.sampled_from(valid), st.sampled_from(hostile))
+
+
+SWEEP_OPTIONS = st.lists(
+    st.one_of(
+        st.tuples(st.just("--method"), _mostly(["kd", "kd,vanilla", "dkd,at"], ["kd,kd", ",", "", "nope", "kd,nope"])),
+        st.tuples(st.just("--seed"), _mostly(["0", "0,1", "3"], ["1,1", "-1", "x", ",", "7" * 400, str(2**63)])),
+        st.tuples(st.just("--teacher-seed"), _mostly(["0", "3"], ["-3", "x", str(2**64)])),
+        st.tuples(st.just("--preset"), _mostly(["default"], ["default,default", "", ",", "../x", "nope"])),
+        st.tuples(st.just("--device"), _mostly(["auto", "cpu"], ["cuda", "cuda:7", "meta", ""])),
+        st.tuples(st.just("--data-root"), st.sampled_from(["", "/nonexistent", "a-file"])),
+        st.tuples(st.just("--teacher-checkpoint"), st.sampled_from(["", "/no/such.pth", "a-file", "foreign"])),
+        st.tuples(st.just("--jobs"), _mostly(["1", "2"], ["0", "-1", str(2**40)])),
+        st.tuples(st.just("--threads"), _mostly(["1"], ["0", "4096", "x"])),
+        st.tuples(st.just("--config"), st.sampled_from(["", "a-file", "/no/such.yaml", "foreign"])),
+        st.just(("--dry-run",)),
+    ).map(list),
+    max_size=3,
+)
+AXES = [  # settings that make a valid axis, and the values to draw for them
+    ("student.optim.lr", ["0.1", "0.05", "0", "-1", ".nan", "x"]),
+    ("data.batch_size", ["4", "8", "0", "2.5"]),
+    ("student.method_args.temperature", ["2", "4", "0", "abc"]),
+    ("training.amp", ["off", "auto", "bf16", "bogus"]),
+    ("export.precisions", ["[fp32]", "[fp32, fp16]", "[bogus]", "fp32"]),
+    ("teacher.optim.epochs", ["1", "2", "0", str(10**12)]),
+]
+SWEEP_SETS = st.lists(
+    st.one_of(
+        st.sampled_from(AXES).flatmap(
+            lambda kv: st.lists(st.sampled_from(kv[1]), min_size=1, max_size=2).map(
+                lambda values, key=kv[0]: f"{key}={','.join(values)}"
+            )
+        ),
+        st.tuples(st.one_of(st.sampled_from(KEYS), st.text(max_size=10)), VALUES).map(lambda kv: f"{kv[0]}={kv[1]}"),
+    ).map(lambda item: ["--set", item]),
+    max_size=2,
+)
+SWEEP_OUT = _mostly(["sweep", "a-sweep"], ["", "a-file", "foreign", "a-run"])
+
+
+@pytest.fixture(scope="module")
+def stubbed_sweep(tmp_path_factory) -> Path:
+    """A finished sweep of two cells, made with the stubbed stages."""
+    out = tmp_path_factory.mktemp("fuzz-sweep") / "sweep"
+    with pytest.MonkeyPatch.context() as patch:
+        get_stage("teacher")
+        for name in ORDER:
+            patch.setattr(STAGES.get(name), "run", lambda self, ctx: _stub(self, ctx))
+        patch.setattr("pipeline.experiments.scheduler.LocalBackend", InProcessBackend)
+        InProcessBackend.codes = []
+        assert run_cli(["sweep", "--out", str(out), "--method", "kd,vanilla", *TINY]) == 0
+    return out
+
+
+@pytest.mark.slow
+@FUZZ
+@given(options=SWEEP_OPTIONS, sets=SWEEP_SETS, out=SWEEP_OUT)
+def test_fuzz_sweep_command_lines(stubbed_run, stubbed_sweep, options, sets, out, in_process, started, capsys):
+    """Every mistake in a sweep's command line is refused before the first cell starts: once cells run, none of
+    them fails on a setting (status 2)."""
+    in_process.clear()  # the fixture lives across Hypothesis's examples
+    workdir = _workdir()
+    try:
+        shutil.copytree(stubbed_run, workdir / "a-run", symlinks=True)
+        shutil.copytree(stubbed_sweep, workdir / "a-sweep", symlinks=True)
+        argv = ["sweep", "--out", out, *TINY, *(a for o in options for a in o), *(a for s in sets for a in s)]
+        target = workdir / out if out in ("sweep", "a-sweep") else None
+        code = _check(argv, workdir, target, started, capsys)
+        assert not [c for c in in_process if c[1] == 2], f"{argv!r}: a cell refused its settings: {in_process}"
+        if code == 2 or "--dry-run" in argv:
+            assert not in_process, f"{argv!r} started cells {in_process}"
+            if out == "sweep":
+                assert not (workdir / "sweep").exists(), f"{argv!r} wrote a sweep folder it then refused"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

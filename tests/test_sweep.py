@@ -303,6 +303,11 @@ def test_slurm_without_slurm_is_a_one_line_user_error(tmp_path, capsys):
         (["--device", "cuda"], "device 'cuda' was requested but CUDA is not available"),
         (["--method", ","], "--method is empty"),
         (["--seed", ""], "--seed is empty"),
+        (["--set", "export.precisions=[bogus]"], "bogus"),  # a stage's own settings
+        (["--teacher-checkpoint", "/no/such.pth"], "teacher.checkpoint /no/such.pth does not exist or is not a file"),
+        (["--set", "teacher.source=import", "--set", "teacher.checkpoint=/no/t.pth"], "/no/t.pth does not exist"),
+        (["--teacher-checkpoint", ""], "--teacher-checkpoint is empty"),  # not the current folder
+        (["--data-root", ""], "--data-root is empty"),
     ],
 )
 def test_a_cells_bad_setting_stops_the_sweep_before_any_task(tmp_path, capsys, monkeypatch, argv, message):
@@ -316,6 +321,15 @@ def test_a_cells_bad_setting_stops_the_sweep_before_any_task(tmp_path, capsys, m
     err = capsys.readouterr().err
     assert re.search(message, err) and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "sweep").exists()
+
+
+def test_an_empty_out_is_refused_not_read_as_the_current_folder(tmp_path, capsys, monkeypatch):
+    from pipeline.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)  # empty: a sweep would have been made here
+    assert run_cli(["sweep", "--out", "", "--method", "kd", *(a for s in TINY_SETS for a in ("--set", s))]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_second_sweep_into_a_folder_in_use_is_refused(tmp_path):

@@ -336,16 +336,31 @@ def describe_file(folder: Path, name: str) -> Artifact:
     return Artifact(name, sha256_file(path), path.stat().st_size)
 
 
-def external_input(path: str | Path) -> Artifact:
+def external_input(path: str | Path, what: str = "") -> Artifact:
     """Hash a user-supplied file so it takes part in the fingerprint like any stage output."""
+    path = check_external(path, what)
+    try:
+        return Artifact(str(path.resolve()), sha256_file(path), path.stat().st_size, "external")
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {_shown(path)}: {exc.strerror}") from None
+
+
+def check_external(path: str | Path, what: str = "") -> Path:
+    """A user-supplied file (``what``: its setting) must be a readable file; checked without reading it, as a
+    sweep checks every cell's before the first starts."""
     path = Path(path).expanduser()
     try:
         if not path.is_file():
-            raise ArtifactError(f"{path} does not exist or is not a file")
-        return Artifact(str(path.resolve()), sha256_file(path), path.stat().st_size, "external")
-    except OSError as exc:
-        shown = str(path) if len(str(path)) <= 120 else f"{str(path)[:100]}..."
-        raise ArtifactError(f"cannot read {shown}: {exc.strerror}") from None
+            raise ArtifactError(f"{what + ' ' if what else ''}{_shown(path)} does not exist or is not a file")
+        if not os.access(path, os.R_OK):
+            raise ArtifactError(f"cannot read {_shown(path)}: permission denied")
+    except OSError as exc:  # a name too long for the system, a loop of links
+        raise ArtifactError(f"cannot read {_shown(path)}: {exc.strerror}") from None
+    return path
+
+
+def _shown(path: Path) -> str:
+    return str(path) if len(str(path)) <= 120 else f"{str(path)[:100]}..."
 
 
 @contextmanager

@@ -3,6 +3,7 @@ and :mod:`pipeline.report`, registered on the main group by :mod:`pipeline.cli`.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +26,8 @@ def _ints(values: tuple[str, ...]) -> list[int]:
 @click.command()
 @click.option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs/sweep"),
+    type=click.Path(file_okay=False),  # a str until checked: Path("") is the current folder
+    default="runs/sweep",
     show_default=True,
     help="Sweep folder: cells/, teachers/, logs/ and sweep.json.",
 )
@@ -120,8 +121,13 @@ def sweep(
         run_sweep,
         sweep_tasks,
     )
+    from stages import stage_order
 
-    check_path(str(out), "--out", text=True)
+    check_path(out, "--out", text=True)
+    out = Path(out)
+    for option, value in (("--data-root", data_root), ("--teacher-checkpoint", teacher_checkpoint)):
+        if value is not None:
+            check_path(value, option)  # before resolving: Path("") is the current folder
     for name in presets:
         check_preset_name(name.replace(",", " "))  # "" or ",": split_list would drop it and sweep the default
     for option, values in (("--method", methods), ("--seed", seeds)):
@@ -133,8 +139,8 @@ def sweep(
             sets.append(f"{key}={json.dumps(str(Path(value).resolve()) if key != 'device' else value)}")
     if teacher_checkpoint is not None:  # imported as the sweep's own teacher is, whatever a --config file says
         sets.append("teacher.source=import")
-    # a cluster's nodes, not this machine, have the cells' devices
-    check = check_settings if cluster else validate
+    # every cell runs `run all`; a cluster's nodes, not this machine, have the cells' devices
+    check = functools.partial(check_settings if cluster else validate, names=stage_order())
     grid = expand_grid(
         out, split_list(presets), config_file, split_list(methods), _ints(seeds), sets, teacher_seed, check
     )

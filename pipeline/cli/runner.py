@@ -21,7 +21,14 @@ from pathlib import Path
 from pipeline import interrupts
 from pipeline.artifacts.code_version import changed_files, source_hashes, stage_code_version
 from pipeline.artifacts.manifest import Manifest, environment, fingerprint
-from pipeline.artifacts.store import RunStore, describe_file, disk_errors, external_input, low_space
+from pipeline.artifacts.store import (
+    RunStore,
+    check_external,
+    describe_file,
+    disk_errors,
+    external_input,
+    low_space,
+)
 from pipeline.config import Config
 from pipeline.errors import ArtifactError, CheckFailedError, PipelineError, no_space
 from pipeline.training.distributed import barrier, broadcast_object, check_shared_folder, launch, solo, world
@@ -86,17 +93,15 @@ def validate(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     from pipeline.training.distributed import check_available, check_device
     from pipeline.training.speed import check_training
 
-    check_settings(cfg)
+    check_settings(cfg, names)
     device = check_device(cfg.device)
     check_available(device, cfg.device)
     check_training(cfg.training, device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    for name in names:
-        get_stage(name).validate(cfg)
 
 
-def check_settings(cfg: Config) -> None:
+def check_settings(cfg: Config, names: list[str] | tuple[str, ...] = ()) -> None:
     """The checks of :func:`validate` that do not depend on this machine's devices (a sweep submitted to a
-    cluster checks its cells with these)."""
+    cluster checks its cells with these), with the settings and given files of the stages ``names``."""
     from pipeline.data import check_data_config, dataset_names
     from pipeline.distill.catalog import check_method_args, method_names
     from pipeline.errors import ConfigError
@@ -114,6 +119,11 @@ def check_settings(cfg: Config) -> None:
     check_data_config(cfg.data)
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
+    for name in names:
+        stage = get_stage(name)
+        stage.validate(cfg)
+        for role, path in stage.externals(cfg).items():  # read when the stage is planned; a sweep's cells later
+            check_external(path, f"{name}.{role}")
 
 
 def run_stages(
@@ -360,7 +370,7 @@ def plan_stage(
     """Read a stage's upstream and external inputs, and (with ``decide``) why it must run; writes nothing, so
     ``run --dry-run`` answers with the same reasons a run logs."""
     stage = get_stage(name)
-    external = {role: external_input(path) for role, path in stage.externals(cfg).items()}
+    external = {role: external_input(path, f"{name}.{role}") for role, path in stage.externals(cfg).items()}
     upstream = {req: store.load(req) for req in stage.requires(cfg)}
     for req, art in upstream.items():
         check_current(req, art.manifest, cfg, store)
