@@ -75,6 +75,12 @@ def preprocess(image, meta: DeployMeta) -> np.ndarray:
             if width <= height
             else (int(meta.resize * width / height), meta.resize)
         )
+        limit = image_module.MAX_IMAGE_PIXELS
+        if limit and size[0] * size[1] > limit:  # a strip of 1 x 5,000,000 (a damaged header) would take gigabytes
+            raise ImageError(
+                f"image of {width}x{height} would be resized to {size[0]}x{size[1]}, more pixels than one image "
+                f"may have ({limit}, PIL's limit); crop it to a usual aspect ratio first"
+            )
         image = image.resize(size, image_module.Resampling.BILINEAR)
     width, height = image.size
     crop = meta.crop

@@ -46,11 +46,18 @@ def _image_bytes(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def _strip(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 BAD_IMAGES = {
     "corrupt": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
     "truncated": _image_bytes(1)[:40],
     "zero-byte": b"",
     "bomb": _png(100_000, 100_000),
+    "strip": _strip(1, 5000),  # decodable, but resizing such strips (damaged headers) takes gigabytes
 }
 
 

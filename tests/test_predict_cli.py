@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from exports.metadata import DeployMeta
@@ -90,6 +94,17 @@ def test_predict_answers_every_good_image_and_fails_at_the_end(files, capsys):
     assert err.strip().splitlines()[-1] == "error: 1 of 3 images could not be classified (listed above)"
 
 
+def test_an_image_too_long_to_resize_is_refused_by_name_and_the_others_answered(files, tmp_path, capsys):
+    """1 x 6,000,000 resized to the model's 16 px would be 96M pixels (gigabytes): refused before resizing."""
+    strip = tmp_path / "strip.png"
+    Image.fromarray(np.zeros((6_000_000, 1), dtype=np.uint8)).save(strip)
+    good = str(files / "blue.png")
+    assert run_cli(["predict", str(strip), good, "--model", str(files / "model.onnx")]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith(f"{good}: blue ")
+    assert f"error: {strip}: image of 1x6000000 would be resized to 16x96000000" in err and "Traceback" not in err
+
+
 def test_predict_json_lists_errors_per_image(files, capsys):
     argv = ["predict", str(files / "notes.txt"), str(files / "blue.png"), "--model", str(files / "model.onnx")]
     assert run_cli([*argv, "--json"]) == 2
@@ -116,3 +131,77 @@ def test_predict_reads_a_folder_in_sorted_order(files, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert run_cli(["predict", str(tmp_path / "empty"), "--model", model]) == 2
     assert "holds no image files" in capsys.readouterr().err
+
+
+MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "I;16", "F", "HSV", "LAB"]
+FORMATS = ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "ICO", "TGA", "PCX", "EPS", "PDF"]
+
+
+def _encode(mode: str, size: tuple[int, int], fmt: str, seed: int) -> bytes | None:
+    """An image in ``mode`` and ``fmt``, or None where PIL cannot write that pair."""
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    try:
+        image = image.convert(mode)
+        buffer = io.BytesIO()
+        image.save(buffer, fmt)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return buffer.getvalue()
+
+
+IMAGE_BYTES = st.one_of(
+    st.builds(
+        _encode,
+        st.sampled_from(MODES),
+        st.tuples(st.integers(1, 48), st.integers(1, 48)),
+        st.sampled_from(FORMATS),
+        st.integers(0, 2**16),
+    ),
+    st.binary(max_size=64),
+)
+DAMAGE = st.one_of(
+    st.just(None),
+    st.tuples(st.just("truncate"), st.floats(0, 1)),
+    st.tuples(st.just("flip"), st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), min_size=1, max_size=4)),
+)
+
+
+def _damage(data: bytes, damage) -> bytes:
+    if damage is None or not data:
+        return data
+    if damage[0] == "truncate":
+        return data[: int(len(data) * damage[1])]
+    changed = bytearray(data)
+    for where, value in damage[1]:
+        changed[min(int(where * len(changed)), len(changed) - 1)] = value
+    return bytes(changed)
+
+
+@settings(max_examples=int(os.environ.get("KDPIPE_FUZZ_EXAMPLES", "40")), deadline=None, database=None,
+          derandomize=not os.environ.get("KDPIPE_FUZZ_RANDOM"),
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@given(images=st.lists(st.tuples(IMAGE_BYTES, DAMAGE, st.sampled_from(["png", "jpg", "gif", "webp"])), max_size=3))
+def test_fuzz_any_file_gets_an_answer_or_one_error_line(files, tmp_path_factory, images, capsys):
+    """Images of every mode and format PIL writes, damaged or not, and random bytes: each file gets a prediction
+    or one `error:` line, and the exit status is 0 or 2, never a traceback."""
+    folder = tmp_path_factory.mktemp("fuzz-images")
+    paths = []
+    for i, (data, damage, suffix) in enumerate(images):
+        path = folder / f"{i}.{suffix}"
+        path.write_bytes(_damage(data or b"", damage))
+        paths.append(str(path))
+    good = str(files / "blue.png")
+    code = run_cli(["predict", good, *paths, "--model", str(files / "model.onnx"), "--json"])
+    out, err = capsys.readouterr()
+    assert code in (0, 2), (code, err)
+    assert "Traceback" not in err
+    rows = json.loads(out)
+    assert [r["image"] for r in rows] == [good, *paths]
+    assert rows[0]["top"][0]["label"] == "blue"
+    assert all(("top" in r) != ("error" in r) for r in rows)
+    assert code == (2 if any("error" in r for r in rows) else 0)
+    for r in rows[1:]:
+        event("answered" if "top" in r else f"refused: {r['error'].split('(')[0].split(' is ')[-1].strip()}")
+        if "top" in r:
+            assert abs(sum(p["probability"] for p in r["top"]) - 1) < 1e-4

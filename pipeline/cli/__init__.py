@@ -374,26 +374,29 @@ def predict(images, model, top_k, provider, recursive, as_json):
 
     Every readable image is answered; each one that is not gets one line on stderr, and the exit status is 2.
     """
-    from exports.runtime import Classifier, ImageError, load_image
+    import numpy as np
+
+    from exports.runtime import Classifier, ImageError, load_image, preprocess, top_classes
 
     items, rows, failed = image_files(images, recursive), [], 0
     with Classifier.load(model, provider=provider) as classifier:
         for start in range(0, len(items), PREDICT_BATCH):
-            chunk: list[tuple[str, object]] = []  # (name, a loaded image or the error that stopped it)
+            chunk: list[tuple[str, object]] = []  # (name, the model's input or the error that stopped it)
             for path, problem in items[start : start + PREDICT_BATCH]:
                 try:
                     if problem is not None:
                         raise problem
-                    chunk.append((str(path), load_image(path)))
-                except ImageError as exc:
+                    chunk.append((str(path), preprocess(load_image(path), classifier.meta)))
+                except ImageError as exc:  # one image's fault: the others are answered
                     chunk.append((str(path), exc))
-            good = [image for _, image in chunk if not isinstance(image, Exception)]
-            answers = iter(classifier.predict(good, top_k=top_k) if good else [])
-            for name, image in chunk:
-                if isinstance(image, Exception):
+            good = [array for _, array in chunk if not isinstance(array, Exception)]
+            answers = iter(top_classes(classifier.logits(np.stack(good)), top_k, classifier.meta) if good else [])
+            for name, array in chunk:
+                if isinstance(array, Exception):
                     failed += 1
-                    _echo_err(f"error: {one_line(image)}")
-                    rows.append({"image": name, "error": one_line(image)})
+                    message = one_line(array) if name in str(array) else f"{name}: {one_line(array)}"
+                    _echo_err(f"error: {message}")
+                    rows.append({"image": name, "error": message})
                     continue
                 preds = next(answers)
                 rows.append({"image": name, "top": [vars(p) for p in preds]})

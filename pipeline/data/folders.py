@@ -67,10 +67,16 @@ def listing_digest(root: str) -> str | None:
     return sha256_bytes(b"\n".join(lines))
 
 
+MAX_ASPECT = 1000  # a longer strip is a damaged header's size; resized it takes gigabytes (256 x 256,000 at 1000)
+
+
 def _load_rgb(path: str) -> Image.Image:
     try:
         with open(path, "rb") as f:
             image = Image.open(f)
+            width, height = image.size
+            if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+                raise ValueError(f"{width}x{height}: one side is over {MAX_ASPECT} times the other")
             return image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # corrupt, truncated, empty, bomb
         raise UnreadableImageError.of(path, str(exc)) from None
