@@ -425,3 +425,67 @@ def test_fuzz_sweep_command_lines(stubbed_run, stubbed_sweep, options, sets, out
                 assert not (workdir / "sweep").exists(), f"{argv!r} wrote a sweep folder it then refused"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+REAL_TINY = [
+    a
+    for item in (
+        "data.synthetic.train_size=96",
+        "data.synthetic.test_size=32",
+        "data.num_classes=4",
+        "data.batch_size=32",
+        "teacher.arch=resnet20",
+        "teacher.optim.epochs=1",
+        "student.arch=resnet20",
+        "student.optim.epochs=1",
+        "verify.samples=16",
+        "export.parity_samples=8",
+    )
+    for a in ("--set", item)
+]
+
+
+@pytest.fixture(scope="module")
+def trained_sweep(tmp_path_factory) -> Path:
+    """A finished sweep of two small cells (vanilla and KD) whose stages really ran, in this process."""
+    out = tmp_path_factory.mktemp("fuzz-trained") / "sweep"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("pipeline.experiments.scheduler.LocalBackend", InProcessBackend)
+        patch.setattr(torch, "set_num_threads", lambda n: None)
+        assert run_cli(["sweep", "--out", str(out), "--method", "vanilla,kd", *REAL_TINY]) == 0
+    return out
+
+
+SWEEP_RECORD_EDITS = st.one_of(
+    st.tuples(st.just("value"), st.lists(st.integers(0, 50), min_size=1, max_size=5), JSON_VALUES),
+    st.tuples(st.just("bytes"), st.binary(max_size=32), st.none()),
+)
+
+
+@pytest.mark.slow
+@FUZZ
+@given(
+    edit=SWEEP_RECORD_EDITS,
+    command=st.one_of(
+        st.tuples(st.just("compare"), st.sampled_from([[], ["--best"]]), st.sampled_from(["table", "json", "csv"])),
+        st.tuples(st.just("report"), st.just([]), st.none()),
+    ),
+)
+def test_fuzz_compare_and_report_read_an_edited_sweep_record(trained_sweep, edit, command, capsys):
+    """compare and report on a sweep whose record (sweep.json) was edited: a table and a page, or one line and
+    exit 2; never a traceback, and nothing written outside the sweep folder."""
+    workdir = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    try:
+        sweep = workdir / "sweep"
+        shutil.copytree(trained_sweep, sweep, symlinks=True)
+        record = sweep / "sweep.json"
+        if edit[0] == "value":
+            record.write_text(json.dumps(_mutate(json.loads(record.read_text()), edit[1], edit[2])))
+        else:
+            record.write_bytes(edit[1])
+        name, flags, fmt = command
+        argv = [name, str(sweep), *flags, *(["--format", fmt] if fmt else [])]
+        code = _check(argv, workdir, sweep, [], capsys)
+        assert code in (0, 2), (argv, code)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

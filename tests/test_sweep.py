@@ -92,6 +92,27 @@ def test_an_edited_record_cannot_point_outside_the_sweep(tmp_path, field, value)
         read_sweep(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: r["cells"][0].update(labels="x"), "labels of cell .* are not a mapping"),
+        (lambda r: r["cells"][0].update(labels={"seed": [0]}), "labels of cell .* are not a mapping"),
+        (lambda r: r["cells"][0].update(args=True), "is not a list of arguments"),
+        (lambda r: r["cells"][0].update(teacher="feedbeef"), "names a teacher the record does not list"),
+        (lambda r: r.update(cells=None), "'cells' is not a list of records"),
+        (lambda r: r["teachers"].append(None), "'teachers' is not a list of records"),
+    ],
+)
+def test_an_edited_record_of_another_shape_is_one_error(tmp_path, edit, message):
+    """compare, report and a rerun read the record; its shape is checked, not trusted (a traceback before)."""
+    expand_grid(tmp_path, [], None, ["kd"], [0], TINY_SETS).write()
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    edit(record)
+    (tmp_path / "sweep.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=f"is not a readable sweep record .*{message}"):
+        read_sweep(tmp_path)
+
+
 class FakeHandle:
     def __init__(self, code: int, polls: int):
         self.code, self.polls = code, polls

@@ -105,20 +105,43 @@ def read_sweep(root: str | Path) -> Sweep:
     path = root / SWEEP_FILE
     try:
         data = json.loads(path.read_text())
-        sweep = Sweep(
-            root,
-            [Cell(c["name"], tuple(c["args"]), c.get("labels", {}), c.get("teacher")) for c in data["cells"]],
-            [TeacherRun(t["key"], tuple(t["args"])) for t in data["teachers"]],
-        )
-        # the names become folders: an edited record must not point a reader or a rerun outside the sweep
-        for name in [c.name for c in sweep.cells] + [t.key for t in sweep.teachers]:
-            if not isinstance(name, str) or _UNSAFE.search(name) or name in ("", ".", ".."):
-                raise ValueError(f"{name!r} is not a plain folder name")
-        return sweep
+        teachers = [TeacherRun(_folder_name(t["key"]), _strings(t["args"])) for t in _records(data, "teachers")]
+        keys = {t.key for t in teachers}
+        cells = []
+        for c in _records(data, "cells"):
+            labels, teacher = c.get("labels", {}), c.get("teacher")
+            if not isinstance(labels, dict) or not all(
+                isinstance(k, str) and isinstance(v, str | int | float | bool) for k, v in labels.items()
+            ):
+                raise ValueError(f"the labels of cell {c.get('name')!r} are not a mapping of names to values")
+            if teacher is not None and teacher not in keys:
+                raise ValueError(f"cell {c.get('name')!r} names a teacher the record does not list")
+            cells.append(Cell(_folder_name(c["name"]), _strings(c["args"]), labels, teacher))
+        return Sweep(root, cells, teachers)
     except FileNotFoundError:
         raise ConfigError(f"{root} is not a sweep folder (no {SWEEP_FILE})") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"{path} is not a readable sweep record ({exc})") from None
+
+
+def _records(data: object, key: str) -> list[dict]:
+    items = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ValueError(f"{key!r} is not a list of records")
+    return items
+
+
+def _strings(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{value!r} is not a list of arguments")
+    return tuple(value)
+
+
+def _folder_name(name: object) -> str:
+    """The names become folders: an edited record must not point a reader or a rerun outside the sweep."""
+    if not isinstance(name, str) or _UNSAFE.search(name) or name in ("", ".", ".."):
+        raise ValueError(f"{name!r} is not a plain folder name")
+    return name
 
 
 def is_sweep(path: str | Path) -> bool:
