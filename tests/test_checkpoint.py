@@ -99,3 +99,27 @@ def test_strict_load_explains_mismatch():
         load_strict(model, {"weight": torch.zeros(2, 3), "other": torch.zeros(1)}, "x.pth")
     with pytest.raises(CheckpointError, match=r"shape mismatches \(e.g. weight: \(2, 4\) vs \(2, 3\)\)"):
         load_strict(model, {"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}, "x.pth")
+
+
+@pytest.mark.parametrize(
+    "weight, message",
+    [
+        (torch.full((2, 3), float("nan")), "weight holds 6 NaN or infinite values"),
+        (torch.ones(2, 3).to(torch.int64), "weight holds int64 numbers where the model has floating-point weights"),
+        (torch.ones(2, 3).to(torch.complex64), "weight holds complex64 numbers"),
+        (torch.ones(2, 3).to_sparse(), "weight is a sparse_coo tensor"),
+    ],
+)
+def test_values_the_model_cannot_use_are_refused(weight, message):
+    """load_state_dict casts integers and complex numbers into float weights without a word and loads NaN;
+    a teacher imported so would teach noise."""
+    with pytest.raises(CheckpointError, match=f"x.pth: {message}"):
+        load_strict(nn.Linear(3, 2), {"weight": weight, "bias": torch.zeros(2)}, "x.pth")
+    load_strict(nn.Linear(3, 2), {"weight": torch.ones(2, 3).half(), "bias": torch.zeros(2)}, "x.pth")  # casts
+
+
+def test_a_checkpoint_dict_of_tensors_and_other_values_is_one_error(tmp_path):
+    """Asking a tensor whether it is empty raised torch's 'Boolean value of Tensor ... is ambiguous'."""
+    torch.save({"fc.weight": torch.ones(2, 2), "fc.bias": [1.0, 2.0]}, tmp_path / "ckpt.pth")
+    with pytest.raises(CheckpointError, match="does not hold a state dict of tensors"):
+        load_state_dict_file(tmp_path / "ckpt.pth")

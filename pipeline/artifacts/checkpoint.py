@@ -214,7 +214,7 @@ def _only_nested_state_dict(path: Path, state: object) -> object:
     its one entry that is a state dict; several are ambiguous and refused by name."""
     if not isinstance(state, dict) or _is_state_dict(state):
         return state
-    nested = [key for key, value in state.items() if value and _is_state_dict(value)]
+    nested = [key for key, value in state.items() if _is_state_dict(value) and value]
     if len(nested) > 1:
         raise CheckpointError(
             f"{path} holds several state dicts ({', '.join(map(str, nested))}): save the one to load as a bare "
@@ -265,12 +265,28 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: 
             )
         arch = getattr(getattr(model, "info", None), "name", type(model).__name__)
         raise CheckpointError(f"{source} does not fit architecture {arch}: " + "; ".join(parts))
+    for key in sorted(expected):  # load_state_dict would cast int or complex into float weights without a word
+        problem = _value_problem(state[key], expected[key])
+        if problem:
+            raise CheckpointError(f"{source}: {key} {problem}")
     if getattr(state, "_metadata", None) is None:
         # safetensors holds tensors only; modules that version their state (torchvision's MNASNet) read the
         # version record torch.save keeps beside them, so give them the freshly built model's
         state = collections.OrderedDict(state)
         state._metadata = getattr(expected, "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=True)
+
+
+def _value_problem(value: torch.Tensor, expected: torch.Tensor) -> str:
+    """Why ``value`` cannot stand for the model's tensor ``expected``: its layout, kind of number, or NaN/inf."""
+    if value.layout != torch.strided or value.is_quantized:
+        return f"is a {str(value.layout).removeprefix('torch.')} tensor; save it as a plain one (tensor.to_dense())"
+    if value.is_complex() or (expected.is_floating_point() and not value.is_floating_point()):
+        return f"holds {str(value.dtype).removeprefix('torch.')} numbers where the model has floating-point weights"
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        return f"holds {bad} NaN or infinite values: weights from a run that diverged; use an earlier checkpoint"
+    return ""
 
 
 def _existing(path: str | Path) -> Path:

@@ -1,0 +1,119 @@
+"""Property-based fuzzing of the weights files a user imports (``--teacher-checkpoint``): a real ResNet-20
+state dict, wrapped as training scripts save it, with one key or one value changed. Every case ends with the
+teacher imported (exit 0) or one ``error:`` line (exit 2), and a value the model cannot use (NaN, integers or
+complex numbers for weights, a sparse tensor, another shape) is always refused.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from pipeline.cli import run_cli
+from pipeline.models import build_model
+from tests.test_fuzz import FUZZ
+
+SETS = [
+    a
+    for item in (
+        "data.synthetic.train_size=32",
+        "data.synthetic.test_size=16",
+        "data.num_classes=4",
+        "data.batch_size=16",
+        "teacher.arch=resnet20",
+    )
+    for a in ("--set", item)
+]
+STATE = {k: v.clone() for k, v in build_model("resnet20", 4).state_dict().items()}
+KEYS = sorted(STATE)
+
+# (name, change of one tensor, whether the model can use the result)
+VALUE_EDITS = {
+    "none": (lambda t: t, True),
+    "float16": (lambda t: t.half() if t.is_floating_point() else t, True),
+    "bfloat16": (lambda t: t.bfloat16() if t.is_floating_point() else t, True),
+    "float64": (lambda t: t.double() if t.is_floating_point() else t, True),
+    "int64": (lambda t: t.long(), False),
+    "bool": (lambda t: t.bool(), False),
+    "uint8": (lambda t: t.to(torch.uint8), False),
+    "complex": (lambda t: t.to(torch.complex64), False),
+    "nan": (lambda t: t.float().fill_(float("nan")), False),
+    "inf": (lambda t: t.float().fill_(float("-inf")), False),
+    "sparse": (lambda t: t.float().reshape(-1, 1).to_sparse().reshape(t.shape) if t.dim() else t.to_sparse(), False),
+    "shape": (lambda t: torch.zeros(*t.shape, 2), False),
+    "scalar": (lambda t: torch.tensor(1.0), False),
+    "empty": (lambda t: torch.zeros(0), False),
+}
+KEY_EDITS = st.sampled_from(["none", "drop", "add", "rename", "not a tensor"])
+WRAPPERS = st.sampled_from(["bare", "state_dict", "net", "module.", "model. beside others", "with optimizer"])
+
+
+def _wrap(state: dict, wrapper: str) -> dict:
+    if wrapper == "state_dict":
+        return {"state_dict": state, "epoch": 3}
+    if wrapper == "net":
+        return {"net": state, "acc": 91.5}
+    if wrapper == "module.":
+        return {f"module.{k}": v for k, v in state.items()}
+    if wrapper == "model. beside others":
+        return {**{f"model.{k}": v for k, v in state.items()}, "loss.weight": torch.ones(3)}
+    if wrapper == "with optimizer":
+        return {"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}
+    return state
+
+
+@pytest.mark.slow
+@FUZZ
+@given(
+    key=st.sampled_from(KEYS),
+    value_edit=st.sampled_from(sorted(VALUE_EDITS)),
+    key_edit=KEY_EDITS,
+    wrapper=WRAPPERS,
+    fmt=st.sampled_from(["pth", "safetensors"]),
+)
+def test_fuzz_imported_weights_load_or_are_one_error(key, value_edit, key_edit, wrapper, fmt, capsys):
+    change, usable = VALUE_EDITS[value_edit]
+    state = dict(STATE)
+    try:
+        state[key] = change(STATE[key].clone())
+    except RuntimeError:  # a change that does not apply to this tensor (e.g. a 0-d counter)
+        return
+    if key_edit == "drop":
+        del state[key]
+    elif key_edit == "add":
+        state["extra.weight"] = torch.ones(2)
+    elif key_edit == "rename":
+        state[f"{key}_old"] = state.pop(key)
+    elif key_edit == "not a tensor":
+        state[key] = [1.0, 2.0]
+    if key.endswith("num_batches_tracked"):  # an integer counter: any real number of its shape will do
+        usable = value_edit in ("none", "float16", "bfloat16", "float64", "int64", "uint8", "bool", "scalar")
+        # a missing counter is filled in, as in checkpoints from before PyTorch 0.4.1
+        usable = (usable and key_edit == "none") or key_edit == "drop"
+    else:
+        usable = usable and key_edit == "none"
+    workdir = Path(tempfile.mkdtemp(prefix="fuzz-ckpt-"))
+    try:
+        path = workdir / f"teacher.{fmt}"
+        if fmt == "safetensors":
+            if wrapper != "bare" or key_edit == "not a tensor" or value_edit == "sparse":
+                return  # safetensors holds one flat mapping of dense tensors
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        else:
+            torch.save(_wrap(state, wrapper), path)
+        argv = ["run", "teacher", "--out", str(workdir / "run"), "--teacher-checkpoint", str(path), *SETS]
+        code = run_cli(argv)
+        err = capsys.readouterr().err
+        assert code in (0, 2) and "Traceback" not in err, (code, err)
+        if code == 2:
+            assert err.strip().splitlines()[-1].startswith("error: "), err
+        assert code == (0 if usable else 2), (value_edit, key_edit, wrapper, fmt, err)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
