@@ -6,19 +6,21 @@ complex numbers for weights, a sparse tensor, another shape) is always refused.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from pipeline.cli import run_cli
 from pipeline.models import build_model
-from tests.test_fuzz import FUZZ
+from tests.test_fuzz import EXAMPLES, FUZZ
 
 SETS = [
     a
@@ -117,3 +119,63 @@ def test_fuzz_imported_weights_load_or_are_one_error(key, value_edit, key_edit, 
         assert code == (0 if usable else 2), (value_edit, key_edit, wrapper, fmt, err)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _kdiffusion_checkpoint(path: Path) -> dict:
+    """A pipeline checkpoint of a ResNet-20 student as KDiffusion trains it (m-branch blocks), and its metadata."""
+    from pipeline.artifacts.checkpoint import ModelMeta, save_checkpoint
+    from pipeline.models import model_info
+    from pipeline.reparam import apply_reparam
+
+    sites = [[s.conv, s.bn] for s in model_info("resnet20").reparam_sites]
+    reparam = {"kind": "multibranch", "sites": sites, "m": 2, "mixed_kernels": False, "scale_init": False}
+    model = apply_reparam(build_model("resnet20", 4), reparam)
+    meta = ModelMeta("resnet20", 4, 32, [0.5] * 3, [0.25] * 3, list("abcd"), reparam=reparam)
+    save_checkpoint(path, model.state_dict(), meta)
+    return dataclasses.asdict(meta)
+
+
+META_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(),
+    st.text(max_size=8),
+    st.sampled_from(["multibranch", "layer1.0.conv1", "timm:resnet18", "gray", "fused", "../x", "bn1"]),
+    st.lists(st.sampled_from(["layer1.0.conv1", "layer1.0.bn1", "fc", "", 3]), max_size=3),
+    st.dictionaries(st.sampled_from(["kind", "sites", "m", "bogus"]), st.integers(0, 3), max_size=2),
+)
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=5 * EXAMPLES)  # about 0.02 s a case
+@given(
+    path=st.lists(st.integers(0, 40), min_size=1, max_size=4),
+    value=META_VALUES,
+    added=st.one_of(st.none(), st.tuples(st.booleans(), st.sampled_from(["bogus", "m", "kind", "arch"]), META_VALUES)),
+)
+def test_fuzz_checkpoint_metadata_loads_or_is_one_error(tmp_path_factory, path, value, added):
+    """A pipeline checkpoint whose metadata has one value changed anywhere (`run export --checkpoint`, `predict`'s
+    sources): the model loads, or a PipelineError says why; any other exception would be a traceback."""
+    from safetensors.torch import load_file
+
+    from pipeline.errors import PipelineError
+    from pipeline.models.loading import load_model
+    from tests.test_fuzz import _mutate
+
+    folder = tmp_path_factory.mktemp("fuzz-meta")
+    original = folder / "student.safetensors"
+    meta = _kdiffusion_checkpoint(original)
+    edited = folder / "edited.safetensors"
+    meta = _mutate(meta, path, value)
+    if added is not None:  # a key set (or added) at the top or in the reparam record
+        in_reparam, key, extra = added
+        target = meta.get("reparam") if in_reparam and isinstance(meta, dict) else meta
+        if isinstance(target, dict):
+            target[key] = extra
+    save_file(load_file(str(original)), str(edited), metadata={"pipeline": json.dumps(meta)})
+    try:
+        model, loaded = load_model(edited)
+    except PipelineError:
+        return
+    assert loaded.num_classes == model(torch.zeros(1, 3, 32, 32)).shape[1]

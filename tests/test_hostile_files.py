@@ -123,6 +123,9 @@ GOOD_META = {
         ({"reparam": {"kind": "multibranch", "sites": "all"}}, "reparam.sites must be a list"),
         ({"reparam": {"kind": "multibranch", "sites": [["a", "b"]], "m": 10**9}}, "reparam.m must be an integer"),
         ({"surprise": 1}, "unexpected keyword argument 'surprise'"),
+        ({"recipe": "mine"}, "recipe must be 'cifar' or 'imagenet' and color 'rgb' or 'gray'"),
+        ({"color": "purple"}, "got 'cifar' and 'purple'"),  # read as rgb before
+        ({"reparam": {"kind": "multibranch", "sites": [["a", "b"]], "mixed_kernels": "yes"}}, "must be true or false"),
     ],
 )
 def test_crafted_checkpoint_metadata_is_refused_before_any_allocation(tmp_path, change, message):
@@ -130,6 +133,17 @@ def test_crafted_checkpoint_metadata_is_refused_before_any_allocation(tmp_path, 
     with pytest.raises(CheckpointError, match="has malformed pipeline metadata") as raised:
         read_meta(path)
     assert message in str(raised.value)
+
+
+def test_a_reparam_setting_the_code_does_not_know_is_one_error():
+    """A record with a setting this version's apply function lacks was torch's TypeError (a traceback)."""
+    from pipeline.errors import ConfigError
+    from pipeline.models import build_model, model_info
+    from pipeline.reparam import apply_reparam
+
+    sites = [[s.conv, s.bn] for s in model_info("resnet20").reparam_sites]
+    with pytest.raises(ConfigError, match="unknown re-parameterization setting 'bogus'; known: sites, m"):
+        apply_reparam(build_model("resnet20", 4), {"kind": "multibranch", "sites": sites, "bogus": 1})
 
 
 @pytest.mark.parametrize("meta", [[1, 2], "text", None])

@@ -125,8 +125,11 @@ def meta_problem(meta: ModelMeta) -> str:
         return f"{len(meta.class_names)} class_names for {meta.num_classes} classes"
     if meta.form not in ("train", "fused"):
         return f"form must be 'train' or 'fused', got {str(meta.form)[:40]!r}"
-    if not isinstance(meta.recipe, str) or not isinstance(meta.extra, dict):
-        return "recipe must be a string and extra a mapping"
+    if meta.recipe not in ("cifar", "imagenet") or meta.color not in ("rgb", "gray"):  # they set the preprocessing
+        got = f"{meta.recipe!r:.40} and {meta.color!r:.40}"
+        return f"recipe must be 'cifar' or 'imagenet' and color 'rgb' or 'gray', got {got}"
+    if not isinstance(meta.extra, dict):
+        return "extra must be a mapping"
     if not isinstance(meta.reparam, dict):
         return "reparam must be a mapping"
     if meta.reparam:
@@ -139,6 +142,8 @@ def meta_problem(meta: ModelMeta) -> str:
             return "reparam.sites must be a list of [conv, bn] module paths"
         if "m" in meta.reparam and not is_int(meta.reparam["m"], 1, 64):
             return "reparam.m must be an integer in [1, 64]"
+        if not all(isinstance(meta.reparam.get(k, False), bool) for k in ("mixed_kernels", "scale_init")):
+            return "reparam.mixed_kernels and reparam.scale_init must be true or false"
     return ""
 
 

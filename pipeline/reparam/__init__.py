@@ -11,10 +11,12 @@ the same structure can be rebuilt before loading the weights.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from torch import nn
 
+from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 from pipeline.reparam.fold import conv_bn_pairs, fold_batchnorm, fuse_model
 
@@ -33,4 +35,9 @@ def apply_reparam(model: nn.Module, settings: dict) -> nn.Module:
         return model
     _load_kinds()
     settings = dict(settings)
-    return REPARAMS.get(settings.pop("kind"))(model, **settings)
+    apply = REPARAMS.get(settings.pop("kind"))
+    known = inspect.signature(apply).parameters
+    unknown = sorted(set(settings) - set(known) - {"model"})
+    if unknown:  # a record edited, or written by a newer version
+        raise ConfigError(f"unknown re-parameterization setting {unknown[0]!r}; known: {', '.join(list(known)[1:])}")
+    return apply(model, **settings)
