@@ -8,9 +8,12 @@ needs only the standard library: the edge runtime imports it without torch.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 INPUT_NAME = "input"
+MAX_SIDE = 16384  # pixels of the model's input: twice what checkpoints allow (8192), as resize is 256/224 of it
+MAX_CLASSES = 1 << 20
 OUTPUT_NAME = "logits"
 COLORS = ("rgb", "gray")
 _REQUIRED = ("arch", "num_classes", "input_size", "mean", "std", "resize", "crop")
@@ -76,13 +79,40 @@ class DeployMeta:
         if values.get("precision") == "int8" and legacy:  # exported before int8_target was recorded
             values["int8_target"] = "tensorrt"
         meta = cls(**values)
-        if len(meta.mean) != 3 or len(meta.std) != 3 or min(meta.std) <= 0:
-            raise MetadataError(f"{where} has malformed normalization (mean={meta.mean}, std={meta.std})")
-        if meta.color not in COLORS:
-            raise MetadataError(f"{where} has unknown color {meta.color!r}; expected one of: {', '.join(COLORS)}")
-        if meta.class_names and len(meta.class_names) != meta.num_classes:
-            raise MetadataError(f"{where} names {len(meta.class_names)} classes but has {meta.num_classes} outputs")
+        problem = meta.problem()
+        if problem:
+            raise MetadataError(f"{where} has malformed metadata: {problem}")
         return meta
+
+    def problem(self) -> str:
+        """What makes this record unusable (a type, a size, a mismatch), or ``""``: a file's metadata is input."""
+
+        def count(value, high: int = MAX_SIDE) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= high
+
+        def three(value) -> bool:
+            return (
+                isinstance(value, list)
+                and len(value) == 3
+                and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+            )
+
+        for f in fields(self):
+            if f.type == "str" and not isinstance(getattr(self, f.name), str):
+                return f"{f.name} must be text"
+        if not (count(self.num_classes, MAX_CLASSES) and count(self.input_size) and count(self.resize)):
+            return f"num_classes, input_size and resize must be positive integers ({MAX_SIDE} px at most)"
+        if not count(self.crop, self.resize) or not isinstance(self.opset, int):
+            return f"crop must be a positive integer no larger than resize ({self.resize}), and opset an integer"
+        if not three(self.mean) or not three(self.std) or min(self.std) <= 0:
+            return f"normalization must be three finite numbers each, std positive (mean={self.mean}, std={self.std})"
+        if self.color not in COLORS:
+            return f"unknown color {self.color!r}; expected one of: {', '.join(COLORS)}"
+        if not isinstance(self.class_names, list) or not all(isinstance(n, str) for n in self.class_names):
+            return "class_names must be a list of names"
+        if self.class_names and len(self.class_names) != self.num_classes:
+            return f"it names {len(self.class_names)} classes but has {self.num_classes} outputs"
+        return ""
 
     def class_name(self, index: int) -> str:
         return self.class_names[index] if index < len(self.class_names) else str(index)

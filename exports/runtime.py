@@ -147,7 +147,23 @@ class Classifier:
         runner = OnnxrtRunner(path, PROVIDERS[provider], threads, optimization="disabled")
         runner.activate()
         try:
-            return DeployMeta.from_props(runner.metadata(), str(path))
+            meta = DeployMeta.from_props(runner.metadata(), str(path))
+            if (meta.input_name,) != runner.input_names or meta.output_name not in runner.output_names:
+                raise MetadataError(
+                    f"{path}'s metadata names input {meta.input_name!r} and output {meta.output_name!r}, but the "
+                    f"graph has inputs {list(runner.input_names)} and outputs {list(runner.output_names)}"
+                )
+            session = runner.session
+            shape = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape]
+            if len(shape) != 4 or shape[1] not in (3, None) or any(d not in (meta.crop, None) for d in shape[2:]):
+                raise MetadataError(
+                    f"{path}'s metadata says {meta.crop} x {meta.crop} images, but its graph takes {shape} "
+                    "(batch, channels, height, width)"
+                )
+            output = next(o for o in session.get_outputs() if o.name == meta.output_name).shape
+            if not output or (isinstance(output[-1], int) and output[-1] != meta.num_classes):
+                raise MetadataError(f"{path}'s metadata says {meta.num_classes} classes, but its graph gives {output}")
+            return meta
         except MetadataError as exc:
             raise ModelFileError(str(exc)) from None
         finally:

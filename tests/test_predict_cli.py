@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,3 +206,59 @@ def test_fuzz_any_file_gets_an_answer_or_one_error_line(files, tmp_path_factory,
         event("answered" if "top" in r else f"refused: {r['error'].split('(')[0].split(' is ')[-1].strip()}")
         if "top" in r:
             assert abs(sum(p["probability"] for p in r["top"]) - 1) < 1e-4
+
+
+def _with_props(source: Path, changes: dict[str, str], folder: Path) -> Path:
+    """A copy of the ONNX file ``source`` with some of its metadata values replaced."""
+    import onnx
+
+    model = onnx.load(str(source))
+    props = {p.key: p.value for p in model.metadata_props} | changes
+    del model.metadata_props[:]
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(folder / "model.onnx"))
+    return folder / "model.onnx"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"mean": '"abc"'}, "normalization must be three finite numbers"),  # min("abc") <= 0: a TypeError before
+        ({"class_names": "null"}, "class_names must be a list of names"),
+        ({"resize": "0"}, "resize must be positive integers"),
+        ({"crop": "3"}, "metadata says 3 x 3 images, but its graph takes [None, 3, 16, 16]"),  # ORT's error before
+        ({"input_name": "image"}, "names input 'image' and output 'logits', but the graph has inputs ['input']"),
+        ({"num_classes": "4", "class_names": "[]"}, "metadata says 4 classes, but its graph gives ['batch', 3]"),
+    ],
+)
+def test_metadata_that_does_not_fit_the_graph_is_one_line(files, tmp_path, changes, message, capsys):
+    path = _with_props(files / "model.onnx", changes, tmp_path)
+    assert run_cli(["predict", str(files / "blue.png"), "--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+PROP_VALUES = st.one_of(
+    st.sampled_from(['"abc"', "[]", "[0.5, 0.5]", "[0, 0, 0]", "[-1, 1, 1]", '["a", "b", "c"]', "null", "{}", "0",
+                     "-16", "16", "1e9", "3", "true", '"gray"', "gray", "rgb", '"16"', "NaN", "[NaN, 1, 1]", "x"]),
+    st.integers(-(2**40), 2**40).map(str),
+    st.text(max_size=6),
+)  # fmt: skip
+
+
+@settings(max_examples=int(os.environ.get("KDPIPE_FUZZ_EXAMPLES", "40")), deadline=None, database=None,
+          derandomize=not os.environ.get("KDPIPE_FUZZ_RANDOM"),
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@given(changes=st.dictionaries(st.sampled_from([*META.to_props(), "bogus"]), PROP_VALUES, min_size=1, max_size=3))
+def test_fuzz_a_models_metadata_is_used_or_refused_in_one_line(files, tmp_path_factory, changes, capsys):
+    """The metadata an ONNX file carries (preprocessing, classes, names), edited: predict answers, or says in one
+    line what is wrong with the model file (exit 2); never a traceback."""
+    path = _with_props(files / "model.onnx", changes, tmp_path_factory.mktemp("fuzz-meta"))
+    code = run_cli(["predict", str(files / "blue.png"), "--model", str(path)])
+    out, err = capsys.readouterr()
+    assert code in (0, 2) and "Traceback" not in err, (code, err)
+    if code == 2:
+        assert err.strip().splitlines()[-1].startswith("error: "), err
+    else:
+        assert out.startswith(f"{files / 'blue.png'}: ")
