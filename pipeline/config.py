@@ -190,10 +190,10 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
-def check_preset_name(name: str) -> None:
+def check_preset_name(name: str, what: str = "--preset") -> None:
     """An empty name is a mistake, not a request for the default preset (``--preset "$PRESET"`` unset)."""
     if not name.strip():
-        raise ConfigError("--preset is empty; give a name that `presets` lists, or leave it out")
+        raise ConfigError(f"{what} is empty; give a name that `presets` lists, or leave it out")
 
 
 def preset_text(name: str) -> str:

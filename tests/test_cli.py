@@ -57,6 +57,13 @@ def test_inspect_needs_a_run_folder(tmp_path, capsys):
     assert f"is a sweep folder: inspect one of its runs ({tmp_path}/cells/<cell>)" in capsys.readouterr().err
 
 
+def test_inspect_on_a_stage_folder_names_its_run(tmp_path, capsys):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "manifest.json").write_text("{}")
+    assert run_cli(["inspect", str(tmp_path / "export")]) == 2
+    assert f"is the export stage of a run: inspect the run, {tmp_path}" in capsys.readouterr().err
+
+
 def test_listings(capsys):
     assert run_cli(["presets"]) == 0
     assert "default" in capsys.readouterr().out
@@ -74,7 +81,7 @@ def test_presets_name_prints_the_preset_file_with_its_comments(capsys):
     assert f"epochs: {load_config('fmnist-teacher-resnet20').teacher.optim.epochs}" in text
     for name in ("../../pyproject", "nope", ""):  # looked up among the shipped presets, never as a path
         assert run_cli(["presets", name]) == 2
-        assert capsys.readouterr().err.startswith("error: ")
+        assert capsys.readouterr().err.startswith("error: unknown preset" if name else "error: NAME is empty")
 
 
 def test_presets_json_lists_every_preset_with_its_pair(capsys):

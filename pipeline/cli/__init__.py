@@ -220,6 +220,8 @@ def inspect(run_dir, as_json):
                 f"{run_dir} is a sweep folder: inspect one of its runs ({run_dir / CELLS}/<cell>), or read them all "
                 "with `compare` or `report`"
             )
+        if (run_dir / "manifest.json").is_file() and run_dir.name in order:
+            raise ConfigError(f"{run_dir} is the {run_dir.name} stage of a run: inspect the run, {run_dir.parent}")
         raise ConfigError(f"{run_dir} holds no stage manifests; is it a run folder?")
     audits = {name: store.audit(name) for name in names}
     problems = [p for _, found in audits.values() for p in found]
@@ -255,9 +257,10 @@ def presets(name, as_json):
 
     With NAME, print that preset's file: what it is for, how to run it and every setting it makes.
     """
-    from pipeline.config import list_presets, load_config, preset_text
+    from pipeline.config import check_preset_name, list_presets, load_config, preset_text
 
     if name is not None:
+        check_preset_name(name, "NAME")
         click.echo(preset_text(name), nl=False)
         return
     configs = {name: load_config(name) for name in list_presets()}
