@@ -91,6 +91,30 @@ def test_a_bad_image_in_an_imagefolder_is_one_line_naming_it(tmp_path, kind, wor
     assert not (out / "teacher").exists() and not any((out / ".staging").iterdir())
 
 
+@pytest.mark.parametrize("link", ["loop", "twice"])
+def test_an_image_folder_reached_twice_through_links_is_refused(tmp_path, link, capsys):
+    """A link back up (train/cat/loop -> train/cat) made 4 cat images 164, as the walk follows links; a second
+    link to one folder counts its images in two places."""
+    from pipeline.data.folders import listing_digest
+
+    root = tmp_path / "images"
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(4):
+                (root / split / label / f"{i}.png").write_bytes(_image_bytes(i))
+    cat = root / "train" / "cat"
+    (cat / "loop").symlink_to(cat if link == "loop" else root / "train" / "dog")
+    if link == "twice":
+        (root / "train" / "dog" / "again").symlink_to(root / "train" / "dog")
+    listing_digest.cache_clear()
+    sets = ["data.dataset=imagefolder", "data.image_size=16", "teacher.arch=resnet20", "teacher.optim.epochs=1"]
+    argv = ["run", "teacher", "--data-root", str(root), "--out", str(tmp_path / "run")]
+    assert run_cli([*argv, *(a for s in sets for a in ("--set", s))]) == 2
+    assert "again, through a symbolic link" in _error(capsys)
+    assert not (tmp_path / "run" / "teacher").exists()
+
+
 def _safetensors(path: Path, meta: object) -> Path:
     save_file({"w": torch.zeros(1)}, str(path), metadata={"pipeline": json.dumps(meta)})
     return path

@@ -47,14 +47,23 @@ def listing_digest(root: str) -> str | None:
     ``val/`` and ``test/``. Images added, removed, replaced by another size or moved to another class change it,
     so runs made from the folder before are stale, as after a change of a data setting. Contents are not read
     (0.7 s for 70,000 files); an image edited in place at the same size goes unseen. ``None`` where there is no
-    folder to list (the loader then names the problem). Cached for the process, which is one run from the CLI; a
+    folder to list (the loader then names the problem); a folder reached twice through links is refused. Cached
+    for the process, which is one run from the CLI; a
     program that changes a folder between two runs in one process calls ``listing_digest.cache_clear()``."""
     base = Path(root).expanduser()
     if not base.is_dir():
         return None
     lines = []
     for split in ("train", "val", "test"):
+        seen: dict[str, str] = {}  # each real folder once: a link back up (a loop) counted its images 41 times
         for folder, subfolders, files in os.walk(base / split, followlinks=True):  # as DatasetFolder walks it
+            real = os.path.realpath(folder)
+            if real in seen:
+                raise DatasetError(
+                    f"{folder} is {seen[real]} again, through a symbolic link (a loop, or two links to one "
+                    "folder): its images would be counted more than once; remove the link"
+                )
+            seen[real] = folder
             subfolders.sort()
             for name in sorted(files):
                 if name.lower().endswith(IMG_EXTENSIONS):
