@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 INPUT_NAME = "input"
 MAX_SIDE = 16384  # pixels of the model's input: twice what checkpoints allow (8192), as resize is 256/224 of it
-MAX_CLASSES = 1 << 20
+MAX_CLASSES = 1 << 20  # as pipeline.artifacts.checkpoint's; this module stays free of the pipeline's imports
 OUTPUT_NAME = "logits"
 COLORS = ("rgb", "gray")
 _REQUIRED = ("arch", "num_classes", "input_size", "mean", "std", "resize", "crop")

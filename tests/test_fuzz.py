@@ -147,17 +147,20 @@ OUT = st.sampled_from(["run", "", "a-file", "foreign", "a-file/run"])
 TINY = [a for item in ("data.synthetic.train_size=16", "data.synthetic.test_size=8") for a in ("--set", item)]
 
 
-def _snapshot(root: Path, skip: Path | None) -> dict[str, str]:
+def _snapshot(root: Path, skip: Path | None = None) -> dict[str, str]:
+    """Every path below ``root`` (but ``skip``) with its content's hash; links are listed, not followed."""
     files = {}
-    for path in sorted(root.rglob("*")):
-        if skip is not None and (path == skip or skip in path.parents):
-            continue
-        if path.is_symlink():
-            files[str(path)] = f"-> {os.readlink(path)}"
-        elif path.is_file():
-            files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            files[str(path)] = "dir"
+    for folder, subfolders, names in os.walk(root):
+        for name in sorted(subfolders + names):
+            path = Path(folder) / name
+            if skip is not None and (path == skip or skip in path.parents):
+                continue
+            if path.is_symlink():
+                files[str(path)] = f"-> {os.readlink(path)}"
+            elif path.is_file():
+                files[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                files[str(path)] = "dir"
     return files
 
 
@@ -243,14 +246,21 @@ def test_fuzz_config_files(content, stages, started, capsys):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def stubbed_run(tmp_path_factory) -> Path:
-    """A run folder whose every stage was made by the stub (real manifests, chained)."""
-    out = tmp_path_factory.mktemp("fuzz-run") / "run"
+@contextlib.contextmanager
+def _stubbed_stages():
+    """Every stage's work replaced by :func:`_stub`, for a module-scoped fixture (``started`` is per test)."""
     with pytest.MonkeyPatch.context() as patch:
         get_stage("teacher")
         for name in ORDER:
             patch.setattr(STAGES.get(name), "run", lambda self, ctx: _stub(self, ctx))
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def stubbed_run(tmp_path_factory) -> Path:
+    """A run folder whose every stage was made by the stub (real manifests, chained)."""
+    out = tmp_path_factory.mktemp("fuzz-run") / "run"
+    with _stubbed_stages():
         assert run_cli(["run", "all", "--out", str(out), *TINY]) == 0
     return out
 
@@ -394,10 +404,7 @@ SWEEP_OUT = _mostly(["sweep", "a-sweep"], ["", "a-file", "foreign", "a-run"])
 def stubbed_sweep(tmp_path_factory) -> Path:
     """A finished sweep of two cells, made with the stubbed stages."""
     out = tmp_path_factory.mktemp("fuzz-sweep") / "sweep"
-    with pytest.MonkeyPatch.context() as patch:
-        get_stage("teacher")
-        for name in ORDER:
-            patch.setattr(STAGES.get(name), "run", lambda self, ctx: _stub(self, ctx))
+    with _stubbed_stages() as patch:
         patch.setattr("pipeline.experiments.scheduler.LocalBackend", InProcessBackend)
         InProcessBackend.codes = []
         assert run_cli(["sweep", "--out", str(out), "--method", "kd,vanilla", *TINY]) == 0

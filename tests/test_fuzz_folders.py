@@ -6,8 +6,6 @@ on the tree (exit 0) or names what is wrong in one line (exit 2); it never chang
 
 from __future__ import annotations
 
-import hashlib
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,7 +17,7 @@ from PIL import Image
 
 from pipeline.cli import run_cli
 from pipeline.data.folders import listing_digest
-from tests.test_fuzz import FUZZ
+from tests.test_fuzz import FUZZ, _snapshot
 
 SETS = [
     a
@@ -88,20 +86,6 @@ def _write(folder: Path, images: list, extras: list[str]) -> None:
         elif extra == "nested/deeper.png":
             (folder / "nested").mkdir(exist_ok=True)
             Image.new("RGB", (8, 8)).save(folder / extra)
-
-
-def _snapshot(root: Path) -> dict[str, str]:
-    found = {}
-    for folder, subfolders, files in os.walk(root):  # links are not followed: a loop is listed once
-        for name in sorted(subfolders + files):
-            path = Path(folder) / name
-            if path.is_symlink():
-                found[str(path)] = f"-> {os.readlink(path)}"
-            elif path.is_file():
-                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-            else:
-                found[str(path)] = "dir"
-    return found
 
 
 @pytest.mark.slow

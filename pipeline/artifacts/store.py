@@ -349,13 +349,14 @@ def check_external(path: str | Path, what: str = "") -> Path:
     """A user-supplied file (``what``: its setting) must be a readable file; checked without reading it, as a
     sweep checks every cell's before the first starts."""
     path = Path(path).expanduser()
+    named = f"{what} {_shown(path)}" if what else _shown(path)
     try:
         if not path.is_file():
-            raise ArtifactError(f"{what + ' ' if what else ''}{_shown(path)} does not exist or is not a file")
+            raise ArtifactError(f"{named} does not exist or is not a file")
         if not os.access(path, os.R_OK):
-            raise ArtifactError(f"cannot read {_shown(path)}: permission denied")
+            raise ArtifactError(f"cannot read {named}: permission denied")
     except OSError as exc:  # a name too long for the system, a loop of links
-        raise ArtifactError(f"cannot read {_shown(path)}: {exc.strerror}") from None
+        raise ArtifactError(f"cannot read {named}: {exc.strerror}") from None
     return path
 
 
