@@ -95,6 +95,22 @@ def test_missing_or_broken_files_are_clear_errors(tmp_path, damage, message):
         idx.load_idx(idx.FASHION_MNIST, _cfg(tmp_path, verify_checksums=False))
 
 
+def test_a_gzip_bomb_is_refused_before_it_fills_memory(tmp_path, monkeypatch):
+    """gzip.decompress would inflate 10 MB of zeros to 10 GB before any check; the loader stops at its cap."""
+    monkeypatch.setattr(idx, "MAX_IDX_BYTES", 1 << 20)  # the real cap is 1 GiB
+    write_idx_set(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(5 << 20)))
+    with pytest.raises(DatasetError, match="t10k-labels-idx1-ubyte.gz decompresses to more than"):
+        idx.load_idx(idx.FASHION_MNIST, _cfg(tmp_path, verify_checksums=False))
+
+
+def test_a_gzip_file_of_several_members_reads_as_gzip_reads_it(tmp_path):
+    data = idx_bytes(np.arange(7) % 10)
+    path = tmp_path / "labels.gz"
+    path.write_bytes(gzip.compress(data[:5]) + gzip.compress(data[5:]))
+    assert idx._gunzip(path.read_bytes(), path) == gzip.decompress(path.read_bytes()) == data
+
+
 def test_truncated_idx_is_refused(tmp_path):
     write_idx_set(tmp_path, gz=False)
     path = tmp_path / "train-images-idx3-ubyte"

@@ -17,7 +17,6 @@ already performs, instead of adding a second (pad) one to every deployed model.
 from __future__ import annotations
 
 import functools
-import gzip
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,10 +112,7 @@ def _read(release: IdxRelease, root: Path, key: str, verify: bool) -> bytes:
     gz, raw = root / f"{name}.gz", root / name
     if gz.is_file():
         packed = gz.read_bytes()
-        try:
-            data = gzip.decompress(packed)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise DatasetError(f"{gz} is not a readable gzip file ({exc}); replace it with the official file") from None
+        data = _gunzip(packed, gz)
         if verify and md5_bytes(packed) != release.gz_md5[key]:
             _check_content(release, key, data, str(gz))
         return data
@@ -127,6 +123,29 @@ def _read(release: IdxRelease, root: Path, key: str, verify: bool) -> bytes:
         return data
     looked = f"{root} does not exist" if not root.exists() else f"{root} holds neither {name} nor {name}.gz"
     raise DatasetError(f"{release.title} not found ({looked}): {_expected(release, root)}")
+
+
+MAX_IDX_BYTES = 1 << 30  # decompressed; EMNIST's largest split is 0.55 GiB, Fashion-MNIST's 45 MiB
+
+
+def _gunzip(packed: bytes, gz: Path) -> bytes:
+    """``gzip.decompress``, stopped at :data:`MAX_IDX_BYTES`: 10 MB of gzip can hold 10 GB of zeros."""
+    parts, size = [], 0
+    while packed:
+        stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            part = stream.decompress(packed, MAX_IDX_BYTES + 1 - size)
+        except zlib.error as exc:
+            raise DatasetError(f"{gz} is not a readable gzip file ({exc}); replace it with the official file") from None
+        size += len(part)
+        if size > MAX_IDX_BYTES:
+            raise DatasetError(f"{gz} decompresses to more than {MAX_IDX_BYTES >> 30} GiB, more than an IDX file of "
+                               "this loader holds (a gzip bomb, or not an MNIST-like release)")  # fmt: skip
+        if not stream.eof:
+            raise DatasetError(f"{gz} is not a readable gzip file (truncated); replace it with the official file")
+        parts.append(part)
+        packed = stream.unused_data.lstrip(b"\0")  # the next member, as gzip.decompress reads them; padding ends it
+    return b"".join(parts)
 
 
 def _check_content(release: IdxRelease, key: str, data: bytes, where: str) -> None:
