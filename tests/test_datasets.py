@@ -3,6 +3,7 @@
 import hashlib
 import io
 import pickle
+import tarfile
 
 import numpy as np
 import pytest
@@ -77,6 +78,21 @@ def test_cifar100_from_the_archive_checks_its_md5(cifar_root, tmp_path_factory):
     with pytest.raises(DatasetError) as err:
         cifar.cifar100(_cifar_cfg(archive))
     assert archive_md5 in str(err.value) and cifar.MD5[cifar.ARCHIVE] in str(err.value)
+
+
+def test_cifar100_archive_members_larger_than_any_release_file_are_refused(cifar_root, tmp_path_factory, monkeypatch):
+    """Unchecked (verify off), an archive's member may claim gigabytes; it is refused before it is read."""
+    root, _ = cifar_root
+    archive = tmp_path_factory.mktemp("archive") / cifar.ARCHIVE
+    tar_cifar100(root, archive)
+    monkeypatch.setattr(cifar, "MAX_MEMBER_BYTES", 1000)  # the real cap is 1 GiB
+    with pytest.raises(DatasetError, match=r"cifar-100-python/train is \d+ bytes; CIFAR-100's largest file is 155 MB"):
+        cifar.cifar100(_cifar_cfg(archive.parent, verify_checksums=False))
+    monkeypatch.setattr(cifar, "MAX_MEMBER_BYTES", 1 << 30)
+    with tarfile.open(archive, "w:gz") as tar:  # an archive without the files
+        tar.add(root / "cifar-100-python" / "meta", arcname="cifar-100-python/meta")
+    with pytest.raises(DatasetError, match="does not hold cifar-100-python/train"):
+        cifar.cifar100(_cifar_cfg(archive.parent, verify_checksums=False))
 
 
 def test_cifar100_root_may_be_the_folder_itself(cifar_root):

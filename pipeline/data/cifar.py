@@ -135,6 +135,9 @@ def read_files(cfg: DataConfig, md5: dict[str, str] | None = None) -> tuple[dict
     raise DatasetError(f"CIFAR-100 not found ({looked}): {_expected(root)}")
 
 
+MAX_MEMBER_BYTES = 1 << 30
+
+
 def _read_archive(path: Path, verify: bool, md5: dict[str, str]) -> dict[str, bytes]:
     raw = path.read_bytes()
     if verify:
@@ -143,7 +146,13 @@ def _read_archive(path: Path, verify: bool, md5: dict[str, str]) -> dict[str, by
         with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tar:
             out = {}
             for name in _FILES:
-                member = tar.extractfile(f"{FOLDER}/{name}")
+                try:
+                    info = tar.getmember(f"{FOLDER}/{name}")
+                except KeyError:
+                    raise KeyError(name) from None
+                if info.size > MAX_MEMBER_BYTES:  # unchecked (verify off), an archive may claim any size
+                    raise DatasetError(f"{path}: {info.name} is {info.size} bytes; CIFAR-100's largest file is 155 MB")
+                member = tar.extractfile(info)
                 if member is None:
                     raise KeyError(name)
                 out[name] = member.read()
