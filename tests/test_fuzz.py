@@ -413,8 +413,8 @@ def stubbed_sweep(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @FUZZ
-@given(options=SWEEP_OPTIONS, sets=SWEEP_SETS, out=SWEEP_OUT)
-def test_fuzz_sweep_command_lines(stubbed_run, stubbed_sweep, options, sets, out, in_process, started, capsys):
+@given(options=SWEEP_OPTIONS, sets=SWEEP_SETS, out=SWEEP_OUT, config=st.one_of(st.none(), CONFIG_TEXT))
+def test_fuzz_sweep_command_lines(stubbed_run, stubbed_sweep, options, sets, out, config, in_process, started, capsys):
     """Every mistake in a sweep's command line is refused before the first cell starts: once cells run, none of
     them fails on a setting (status 2)."""
     in_process.clear()  # the fixture lives across Hypothesis's examples
@@ -423,6 +423,9 @@ def test_fuzz_sweep_command_lines(stubbed_run, stubbed_sweep, options, sets, out
         shutil.copytree(stubbed_run, workdir / "a-run", symlinks=True)
         shutil.copytree(stubbed_sweep, workdir / "a-sweep", symlinks=True)
         argv = ["sweep", "--out", out, *TINY, *(a for o in options for a in o), *(a for s in sets for a in s)]
+        if config is not None:
+            (workdir / "exp.yaml").write_bytes(config)
+            argv += ["--config", "exp.yaml"]
         target = workdir / out if out in ("sweep", "a-sweep") else None
         code = _check(argv, workdir, target, started, capsys)
         assert not [c for c in in_process if c[1] == 2], f"{argv!r}: a cell refused its settings: {in_process}"
