@@ -7,6 +7,7 @@ complex numbers for weights, a sparse tensor, another shape) is always refused.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import shutil
 import tempfile
@@ -179,3 +180,80 @@ def test_fuzz_checkpoint_metadata_loads_or_is_one_error(tmp_path_factory, path, 
     except PipelineError:
         return
     assert loaded.num_classes == model(torch.zeros(1, 3, 32, 32)).shape[1]
+
+
+@pytest.fixture(scope="module")
+def resume_state(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """A finished small teacher run, its teacher folder removed, and the resume state its training saved last:
+    the rerun resumes from whatever that file then holds."""
+    import pipeline.training.loop as loop
+
+    run = tmp_path_factory.mktemp("fuzz-resume") / "run"
+    saved: list[tuple[Path, bytes]] = []  # the file goes once the stage is committed; its bytes are kept
+
+    def save(path: Path, state: dict) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        saved.append((path, buffer.getvalue()))
+        original(path, state)
+
+    original = loop.save_state
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "save_state", save)
+        argv = ["run", "teacher", "--out", str(run), *SETS, "--set", "training.checkpoint_every=1"]
+        assert run_cli(argv) == 0
+    path, data = saved[0]  # the first: mid-epoch, as a killed run leaves it
+    return run, path, torch.load(io.BytesIO(data), weights_only=True)
+
+
+RESUME_VALUES = st.one_of(
+    st.none(),
+    st.integers(-5, 10**6),
+    st.text(max_size=4),
+    st.lists(st.integers(), max_size=3),
+    st.sampled_from([torch.zeros(3), torch.full((2, 2), float("nan")), torch.zeros(0, dtype=torch.int64)]),
+)
+
+
+@pytest.mark.slow
+@FUZZ
+@given(path=st.lists(st.integers(0, 60), min_size=1, max_size=4), value=RESUME_VALUES)
+def test_fuzz_an_edited_resume_state_resumes_or_is_one_error(resume_state, path, value, capsys):
+    """A training stage's resume state (.scratch/<stage>/resume.pt), one value replaced: the rerun resumes, or
+    says in one line to delete the file; never a traceback."""
+    from tests.test_fuzz import _mutate
+
+    run, file, state = resume_state
+    shutil.rmtree(run / "teacher", ignore_errors=True)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(_mutate(state, path, value), file)
+    code = run_cli(["run", "teacher", "--out", str(run), *SETS, "--set", "training.checkpoint_every=1"])
+    err = capsys.readouterr().err
+    assert code in (0, 1, 2) and "Traceback" not in err, (code, err)
+    if code == 2:
+        assert err.strip().splitlines()[-1].startswith("error: "), err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (["partial"], None, "the partial epoch's sums are not numbers"),  # 'NoneType' has no attribute 'get'
+        (["scheduler", "base_lrs"], [None], "the LR schedule's state: base_lrs is not of the form"),
+        (["format"], torch.zeros(3), "is not resume state of this pipeline version"),  # an ambiguous tensor
+        (["epoch"], 10**6, "position (1000000, "),
+    ],
+)
+def test_an_edited_resume_state_is_one_error(resume_state, path, value, message, capsys):
+    run, file, state = resume_state
+    shutil.rmtree(run / "teacher", ignore_errors=True)
+    edited = dict(state)
+    if len(path) == 2:
+        edited[path[0]] = {**state[path[0]], path[1]: value}
+    else:
+        edited[path[0]] = value
+    file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(edited, file)
+    assert run_cli(["run", "teacher", "--out", str(run), *SETS, "--set", "training.checkpoint_every=1"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "delete it to restart the stage" in err, err

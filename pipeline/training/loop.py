@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.config import OptimConfig, TrainingConfig
 from pipeline.distill import Distiller
-from pipeline.errors import ConfigError, PipelineError, out_of_memory
+from pipeline.errors import CheckpointError, ConfigError, PipelineError, out_of_memory
 from pipeline.progress import progress_bar
 from pipeline.training import speed
 from pipeline.training.data import EpochSampler, ShardSampler, mix_seed
@@ -195,6 +195,27 @@ def fit(
         return trainer.run()
 
 
+def _like(saved: object, made: dict, what: str) -> None:
+    """``saved`` has the keys of ``made`` (a fresh object's state dict) and values of the same types: torch's
+    ``load_state_dict`` of schedulers, scalers and optimizer groups takes any values, and training then fails."""
+    if not isinstance(saved, dict) or set(saved) != set(made):
+        raise ValueError(f"{what} has other entries than this run's")
+    for key, value in made.items():
+        if key != "params" and not _same_form(saved[key], value):
+            raise ValueError(f"{what}: {key} is not of the form this run's is ({str(saved[key])[:60]})")
+
+
+def _same_form(saved: object, made: object) -> bool:
+    """The same type, and for a list or tuple the same length and the same form item by item."""
+    if type(saved) is not type(made):
+        return False
+    if isinstance(made, list | tuple):
+        return len(saved) == len(made) and all(_same_form(a, b) for a, b in zip(saved, made))  # type: ignore[arg-type]
+    if isinstance(made, dict):
+        return set(saved) == set(made) and all(_same_form(saved[k], made[k]) for k in made)  # type: ignore[index]
+    return True
+
+
 class _Trainer:
     def __init__(
         self,
@@ -261,17 +282,25 @@ class _Trainer:
         if state is None:
             seed_rng(mix_seed(self.seed, self.world.rank))
             return
-        self.distiller.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.history.epochs = state["history"]
-        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
-        self.partial = state["partial"]
+        try:  # the file is this stage's own, but an edit or another tool's file must not end in a traceback
+            self._check_state(state)
+            self.distiller.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.history.epochs = state["history"]
+            self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+            self.partial = state["partial"]
+            rngs = state["rng"]
+            if len(rngs) == self.world.size:
+                restore_rng(rngs[self.world.rank], self.device)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            raise CheckpointError(
+                f"the resume state {self.resume_path} does not fit this stage ({type(exc).__name__}: "
+                f"{str(exc).strip()[:200]}); delete it to restart the stage"
+            ) from None
         where = f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"the end of epoch {self.epoch}"
-        rngs = state["rng"]
         if len(rngs) == self.world.size:
-            restore_rng(rngs[self.world.rank], self.device)
             self.log(f"{self.desc}: resumed at {where} from {self.resume_path}")
         else:
             seed_rng(mix_seed(self.seed, self.world.rank, self.epoch, self.step))
@@ -279,6 +308,52 @@ class _Trainer:
                 f"{self.desc}: resumed at {where} from {self.resume_path}, saved by {len(rngs)} process(es) and "
                 f"continued by {self.world.size}: same data order, but not bit-exact"
             )
+
+    def _check_state(self, state: dict) -> None:
+        """The plain values of a resume state have the types and ranges that the loop reads later."""
+
+        def count(value, high: float) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
+
+        def number(value) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+        position = (state["epoch"], state["step"], state["global_step"])
+        if not (count(position[0], self.optim.epochs) and count(position[1], self.sampler.steps_per_epoch)):
+            raise ValueError(f"position {position[:2]} is outside {self.optim.epochs} epochs of "
+                             f"{self.sampler.steps_per_epoch} steps")  # fmt: skip
+        if not count(position[2], 2**62):
+            raise ValueError(f"global_step {position[2]!r} is not a step count")
+        partial, history = state["partial"], state["history"]
+        sums = partial.get("sums", {}) if isinstance(partial, dict) else None
+        if not (isinstance(sums, dict) and all(isinstance(k, str) and number(v) for k, v in sums.items())) or not all(
+            number(partial.get(k, 0.0)) for k in ("seen", "correct", "seconds")
+        ):
+            raise ValueError("the partial epoch's sums are not numbers")
+        plain = str | int | float | bool | type(None)
+        if not isinstance(history, list) or not all(
+            isinstance(epoch, dict) and all(isinstance(k, str) and isinstance(v, plain) for k, v in epoch.items())
+            for epoch in history
+        ):
+            raise ValueError("the history is not a list of epochs of plain values")
+        if not isinstance(state["rng"], list):
+            raise ValueError("the RNG states are not a list")
+        # torch's load_state_dict takes an optimizer's per-parameter state as it is, and its step then fails on it
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        groups, fresh = state["optimizer"]["param_groups"], self.optimizer.state_dict()["param_groups"]
+        if not isinstance(groups, list) or len(groups) != len(fresh):
+            raise ValueError("the optimizer's parameter groups are not this optimizer's")
+        for group, made in zip(groups, fresh):
+            _like(group, made, "an optimizer parameter group")
+        _like(state["scheduler"], self.scheduler.state_dict(), "the LR schedule's state")
+        _like(state["scaler"], self.scaler.state_dict(), "the AMP scaler's state")
+        per_param = state["optimizer"]["state"]
+        for index, values in per_param.items():
+            if not (isinstance(index, int) and 0 <= index < len(params) and isinstance(values, dict)):
+                raise ValueError(f"the optimizer's state names parameter {index!r}, which it does not have")
+            for name, value in values.items():
+                if not isinstance(value, torch.Tensor) or (value.dim() and value.shape != params[index].shape):
+                    raise ValueError(f"the optimizer's {name} of parameter {index} does not fit it")
 
     def _save(self) -> None:
         """Every rank contributes its RNG state; rank 0 writes the file."""

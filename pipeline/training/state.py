@@ -68,6 +68,6 @@ def load_state(path: Path) -> dict | None:
         raise CheckpointError(
             f"cannot read the resume state {path} ({type(exc).__name__}: {exc}); delete it to restart the stage"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or not isinstance(state.get("format"), int) or state["format"] != FORMAT:
         raise CheckpointError(f"{path} is not resume state of this pipeline version; delete it to restart the stage")
     return state
