@@ -196,24 +196,26 @@ def fit(
 
 
 def _like(saved: object, made: dict, what: str) -> None:
-    """``saved`` has the keys of ``made`` (a fresh object's state dict) and values of the same types: torch's
-    ``load_state_dict`` of schedulers, scalers and optimizer groups takes any values, and training then fails."""
-    if not isinstance(saved, dict) or set(saved) != set(made):
-        raise ValueError(f"{what} has other entries than this run's")
-    for key, value in made.items():
-        if key != "params" and not _same_form(saved[key], value):
-            raise ValueError(f"{what}: {key} is not of the form this run's is ({str(saved[key])[:60]})")
+    """``saved`` has the form of ``made``, a fresh object's state dict: torch's ``load_state_dict`` of schedulers,
+    scalers and optimizer groups takes any values, and training then fails steps later."""
+    where = _mismatch(saved, made, "", skip="params")
+    if where is not None:
+        raise ValueError(f"{what}{': ' + where if where else ''} is not of the form this run's is")
 
 
-def _same_form(saved: object, made: object) -> bool:
-    """The same type, and for a list or tuple the same length and the same form item by item."""
-    if type(saved) is not type(made):
-        return False
-    if isinstance(made, list | tuple):
-        return len(saved) == len(made) and all(_same_form(a, b) for a, b in zip(saved, made))  # type: ignore[arg-type]
+def _mismatch(saved: object, made: object, at: str, skip: str = "") -> str | None:
+    """Where ``saved`` first differs from ``made`` in type, keys or length ('' for the top), or None if nowhere."""
+    if type(saved) is not type(made) or (isinstance(made, list | tuple | dict) and len(saved) != len(made)):  # type: ignore[arg-type]
+        return at
     if isinstance(made, dict):
-        return set(saved) == set(made) and all(_same_form(saved[k], made[k]) for k in made)  # type: ignore[index]
-    return True
+        if set(saved) != set(made):  # type: ignore[arg-type]
+            return at
+        inner = [(f"{at}.{k}" if at else str(k), saved[k], v) for k, v in made.items() if k != skip]  # type: ignore[index]
+    elif isinstance(made, list | tuple):
+        inner = [(f"{at}[{i}]", a, b) for i, (a, b) in enumerate(zip(saved, made))]  # type: ignore[call-overload]
+    else:
+        return None
+    return next((w for w in (_mismatch(a, b, where) for where, a, b in inner) if w is not None), None)
 
 
 class _Trainer:
