@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline.artifacts import machine
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, short_path
 from pipeline.precision_order import PRECISION_ORDER, REFERENCE_PRECISION
 
 
@@ -466,7 +466,7 @@ def read_config_text(path: Path) -> str:
         with open(path, "rb") as handle:
             raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {_short_path(path)}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config file {short_path(path)}: {exc.strerror}") from None
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; is it a config?")
     try:
@@ -557,9 +557,4 @@ def check_path(value: str, what: str, text: bool = False) -> None:
     if len(value.encode(errors="surrogateescape")) > _MAX_PATH or any(
         len(part.encode(errors="surrogateescape")) > _MAX_NAME for part in Path(value).parts
     ):
-        raise ConfigError(f"{what} is too long for a file path: {_short_path(value)}")
-
-
-def _short_path(path: str | Path) -> str:
-    text = str(path)
-    return text if len(text) <= 120 else f"{text[:60]}...{text[-40:]} ({len(text)} characters)"
+        raise ConfigError(f"{what} is too long for a file path: {short_path(value)}")

@@ -110,6 +110,12 @@ def clipped(message: str, limit: int = 400) -> str:
     return message if len(message) <= limit else f"{message[: limit - 60]}...{message[-50:]}"
 
 
+def short_path(path: object) -> str:
+    """A path fit for one line of a message: a long one keeps its start and its file name."""
+    text = str(path)
+    return text if len(text) <= 120 else f"{text[:60]}...{text[-40:]} ({len(text)} characters)"
+
+
 class UnsupportedModelError(PipelineError):
     """A model that a converter or runtime (timm, torch.onnx, onnx, ONNX Runtime, onnxconverter-common) cannot
     handle: exporting it needs another model, setting or library version, not a rerun."""

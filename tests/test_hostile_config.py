@@ -56,6 +56,7 @@ OPTIONS = [
     (["--set", "data=[1, 2]"], "data must be a mapping, got [1, 2]"),
     (["--set", "teacher=3"], "teacher must be a mapping, got 3"),
     (["--teacher-checkpoint", "/" + "c" * 100_000], "teacher.checkpoint is too long for a file path"),
+    (["--teacher-checkpoint", "/" + "c" * 200 + "/t.pth"], "..." + "c" * 34 + "/t.pth (207 characters) does not exist"),
     (["--teacher-checkpoint", ""], "teacher.checkpoint is empty"),
     (["--data-root", ""], "data.root is empty"),
     (["--out", ""], "--out is empty"),

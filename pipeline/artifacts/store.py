@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.artifacts.hashing import sha256_file
 from pipeline.artifacts.manifest import MANIFEST, Artifact, Manifest, unsafe_path
-from pipeline.errors import ArtifactError, ConfigError, clipped, no_space, one_line
+from pipeline.errors import ArtifactError, ConfigError, clipped, no_space, one_line, short_path
 
 _STAGING = ".staging"
 _SCRATCH = ".scratch"
@@ -342,14 +342,14 @@ def external_input(path: str | Path, what: str = "") -> Artifact:
     try:
         return Artifact(str(path.resolve()), sha256_file(path), path.stat().st_size, "external")
     except OSError as exc:
-        raise ArtifactError(f"cannot read {_shown(path)}: {exc.strerror}") from None
+        raise ArtifactError(f"cannot read {short_path(path)}: {exc.strerror}") from None
 
 
 def check_external(path: str | Path, what: str = "") -> Path:
     """A user-supplied file (``what``: its setting) must be a readable file; checked without reading it, as a
     sweep checks every cell's before the first starts."""
     path = Path(path).expanduser()
-    named = f"{what} {_shown(path)}" if what else _shown(path)
+    named = f"{what} {short_path(path)}" if what else short_path(path)
     try:
         if not path.is_file():
             raise ArtifactError(f"{named} does not exist or is not a file")
@@ -358,10 +358,6 @@ def check_external(path: str | Path, what: str = "") -> Path:
     except OSError as exc:  # a name too long for the system, a loop of links
         raise ArtifactError(f"cannot read {named}: {exc.strerror}") from None
     return path
-
-
-def _shown(path: Path) -> str:
-    return str(path) if len(str(path)) <= 120 else f"{str(path)[:100]}..."
 
 
 @contextmanager

@@ -48,8 +48,8 @@ def listing_digest(root: str) -> str | None:
     so runs made from the folder before are stale, as after a change of a data setting. Contents are not read
     (0.7 s for 70,000 files); an image edited in place at the same size goes unseen. ``None`` where there is no
     folder to list (the loader then names the problem); a folder reached twice through links is refused. Cached
-    for the process, which is one run from the CLI; a
-    program that changes a folder between two runs in one process calls ``listing_digest.cache_clear()``."""
+    for the process, which is one run from the CLI; a program that changes a folder between two runs in one
+    process calls ``listing_digest.cache_clear()``."""
     base = Path(root).expanduser()
     if not base.is_dir():
         return None
