@@ -240,6 +240,8 @@ def test_fuzz_an_edited_resume_state_resumes_or_is_one_error(resume_state, path,
     [
         (["partial"], None, "the partial epoch's sums are not numbers"),  # 'NoneType' has no attribute 'get'
         (["scheduler", "base_lrs"], [None], "the LR schedule's state: base_lrs[0] is not of the form"),
+        (["optimizer", "param_groups"], [], "the optimizer's param_groups is not of the form"),
+        (["optimizer", "param_groups"], [{"lr": 0.1}], "the optimizer's param_groups[0] is not of the form"),
         (["format"], torch.zeros(3), "is not resume state of this pipeline version"),  # an ambiguous tensor
         (["epoch"], 10**6, "position (1000000, "),
     ],

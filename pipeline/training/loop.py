@@ -195,12 +195,13 @@ def fit(
         return trainer.run()
 
 
-def _like(saved: object, made: dict, what: str) -> None:
+def _like(saved: object, made: object, what: str) -> None:
     """``saved`` has the form of ``made``, a fresh object's state dict: torch's ``load_state_dict`` of schedulers,
     scalers and optimizer groups takes any values, and training then fails steps later."""
     where = _mismatch(saved, made, "", skip="params")
     if where is not None:
-        raise ValueError(f"{what}{': ' + where if where else ''} is not of the form this run's is")
+        joint = ": " if where and not where.startswith("[") else ""
+        raise ValueError(f"{what}{joint}{where} is not of the form this run's is")
 
 
 def _mismatch(saved: object, made: object, at: str, skip: str = "") -> str | None:
@@ -210,12 +211,12 @@ def _mismatch(saved: object, made: object, at: str, skip: str = "") -> str | Non
     if isinstance(made, dict):
         if set(saved) != set(made):  # type: ignore[arg-type]
             return at
-        inner = [(f"{at}.{k}" if at else str(k), saved[k], v) for k, v in made.items() if k != skip]  # type: ignore[index]
+        inner = ((f"{at}.{k}" if at else str(k), saved[k], v) for k, v in made.items() if k != skip)  # type: ignore[index]
     elif isinstance(made, list | tuple):
-        inner = [(f"{at}[{i}]", a, b) for i, (a, b) in enumerate(zip(saved, made))]  # type: ignore[call-overload]
+        inner = ((f"{at}[{i}]", a, b) for i, (a, b) in enumerate(zip(saved, made)))  # type: ignore[call-overload]
     else:
         return None
-    return next((w for w in (_mismatch(a, b, where) for where, a, b in inner) if w is not None), None)
+    return next((w for where, a, b in inner if (w := _mismatch(a, b, where, skip)) is not None), None)
 
 
 class _Trainer:
@@ -340,16 +341,13 @@ class _Trainer:
             raise ValueError("the history is not a list of epochs of plain values")
         if not isinstance(state["rng"], list):
             raise ValueError("the RNG states are not a list")
-        # torch's load_state_dict takes an optimizer's per-parameter state as it is, and its step then fails on it
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        groups, fresh = state["optimizer"]["param_groups"], self.optimizer.state_dict()["param_groups"]
-        if not isinstance(groups, list) or len(groups) != len(fresh):
-            raise ValueError("the optimizer's parameter groups are not this optimizer's")
-        for group, made in zip(groups, fresh):
-            _like(group, made, "an optimizer parameter group")
+        optimizer = state["optimizer"]
+        _like(optimizer["param_groups"], self.optimizer.state_dict()["param_groups"], "the optimizer's param_groups")
         _like(state["scheduler"], self.scheduler.state_dict(), "the LR schedule's state")
         _like(state["scaler"], self.scaler.state_dict(), "the AMP scaler's state")
-        per_param = state["optimizer"]["state"]
+        # torch's load_state_dict takes an optimizer's per-parameter state as it is, and its step then fails on it
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        per_param = optimizer["state"]
         for index, values in per_param.items():
             if not (isinstance(index, int) and 0 <= index < len(params) and isinstance(values, dict)):
                 raise ValueError(f"the optimizer's state names parameter {index!r}, which it does not have")
