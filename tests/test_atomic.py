@@ -1,10 +1,13 @@
 """The one atomic file write (pipeline.artifacts.atomic): readers see the old file or the new one, never a part."""
 
 import ast
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
+from pipeline.artifacts import atomic
 from pipeline.artifacts.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from pipeline.artifacts.code_version import PROJECT_PACKAGES
 
@@ -32,6 +35,15 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["022", "027"])
+def test_a_written_file_has_the_mode_a_plain_open_gives(tmp_path, monkeypatch, umask, mode):
+    """Not tempfile's 0600: a report or resume state replaced in place stays readable by whom the umask allows."""
+    monkeypatch.setattr(atomic, "_UMASK", umask)
+    path = atomic_write_text(tmp_path / "report.html", "<html>")
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
 # --- the one way: no other module moves a file into place -------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +67,6 @@ def _moves(source: Path) -> list[int]:
 
 def test_a_pipe_in_place_of_the_file_is_written_into_not_replaced(tmp_path):
     """``--output /dev/stdout`` or a FIFO: renaming over it would put a regular file where the node was."""
-    import os
-    import stat
-
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so that opening for writing does not block

@@ -1,9 +1,12 @@
 """Manifests, hashing, atomic commits and the refusal rules of the single artifact loader."""
 
 import json
+import os
+import stat
 
 import pytest
 
+from pipeline.artifacts import atomic
 from pipeline.artifacts.checks import Check
 from pipeline.artifacts.manifest import Artifact, Manifest
 from pipeline.artifacts.store import RunStore, describe_file, external_input
@@ -106,6 +109,15 @@ def test_commit_replaces_previous_folder_atomically(tmp_path):
     _commit(store, "a", b"two")
     assert (tmp_path / "a" / "out.bin").read_bytes() == b"two"
     assert not list((tmp_path / ".staging").glob("a-*"))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_a_committed_stage_folder_has_the_mode_a_plain_mkdir_gives(tmp_path, monkeypatch):
+    """Not tempfile's 0700: an exported model's folder is read by the service or container build that deploys it."""
+    monkeypatch.setattr(atomic, "_UMASK", 0o022)
+    store = RunStore(tmp_path)
+    _commit(store, "a")
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
 
 
 def test_uncommitted_staging_never_looks_complete(tmp_path):

@@ -15,7 +15,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "plain_mode"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import: os.umask can only be read by setting it
+
+
+def plain_mode(path: str | Path) -> Path:
+    """Give a file or folder that ``tempfile`` made (0600, 0700) the mode a plain ``open`` or ``mkdir`` gives, so a
+    model, report or stage folder is readable by whoever the user's umask lets read their files (a service, a
+    container build), not by its owner only."""
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
+    return path
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
@@ -32,6 +50,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        plain_mode(tmp)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.artifacts.atomic import plain_mode
 from pipeline.artifacts.hashing import sha256_file
 from pipeline.artifacts.manifest import MANIFEST, Artifact, Manifest, unsafe_path
 from pipeline.errors import ArtifactError, ConfigError, clipped, no_space, one_line, short_path
@@ -229,7 +230,7 @@ class RunStore:
         """A fresh, empty folder for a stage to write into before it is committed."""
         base = self.root / _STAGING
         base.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{stage}-", dir=base))
+        return plain_mode(tempfile.mkdtemp(prefix=f"{stage}-", dir=base))
 
     def scratch(self, stage: str, key: str) -> Path:
         """A folder that survives a crash (resume state), keyed so a changed stage never reuses it."""
