@@ -116,6 +116,7 @@ class TrainingConfig:
     tensorboard: bool = True  # event files in <run>/tensorboard/<stage>/
     log_every: int = 20  # steps between TensorBoard loss points
     test_each_epoch: bool = True  # score the test split after every student epoch (for `compare --best`)
+    val_every: int = 1  # score the val split every N epochs and after the last (the plateau check reads each one)
     # GPU step overhead (docs/bench-training.md, "Step overhead"); all off by default:
     device_data: bool = False  # training split on the device, crop/flip/normalize there (synthetic, cifar100)
     defer_metrics: bool = False  # read losses (and check them for NaN) every log_every steps, not every step

@@ -166,6 +166,7 @@ def test_channels_last_on_cpu(data):
         ({"deterministic": True, "cudnn_benchmark": True}, "conflicts with training.cudnn_benchmark"),
         ({"checkpoint_every": -1}, "training.checkpoint_every must be >= 0"),
         ({"log_every": 0}, "training.log_every must be >= 1"),
+        ({"val_every": 0}, "training.val_every must be >= 1"),
     ],
 )
 def test_impossible_training_options_are_config_errors(options, message):
@@ -321,3 +322,52 @@ def test_per_epoch_test_scores_are_optional_and_do_not_change_the_final_figure(t
     assert last.manifest("train").metrics["test_top1"] == each.manifest("train").metrics["test_top1"]
     weights = [(tmp_path / run / "train" / "student.safetensors").read_bytes() for run in ("each", "last")]
     assert weights[0] == weights[1]  # the extra test passes draw no random numbers the training uses
+
+
+@pytest.mark.slow
+def test_val_every_scores_fewer_epochs_and_keeps_the_weights(tmp_path, tiny_overrides):
+    """``training.val_every=2`` over 3 epochs scores val after epochs 2 and 3 (the last always), and the weights
+    are those of scoring every epoch: the teacher preset skips passes without changing the teacher it hashes."""
+    import json
+
+    from pipeline.artifacts.store import RunStore
+    from pipeline.cli.runner import run_stages
+    from pipeline.config import load_config
+
+    sets = [*tiny_overrides, "teacher.optim.epochs=3"]
+    for name, every in (("each", 1), ("every2", 2)):
+        cfg = load_config("default", None, [*sets, f"training.val_every={every}"])
+        run_stages(cfg, tmp_path / name, ("teacher",), log=lambda _: None)
+    scored = [
+        [e["epoch"] for e in json.loads((tmp_path / name / "teacher" / "history.json").read_text()) if "val_top1" in e]
+        for name in ("each", "every2")
+    ]
+    assert scored == [[1, 2, 3], [2, 3]]
+    each, every2 = RunStore(tmp_path / "each").manifest("teacher"), RunStore(tmp_path / "every2").manifest("teacher")
+    assert every2.metrics["val_top1"] == each.metrics["val_top1"] is not None
+    weights = [(tmp_path / name / "teacher" / "teacher.safetensors").read_bytes() for name in ("each", "every2")]
+    assert weights[0] == weights[1]
+
+
+def test_the_report_joins_the_epochs_that_scored_val(monkeypatch):
+    """With ``val_every`` the history has val figures on some epochs only: one line through those, none broken."""
+    import matplotlib.pyplot as plt
+
+    from pipeline.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_png", lambda fig: figures.append(fig) or b"png")
+    history = [
+        {"epoch": e, "train_top1": 50.0 + e, **({"val_top1": 40.0 + e, "val_loss": 1 / e} if e in (2, 4, 5) else {})}
+        for e in range(1, 6)
+    ]
+    assert plots.training_curves(history, "teacher") == b"png"
+    left, right = figures[0].axes
+    plt.close(figures[0])
+    assert {line.get_label(): list(line.get_xdata()) for line in right.get_lines()} == {
+        "train": [1, 2, 3, 4, 5],
+        "val (held out)": [2, 4, 5],
+    }
+    assert [(line.get_label(), list(line.get_xdata())) for line in left.get_lines()] == [
+        ("val cross-entropy", [2, 4, 5])
+    ]

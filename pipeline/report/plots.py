@@ -38,15 +38,19 @@ def training_curves(history: list[dict], title: str) -> bytes | None:
     plt = _pyplot()
     epochs = [e.get("epoch", i + 1) for i, e in enumerate(history)]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
-    keys = sorted({k for e in history for k in e if k.startswith("loss/")})
-    for key in keys:
-        left.plot(epochs, [e.get(key) for e in history], marker="o", markersize=3, label=key[len("loss/") :])
-    if "val_loss" in history[0]:
-        left.plot(epochs, [e.get("val_loss") for e in history], linestyle="--", label="val cross-entropy")
+
+    def curve(ax, key: str, label: str, **style) -> None:
+        """Only the epochs that scored ``key`` (``training.val_every`` skips some), joined by one line."""
+        points = [(x, e[key]) for x, e in zip(epochs, history) if isinstance(e.get(key), int | float)]
+        if points:
+            ax.plot(*zip(*points), label=label, **style)
+
+    for key in sorted({k for e in history for k in e if k.startswith("loss/")}):
+        curve(left, key, key[len("loss/") :], marker="o", markersize=3)
+    curve(left, "val_loss", "val cross-entropy", linestyle="--")
     left.set(xlabel="epoch", ylabel="loss", title=f"{title}: loss terms")
     for key, label in (("train_top1", "train"), ("val_top1", "val (held out)"), ("test_top1", "test")):
-        if any(key in e for e in history):
-            right.plot(epochs, [e.get(key) for e in history], marker="o", markersize=3, label=label)
+        curve(right, key, label, marker="o", markersize=3)
     right.set(xlabel="epoch", ylabel="top-1 %", title=f"{title}: accuracy")
     for ax in (left, right):
         ax.grid(alpha=0.3)

@@ -385,7 +385,8 @@ class _Trainer:
         try:
             while self.epoch < self.optim.epochs:
                 record = self._train_epoch()
-                if self.val_loader is not None:
+                scored = (self.epoch + 1) % self.training.val_every == 0 or self.epoch + 1 == self.optim.epochs
+                if self.val_loader is not None and scored:
                     broadcast_buffers(self.distiller)  # every rank evaluates rank 0's model
                     val = evaluate(self.distiller.student, self.val_loader, self.device, f"{self.desc} val")
                     record.update({f"val_{k}": v for k, v in val.items()})

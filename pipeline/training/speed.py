@@ -116,6 +116,8 @@ def check_training(cfg: TrainingConfig, device: torch.device) -> None:
         )
     if cfg.log_every < 1:
         raise ConfigError(f"training.log_every must be >= 1, got {cfg.log_every}")
+    if cfg.val_every < 1:
+        raise ConfigError(f"training.val_every must be >= 1 (1: after every epoch), got {cfg.val_every}")
     if cfg.optimizer_impl not in OPTIMIZER_IMPLS:
         raise ConfigError(
             f"training.optimizer_impl must be one of {', '.join(OPTIMIZER_IMPLS)}, got {cfg.optimizer_impl!r}"
