@@ -44,6 +44,16 @@ def test_a_written_file_has_the_mode_a_plain_open_gives(tmp_path, monkeypatch, u
     assert stat.S_IMODE(path.stat().st_mode) == mode
 
 
+def test_a_file_system_that_refuses_chmod_still_gets_the_file(tmp_path, monkeypatch):
+    """vfat and some network mounts answer chmod with EPERM: the mode is best effort, the write is not."""
+
+    def refuse(*_):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    assert atomic_write_text(tmp_path / "model.json", "{}").read_text() == "{}"
+
+
 # --- the one way: no other module moves a file into place -------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,6 +9,7 @@ only, so ``exports/`` may use it too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -30,9 +31,11 @@ _UMASK = _umask()  # read once, at import: os.umask can only be read by setting 
 def plain_mode(path: str | Path) -> Path:
     """Give a file or folder that ``tempfile`` made (0600, 0700) the mode a plain ``open`` or ``mkdir`` gives, so a
     model, report or stage folder is readable by whoever the user's umask lets read their files (a service, a
-    container build), not by its owner only."""
+    container build), not by its owner only. Best effort: a file system without modes (vfat, some network mounts)
+    refuses ``chmod``, and the file is as usable there without it."""
     path = Path(path)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
     return path
 
 
