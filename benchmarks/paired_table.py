@@ -26,13 +26,16 @@ from pipeline.report.table import Stat
 
 
 def plateau(run: RunData, points: float) -> tuple[bool | None, str]:
-    """(reached, detail): val top-1 spread over the last fifth of the epochs, at least two of them."""
-    vals = [e["val_top1"] for e in run.history("train") if isinstance(e.get("val_top1"), (int, float))]
+    """(reached, detail): val top-1 spread over the last fifth of the scored epochs, at least two of them
+    (``training.val_every`` above 1 scores fewer epochs than were trained, and the detail says so)."""
+    history = run.history("train")
+    vals = [e["val_top1"] for e in history if isinstance(e.get("val_top1"), (int, float))]
     if len(vals) < 2:
         return None, "no per-epoch val top-1"
     tail = vals[-max(2, math.ceil(len(vals) / 5)) :]
     spread = max(tail) - min(tail)
-    return spread <= points, f"{min(tail):.2f}-{max(tail):.2f} over the last {len(tail)} of {len(vals)} epochs"
+    of = f"{len(vals)} epochs" if len(vals) == len(history) else f"{len(vals)} scored epochs of {len(history)}"
+    return spread <= points, f"{min(tail):.2f}-{max(tail):.2f} over the last {len(tail)} of {of}"
 
 
 def table(root: Path, pairs: list[tuple[str, str]], points: float, test_images: int) -> str:

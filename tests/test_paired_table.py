@@ -39,10 +39,15 @@ def sweep(root: Path, methods: list[str], seeds: list[int]) -> Path:
     return root
 
 
-def cell(sweep: Path, method: str, seed: int, test: float, vals: list[float], minutes: float = 2.0) -> None:
+def cell(
+    sweep: Path, method: str, seed: int, test: float, vals: list[float], minutes: float = 2.0, every: int = 1
+) -> None:
+    """A finished cell whose val top-1 is ``vals``, one every ``every`` epochs (``training.val_every``)."""
     root = sweep / "cells" / f"default-{method}-seed{seed}"
     _commit(root, "teacher", {"arch": "resnet20", "data": DATA, "seed": 0}, {"test_top1": 94.62}, {"t.bin": "t"})
-    history = [{"epoch": i + 1, "val_top1": v} for i, v in enumerate(vals)]
+    history = [{"epoch": i + 1} for i in range(len(vals) * every)]
+    for i, v in enumerate(vals):
+        history[(i + 1) * every - 1]["val_top1"] = v
     metrics = {"test_top1": test, "val_top1": vals[-1], "teacher_test_top1": 94.62}
     params = {"arch": "mobile_half", "method": method, "seed": seed, "data": DATA}
     files = {"history.json": json.dumps(history)}
@@ -73,6 +78,13 @@ def test_the_plateau_window_is_a_fifth_of_the_epochs_and_a_missing_seed_leaves_a
     text = paired_table.table(tmp_path, [("kdiffusion", "kd")], 0.5, 10_000)
     assert "- kd seed 0: no (84.00-84.90 over the last 3 of 15 epochs)" in text
     assert "| kdiffusion - kd |  |  | - |" in text  # no seed has both
+
+
+def test_a_cell_that_scored_val_every_few_epochs_says_so(tmp_path, paired_table):
+    sweep(tmp_path, ["kd"], [0])
+    cell(tmp_path, "kd", 0, 85.0, [70.0] * 8 + [84.0, 84.2], every=2)  # val after epochs 2, 4, ..., 20
+    text = paired_table.table(tmp_path, [], 0.5, 10_000)
+    assert "- kd seed 0: yes (84.00-84.20 over the last 2 of 10 scored epochs of 20)" in text
 
 
 def test_a_sweep_with_no_finished_cell_is_one_line(tmp_path, paired_table):
